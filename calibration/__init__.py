@@ -1,0 +1,1 @@
+"""Calibration of cascade thresholds on held-out data."""

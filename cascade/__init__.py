@@ -1,0 +1,1 @@
+"""uncertainty-cascade: small model first, escalate on calibrated uncertainty."""

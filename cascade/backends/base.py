@@ -1,0 +1,51 @@
+"""The backend interface: I/O only, one main method.
+
+A backend turns a batch of prompts into a batch of :class:`~cascade.types.Generation`. It knows nothing of
+thresholds or tiers; when asked for scores it fills ``Generation.scores`` with every uncertainty measure
+it can compute (see :mod:`cascade.uncertainty`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+from cascade.types import EarlyExit, Generation, GenerationParams, Prompt
+
+__all__ = ["Backend"]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A model behind one small async interface.
+
+    Attributes:
+        name: the model identity (recorded in results and calibration artifacts).
+    """
+
+    name: str
+
+    async def generate(
+        self,
+        prompts: Sequence[Prompt],
+        params: GenerationParams,
+        *,
+        scores: bool = True,
+        early_exit: EarlyExit | None = None,
+    ) -> list[Generation]:
+        """Answer every prompt; the i-th generation answers the i-th prompt.
+
+        Args:
+            prompts: B prompts (strings or chat message lists).
+            params: decoding parameters shared by the batch.
+            scores: compute token statistics and uncertainty scores (False for a last tier saves work).
+            early_exit: stop sequences whose first token is too uncertain (only with ``scores``).
+
+        Raises:
+            BackendError: the model or server failed; BackendTimeoutError on a timeout.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections, threads and memory."""
+        ...

@@ -1,0 +1,116 @@
+"""Uncertainty measures: pure tensor functions, no I/O, no Python loop over tokens.
+
+Two stages, both running wherever the tensors live (CPU or GPU):
+
+1. :func:`reduce_step` turns one decoding step's logits ``(B, V)`` into three ``(B,)`` values (margin,
+   entropy, log-sum-exp) in one pass, so a backend never keeps the ``B x T x V`` tensor.
+2. :func:`aggregate` turns the per-token values ``(B, T)`` and a validity mask ``(B, T)`` into one score per
+   sequence for every measure of :data:`cascade.types.MEASURES`. Higher = more uncertain for all of them.
+
+Only ``B`` scalars per measure (and the ``B x T`` reduced values) ever need to leave the device.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from cascade.errors import InvalidRequestError
+from cascade.types import MEASURES
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["aggregate", "check_measure", "reduce_step", "topk_stats"]
+
+
+def check_measure(measure: str) -> str:
+    """Return ``measure`` if it is a known measure name, else raise :class:`InvalidRequestError`."""
+    if measure not in MEASURES:
+        raise InvalidRequestError(f"unknown uncertainty measure {measure!r}; choose one of {list(MEASURES)}")
+    return measure
+
+
+def reduce_step(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reduce one step's next-token logits to margin, entropy and log-normaliser.
+
+    Computed in float32 whatever the logits' dtype.
+
+    Args:
+        logits: ``(B, V)`` raw next-token logits.
+
+    Returns:
+        ``margin`` ``(B,)`` = p(top-1) - p(top-2); ``entropy`` ``(B,)`` in nats; ``lse`` ``(B,)`` =
+        logsumexp of the logits (so the log-probability of token ``k`` is ``logits[:, k] - lse``).
+    """
+    import torch
+
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    top2 = torch.topk(x, k=2, dim=-1).values
+    margin = torch.exp(top2[:, 0] - lse) - torch.exp(top2[:, 1] - lse)
+    logp = x - lse[:, None]
+    p = torch.exp(logp)
+    # 0 * log 0 = 0: masked_fill guards against -inf logits (e.g. from a bad-words processor).
+    entropy = -(p * logp.masked_fill(p == 0, 0.0)).sum(dim=-1)
+    return margin, entropy, lse
+
+
+def topk_stats(top_logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Margin and approximate entropy from truncated top-k log-probabilities (remote backends).
+
+    The entropy covers only the k returned tokens plus one bucket holding the remaining probability
+    mass, so it is a lower bound of the true entropy: flag it as approximate.
+
+    Args:
+        top_logprobs: ``(B, T, k)`` log-probabilities of the k most likely tokens per step, ``k >= 1``;
+            missing entries are ``-inf``.
+
+    Returns:
+        ``margin`` ``(B, T)`` and ``entropy`` ``(B, T)`` in nats.
+    """
+    import torch
+
+    lp = top_logprobs.float()
+    p = torch.exp(lp)
+    sorted_p = torch.sort(p, dim=-1, descending=True).values
+    second = sorted_p[..., 1] if sorted_p.shape[-1] > 1 else torch.zeros_like(sorted_p[..., 0])
+    margin = sorted_p[..., 0] - second
+    rest = (1.0 - p.sum(dim=-1)).clamp(min=0.0)
+    plogp = torch.where(p > 0, p * lp, torch.zeros_like(p)).sum(dim=-1)
+    rest_term = torch.where(rest > 0, rest * torch.log(rest.clamp(min=1e-30)), torch.zeros_like(rest))
+    entropy = -(plogp + rest_term)
+    return margin, entropy
+
+
+def aggregate(
+    margin: torch.Tensor, entropy: torch.Tensor, logprob: torch.Tensor, mask: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Aggregate per-token values into one uncertainty score per sequence, for every measure.
+
+    Args:
+        margin: ``(B, T)`` top-1 minus top-2 probability per step.
+        entropy: ``(B, T)`` entropy per step, nats.
+        logprob: ``(B, T)`` log-probability of the chosen token per step.
+        mask: ``(B, T)`` bool, True for real steps (False for padding and steps after EOS). Every row must
+            have at least its first step valid.
+
+    Returns:
+        ``{measure: (B,) float32 tensor}`` for every name in :data:`cascade.types.MEASURES`, on the
+        input device. ``margin_*`` are ``1 - margin`` aggregates, ``logprob_mean`` is negated.
+    """
+    import torch
+
+    m = mask.bool()
+    n = m.sum(dim=-1).clamp(min=1).float()
+    margin, entropy, logprob = margin.float(), entropy.float(), logprob.float()
+    zero = torch.zeros_like(margin)
+    inf = torch.full_like(margin, float("inf"))
+    return {
+        "margin_first": 1.0 - margin[:, 0],
+        "margin_mean": 1.0 - torch.where(m, margin, zero).sum(dim=-1) / n,
+        "margin_min": 1.0 - torch.where(m, margin, inf).amin(dim=-1),
+        "entropy_first": entropy[:, 0],
+        "entropy_mean": torch.where(m, entropy, zero).sum(dim=-1) / n,
+        "entropy_max": torch.where(m, entropy, -inf).amax(dim=-1),
+        "logprob_mean": -torch.where(m, logprob, zero).sum(dim=-1) / n,
+    }

@@ -1,0 +1,347 @@
+"""Local transformers models as a tier: batched generation with on-device uncertainty scoring.
+
+Scoring costs almost nothing on top of generation: a logits processor reduces each step's ``(B, V)``
+logits to three ``(B,)`` values (margin, entropy, log-normaliser) as they are produced, on the model's
+device, so the ``B x T x V`` tensor is never kept. After generation one call to
+:func:`cascade.uncertainty.aggregate` turns the ``(B, T)`` values and the validity mask into every measure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from cascade.errors import BackendError, InvalidRequestError
+from cascade.types import EarlyExit, FinishReason, Generation, GenerationParams, Prompt, TokenStats
+from cascade.uncertainty import aggregate, reduce_step
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["HFLocalBackend"]
+
+
+class _StepRecorder:
+    """Logits processor that records margin, entropy and the chosen token's log-probability per step.
+
+    transformers places user processors before the sampling warpers, so it sees the raw logits (the
+    model's own distribution at temperature 1) for greedy and sampled decoding alike.
+    """
+
+    def __init__(self) -> None:
+        self.margin: list[torch.Tensor] = []
+        self.entropy: list[torch.Tensor] = []
+        self.lse: list[torch.Tensor] = []
+        self.last_logits: torch.Tensor | None = None
+        self.chosen_logit: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.last_logits is not None:  # the token chosen at the previous step is now known
+            self.chosen_logit.append(self.last_logits.gather(1, input_ids[:, -1:]).squeeze(1))
+        margin, entropy, lse = reduce_step(scores)
+        self.margin.append(margin)
+        self.entropy.append(entropy)
+        self.lse.append(lse)
+        self.last_logits = scores.float().clone()
+        return scores
+
+    def finish(self, last_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return ``(margin, entropy, logprob)``, each ``(B, T)``, once generation is over."""
+        import torch
+
+        assert self.last_logits is not None
+        self.chosen_logit.append(self.last_logits.gather(1, last_tokens[:, None]).squeeze(1))
+        self.last_logits = None
+        logprob = torch.stack(self.chosen_logit, dim=1) - torch.stack(self.lse, dim=1)
+        return torch.stack(self.margin, dim=1), torch.stack(self.entropy, dim=1), logprob
+
+
+class _StopTracker:
+    """Stopping criterion recording the step at which each sequence finished, and why.
+
+    Ends a sequence on EOS, on a stop string, or (early exit) after its first token when that token's
+    uncertainty is above the sequence's threshold. ``finished_at[b]`` is the index of the last valid step.
+    """
+
+    def __init__(
+        self,
+        recorder: _StepRecorder,
+        prompt_len: int,
+        eos_ids: torch.Tensor,
+        stop_criterion: Any | None,
+        early_exit: EarlyExit | None,
+        batch_size: int,
+        device: torch.device,
+    ) -> None:
+        import torch
+
+        self.recorder = recorder
+        self.prompt_len = prompt_len
+        self.eos_ids = eos_ids
+        self.stop_criterion = stop_criterion
+        self.early_exit = early_exit
+        self.thresholds = (
+            torch.tensor(early_exit.thresholds, dtype=torch.float32, device=device) if early_exit else None
+        )
+        self.finished_at = torch.full((batch_size,), -1, dtype=torch.long, device=device)
+        self.reason = torch.zeros((batch_size,), dtype=torch.long, device=device)  # 0 len, 1 stop, 2 exit
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        import torch
+
+        step = input_ids.shape[1] - self.prompt_len - 1
+        done = torch.isin(input_ids[:, -1], self.eos_ids)
+        if self.stop_criterion is not None:
+            done |= self.stop_criterion(input_ids, scores)
+        reason = torch.ones_like(self.reason)
+        if self.thresholds is not None and self.early_exit is not None and step == 0:
+            if self.early_exit.measure == "margin_first":
+                first = 1.0 - self.recorder.margin[0]
+            else:
+                first = self.recorder.entropy[0]
+            exit_now = (first > self.thresholds) & ~done
+            reason = torch.where(exit_now, torch.full_like(reason, 2), reason)
+            done |= exit_now
+        new = done & (self.finished_at < 0)
+        self.finished_at = torch.where(new, torch.full_like(self.finished_at, step), self.finished_at)
+        self.reason = torch.where(new, reason, self.reason)
+        return self.finished_at >= 0
+
+
+class HFLocalBackend:
+    """A transformers causal LM answering batches of prompts on one device (or an accelerate device map).
+
+    Args:
+        model: a loaded ``AutoModelForCausalLM``.
+        tokenizer: its tokenizer (left padding is enforced; EOS is used as pad when there is no pad token).
+        name: model identity recorded in results and artifacts (default: the model's ``name_or_path``).
+        chat_template: wrap plain prompts as one user message and apply the tokenizer's chat template
+            (default True when the tokenizer has one).
+        max_batch_size: largest batch sent to ``generate`` at once; bigger calls are split (default 32).
+        max_prompt_tokens: longer prompts are rejected with :class:`InvalidRequestError` (default: the
+            model's ``max_position_embeddings`` minus ``max_tokens``).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        name: str | None = None,
+        chat_template: bool | None = None,
+        max_batch_size: int = 32,
+        max_prompt_tokens: int | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise InvalidRequestError("max_batch_size must be >= 1")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.name = name or str(getattr(model.config, "name_or_path", "") or type(model).__name__)
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        self.chat_template = has_template if chat_template is None else chat_template and has_template
+        self.max_batch_size = max_batch_size
+        self.max_prompt_tokens = max_prompt_tokens
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str,
+        *,
+        device: str = "cpu",
+        dtype: str | None = None,
+        device_map: str | None = None,
+        **kwargs: Any,
+    ) -> HFLocalBackend:
+        """Load ``source`` (an embedded model name, a folder, a ``.gguf`` file or a hub id).
+
+        Args:
+            source: what to load; see :func:`cascade.models.load_pretrained`.
+            device: torch device for the model and all scoring (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``).
+            dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` (default float32 on CPU).
+            device_map: an accelerate device map (e.g. ``"auto"``) for models larger than one device.
+            **kwargs: passed to the constructor.
+        """
+        from cascade.models import load_pretrained
+
+        model, tokenizer = load_pretrained(source, device=device, dtype=dtype, device_map=device_map)
+        return cls(model, tokenizer, name=kwargs.pop("name", source), **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        """The device the inputs and scores live on."""
+        import torch
+
+        return torch.device(getattr(self.model, "device", "cpu"))
+
+    def render(self, prompt: Prompt) -> str:
+        """The exact text fed to the model for ``prompt`` (chat template applied when enabled)."""
+        if isinstance(prompt, str) and not self.chat_template:
+            return prompt
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if not self.chat_template:
+            return "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
+        return str(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+
+    async def generate(
+        self,
+        prompts: Sequence[Prompt],
+        params: GenerationParams,
+        *,
+        scores: bool = True,
+        early_exit: EarlyExit | None = None,
+    ) -> list[Generation]:
+        """Answer ``prompts`` in batches of at most ``max_batch_size`` (see :class:`~cascade.backends.base.Backend`)."""
+        if early_exit is not None and len(early_exit.thresholds) != len(prompts):
+            raise InvalidRequestError("early_exit needs one threshold per prompt")
+        out: list[Generation] = []
+        for start in range(0, len(prompts), self.max_batch_size):
+            chunk = list(prompts[start : start + self.max_batch_size])
+            chunk_exit = None
+            if early_exit is not None and scores:
+                chunk_exit = EarlyExit(
+                    early_exit.measure, early_exit.thresholds[start : start + self.max_batch_size]
+                )
+            out.extend(await asyncio.to_thread(self.generate_sync, chunk, params, scores, chunk_exit))
+        return out
+
+    def generate_sync(
+        self,
+        prompts: Sequence[Prompt],
+        params: GenerationParams,
+        scores: bool = True,
+        early_exit: EarlyExit | None = None,
+    ) -> list[Generation]:
+        """Blocking batched generation of one batch; thread-safe (one batch at a time per model)."""
+        if not prompts:
+            return []
+        with self._lock:
+            try:
+                return self._generate_locked(prompts, params, scores, early_exit)
+            except (InvalidRequestError, BackendError):
+                raise
+            except Exception as exc:  # a model failure must reach the caller typed, never crash the loop
+                raise BackendError(f"{self.name}: generation failed: {type(exc).__name__}: {exc}") from exc
+
+    def _encode(self, prompts: Sequence[Prompt], params: GenerationParams) -> Any:
+        texts = [self.render(p) for p in prompts]
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not self.chat_template)
+        limit = self.max_prompt_tokens
+        if limit is None:
+            limit = int(getattr(self.model.config, "max_position_embeddings", 1 << 30)) - params.max_tokens
+        lengths = enc["attention_mask"].sum(dim=1)
+        if int(lengths.max()) > limit:
+            raise InvalidRequestError(f"prompt has {int(lengths.max())} tokens; the limit is {limit}")
+        return enc
+
+    def _eos_ids(self) -> list[int]:
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        ids = eos if isinstance(eos, list) else [eos]
+        ids = [int(i) for i in ids if i is not None]
+        if self.tokenizer.eos_token_id is not None:
+            ids.append(int(self.tokenizer.eos_token_id))
+        return sorted(set(ids))
+
+    def _generate_locked(
+        self,
+        prompts: Sequence[Prompt],
+        params: GenerationParams,
+        want_scores: bool,
+        early_exit: EarlyExit | None,
+    ) -> list[Generation]:
+        import torch
+        from transformers import LogitsProcessorList, StoppingCriteriaList, StopStringCriteria
+
+        t0 = time.perf_counter()
+        device = self.device
+        enc = self._encode(prompts, params).to(device)
+        batch, prompt_len = enc["input_ids"].shape
+        eos_ids = self._eos_ids()
+        recorder = _StepRecorder()
+        stop_criterion = (
+            StopStringCriteria(tokenizer=self.tokenizer, stop_strings=list(params.stop)) if params.stop else None
+        )
+        tracker = _StopTracker(
+            recorder,
+            prompt_len,
+            torch.tensor(eos_ids, device=device),
+            stop_criterion,
+            early_exit if want_scores else None,
+            batch,
+            device,
+        )
+        sample = params.temperature > 0
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        gen_kwargs: dict[str, Any] = {
+            "max_new_tokens": params.max_tokens,
+            "do_sample": sample,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "eos_token_id": eos_ids,
+            "logits_processor": LogitsProcessorList([recorder]),
+            "stopping_criteria": StoppingCriteriaList([tracker]),
+        }
+        if sample:
+            gen_kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
+        else:
+            gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+        with torch.inference_mode():
+            sequences = self.model.generate(**enc, **gen_kwargs)
+        new = sequences[:, prompt_len:]
+        steps = new.shape[1]
+        finished_at = torch.where(tracker.finished_at < 0, torch.full_like(tracker.finished_at, steps - 1),
+                                  tracker.finished_at)
+        lengths = (finished_at + 1).tolist()
+        reasons = tracker.reason.tolist()
+        prompt_tokens = enc["attention_mask"].sum(dim=1).tolist()
+        score_rows: list[dict[str, float]] = [{} for _ in range(batch)]
+        stat_rows: list[TokenStats | None] = [None] * batch
+        if want_scores:
+            margin, entropy, logprob = recorder.finish(new[:, -1])
+            mask = torch.arange(steps, device=device)[None, :] <= finished_at[:, None]
+            agg = aggregate(margin, entropy, logprob, mask)
+            names = list(agg)
+            table = torch.stack([agg[k] for k in names], dim=1).tolist()  # (B, n_measures), one copy
+            per_token = torch.stack([margin, entropy, logprob], dim=0).tolist()  # (3, B, T)
+            for b in range(batch):
+                score_rows[b] = dict(zip(names, table[b]))
+                n = lengths[b]
+                stat_rows[b] = TokenStats(
+                    tuple(per_token[0][b][:n]), tuple(per_token[1][b][:n]), tuple(per_token[2][b][:n])
+                )
+        token_rows = new.tolist()
+        latency = time.perf_counter() - t0
+        results = []
+        for b in range(batch):
+            ids = token_rows[b][: lengths[b]]
+            finish: FinishReason = ("length", "stop", "early_exit")[reasons[b]] if tracker.finished_at[b] >= 0 \
+                else "length"
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            for s in params.stop:
+                cut = text.find(s)
+                if cut >= 0:
+                    text = text[:cut]
+            results.append(
+                Generation(
+                    text=text.strip() if self.chat_template else text,
+                    model=self.name,
+                    token_ids=tuple(ids),
+                    prompt_tokens=int(prompt_tokens[b]),
+                    completion_tokens=len(ids),
+                    finish_reason=finish,
+                    scores=score_rows[b],
+                    token_stats=stat_rows[b],
+                    latency_s=latency,
+                )
+            )
+        return results
+
+    async def aclose(self) -> None:
+        """Drop the reference to the model so its memory can be freed."""
+        self.model = None

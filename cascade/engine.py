@@ -1,0 +1,330 @@
+"""The Cascade: cheapest tier first, escalate while the uncertainty is above the stage's threshold.
+
+Async first (:meth:`Cascade.run`, :meth:`Cascade.run_batch`, ``async with``) with a thin sync face
+(:meth:`Cascade.run_sync`, :meth:`Cascade.run_batch_sync`). All decisions go through
+:func:`cascade.policy.escalates`; all I/O through the tiers' backends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from cascade.backends.base import Backend
+from cascade.errors import BackendError, InvalidRequestError
+from cascade.policy import Policy, Target, escalates
+from cascade.types import (
+    FIRST_TOKEN_MEASURES,
+    CascadeResult,
+    EarlyExit,
+    Generation,
+    GenerationParams,
+    Prompt,
+    TierCall,
+    validate_prompt,
+)
+
+__all__ = ["Cascade", "Price", "Tier"]
+
+OnError = Literal["raise", "degrade"]
+
+
+@dataclass(frozen=True)
+class Price:
+    """Per-token prices of a tier, in any currency unit per million tokens.
+
+    Attributes:
+        input_per_mtok: price of one million prompt tokens (default 0).
+        output_per_mtok: price of one million generated tokens (default 0).
+    """
+
+    input_per_mtok: float = 0.0
+    output_per_mtok: float = 0.0
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """Cost of one call."""
+        return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1e6
+
+
+@dataclass(frozen=True)
+class Tier:
+    """One model of the chain.
+
+    Attributes:
+        name: the tier's name in results (``"small"``, ``"large"``, ...).
+        backend: the model behind it.
+        price: its per-token prices.
+        timeout_s: seconds before a call to this tier is abandoned (None: no limit beyond the backend's).
+    """
+
+    name: str
+    backend: Backend
+    price: Price = Price()
+    timeout_s: float | None = None
+
+
+@dataclass
+class _Pending:
+    """One request moving up the chain."""
+
+    index: int
+    prompt: Prompt
+    thresholds: tuple[float, ...]
+    target: str | None
+    cluster: int | None
+    calls: list[TierCall]
+    first_uncertainty: float = math.nan
+    answer: Generation | None = None
+    answer_tier: int = -1
+    reason: str = ""
+    degraded: bool = False
+
+
+class Cascade:
+    """Small model first; larger models only when the smaller one is unsure.
+
+    Build it from tiers (cheapest first) or, for the common two-tier case, from ``small`` and ``large``::
+
+        cascade = Cascade(small=small_backend, large=large_backend, measure="margin_first", threshold=0.4)
+        result = await cascade.run("Is this review positive? ...")
+
+    Args:
+        tiers: the chain, cheapest first (at least two), or None when ``small``/``large`` are given.
+        small: backend of the small tier (two-tier shortcut).
+        large: backend of the large tier (two-tier shortcut).
+        policy: measure and thresholds; or give ``measure`` with ``threshold`` or ``artifact``.
+        measure: uncertainty measure name (default ``margin_first``).
+        threshold: one threshold per stage (a float for two tiers).
+        artifact: path of a calibration artifact; its models and measure must match this cascade.
+        params: default decoding parameters (per call overridable).
+        on_error: a failing higher tier either raises (``"raise"``) or returns the lower tier's answer
+            marked ``degraded`` (``"degrade"``, default).
+        early_exit: with a first-token measure, stop the small answer after one token when it will be
+            escalated anyway (default True).
+        max_prompt_chars: longest prompt accepted, in characters (default 200,000).
+    """
+
+    def __init__(
+        self,
+        tiers: Sequence[Tier] | None = None,
+        *,
+        small: Backend | None = None,
+        large: Backend | None = None,
+        policy: Policy | None = None,
+        measure: str = "margin_first",
+        threshold: float | Sequence[float] | None = None,
+        artifact: str | None = None,
+        params: GenerationParams | None = None,
+        on_error: OnError = "degrade",
+        early_exit: bool = True,
+        max_prompt_chars: int = 200_000,
+    ) -> None:
+        if tiers is None:
+            if small is None or large is None:
+                raise InvalidRequestError("give either tiers or both small and large backends")
+            tiers = (Tier("small", small), Tier("large", large))
+        elif small is not None or large is not None:
+            raise InvalidRequestError("give either tiers or small/large, not both")
+        self.tiers: tuple[Tier, ...] = tuple(tiers)
+        if len(self.tiers) < 2:
+            raise InvalidRequestError("a cascade needs at least two tiers")
+        if len({t.name for t in self.tiers}) != len(self.tiers):
+            raise InvalidRequestError("tier names must be unique")
+        models = [t.backend.name for t in self.tiers]
+        if policy is None:
+            if artifact is not None and threshold is not None:
+                raise InvalidRequestError("give threshold or artifact, not both")
+            if artifact is not None:
+                policy = Policy.from_artifact(artifact, models=models, measure=measure)
+            elif threshold is not None:
+                policy = Policy.fixed(threshold, measure)
+            else:
+                raise InvalidRequestError("a cascade needs a threshold, an artifact or a policy")
+        if len(policy) != len(self.tiers) - 1:
+            raise InvalidRequestError(f"{len(self.tiers)} tiers need {len(self.tiers) - 1} thresholds, "
+                                      f"the policy has {len(policy)}")
+        if policy.models and tuple(policy.models) != tuple(models):
+            raise InvalidRequestError(f"policy fitted for models {list(policy.models)}, tiers are {models}")
+        if on_error not in ("raise", "degrade"):
+            raise InvalidRequestError("on_error must be 'raise' or 'degrade'")
+        self.policy = policy
+        self.params = params or GenerationParams()
+        self.on_error: OnError = on_error
+        self.early_exit = early_exit and policy.measure in FIRST_TOKEN_MEASURES
+        self.max_prompt_chars = max_prompt_chars
+
+    @property
+    def measure(self) -> str:
+        """The uncertainty measure of the policy."""
+        return self.policy.measure
+
+    async def __aenter__(self) -> Cascade:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close every tier's backend (each distinct backend once)."""
+        seen: set[int] = set()
+        for tier in self.tiers:
+            if id(tier.backend) not in seen:
+                seen.add(id(tier.backend))
+                await tier.backend.aclose()
+
+    async def run(
+        self,
+        prompt: Prompt,
+        *,
+        params: GenerationParams | None = None,
+        target: Target | dict[str, float] | None = None,
+        cluster: int | None = None,
+    ) -> CascadeResult:
+        """Answer one prompt (a string or chat messages). See :meth:`run_batch` for the arguments."""
+        return (await self.run_batch([prompt], params=params, target=target, clusters=[cluster]))[0]
+
+    async def run_batch(
+        self,
+        prompts: Sequence[Prompt],
+        *,
+        params: GenerationParams | None = None,
+        target: Target | dict[str, float] | None = None,
+        clusters: Sequence[int | None] | None = None,
+    ) -> list[CascadeResult]:
+        """Answer a batch: each tier is called once with every request that reached it.
+
+        Args:
+            prompts: B prompts.
+            params: decoding parameters (default: the cascade's).
+            target: a per-request quality level for every prompt of the batch (needs an artifact policy).
+            clusters: router cluster per prompt (per-cluster thresholds), or None.
+
+        Returns:
+            B results, in order.
+
+        Raises:
+            InvalidRequestError: bad prompt, parameters or target.
+            BackendError: the first tier failed, or a higher tier failed with ``on_error="raise"``.
+        """
+        params = params or self.params
+        parsed_target = Target.parse(target)
+        if clusters is not None and len(clusters) != len(prompts):
+            raise InvalidRequestError("clusters must have one entry per prompt")
+        checked = [validate_prompt(p, self.max_prompt_chars) for p in prompts]
+        label = parsed_target.label() if parsed_target else None
+        started = time.perf_counter()
+        pending = []
+        for i, p in enumerate(checked):
+            cluster = clusters[i] if clusters is not None else None
+            thresholds = self.policy.thresholds_for(cluster, parsed_target)
+            pending.append(_Pending(i, p, thresholds, label, cluster, []))
+        active = list(pending)
+        for level, tier in enumerate(self.tiers):
+            if not active:
+                break
+            active = await self._stage(level, tier, active, params)
+        latency = time.perf_counter() - started
+        return [self._result(p, latency) for p in pending]
+
+    async def _call(self, tier: Tier, prompts: Sequence[Prompt], params: GenerationParams, scores: bool,
+                    early_exit: EarlyExit | None) -> list[Generation]:
+        call = tier.backend.generate(prompts, params, scores=scores, early_exit=early_exit)
+        if tier.timeout_s is None:
+            return await call
+        try:
+            return await asyncio.wait_for(call, tier.timeout_s)
+        except asyncio.TimeoutError as exc:
+            from cascade.errors import BackendTimeoutError
+
+            raise BackendTimeoutError(f"tier {tier.name!r} timed out after {tier.timeout_s} s") from exc
+
+    async def _stage(self, level: int, tier: Tier, active: list[_Pending],
+                     params: GenerationParams) -> list[_Pending]:
+        """Call one tier for the requests that reached it; return those that go on up."""
+        last = level == len(self.tiers) - 1
+        early = None
+        if not last and self.early_exit:
+            early = EarlyExit(self.measure, tuple(p.thresholds[level] for p in active))
+        t0 = time.perf_counter()
+        try:
+            gens = await self._call(tier, [p.prompt for p in active], params, not last, early)
+        except BackendError as exc:
+            if level == 0 or self.on_error == "raise":
+                raise
+            await self._degrade(level, tier, active, params, exc, time.perf_counter() - t0)
+            return []
+        if len(gens) != len(active):
+            raise BackendError(f"tier {tier.name!r} returned {len(gens)} answers for {len(active)} prompts")
+        elapsed = time.perf_counter() - t0
+        going_up = []
+        for p, g in zip(active, gens):
+            u = math.nan if last else float(g.scores.get(self.measure, math.nan))
+            thr = None if last else p.thresholds[level]
+            p.calls.append(self._tier_call(tier, g, elapsed, u if not last else None, thr))
+            if level == 0:
+                p.first_uncertainty = u
+            if last:
+                p.answer, p.answer_tier = g, level
+                p.reason += f"answered by {tier.name!r} (last tier)"
+            elif thr is not None and escalates(u, thr):
+                p.reason += f"{self.measure}={u:.4f} > {thr:.4f} at {tier.name!r}: escalated; "
+                p.answer, p.answer_tier = g, level  # kept in case a higher tier fails
+                going_up.append(p)
+            else:
+                p.answer, p.answer_tier = g, level
+                p.reason += f"{self.measure}={u:.4f} <= {thr:.4f}: {tier.name!r} answer accepted"
+        return going_up
+
+    async def _degrade(self, level: int, tier: Tier, active: list[_Pending], params: GenerationParams,
+                       exc: BackendError, elapsed: float) -> None:
+        """A higher tier failed: return each request's lower-tier answer, marked degraded."""
+        cut_short = [p for p in active if p.answer is not None and p.answer.finish_reason == "early_exit"]
+        if cut_short:  # early exit kept one token only: finish those answers without early exit
+            below = self.tiers[level - 1]
+            t0 = time.perf_counter()
+            redo = await self._call(below, [p.prompt for p in cut_short], params, True, None)
+            for p, g in zip(cut_short, redo):
+                p.calls.append(self._tier_call(below, g, time.perf_counter() - t0, None, None))
+                p.answer = g
+        for p in active:
+            p.calls.append(TierCall(tier.name, tier.backend.name, 0, 0, 0.0, elapsed, error=f"{exc}"))
+            p.degraded = True
+            p.reason += f"{tier.name!r} failed ({type(exc).__name__}): lower tier's answer returned (degraded)"
+
+    @staticmethod
+    def _tier_call(tier: Tier, g: Generation, elapsed: float, u: float | None, thr: float | None) -> TierCall:
+        cost = tier.price.cost(g.prompt_tokens, g.completion_tokens)
+        return TierCall(tier.name, g.model, g.prompt_tokens, g.completion_tokens, cost, elapsed, u, thr,
+                        g.finish_reason)
+
+    def _result(self, p: _Pending, latency: float) -> CascadeResult:
+        assert p.answer is not None
+        tier = self.tiers[p.answer_tier]
+        return CascadeResult(
+            text=p.answer.text,
+            tier=tier.name,
+            tier_index=p.answer_tier,
+            escalated=len(p.calls) > 1,
+            uncertainty=p.first_uncertainty,
+            measure=self.measure,
+            threshold=p.thresholds[0],
+            reason=p.reason.strip(),
+            calls=tuple(p.calls),
+            cost=sum(c.cost for c in p.calls),
+            latency_s=latency,
+            degraded=p.degraded,
+            target=p.target,
+            cluster=p.cluster,
+        )
+
+    def run_sync(self, prompt: Prompt, **kwargs: Any) -> CascadeResult:
+        """Blocking :meth:`run` for scripts (not from inside a running event loop)."""
+        return asyncio.run(self.run(prompt, **kwargs))
+
+    def run_batch_sync(self, prompts: Sequence[Prompt], **kwargs: Any) -> list[CascadeResult]:
+        """Blocking :meth:`run_batch` for scripts (not from inside a running event loop)."""
+        return asyncio.run(self.run_batch(prompts, **kwargs))

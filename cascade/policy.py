@@ -1,0 +1,157 @@
+"""The escalation policy: plain functions of (uncertainty, thresholds) -> which tier answers.
+
+Thresholds never live in a backend. A :class:`Policy` holds the measure and the thresholds of every stage
+(one fewer than the tiers), optionally per router cluster, and, when it comes from a calibration artifact,
+the measured curve from which a per-request quality target picks its own thresholds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cascade.errors import ArtifactError, InvalidRequestError
+from cascade.uncertainty import check_measure
+
+__all__ = ["Policy", "Target", "escalates"]
+
+
+def escalates(uncertainty: float, threshold: float) -> bool:
+    """The one rule: escalate iff the uncertainty is strictly above the threshold (NaN escalates)."""
+    return not uncertainty <= threshold
+
+
+@dataclass(frozen=True)
+class Target:
+    """A per-request quality level; at most one field may be set.
+
+    Attributes:
+        max_large_share: escalate at most this share of traffic to the last tier, in [0, 1].
+        max_quality_loss: accept at most this accuracy loss against always using the last tier, in [0, 1].
+    """
+
+    max_large_share: float | None = None
+    max_quality_loss: float | None = None
+
+    def __post_init__(self) -> None:
+        given = [v for v in (self.max_large_share, self.max_quality_loss) if v is not None]
+        if len(given) != 1:
+            raise InvalidRequestError("a target sets exactly one of max_large_share, max_quality_loss")
+        value = given[0]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise InvalidRequestError(f"a target must be a number in [0, 1], got {value!r}")
+
+    @classmethod
+    def parse(cls, raw: object) -> Target | None:
+        """Build a target from a JSON-like mapping (``None`` passes through), raising InvalidRequestError."""
+        if raw is None or isinstance(raw, Target):
+            return raw
+        if not isinstance(raw, Mapping) or set(raw) - {"max_large_share", "max_quality_loss"}:
+            raise InvalidRequestError("target must be an object with max_large_share or max_quality_loss")
+        return cls(**dict(raw))
+
+    def label(self) -> str:
+        """A short description such as ``max_large_share=0.3``."""
+        if self.max_large_share is not None:
+            return f"max_large_share={self.max_large_share:g}"
+        return f"max_quality_loss={self.max_quality_loss:g}"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Measure and thresholds of a cascade.
+
+    Attributes:
+        measure: the uncertainty measure the thresholds apply to.
+        thresholds: one threshold per stage (tiers minus one); ``inf`` never escalates, ``-inf`` always does.
+        cluster_thresholds: per router cluster thresholds overriding ``thresholds``.
+        models: tier model identities the thresholds were fitted for (empty for hand-set thresholds).
+        artifact: the calibration artifact this policy came from (enables per-request targets), or None.
+    """
+
+    measure: str
+    thresholds: tuple[float, ...]
+    cluster_thresholds: Mapping[int, tuple[float, ...]] = field(default_factory=dict)
+    models: tuple[str, ...] = ()
+    artifact: Any = None
+
+    def __post_init__(self) -> None:
+        check_measure(self.measure)
+        if not self.thresholds:
+            raise InvalidRequestError("a policy needs at least one threshold")
+        for t in (*self.thresholds, *(x for ts in self.cluster_thresholds.values() for x in ts)):
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t):
+                raise InvalidRequestError(f"thresholds must be numbers, got {t!r}")
+        for cluster, ts in self.cluster_thresholds.items():
+            if len(ts) != len(self.thresholds):
+                raise InvalidRequestError(f"cluster {cluster} has {len(ts)} thresholds, expected {len(self)}")
+
+    def __len__(self) -> int:
+        return len(self.thresholds)
+
+    @classmethod
+    def fixed(cls, threshold: float | Sequence[float], measure: str = "margin_first") -> Policy:
+        """A hand-set threshold (or one per stage for more than two tiers)."""
+        ts = (float(threshold),) if isinstance(threshold, (int, float)) else tuple(float(t) for t in threshold)
+        return cls(measure=measure, thresholds=ts)
+
+    @classmethod
+    def from_artifact(cls, path_or_artifact: str | Path | Any, *, models: Sequence[str] | None = None,
+                      measure: str | None = None) -> Policy:
+        """Load thresholds from a calibration artifact, refusing one fitted for other models or measure.
+
+        Raises:
+            ArtifactError: unreadable artifact, or fitted for other models or another measure.
+        """
+        from calibration.artifact import Artifact
+
+        art = path_or_artifact
+        if not isinstance(art, Artifact):
+            art = Artifact.load(Path(str(path_or_artifact)), expect_models=models, expect_measure=measure)
+        else:
+            if models is not None and tuple(art.models) != tuple(models):
+                raise ArtifactError(f"artifact fitted for models {list(art.models)}, cascade has {list(models)}")
+            if measure is not None and art.measure != measure:
+                raise ArtifactError(f"artifact fitted for measure {art.measure!r}, cascade uses {measure!r}")
+        clusters = {int(k): tuple(float(x) for x in v) for k, v in (art.cluster_thresholds or {}).items()}
+        return cls(measure=art.measure, thresholds=tuple(float(t) for t in art.thresholds),
+                   cluster_thresholds=clusters, models=tuple(art.models), artifact=art)
+
+    def thresholds_for(self, cluster: int | None = None, target: Target | None = None) -> tuple[float, ...]:
+        """The thresholds that apply to one request.
+
+        Args:
+            cluster: router cluster id, or None.
+            target: a per-request quality level; needs a policy loaded from an artifact.
+
+        Raises:
+            InvalidRequestError: a target on a policy without a measured curve, or a target the curve
+                cannot meet.
+        """
+        if target is not None:
+            if self.artifact is None:
+                raise InvalidRequestError("per-request targets need thresholds from a calibration artifact")
+            from calibration.fit import threshold_for_target
+
+            return tuple(
+                float(t)
+                for t in threshold_for_target(
+                    self.artifact.curve,
+                    max_large_share=target.max_large_share,
+                    max_quality_loss=target.max_quality_loss,
+                )
+            )
+        if cluster is not None and cluster in self.cluster_thresholds:
+            return self.cluster_thresholds[cluster]
+        return self.thresholds
+
+    @staticmethod
+    def answering_tier(uncertainties: Sequence[float], thresholds: Sequence[float]) -> int:
+        """Index of the first tier whose uncertainty is within its threshold (the last tier otherwise)."""
+        for i, (u, t) in enumerate(zip(uncertainties, thresholds)):
+            if not escalates(u, t):
+                return i
+        return len(thresholds)

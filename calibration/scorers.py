@@ -1,0 +1,90 @@
+"""Scorers: decide whether an answer is right. Each is ``(answer_text, example) -> bool``.
+
+Built in: ``exact``, ``choice`` (first label among the example's choices found in the answer), ``numeric``
+(last number in the answer, GSM8K style), ``contains``; or a user callable given as ``module:function``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from cascade.errors import InvalidRequestError
+
+__all__ = ["Scorer", "extract_choice", "get_scorer", "last_number"]
+
+Scorer = Callable[[str, Mapping[str, Any]], bool]
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def _norm(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s.-]", " ", text.lower()).split()).strip(" .")
+
+
+def extract_choice(answer: str, choices: Sequence[str]) -> str | None:
+    """The choice mentioned first in ``answer`` (whole words, case-insensitive), or None."""
+    text = answer.lower()
+    best: tuple[int, str] | None = None
+    for choice in choices:
+        m = re.search(r"(?<![\w])" + re.escape(str(choice).lower()) + r"(?![\w])", text)
+        if m and (best is None or m.start() < best[0]):
+            best = (m.start(), str(choice))
+    return best[1] if best else None
+
+
+def last_number(text: str) -> float | None:
+    """The last number written in ``text`` (commas as thousands separators), or None."""
+    found = _NUMBER.findall(text)
+    if not found:
+        return None
+    try:
+        return float(found[-1].replace(",", ""))
+    except ValueError:
+        return None
+
+
+def _exact(answer: str, example: Mapping[str, Any]) -> bool:
+    return _norm(answer) == _norm(str(example["answer"]))
+
+
+def _contains(answer: str, example: Mapping[str, Any]) -> bool:
+    return _norm(str(example["answer"])) in _norm(answer)
+
+
+def _choice(answer: str, example: Mapping[str, Any]) -> bool:
+    choices = example.get("choices")
+    if not choices:
+        raise InvalidRequestError("the choice scorer needs a 'choices' list in every example")
+    return extract_choice(answer, choices) == str(example["answer"])
+
+
+def _numeric(answer: str, example: Mapping[str, Any]) -> bool:
+    got = last_number(answer)
+    gold = last_number(str(example["answer"]).split("####")[-1])
+    return got is not None and gold is not None and abs(got - gold) < 1e-6 * max(1.0, abs(gold))
+
+
+_BUILTIN: dict[str, Scorer] = {"exact": _exact, "choice": _choice, "numeric": _numeric, "contains": _contains}
+
+
+def get_scorer(name: str) -> Scorer:
+    """A built-in scorer by name, or ``module:function`` imported from the Python path.
+
+    Raises:
+        InvalidRequestError: unknown name, or a ``module:function`` that cannot be imported or called.
+    """
+    if name in _BUILTIN:
+        return _BUILTIN[name]
+    if ":" not in name:
+        raise InvalidRequestError(f"unknown scorer {name!r}; use one of {sorted(_BUILTIN)} or module:function")
+    module, _, func = name.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), func)
+    except (ImportError, AttributeError) as exc:
+        raise InvalidRequestError(f"cannot import scorer {name!r}: {exc}") from exc
+    if not callable(fn):
+        raise InvalidRequestError(f"scorer {name!r} is not callable")
+    return fn  # type: ignore[no-any-return]

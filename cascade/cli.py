@@ -1,0 +1,244 @@
+"""The ``cascade`` command: ``demo``, ``run`` (offline batch jobs) and ``serve`` (OpenAI-compatible HTTP)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any, TextIO
+
+from cascade.errors import CascadeError, InvalidRequestError
+from cascade.types import CascadeResult, GenerationParams
+
+__all__ = ["main", "result_record"]
+
+
+def result_record(result: CascadeResult, request_id: Any = None) -> dict[str, Any]:
+    """A JSON-ready record of a result (the ``cascade run`` output line)."""
+    rec: dict[str, Any] = {"id": request_id, **asdict(result)}
+    rec["calls"] = [asdict(c) for c in result.calls]
+    rec["prompt_tokens"] = result.prompt_tokens
+    rec["completion_tokens"] = result.completion_tokens
+    return rec
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from cascade.config import default_config, load_config
+
+    cfg = load_config(args.config) if getattr(args, "config", None) else default_config()
+    changes: dict[str, Any] = {}
+    if getattr(args, "measure", None):
+        changes["measure"] = args.measure
+    if getattr(args, "threshold", None) is not None:
+        changes.update(thresholds=tuple(args.threshold), artifact=None)
+    if getattr(args, "artifact", None):
+        changes.update(artifact=args.artifact, thresholds=None)
+    if getattr(args, "max_tokens", None):
+        changes["max_tokens"] = args.max_tokens
+    return replace(cfg, **changes) if changes else cfg
+
+
+def _progress(total: int, desc: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="req", file=sys.stderr, disable=None)
+
+
+# ---------------------------------------------------------------- demo
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from calibration.scorers import get_scorer
+
+    examples = [json.loads(line) for line in
+                resources.files("cascade").joinpath("data/demo_sst2.jsonl").read_text("utf-8").splitlines()]
+    examples = examples[: args.limit] if args.limit else examples
+    cfg = _config(args)
+    if args.max_tokens is None:
+        cfg = replace(cfg, max_tokens=8)
+    scorer = get_scorer("choice")
+    print(f"Loading tiers: {', '.join(f'{t.name}={t.backend.model}' for t in cfg.tiers)} "
+          "(first run assembles and converts the models: about a minute)", file=sys.stderr)
+    from cascade.config import build_cascade
+
+    cascade = build_cascade(cfg)
+    return asyncio.run(_demo_async(cascade, examples, scorer, args.compare))
+
+
+async def _demo_async(cascade: Any, examples: list[dict[str, Any]], scorer: Any, compare: bool) -> int:
+    prompts = [e["prompt"] for e in examples]
+    results: list[CascadeResult] = []
+    async with cascade:
+        bar = _progress(len(prompts), "cascade")
+        for start in range(0, len(prompts), 8):
+            results.extend(await cascade.run_batch(prompts[start : start + 8]))
+            bar.update(len(prompts[start : start + 8]))
+        bar.close()
+        print(f"\n{'id':<16} {'label':<9} {'tier':<6} {cascade.measure:>13} {'thresh':>7}  ok  answer")
+        for e, r in zip(examples, results):
+            ok = scorer(r.text, e)
+            print(f"{e['id']:<16} {e['answer']:<9} {r.tier:<6} {r.uncertainty:>13.4f} {r.threshold:>7.4f}  "
+                  f"{'✓' if ok else '✗'}   {r.text[:40]!r}")
+        n = len(examples)
+        acc = sum(scorer(r.text, e) for e, r in zip(examples, results)) / n
+        share = sum(r.escalated for r in results) / n
+        cost = sum(r.cost for r in results)
+        print(f"\ncascade: accuracy {acc:.3f}, sent to large {share:.1%}, cost {cost:.3e}")
+        if compare:
+            large, small = cascade.tiers[-1], cascade.tiers[0]
+            params = cascade.params
+            bar = _progress(2 * n, "baselines (small alone, large alone)")
+            gens_small = await small.backend.generate(prompts, params, scores=False)
+            bar.update(n)
+            gens_large = await large.backend.generate(prompts, params, scores=False)
+            bar.update(n)
+            bar.close()
+            acc_s = sum(scorer(g.text, e) for g, e in zip(gens_small, examples)) / n
+            acc_l = sum(scorer(g.text, e) for g, e in zip(gens_large, examples)) / n
+            cost_l = sum(large.price.cost(g.prompt_tokens, g.completion_tokens) for g in gens_large)
+            print(f"small alone: accuracy {acc_s:.3f}; large alone: accuracy {acc_l:.3f}, cost {cost_l:.3e}")
+            if cost_l > 0:
+                print(f"cascade cost = {cost / cost_l:.1%} of always-large; "
+                      f"accuracy {acc - acc_l:+.3f} vs always-large")
+    return 0
+
+
+# ---------------------------------------------------------------- run
+
+
+def _parse_line(line: str, lineno: int) -> tuple[Any, Any, dict[str, Any]]:
+    """Return (id, prompt, options) for one input line, or raise InvalidRequestError naming the line."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequestError(f"line {lineno}: invalid JSON: {exc.msg}") from exc
+    if not isinstance(obj, dict):
+        raise InvalidRequestError(f"line {lineno}: expected a JSON object")
+    if ("prompt" in obj) == ("messages" in obj):
+        raise InvalidRequestError(f"line {lineno}: give exactly one of 'prompt' or 'messages'")
+    opts = {k: obj[k] for k in ("target", "max_tokens") if k in obj}
+    return obj.get("id", lineno), obj.get("prompt", obj.get("messages")), opts
+
+
+async def _run_async(cascade: Any, lines: list[str], out: TextIO, batch: int) -> tuple[int, int]:
+    ok = failed = 0
+    bar = _progress(len(lines), "cascade run")
+    async with cascade:
+        for start in range(0, len(lines), batch):
+            records: list[dict[str, Any] | None] = [None] * len(lines[start : start + batch])
+            groups: dict[str, list[tuple[int, Any, Any]]] = {}
+            for j, line in enumerate(lines[start : start + batch]):
+                lineno = start + j + 1
+                try:
+                    rid, prompt, opts = _parse_line(line, lineno)
+                    key = json.dumps(opts, sort_keys=True)
+                    groups.setdefault(key, []).append((j, rid, prompt))
+                except InvalidRequestError as exc:
+                    records[j] = {"id": lineno, "error": str(exc), "error_type": type(exc).__name__}
+            for key, members in groups.items():
+                opts = json.loads(key)
+                params = cascade.params
+                try:
+                    if "max_tokens" in opts:
+                        params = replace(params, max_tokens=opts["max_tokens"])
+                    results = await cascade.run_batch([m[2] for m in members], params=params,
+                                                      target=opts.get("target"))
+                    for (j, rid, _), r in zip(members, results):
+                        records[j] = result_record(r, rid)
+                except CascadeError as exc:
+                    # one bad prompt must not sink its batch: retry the members one by one
+                    for j, rid, prompt in members:
+                        try:
+                            r = await cascade.run(prompt, params=params, target=opts.get("target"))
+                            records[j] = result_record(r, rid)
+                        except (CascadeError, TypeError) as one:
+                            records[j] = {"id": rid, "error": str(one), "error_type": type(one).__name__}
+                    del exc
+            for rec in records:
+                assert rec is not None
+                ok, failed = (ok, failed + 1) if "error" in rec else (ok + 1, failed)
+                out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            out.flush()
+            bar.update(len(records))
+    bar.close()
+    return ok, failed
+
+
+def _run(args: argparse.Namespace) -> int:
+    from cascade.config import build_cascade
+
+    lines = [ln for ln in Path(args.input).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    cascade = build_cascade(_config(args))
+    out_path = Path(args.output)
+    tmp = out_path.with_name(out_path.name + ".part")
+    with tmp.open("w", encoding="utf-8") as out:
+        ok, failed = asyncio.run(_run_async(cascade, lines, out, args.batch_size))
+    tmp.replace(out_path)
+    print(f"{ok} answered, {failed} failed -> {out_path}", file=sys.stderr)
+    return 0 if failed == 0 else 1
+
+
+# ---------------------------------------------------------------- serve
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from cascade.server import serve_main
+
+    return serve_main(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    from cascade.types import MEASURES
+
+    p = argparse.ArgumentParser(prog="cascade", description="Small LLM first; escalate on calibrated uncertainty.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", help="YAML or TOML config (default: the embedded model pair)")
+        sp.add_argument("--measure", choices=MEASURES, help="uncertainty measure")
+        g = sp.add_mutually_exclusive_group()
+        g.add_argument("--threshold", type=float, nargs="+", help="threshold(s), one per stage")
+        g.add_argument("--artifact", help="calibration artifact (from cascade-calibrate)")
+        sp.add_argument("--max-tokens", type=int, help="new tokens per answer")
+
+    d = sub.add_parser("demo", help="answer bundled SST-2 questions with the embedded models")
+    common(d)
+    d.add_argument("--limit", type=int, help="answer only the first N bundled questions")
+    d.add_argument("--no-compare", dest="compare", action="store_false",
+                   help="skip the small-alone and large-alone baselines")
+    d.set_defaults(func=_demo)
+
+    r = sub.add_parser("run", help="answer a JSONL file of prompts")
+    common(r)
+    r.add_argument("--input", required=True, help='JSONL: {"id": ..., "prompt": ...} or "messages" per line')
+    r.add_argument("--output", required=True, help="JSONL results, one line per input line, same order")
+    r.add_argument("--batch-size", type=int, default=16, help="prompts per batched call (default 16)")
+    r.set_defaults(func=_run)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    common(s)
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.set_defaults(func=_serve)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``cascade`` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except CascadeError as exc:
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

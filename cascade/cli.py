@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from cascade.errors import CascadeError, InvalidRequestError
-from cascade.types import CascadeResult, GenerationParams
+from cascade.types import CascadeResult
 
 __all__ = ["main", "result_record"]
 
@@ -150,7 +150,7 @@ async def _run_async(cascade: Any, lines: list[str], out: TextIO, batch: int) ->
                                                       target=opts.get("target"))
                     for (j, rid, _), r in zip(members, results):
                         records[j] = result_record(r, rid)
-                except CascadeError as exc:
+                except CascadeError:
                     # one bad prompt must not sink its batch: retry the members one by one
                     for j, rid, prompt in members:
                         try:
@@ -158,7 +158,6 @@ async def _run_async(cascade: Any, lines: list[str], out: TextIO, batch: int) ->
                             records[j] = result_record(r, rid)
                         except (CascadeError, TypeError) as one:
                             records[j] = {"id": rid, "error": str(one), "error_type": type(one).__name__}
-                    del exc
             for rec in records:
                 assert rec is not None
                 ok, failed = (ok, failed + 1) if "error" in rec else (ok + 1, failed)
@@ -189,7 +188,7 @@ def _run(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from cascade.server import serve_main
 
-    return serve_main(args)
+    return int(serve_main(args))
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, TypedDict, Union
+from typing import Literal, TypedDict
 
 from cascade.errors import InvalidRequestError
 
 __all__ = [
-    "MEASURES",
     "FIRST_TOKEN_MEASURES",
+    "MEASURES",
     "CascadeResult",
     "EarlyExit",
     "FinishReason",
@@ -51,7 +51,7 @@ class Message(TypedDict):
 
 
 #: A request: a plain prompt string or a list of chat messages.
-Prompt = Union[str, Sequence[Message]]
+Prompt = str | Sequence[Message]
 
 _ROLES = frozenset({"system", "user", "assistant", "developer", "tool"})
 

@@ -71,7 +71,8 @@ class _StopTracker:
         recorder: _StepRecorder,
         prompt_len: int,
         eos_ids: torch.Tensor,
-        stop_criterion: Any | None,
+        stop: tuple[str, ...],
+        tokenizer: Any,
         early_exit: EarlyExit | None,
         batch_size: int,
         device: torch.device,
@@ -81,7 +82,9 @@ class _StopTracker:
         self.recorder = recorder
         self.prompt_len = prompt_len
         self.eos_ids = eos_ids
-        self.stop_criterion = stop_criterion
+        self.stop = stop
+        self.tokenizer = tokenizer
+        self.window = max((len(s) for s in stop), default=0) + 2  # tokens decoded per check (>= 1 char each)
         self.early_exit = early_exit
         self.thresholds = (
             torch.tensor(early_exit.thresholds, dtype=torch.float32, device=device) if early_exit else None
@@ -94,8 +97,8 @@ class _StopTracker:
 
         step = input_ids.shape[1] - self.prompt_len - 1
         done = torch.isin(input_ids[:, -1], self.eos_ids)
-        if self.stop_criterion is not None:
-            done |= self.stop_criterion(input_ids, scores)
+        if self.stop:
+            done |= self._stop_strings(input_ids, device=done.device)
         reason = torch.ones_like(self.reason)
         if self.thresholds is not None and self.early_exit is not None and step == 0:
             if self.early_exit.measure == "margin_first":
@@ -109,6 +112,14 @@ class _StopTracker:
         self.finished_at = torch.where(new, torch.full_like(self.finished_at, step), self.finished_at)
         self.reason = torch.where(new, reason, self.reason)
         return self.finished_at >= 0
+
+    def _stop_strings(self, input_ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """True for rows whose newest tokens complete a stop string (decodes a short tail per row)."""
+        import torch
+
+        tails = input_ids[:, max(self.prompt_len, input_ids.shape[1] - self.window) :].tolist()
+        hits = [any(s in self.tokenizer.decode(t, skip_special_tokens=True) for s in self.stop) for t in tails]
+        return torch.tensor(hits, dtype=torch.bool, device=device)
 
 
 class HFLocalBackend:
@@ -256,7 +267,7 @@ class HFLocalBackend:
         early_exit: EarlyExit | None,
     ) -> list[Generation]:
         import torch
-        from transformers import LogitsProcessorList, StoppingCriteriaList, StopStringCriteria
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
         t0 = time.perf_counter()
         device = self.device
@@ -264,14 +275,12 @@ class HFLocalBackend:
         batch, prompt_len = enc["input_ids"].shape
         eos_ids = self._eos_ids()
         recorder = _StepRecorder()
-        stop_criterion = (
-            StopStringCriteria(tokenizer=self.tokenizer, stop_strings=list(params.stop)) if params.stop else None
-        )
         tracker = _StopTracker(
             recorder,
             prompt_len,
             torch.tensor(eos_ids, device=device),
-            stop_criterion,
+            params.stop,
+            self.tokenizer,
             early_exit if want_scores else None,
             batch,
             device,

@@ -1,0 +1,74 @@
+"""The local transformers backend: batching, stop strings, sampling, limits."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from conftest import make_backend, make_model, make_tokenizer
+
+from cascade.backends.hf_local import HFLocalBackend
+from cascade.errors import InvalidRequestError
+from cascade.types import EarlyExit, GenerationParams
+
+
+def gen(backend, prompts, **kw):
+    params = GenerationParams(**{"max_tokens": 8, **kw})
+    return asyncio.run(backend.generate(prompts, params))
+
+
+def test_stop_strings_cut_text_and_scores():
+    backend = make_backend(0)
+    full = gen(backend, ["what capital of france"])[0]
+    words = full.text.split()
+    assert len(words) >= 3, full.text
+    stop = words[1]
+    cut = gen(backend, ["what capital of france"], stop=(stop,))[0]
+    assert stop not in cut.text and full.text.startswith(cut.text.strip())
+    assert cut.finish_reason == "stop" and cut.completion_tokens < full.completion_tokens
+    assert len(cut.token_stats.margin) == cut.completion_tokens
+
+
+def test_sampling_is_seeded_and_varies():
+    backend = make_backend(0)
+    a = gen(backend, ["the movie was"] * 4, temperature=1.5, seed=1)
+    b = gen(backend, ["the movie was"] * 4, temperature=1.5, seed=1)
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+    assert len({g.token_ids for g in a}) > 1
+
+
+def test_batches_are_split_at_max_batch_size():
+    small = make_backend(0, max_batch_size=2)
+    big = make_backend(0)
+    prompts = ["a movie", "the movie was good", "is it", "paris", "one two"]
+    exits = EarlyExit("margin_first", (0.0, 2.0, 0.0, 2.0, 0.0))
+    p = GenerationParams(max_tokens=4)
+    x = asyncio.run(small.generate(prompts, p, early_exit=exits))
+    y = asyncio.run(big.generate(prompts, p, early_exit=exits))
+    assert [g.token_ids for g in x] == [g.token_ids for g in y]
+    assert [g.finish_reason for g in x][::2] == ["early_exit"] * 3
+
+
+def test_plain_prompt_without_chat_template():
+    tok = make_tokenizer()
+    tok.chat_template = None
+    backend = HFLocalBackend(make_model(0), tok, name="plain")
+    assert backend.render("the movie") == "the movie"
+    assert backend.render([{"role": "user", "content": "hi"}]).endswith("assistant:")
+    g = gen(backend, ["the movie"])[0]
+    assert g.completion_tokens >= 1 and g.prompt_tokens == 2
+
+
+def test_too_long_prompt_and_bad_exit_are_typed_errors():
+    backend = make_backend(0)
+    with pytest.raises(InvalidRequestError):
+        gen(backend, ["the " * 300])
+    with pytest.raises(InvalidRequestError):
+        asyncio.run(backend.generate(["a", "b"], GenerationParams(), early_exit=EarlyExit("margin_first", (1.0,))))
+    assert gen(backend, []) == []
+
+
+def test_scores_can_be_skipped():
+    backend = make_backend(0)
+    g = asyncio.run(backend.generate(["a movie"], GenerationParams(max_tokens=3), scores=False))[0]
+    assert g.scores == {} and g.token_stats is None and g.completion_tokens >= 1

@@ -1,0 +1,144 @@
+"""The simulated model: deterministic answers with prompt-dependent confidence. Pure functions, no I/O."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cascade.errors import ConfigError
+
+__all__ = ["MAX_TOP_LOGPROBS", "SimAnswer", "SimConfig", "simulate_answer"]
+
+MAX_TOP_LOGPROBS = 20  # most alternatives per step a request may ask for (vLLM's and OpenAI's chat limit)
+_TAIL_TOKENS = 1000  # vocabulary entries outside the top 20, each with the same small probability
+_CONFIDENCE_MARKER = re.compile(r"\[\[sim:confidence=([0-9]*\.?[0-9]+)\]\]")
+_WORDS = (
+    "the of and to in is was for on are with as at be by this had not but from or have an they which one "
+    "you were her all she there would their we him been has when who will more no if out so said what up "
+    "its about into than them can only other new some could time these two may then do first any my now "
+    "such like our over man me even most made after also did many before must through back years where "
+    "much your way well down should because each just those people how too little state good very make "
+    "world still own see men work long get here between both life being under never day same another know "
+    "while last might us great old year off come since against go came right used take three river stone "
+    "light water green quiet answer number small large model token north south east west cloud paper"
+)
+
+@dataclass(frozen=True)
+class SimConfig:
+    """How the simulated server behaves. Every field is validated; bad values raise ConfigError.
+
+    Attributes:
+        model: the one model id served; requests naming another model get 404 (default ``"sim-model"``).
+        latency_per_token_s: seconds per generated token, per step of a request (default 0.0).
+        latency_per_request_s: fixed seconds before the first token of every request (default 0.0).
+        error_rate: probability in [0, 1] that a request fails with HTTP 500 (default 0.0).
+        timeout_rate: probability in [0, 1] that a request hangs ``hang_s`` before answering (default 0.0).
+        hang_s: seconds a hanging request waits, in (0, 600]; it then answers normally (default 30.0).
+        seed: seed of the answers and of the error/hang draws (default 0).
+        logprobs: False imitates a server without logprobs support: it ignores the request's
+            ``logprobs``/``top_logprobs`` and returns ``null`` (default True).
+        max_answer_tokens: longest natural answer, in tokens; each prompt's natural length is drawn in
+            ``[max_answer_tokens // 4, max_answer_tokens]``, then cut by ``max_tokens`` (default 48).
+    """
+
+    model: str = "sim-model"
+    latency_per_token_s: float = 0.0
+    latency_per_request_s: float = 0.0
+    error_rate: float = 0.0
+    timeout_rate: float = 0.0
+    hang_s: float = 30.0
+    seed: int = 0
+    logprobs: bool = True
+    max_answer_tokens: int = 48
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ConfigError("model must be a non-empty string")
+        for name in ("latency_per_token_s", "latency_per_request_s"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+        for name in ("error_rate", "timeout_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{name} must be in [0, 1], got {value!r}")
+        if not 0.0 < self.hang_s <= 600.0:
+            raise ConfigError(f"hang_s must be in (0, 600], got {self.hang_s!r}")
+        if not isinstance(self.max_answer_tokens, int) or not 1 <= self.max_answer_tokens <= 4096:
+            raise ConfigError(f"max_answer_tokens must be in [1, 4096], got {self.max_answer_tokens!r}")
+
+
+@dataclass(frozen=True)
+class SimAnswer:
+    """One simulated answer.
+
+    Attributes:
+        tokens: the T generated token strings; ``"".join(tokens)`` is the text.
+        logprobs: log-probability of each generated token, length T.
+        top: for each step, the 20 most likely ``(token, logprob)`` pairs, most likely first (the generated
+            token is always first: decoding is greedy).
+        finish_reason: ``"stop"`` (natural end or stop string) or ``"length"`` (``max_tokens`` reached).
+        confidence: the prompt's confidence in [0, 1]; higher means more peaked distributions.
+    """
+
+    tokens: tuple[str, ...]
+    logprobs: tuple[float, ...]
+    top: tuple[tuple[tuple[str, float], ...], ...]
+    finish_reason: str
+    confidence: float
+
+    @property
+    def text(self) -> str:
+        """The answer text."""
+        return "".join(self.tokens)
+
+
+def simulate_answer(config: SimConfig, prompt: str, max_tokens: int, stop: Sequence[str] = ()) -> SimAnswer:
+    """Compute the deterministic answer of the simulated model to ``prompt``.
+
+    Each step's distribution has logits ``0, -g, -g - s, -g - 2s, ...`` over 20 words and a tail of 1000
+    tokens below them; the gap ``g`` grows with the prompt's confidence, so margin and entropy follow it.
+
+    Args:
+        config: the server's configuration (its seed and ``max_answer_tokens`` matter).
+        prompt: the prompt text (for chat, the rendered messages).
+        max_tokens: the most tokens to generate, >= 1.
+        stop: strings that end the answer; the text stops before the first token that reaches one.
+    """
+    digest = hashlib.blake2b(f"{config.seed}\x00{prompt}".encode(), digest_size=8).digest()
+    rng = random.Random(int.from_bytes(digest, "big"))
+    marker = _CONFIDENCE_MARKER.search(prompt)
+    confidence = min(1.0, float(marker.group(1))) if marker else rng.random()
+    natural = rng.randint(max(1, config.max_answer_tokens // 4), config.max_answer_tokens)
+    steps = min(natural, max_tokens)
+    tokens: list[str] = []
+    logprobs: list[float] = []
+    top: list[tuple[tuple[str, float], ...]] = []
+    vocabulary = _WORDS.split()
+    for t in range(steps):
+        words = rng.sample(vocabulary, MAX_TOP_LOGPROBS)
+        gap = (0.05 + 7.0 * confidence) * (0.5 + rng.random())
+        slope = 0.2 + 0.6 * rng.random()
+        logits = [0.0] + [-gap - slope * j for j in range(MAX_TOP_LOGPROBS - 1)]
+        tail = logits[-1] - 1.0
+        lse = math.log(sum(math.exp(z) for z in logits) + _TAIL_TOKENS * math.exp(tail))
+        prefix = " " if t else ""
+        step = tuple((prefix + w, z - lse) for w, z in zip(words, logits, strict=True))
+        tokens.append(step[0][0])
+        logprobs.append(step[0][1])
+        top.append(step)
+    finish = "stop" if natural <= max_tokens else "length"
+    text = "".join(tokens)
+    cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
+    if cuts:
+        end, kept = 0, 0
+        while kept < len(tokens) and end + len(tokens[kept]) <= min(cuts):
+            end += len(tokens[kept])
+            kept += 1
+        tokens, logprobs, top, finish = tokens[:kept], logprobs[:kept], top[:kept], "stop"
+    return SimAnswer(tuple(tokens), tuple(logprobs), tuple(top), finish, confidence)
+

@@ -243,6 +243,12 @@ def build_cascade(config: CascadeConfig, *, backends: Mapping[str, Backend] | No
     tiers = []
     for t in config.tiers:
         backend = built.get(t.name) or build_backend(t.backend)
+        if config.batching.enabled:  # merge concurrent calls (server, concurrent callers) into batches
+            from cascade.batching import MicroBatcher
+
+            b = config.batching
+            if not isinstance(backend, MicroBatcher):
+                backend = MicroBatcher(backend, b.max_batch_size, b.max_wait_ms, b.max_queue)
         tiers.append(Tier(t.name, backend, Price(t.price_input_per_mtok, t.price_output_per_mtok), t.timeout_s))
     artifact = config.artifact
     if config.thresholds is None and artifact is None:

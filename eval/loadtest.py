@@ -1,0 +1,236 @@
+"""Load-test the cascade: ``python -m eval.loadtest --users 1000 --duration 30 --simulated``.
+
+Targets: ``--simulated`` builds an in-process two-tier :class:`~cascade.engine.Cascade` whose tiers are
+``OpenAIBackend`` clients of two simulated OpenAI-compatible servers on 127.0.0.1 (child processes by default);
+``--target URL`` loads any OpenAI-compatible HTTP endpoint on this machine (``cascade serve`` or a peer's
+server). Only loopback targets are accepted.
+
+Load: closed loop (``--users`` users, each sending its next request ``--think-time`` seconds, exponential by
+default, after its previous answer) or open loop (``--rate`` Poisson arrivals per second), with ``--ramp-up``,
+``--duration`` and ``--max-requests``. The run always stops by itself: after the sending phase, in-flight
+requests get ``--grace`` seconds and are then counted as failed (``unfinished_at_stop``), never dropped.
+
+The report (terminal, ``--report-json``, ``--plot``) gives sent / answered / failed by kind / lost
+(= sent - answered - failed, must be 0), throughput, latency percentiles overall and per tier, time to first
+token when streaming, share escalated, cost per tier, the time series of requests in flight, and the engine's
+own overhead (end-to-end latency minus time spent in backends). Exit status: 0 when nothing was lost or
+answered twice, 1 otherwise, 2 on bad arguments or an unreachable target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from cascade.errors import CascadeError, ConfigError
+from cascade.simulate import SimConfig
+from cascade.types import Prompt
+from eval.loadtest_load import Event, LoadShape, RunResult, run_load, warm_up
+from eval.loadtest_prompts import DATASETS, dataset_prompts, generated_prompts, load_prompts, write_prompts
+from eval.loadtest_report import build_report, format_report, plot_report
+from eval.loadtest_sim import FAULTS, SimOptions, SimulatedCascade
+from eval.loadtest_targets import HttpTarget, LoadTarget
+
+__all__ = ["loadtest", "main", "parse_args"]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line (see ``--help``)."""
+    p = argparse.ArgumentParser(prog="python -m eval.loadtest", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--simulated", action="store_true", help="in-process cascade over two simulated servers")
+    where.add_argument("--target", metavar="URL", help="OpenAI-compatible server on loopback, e.g. "
+                       "http://127.0.0.1:8000")
+    g = p.add_argument_group("load")
+    g.add_argument("--users", type=int, default=10, help="closed loop: concurrent users")
+    g.add_argument("--duration", type=float, default=30.0, help="seconds of sending")
+    g.add_argument("--think-time", type=float, default=5.0, help="closed loop: mean think time, seconds")
+    g.add_argument("--think", choices=("exp", "fixed"), default="exp", help="think time distribution")
+    g.add_argument("--rate", type=float, default=None, help="open loop: Poisson arrivals per second")
+    g.add_argument("--ramp-up", type=float, default=0.0, help="seconds to reach full load")
+    g.add_argument("--max-requests", type=int, default=None, help="send at most this many requests")
+    g.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests may finish at the end")
+    g.add_argument("--stream", action="store_true", help="streamed answers (HTTP: measures time to first token)")
+    g.add_argument("--warmup", type=int, default=4, help="uncounted requests sent before the run")
+    g.add_argument("--sample-interval", type=float, default=0.5, help="seconds between time-series samples")
+    g.add_argument("--seed", type=int, default=0, help="seed of think times, arrivals and generated prompts")
+    g = p.add_argument_group("prompts")
+    g.add_argument("--prompts", metavar="FILE", help="JSONL with 'prompt' or 'messages' per line")
+    g.add_argument("--dataset", choices=sorted(DATASETS), help="build prompts from a /work/shared/data dataset")
+    g.add_argument("--data-dir", default="/work/shared/data", help="where --dataset files live")
+    g.add_argument("--n-prompts", type=int, default=1000, help="most prompts to use")
+    g.add_argument("--write-prompts", metavar="FILE", help="also write the prompts used as JSONL")
+    g = p.add_argument_group("HTTP target")
+    g.add_argument("--model", default=None, help="model id to request (default: first of /v1/models)")
+    g.add_argument("--max-tokens", type=int, default=16, help="new tokens per answer")
+    g.add_argument("--timeout", type=float, default=60.0, help="seconds per HTTP request before 'timeout'")
+    g = p.add_argument_group("simulated target")
+    g.add_argument("--sim-mode", choices=("process", "thread"), default="process",
+                   help="simulated servers in child processes or in threads of this process")
+    g.add_argument("--threshold", type=float, default=SimOptions.threshold, help="margin_first threshold")
+    g.add_argument("--small-latency", type=float, nargs=2, metavar=("PER_REQUEST", "PER_TOKEN"),
+                   default=(0.02, 0.004), help="small server's latency, seconds")
+    g.add_argument("--large-latency", type=float, nargs=2, metavar=("PER_REQUEST", "PER_TOKEN"),
+                   default=(0.05, 0.015), help="large server's latency, seconds")
+    g.add_argument("--small-error-rate", type=float, default=0.0, help="small server's HTTP 500 share")
+    g.add_argument("--large-error-rate", type=float, default=0.0, help="large server's HTTP 500 share")
+    g.add_argument("--large-timeout", type=float, default=3.0, help="large tier timeout; slower answers degrade")
+    g.add_argument("--backend-retries", type=int, default=2, help="retries per backend request")
+    g.add_argument("--no-batching", action="store_true", help="no micro-batcher in front of the tiers")
+    g.add_argument("--batch-size", type=int, default=16, help="micro-batcher max_batch_size")
+    g.add_argument("--batch-wait-ms", type=float, default=5.0, help="micro-batcher max_wait_ms")
+    g.add_argument("--batch-concurrency", type=int, default=16, help="micro-batcher max_concurrent_batches")
+    g = p.add_argument_group("fault injection (simulated target)")
+    g.add_argument("--fault", choices=FAULTS, default=None, help="what goes wrong with the large tier")
+    g.add_argument("--fault-at", type=float, default=None, help="seconds into the run (default duration / 3)")
+    g.add_argument("--slow-factor", type=float, default=10.0, help="large-slow: latency multiplier")
+    g.add_argument("--fail-rate", type=float, default=0.5, help="large-failing: HTTP 500 share")
+    g = p.add_argument_group("output")
+    g.add_argument("--report-json", metavar="PATH", help="write the full report as JSON")
+    g.add_argument("--plot", metavar="PNG", help="write plots (needs matplotlib)")
+    g.add_argument("--quiet", action="store_true", help="no terminal table")
+    args = p.parse_args(argv)
+    if args.fault and not args.simulated:
+        p.error("--fault needs --simulated (faults are injected into the simulated large tier)")
+    return args
+
+
+def _prompts(args: argparse.Namespace) -> list[Prompt]:
+    if args.prompts and args.dataset:
+        raise ConfigError("give --prompts or --dataset, not both")
+    if args.prompts:
+        prompts = load_prompts(args.prompts, limit=args.n_prompts)
+    elif args.dataset:
+        prompts = dataset_prompts(args.dataset, args.data_dir, limit=args.n_prompts, seed=args.seed)
+    else:
+        prompts = generated_prompts(args.n_prompts, seed=args.seed)
+    if args.write_prompts:
+        write_prompts(prompts, args.write_prompts)
+    return prompts
+
+
+def _shape(args: argparse.Namespace) -> LoadShape:
+    return LoadShape(users=args.users, duration_s=args.duration, think_time_s=args.think_time, think=args.think,
+                     rate=args.rate, ramp_up_s=args.ramp_up, max_requests=args.max_requests, grace_s=args.grace,
+                     stream=args.stream, sample_interval_s=args.sample_interval, seed=args.seed)
+
+
+def _sim_options(args: argparse.Namespace) -> SimOptions:
+    base = SimOptions()
+    return replace(
+        base, mode=args.sim_mode, threshold=args.threshold, max_tokens=args.max_tokens,
+        small=replace(base.small, latency_per_request_s=args.small_latency[0],
+                      latency_per_token_s=args.small_latency[1], error_rate=args.small_error_rate),
+        large=replace(base.large, latency_per_request_s=args.large_latency[0],
+                      latency_per_token_s=args.large_latency[1], error_rate=args.large_error_rate),
+        large_timeout_s=args.large_timeout, backend_retries=args.backend_retries, batching=not args.no_batching,
+        batch_size=args.batch_size, batch_wait_ms=args.batch_wait_ms, batch_concurrency=args.batch_concurrency,
+        fault=args.fault, fault_at_s=args.fault_at if args.fault_at is not None else args.duration / 3,
+        slow_factor=args.slow_factor, fail_rate=args.fail_rate)
+
+
+async def loadtest(target: LoadTarget, prompts: Sequence[Prompt], shape: LoadShape, *, warmup: int = 4,
+                   events: Sequence[Event] = (), fault: str | None = None, fault_at_s: float | None = None,
+                   notes: Sequence[str] = (), extra: dict[str, Any] | None = None,
+                   after_warmup: Callable[[], None] | None = None) -> tuple[dict[str, Any], RunResult]:
+    """Warm up, run the load and build the report (the programmatic face of the command).
+
+    Args:
+        target: what to load.
+        prompts: the prompts, sent in turn.
+        shape: the load.
+        warmup: uncounted requests sent first (imports, connections).
+        events: timed actions during the run (fault injection).
+        fault: the fault's kind, for the report's before/after split.
+        fault_at_s: when the fault is planned.
+        notes: caveats printed with the report.
+        extra: more top-level report keys.
+        after_warmup: called between warm-up and load (e.g. to reset counters).
+
+    Returns:
+        (report dict, raw run result with every outcome).
+    """
+    await warm_up(target, prompts, warmup, shape.stream)
+    if after_warmup is not None:
+        after_warmup()
+    load_before = os.getloadavg()
+    result = await run_load(target, prompts, shape, events)
+    notes = list(notes)
+    if shape.stream and not any(o.ttft_s is not None for o in result.recorder.outcomes):
+        notes.append("streaming asked for, but the target gave no streamed tokens: no time to first token")
+    if not any(o.backend_s is not None for o in result.recorder.outcomes):
+        notes.append("the target reports no backend time: engine overhead unknown")
+    machine = {"cpus": os.cpu_count(), "loadavg_1m_before": round(load_before[0], 2),
+               "loadavg_1m_after": round(os.getloadavg()[0], 2)}
+    report = build_report(result, shape, target.name, fault=fault, fault_at_s=fault_at_s,
+                          extra={"machine": machine, **(extra or {}), "notes": notes})
+    return report, result
+
+
+async def _run(args: argparse.Namespace) -> tuple[dict[str, Any], RunResult]:
+    prompts = _prompts(args)
+    shape = _shape(args)
+    if args.target:
+        http = HttpTarget(args.target, model=args.model, max_tokens=args.max_tokens, timeout_s=args.timeout,
+                          connections=max(args.users, 100) if args.rate is None else 1000)
+        await http.start()
+        try:
+            return await loadtest(http, prompts, shape, warmup=args.warmup,
+                                  notes=["HTTP target: overhead = client-side latency minus backend time the "
+                                         "server reports, so it includes HTTP and JSON work on both sides"])
+        finally:
+            await http.aclose()
+    options = _sim_options(args)
+    async with SimulatedCascade(options) as sim:
+        assert sim.target is not None
+        notes = ["in-process target: the load generator shares the event loop with the engine, so its work "
+                 "(see loop_lag_ms) is part of the measured overhead"]
+        notes.append("simulated servers run in this process (threads): their CPU and GIL time inflate latency "
+                     "and overhead" if options.mode == "thread" else
+                     "simulated servers run as child processes on the same CPUs (they compete for CPU)")
+        if args.stream:
+            notes.append("the in-process engine answers whole: --stream has no effect on this target")
+        events: list[Event] = [(options.fault_at_s, sim.inject)] if options.fault else []
+        report, result = await loadtest(
+            sim.target, prompts, shape, warmup=args.warmup, events=events, fault=options.fault,
+            fault_at_s=options.fault_at_s if options.fault else None, notes=notes, after_warmup=sim.reset_counters,
+            extra={"simulated": {"mode": options.mode, "batching": sim.batching, "threshold": options.threshold,
+                                 "max_tokens": options.max_tokens, "small": _sim_dict(options.small),
+                                 "large": _sim_dict(options.large), "large_timeout_s": options.large_timeout_s}})
+        report["simulated"]["servers"] = sim.server_stats()
+        report["simulated"]["batching_stats"] = sim.batching_stats()
+        return report, result
+
+
+def _sim_dict(c: SimConfig) -> dict[str, Any]:
+    return {"model": c.model, "latency_per_request_s": c.latency_per_request_s,
+            "latency_per_token_s": c.latency_per_token_s, "error_rate": c.error_rate}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the load test; returns the exit status (0 ok, 1 lost or duplicated requests, 2 bad input)."""
+    args = parse_args(argv)
+    try:
+        report, result = asyncio.run(_run(args))
+    except CascadeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        print(format_report(report))
+    if args.report_json:
+        Path(args.report_json).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    if args.plot:
+        plot_report(report, result.recorder.outcomes, args.plot)
+    return 0 if report["lost"] == 0 and report["duplicates"] == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

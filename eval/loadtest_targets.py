@@ -1,0 +1,296 @@
+"""What the load test talks to: an in-process :class:`~cascade.engine.Cascade`, or an OpenAI-compatible HTTP
+endpoint on this machine (loopback only: anything else is refused before a byte is sent).
+
+A target's :meth:`send` answers one prompt with a :class:`Reply` or raises :class:`RequestFailed` carrying a
+short error kind; the harness times the call itself.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+from cascade.errors import CascadeError, ConfigError
+from cascade.types import CascadeResult, Prompt
+from eval.loadtest_stats import TierUse
+
+__all__ = ["CascadeTarget", "HttpTarget", "LoadTarget", "Reply", "RequestFailed", "check_loopback",
+           "reply_from_result"]
+
+
+def check_loopback(url: str) -> str:
+    """Accept only a URL on this machine; return the OpenAI base URL (ending in ``/v1``).
+
+    Allowed hosts: ``localhost``, any address of 127.0.0.0/8, ``::1`` (and IPv4-mapped ``::ffff:127.x.y.z``).
+    Names are not resolved: a name other than ``localhost`` is refused even if it points at 127.0.0.1.
+
+    Raises:
+        ConfigError: not an http(s) URL, or a host outside the loopback range.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"target must be an http:// or https:// URL with a host, got {url!r}")
+    host = parts.hostname
+    loopback = host == "localhost"
+    if not loopback:
+        try:
+            addr = ipaddress.ip_address(host)
+        except ValueError:
+            addr = None
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        loopback = addr is not None and addr.is_loopback
+    if not loopback:
+        raise ConfigError(f"refusing to load-test {host!r}: only loopback targets are allowed "
+                          "(localhost, 127.0.0.0/8, ::1)")
+    try:
+        _ = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"bad port in target {url!r}: {exc}") from exc
+    path = parts.path.rstrip("/")
+    if not path.endswith("/v1"):
+        path += "/v1"
+    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
+class RequestFailed(Exception):
+    """A request ended without an answer.
+
+    Attributes:
+        kind: a short error kind for the report (``"http_429"``, ``"connect_error"``, ``"BackendError"``...).
+    """
+
+    def __init__(self, kind: str, message: str = "") -> None:
+        super().__init__(message or kind)
+        self.kind = kind
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One answer as the user received it.
+
+    Attributes:
+        text: the answer.
+        tier: the tier that answered (None when the target does not say).
+        escalated: a tier above the first was called.
+        degraded: a higher tier failed and a lower tier's answer came back.
+        cost: the request's cost (0 when unknown).
+        calls: what each tier did.
+        backend_s: seconds spent in backends (None when unknown).
+        ttft_s: seconds from sending to the first streamed token (None when not streaming).
+    """
+
+    text: str
+    tier: str | None = None
+    escalated: bool = False
+    degraded: bool = False
+    cost: float = 0.0
+    calls: tuple[TierUse, ...] = ()
+    backend_s: float | None = None
+    ttft_s: float | None = None
+
+
+class LoadTarget(Protocol):
+    """Something the load generator can send prompts to."""
+
+    name: str
+
+    async def send(self, prompt: Prompt, *, stream: bool) -> Reply:
+        """Answer one prompt; raise :class:`RequestFailed` (or anything else, classified by type name)."""
+        ...
+
+    def queue_depth(self) -> int | None:
+        """Requests waiting inside the target right now, or None when it cannot be seen."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections."""
+        ...
+
+
+def reply_from_result(result: CascadeResult) -> Reply:
+    """Turn an engine result into a :class:`Reply`; backend time is the sum of ``TierCall.latency_s``."""
+    calls = tuple(TierUse(c.tier, c.prompt_tokens, c.completion_tokens, c.cost, c.latency_s, c.error)
+                  for c in result.calls)
+    return Reply(result.text, result.tier, result.escalated, result.degraded, result.cost, calls,
+                 sum(c.latency_s for c in result.calls))
+
+
+class CascadeTarget:
+    """An in-process cascade (called directly, or through a micro-batcher's submit function).
+
+    Args:
+        run: answers one prompt, e.g. ``cascade.run`` or a batcher's submit coroutine function.
+        name: label for the report.
+        queue_depth: returns the batcher's queue depth, when there is one.
+        closers: coroutines functions run by :meth:`aclose` (batcher, cascade), in order.
+    """
+
+    def __init__(self, run: Callable[[Prompt], Awaitable[CascadeResult]], name: str = "in-process cascade",
+                 queue_depth: Callable[[], int] | None = None,
+                 closers: tuple[Callable[[], Awaitable[None]], ...] = ()) -> None:
+        self.name = name
+        self._run = run
+        self._depth = queue_depth
+        self._closers = closers
+
+    async def send(self, prompt: Prompt, *, stream: bool) -> Reply:
+        """Run the cascade on one prompt (``stream`` is ignored: the engine answers whole)."""
+        try:
+            result = await self._run(prompt)
+        except CascadeError as exc:
+            raise RequestFailed(type(exc).__name__, str(exc)) from exc
+        return reply_from_result(result)
+
+    def queue_depth(self) -> int | None:
+        """The batcher's queue depth, or None."""
+        return self._depth() if self._depth is not None else None
+
+    async def aclose(self) -> None:
+        """Close the batcher and the cascade's backends."""
+        for close in self._closers:
+            await close()
+
+
+class HttpTarget:
+    """An OpenAI-compatible ``/v1/chat/completions`` endpoint on loopback (``cascade serve`` or any peer).
+
+    Backend time is read from the response's ``cascade`` extra field when present (the sum of its calls'
+    ``latency_s``); otherwise the engine overhead of this target is unknown and reported as such.
+
+    Args:
+        url: the server (``http://127.0.0.1:8000`` or ``.../v1``); refused unless loopback.
+        model: model id to send; None asks ``/v1/models`` at :meth:`start` and takes the first.
+        max_tokens: ``max_tokens`` of each request.
+        timeout_s: seconds allowed per request before it counts as a ``timeout`` failure.
+        connections: most simultaneous connections (use at least the number of users).
+    """
+
+    def __init__(self, url: str, *, model: str | None = None, max_tokens: int = 16, timeout_s: float = 60.0,
+                 connections: int = 1000) -> None:
+        self.base_url = check_loopback(url)
+        self.name = self.base_url
+        self.model = model
+        self.max_tokens = max_tokens
+        self.timeout_s = timeout_s
+        self.connections = connections
+        self._client: Any = None
+
+    async def start(self) -> None:
+        """Open the connection pool and find the model id if none was given.
+
+        Raises:
+            ConfigError: the server cannot be reached or lists no model.
+        """
+        import httpx
+
+        limits = httpx.Limits(max_connections=self.connections, max_keepalive_connections=self.connections)
+        # trust_env=False: no proxy from the environment may carry loopback traffic elsewhere.
+        self._client = httpx.AsyncClient(base_url=self.base_url, limits=limits, trust_env=False,
+                                         timeout=httpx.Timeout(self.timeout_s, connect=min(10.0, self.timeout_s)))
+        if self.model is None:
+            try:
+                resp = await self._client.get("/models")
+                resp.raise_for_status()
+                self.model = str(resp.json()["data"][0]["id"])
+            except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
+                await self._client.aclose()
+                raise ConfigError(f"cannot list models at {self.base_url}/models ({exc!r}); pass --model") from exc
+
+    async def send(self, prompt: Prompt, *, stream: bool) -> Reply:
+        """POST one chat completion (streamed with ``stream``) and parse what the user got."""
+        import httpx
+
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        body: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": self.max_tokens}
+        t0 = time.perf_counter()
+        try:
+            if stream:
+                body.update(stream=True, stream_options={"include_usage": True})
+                return await self._stream(body, t0)
+            resp = await self._client.post("/chat/completions", json=body)
+            if resp.status_code != 200:
+                raise RequestFailed(f"http_{resp.status_code}", resp.text[:300])
+            data = resp.json()
+            text = data["choices"][0]["message"]["content"] or ""
+            return _reply(text, data)
+        except httpx.TimeoutException as exc:
+            raise RequestFailed("timeout", repr(exc)) from exc
+        except httpx.ConnectError as exc:
+            raise RequestFailed("connect_error", repr(exc)) from exc
+        except httpx.HTTPError as exc:
+            raise RequestFailed("http_error", f"{type(exc).__name__}: {exc}") from exc
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise RequestFailed("bad_response", repr(exc)) from exc
+
+    async def _stream(self, body: dict[str, Any], t0: float) -> Reply:
+        ttft: float | None = None
+        parts: list[str] = []
+        last: dict[str, Any] = {}
+        done = False
+        async with self._client.stream("POST", "/chat/completions", json=body) as resp:
+            if resp.status_code != 200:
+                raise RequestFailed(f"http_{resp.status_code}", (await resp.aread()).decode(errors="replace")[:300])
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    done = True
+                    break
+                chunk = json.loads(payload)
+                if "error" in chunk:
+                    raise RequestFailed("stream_error", str(chunk["error"])[:300])
+                for choice in chunk.get("choices") or ():
+                    piece = (choice.get("delta") or {}).get("content")
+                    if piece:
+                        if ttft is None:
+                            ttft = time.perf_counter() - t0
+                        parts.append(piece)
+                if "cascade" in chunk or chunk.get("usage"):
+                    last = {**last, **chunk}
+        if not done:
+            raise RequestFailed("stream_cut", "the stream ended before data: [DONE]")
+        reply = _reply("".join(parts), last)
+        return Reply(reply.text, reply.tier, reply.escalated, reply.degraded, reply.cost, reply.calls,
+                     reply.backend_s, ttft)
+
+    def queue_depth(self) -> int | None:
+        """Not visible from outside the server."""
+        return None
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        if self._client is not None:
+            await self._client.aclose()
+
+
+def _num(value: Any, default: float = 0.0) -> float:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else default
+
+
+def _reply(text: str, data: dict[str, Any]) -> Reply:
+    """Build a reply from a response body, reading the ``cascade`` extra field when the server adds one."""
+    info = data.get("cascade")
+    if not isinstance(info, dict):
+        return Reply(text)
+    calls: list[TierUse] = []
+    for c in info.get("calls") or ():
+        if isinstance(c, dict):
+            lat = c.get("latency_s")
+            calls.append(TierUse(str(c.get("tier", "?")), int(_num(c.get("prompt_tokens"))),
+                                 int(_num(c.get("completion_tokens"))), _num(c.get("cost")),
+                                 _num(lat, math.nan) if lat is not None else None,
+                                 str(c["error"]) if c.get("error") else None))
+    latencies = [c.latency_s for c in calls]
+    backend = None if not calls or any(x is None or math.isnan(x) for x in latencies) else (
+        sum(x for x in latencies if x is not None))
+    tier = info.get("tier")
+    return Reply(text, str(tier) if tier is not None else None, bool(info.get("escalated", len(calls) > 1)),
+                 bool(info.get("degraded", False)), _num(info.get("cost")), tuple(calls), backend)

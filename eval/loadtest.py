@@ -84,6 +84,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--large-error-rate", type=float, default=0.0, help="large server's HTTP 500 share")
     g.add_argument("--large-timeout", type=float, default=3.0, help="large tier timeout; slower answers degrade")
     g.add_argument("--backend-retries", type=int, default=2, help="retries per backend request")
+    g.add_argument("--no-early-exit", action="store_true", help="turn off the engine's early exit")
     g.add_argument("--no-batching", action="store_true", help="no micro-batcher in front of the tiers")
     g.add_argument("--batch-size", type=int, default=16, help="micro-batcher max_batch_size")
     g.add_argument("--batch-wait-ms", type=float, default=5.0, help="micro-batcher max_wait_ms")
@@ -131,7 +132,8 @@ def _sim_options(args: argparse.Namespace) -> SimOptions:
                       latency_per_token_s=args.small_latency[1], error_rate=args.small_error_rate),
         large=replace(base.large, latency_per_request_s=args.large_latency[0],
                       latency_per_token_s=args.large_latency[1], error_rate=args.large_error_rate),
-        large_timeout_s=args.large_timeout, backend_retries=args.backend_retries, batching=not args.no_batching,
+        large_timeout_s=args.large_timeout, backend_retries=args.backend_retries, early_exit=not args.no_early_exit,
+        batching=not args.no_batching,
         batch_size=args.batch_size, batch_wait_ms=args.batch_wait_ms, batch_concurrency=args.batch_concurrency,
         fault=args.fault, fault_at_s=args.fault_at if args.fault_at is not None else args.duration / 3,
         slow_factor=args.slow_factor, fail_rate=args.fail_rate)
@@ -201,12 +203,13 @@ async def _run(args: argparse.Namespace) -> tuple[dict[str, Any], RunResult]:
         events: list[Event] = [(options.fault_at_s, sim.inject)] if options.fault else []
         report, result = await loadtest(
             sim.target, prompts, shape, warmup=args.warmup, events=events, fault=options.fault,
-            fault_at_s=options.fault_at_s if options.fault else None, notes=notes, after_warmup=sim.reset_counters,
-            extra={"simulated": {"mode": options.mode, "batching": sim.batching, "threshold": options.threshold,
-                                 "max_tokens": options.max_tokens, "small": _sim_dict(options.small),
-                                 "large": _sim_dict(options.large), "large_timeout_s": options.large_timeout_s}})
-        report["simulated"]["servers"] = sim.server_stats()
-        report["simulated"]["batching_stats"] = sim.batching_stats()
+            fault_at_s=options.fault_at_s if options.fault else None, notes=notes, after_warmup=sim.reset_counters)
+        report["simulated"] = {
+            "mode": options.mode, "batching": sim.batching, "threshold": options.threshold,
+            "max_tokens": options.max_tokens, "early_exit": options.early_exit,
+            "small": _sim_dict(options.small), "large": _sim_dict(options.large),
+            "large_timeout_s": options.large_timeout_s, "servers": sim.server_stats(),
+            "batching_stats": sim.batching_stats()}
         return report, result
 
 

@@ -47,6 +47,7 @@ class SimOptions:
     threshold: float = 0.35  # margin_first threshold: escalate when 1 - margin(first token) is above it
     measure: str = "margin_first"  # the cascade's uncertainty measure
     max_tokens: int = 16  # new tokens per answer
+    early_exit: bool = True  # the engine's early exit (small answers streamed, cut after one unsure token)
     api: str = "chat"  # OpenAI API of the backends: "chat" or "completions"
     backend_concurrency: int = 1024  # requests in flight per backend (OpenAIBackend max_concurrency)
     backend_retries: int = 2  # retries per backend request (openai client, exponential backoff from 0.5 s)
@@ -254,7 +255,8 @@ class SimulatedCascade:
         cascade = Cascade([Tier("small", backends["small"], Price(0.135, 0.135)),
                            Tier("large", backends["large"], Price(0.5, 0.5), o.large_timeout_s)],
                           measure=o.measure, threshold=o.threshold,
-                          params=GenerationParams(max_tokens=o.max_tokens), on_error="degrade")
+                          params=GenerationParams(max_tokens=o.max_tokens), on_error="degrade",
+                          early_exit=o.early_exit)
 
         def depth() -> int:
             return sum(int(b.queue_depth) for b in batchers)

@@ -218,6 +218,8 @@ class HttpTarget:
             if resp.status_code != 200:
                 raise RequestFailed(f"http_{resp.status_code}", resp.text[:300])
             data = resp.json()
+            if len(data["choices"]) != 1:
+                raise RequestFailed("bad_response", f"{len(data['choices'])} choices instead of exactly one")
             text = data["choices"][0]["message"]["content"] or ""
             return _reply(text, data)
         except httpx.TimeoutException as exc:

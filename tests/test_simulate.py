@@ -273,18 +273,18 @@ async def test_hangs_outlast_client_timeouts_but_are_bounded() -> None:
 
 
 def test_standalone_command_serves_until_stopped() -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "cascade.simulate", "--port", "0", "--model", "m1"],
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        port = int(line.rsplit(":", 1)[1])
-        resp = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"model": "m1", "prompt": "x"})
-        assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] > 0
-    finally:
-        proc.terminate()
-        # uvicorn shuts down gracefully, then re-raises the signal so the exit status reports it.
-        assert proc.wait(timeout=10) in (0, -signal.SIGTERM)
+    command = [sys.executable, "-m", "cascade.simulate", "--port", "0", "--model", "m1"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            port = int(line.rsplit(":", 1)[1])
+            resp = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"model": "m1", "prompt": "x"})
+            assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] > 0
+        finally:
+            proc.terminate()
+            # uvicorn shuts down gracefully, then re-raises the signal so the exit status reports it.
+            assert proc.wait(timeout=10) in (0, -signal.SIGTERM)
     bad = subprocess.run([sys.executable, "-m", "cascade.simulate", "--host", "0.0.0.0"], capture_output=True,
                          text=True, timeout=30)
     assert bad.returncode == 2 and "loopback" in bad.stderr

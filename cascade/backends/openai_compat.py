@@ -1,0 +1,402 @@
+"""A tier behind any OpenAI-compatible server: OpenAI, vLLM, TGI, SGLang, llama.cpp, :mod:`cascade.simulate`.
+
+Uncertainty comes from the server's ``logprobs``/``top_logprobs``: the margin from the top-1 and top-2
+probabilities, the entropy over the returned top-k plus one bucket holding the remaining mass (so it is an
+approximation and ``TokenStats.entropy_exact`` is False), and the chosen token's log-probability.
+
+Prompts: a string goes to ``/chat/completions`` as one user message, or to ``/completions`` as it is. A
+message list goes to chat as it is; to completions it is joined with this template (one line per message,
+then the assistant's turn)::
+
+    system: You are terse.
+    user: What is 2+2?
+    assistant:
+
+A batch of B prompts is sent as B concurrent requests (at most ``max_concurrency`` in flight, at most
+``rate_limit_per_s`` started per second). The openai client retries connection errors, timeouts, 408, 409,
+429 and 5xx ``max_retries`` times with exponential backoff (0.5 s doubling, at most 8 s, 25% jitter).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import time
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from cascade.errors import BackendError, BackendTimeoutError, ConfigError, InvalidRequestError
+from cascade.types import (
+    EarlyExit,
+    FinishReason,
+    Generation,
+    GenerationParams,
+    Prompt,
+    TokenStats,
+    validate_prompt,
+)
+from cascade.uncertainty import aggregate, topk_stats
+
+if TYPE_CHECKING:
+    import torch
+    from openai import AsyncOpenAI
+
+__all__ = ["DUMMY_API_KEY", "OpenAIBackend", "render_messages"]
+
+#: The key sent when none is configured (local servers such as vLLM or llama.cpp ignore it).
+DUMMY_API_KEY = "sk-no-key-required"
+_T = TypeVar("_T")
+
+
+def render_messages(messages: Sequence[Any]) -> str:
+    """Join chat messages into one completions prompt: ``"{role}: {content}"`` lines, then ``assistant:``."""
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+
+@dataclass
+class _Answer:
+    """One parsed server answer (mutable while a stream is read)."""
+
+    text: str = ""
+    tokens: list[str] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # chosen token's logprob, per step
+    top: list[list[float]] = field(default_factory=list)  # top-k logprobs, per step
+    finish_reason: FinishReason = "stop"
+    prompt_tokens: int = 0
+    completion_tokens: int | None = None
+    has_logprobs: bool = False
+
+    @property
+    def billed_tokens(self) -> int:
+        """Generated tokens as the server billed them (counted from the logprobs when it did not say)."""
+        return len(self.tokens) if self.completion_tokens is None else self.completion_tokens
+
+
+class OpenAIBackend:
+    """A :class:`~cascade.backends.base.Backend` over the OpenAI HTTP API (``openai.AsyncOpenAI``).
+
+    Attributes:
+        name: the model id (recorded in results and calibration artifacts).
+    """
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        api_key_env: str = "OPENAI_API_KEY",
+        api: str = "chat",
+        timeout_s: float = 60.0,
+        max_retries: int = 2,
+        max_concurrency: int = 64,
+        rate_limit_per_s: float | None = None,
+        top_logprobs: int = 5,
+    ) -> None:
+        """Configure the client (no network traffic happens here).
+
+        Args:
+            model: the model id sent with every request; also this backend's ``name``.
+            base_url: server URL including ``/v1``, e.g. ``http://127.0.0.1:8001/v1`` (default: OpenAI's).
+            api_key: the API key; when None it is read from ``api_key_env`` (default None).
+            api_key_env: environment variable holding the key; when unset a dummy key is sent, which local
+                servers accept (default ``OPENAI_API_KEY``).
+            api: ``"chat"`` (``/chat/completions``) or ``"completions"`` (``/completions``) (default chat).
+            timeout_s: seconds allowed for connecting and for each read of one HTTP attempt (default 60).
+            max_retries: retries of a failed request, with exponential backoff (default 2).
+            max_concurrency: requests in flight at once, per backend (default 64).
+            rate_limit_per_s: requests started per second at most; None = unlimited (default None).
+            top_logprobs: alternatives per token asked for when scoring, 1..20; the margin needs >= 2
+                (default 5).
+
+        Raises:
+            ConfigError: a value is out of range.
+        """
+        if not isinstance(model, str) or not model.strip():
+            raise ConfigError("model must be a non-empty string")
+        if api not in ("chat", "completions"):
+            raise ConfigError(f"api must be 'chat' or 'completions', got {api!r}")
+        if not (isinstance(timeout_s, int | float) and math.isfinite(timeout_s) and timeout_s > 0):
+            raise ConfigError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+        if not isinstance(max_retries, int) or max_retries < 0:
+            raise ConfigError(f"max_retries must be an integer >= 0, got {max_retries!r}")
+        if not isinstance(max_concurrency, int) or max_concurrency < 1:
+            raise ConfigError(f"max_concurrency must be an integer >= 1, got {max_concurrency!r}")
+        if rate_limit_per_s is not None and not (math.isfinite(rate_limit_per_s) and rate_limit_per_s > 0):
+            raise ConfigError(f"rate_limit_per_s must be a positive number or None, got {rate_limit_per_s!r}")
+        if not isinstance(top_logprobs, int) or not 1 <= top_logprobs <= 20:
+            raise ConfigError(f"top_logprobs must be an integer in 1..20, got {top_logprobs!r}")
+        from openai import AsyncOpenAI
+
+        self.name = model
+        self.api = api
+        self.timeout_s = float(timeout_s)
+        self.top_logprobs = top_logprobs
+        key = api_key if api_key is not None else os.environ.get(api_key_env) or DUMMY_API_KEY
+        self._client: AsyncOpenAI = AsyncOpenAI(api_key=key, base_url=base_url, timeout=self.timeout_s,
+                                                max_retries=max_retries)
+        self._where = str(self._client.base_url)
+        self._slots = asyncio.Semaphore(max_concurrency)
+        self._closed = False
+        self._throttle: Any = None
+        if rate_limit_per_s is not None:
+            from asyncio_throttle.throttler import Throttler
+
+            # Allow bursts of a tenth of a second's worth (at least one request), evenly over each period.
+            burst = max(1, int(rate_limit_per_s / 10))
+            self._throttle = Throttler(rate_limit=burst, period=burst / rate_limit_per_s,
+                                       retry_interval=min(0.01, 0.25 / rate_limit_per_s))
+
+    async def generate(
+        self,
+        prompts: Sequence[Prompt],
+        params: GenerationParams,
+        *,
+        scores: bool = True,
+        early_exit: EarlyExit | None = None,
+    ) -> list[Generation]:
+        """Answer every prompt with one concurrent request each; see :class:`~cascade.backends.base.Backend`.
+
+        With ``early_exit``, prompts whose threshold is finite are streamed; once the first token's score
+        is above the threshold the stream is closed and the answer (that one token) has finish reason
+        ``"early_exit"`` and ``prompt_tokens == 0`` (the server's usage only arrives at the stream's end).
+        An empty answer is scored as a uniform first step over the top-k and the rest (margin 0, entropy
+        ``log(k + 1)``), so it escalates under any sensible threshold.
+
+        Raises:
+            InvalidRequestError: a malformed prompt, or ``early_exit`` without ``scores`` or with one
+                threshold per prompt missing.
+            BackendError: HTTP or connection failure, malformed answer, or no logprobs when scores were asked.
+            BackendTimeoutError: no answer within ``timeout_s`` (after the retries).
+        """
+        if self._closed:
+            raise BackendError(f"{self.name}: the backend was closed (aclose)")
+        for prompt in prompts:
+            validate_prompt(prompt)
+        if early_exit is not None:
+            if not scores:
+                raise InvalidRequestError("early_exit needs scores=True")
+            if len(early_exit.thresholds) != len(prompts):
+                raise InvalidRequestError(f"early_exit has {len(early_exit.thresholds)} thresholds for "
+                                          f"{len(prompts)} prompts")
+        if not prompts:
+            return []
+        started = time.perf_counter()
+        thresholds = early_exit.thresholds if early_exit is not None else (math.inf,) * len(prompts)
+        measure = early_exit.measure if early_exit is not None else ""
+        answers = await _gather([self._request(p, params, scores, measure, t)
+                                 for p, t in zip(prompts, thresholds, strict=True)])
+        latency = time.perf_counter() - started
+        stats: list[tuple[TokenStats | None, dict[str, float]]] = (
+            self._score(answers) if scores else [(None, {})] * len(answers))
+        return [
+            Generation(text=a.text, model=self.name, prompt_tokens=a.prompt_tokens,
+                       completion_tokens=a.billed_tokens,
+                       finish_reason=a.finish_reason, scores=s, token_stats=ts, latency_s=latency)
+            for a, (ts, s) in zip(answers, stats, strict=True)
+        ]
+
+    async def aclose(self) -> None:
+        """Close the HTTP client and its connections; later ``generate`` calls raise BackendError."""
+        self._closed = True
+        await self._client.close()
+
+    # -- one request ---------------------------------------------------------------------------------
+
+    async def _request(self, prompt: Prompt, params: GenerationParams, scores: bool, measure: str,
+                       threshold: float) -> _Answer:
+        import openai
+
+        async with self._slots:
+            if self._throttle is not None:
+                await self._throttle.acquire()
+            try:
+                if scores and measure and not math.isinf(threshold):
+                    return await self._streamed(prompt, params, measure, threshold)
+                return await self._plain(prompt, params, scores)
+            except openai.APITimeoutError as exc:
+                raise BackendTimeoutError(f"{self.name}: no answer from {self._where} within "
+                                          f"{self.timeout_s} s") from exc
+            except openai.APIStatusError as exc:
+                raise BackendError(f"{self.name}: HTTP {exc.status_code} from {self._where}: "
+                                   f"{_message(exc)}") from exc
+            except openai.APIConnectionError as exc:
+                why = exc.__cause__ or exc
+                raise BackendError(f"{self.name}: cannot reach {self._where}: {why}") from exc
+            except openai.OpenAIError as exc:
+                raise BackendError(f"{self.name}: {type(exc).__name__}: {exc}") from exc
+            except (AttributeError, TypeError, KeyError, IndexError, ValueError) as exc:
+                raise BackendError(f"{self.name}: malformed answer from {self._where}: {exc!r}") from exc
+
+    def _body(self, prompt: Prompt, params: GenerationParams, scores: bool) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.name, "max_tokens": params.max_tokens,
+                                "temperature": params.temperature, "top_p": params.top_p}
+        if params.stop:
+            body["stop"] = list(params.stop)
+        if params.seed is not None:
+            body["seed"] = params.seed
+        if self.api == "chat":
+            is_text = isinstance(prompt, str)
+            body["messages"] = [{"role": "user", "content": prompt}] if is_text else list(prompt)
+            if scores:
+                body.update(logprobs=True, top_logprobs=self.top_logprobs)
+        else:
+            body["prompt"] = prompt if isinstance(prompt, str) else render_messages(prompt)
+            if scores:
+                body["logprobs"] = self.top_logprobs
+        return body
+
+    async def _plain(self, prompt: Prompt, params: GenerationParams, scores: bool) -> _Answer:
+        body = self._body(prompt, params, scores)
+        answer = _Answer()
+        if self.api == "chat":
+            resp: Any = await self._client.chat.completions.create(**body)
+            choice = resp.choices[0]
+            answer.text = choice.message.content or ""
+            if choice.logprobs is not None and choice.logprobs.content is not None:
+                _add_chat_logprobs(answer, choice.logprobs.content)
+        else:
+            resp = await self._client.completions.create(**body)
+            choice = resp.choices[0]
+            answer.text = choice.text or ""
+            _add_text_logprobs(answer, choice.logprobs)
+        answer.finish_reason = "length" if choice.finish_reason == "length" else "stop"
+        if resp.usage is not None:
+            answer.prompt_tokens = resp.usage.prompt_tokens
+            answer.completion_tokens = resp.usage.completion_tokens
+        if scores:
+            self._check_logprobs(answer)
+        return answer
+
+    async def _streamed(self, prompt: Prompt, params: GenerationParams, measure: str,
+                        threshold: float) -> _Answer:
+        body = self._body(prompt, params, True)
+        body.update(stream=True, stream_options={"include_usage": True})
+        answer = _Answer()
+        endpoint: Any = self._client.chat.completions if self.api == "chat" else self._client.completions
+        stream: Any = await endpoint.create(**body)
+        scored = False
+        async with stream:
+            async for chunk in stream:
+                if chunk.usage is not None:
+                    answer.prompt_tokens = chunk.usage.prompt_tokens
+                    answer.completion_tokens = chunk.usage.completion_tokens
+                if not chunk.choices:
+                    continue
+                choice = chunk.choices[0]
+                if self.api == "chat":
+                    answer.text += (choice.delta.content or "") if choice.delta is not None else ""
+                    if choice.logprobs is not None and choice.logprobs.content is not None:
+                        _add_chat_logprobs(answer, choice.logprobs.content)
+                else:
+                    answer.text += choice.text or ""
+                    _add_text_logprobs(answer, choice.logprobs)
+                if choice.finish_reason is not None:
+                    answer.finish_reason = "length" if choice.finish_reason == "length" else "stop"
+                if not scored and answer.top:
+                    scored = True
+                    self._check_logprobs(answer)
+                    if _first_token_score(measure, answer.top[0], self.top_logprobs) > threshold:
+                        await stream.close()  # stop generation now: the server sees the disconnect
+                        return _Answer(text=answer.tokens[0], tokens=answer.tokens[:1],
+                                       logprobs=answer.logprobs[:1], top=answer.top[:1],
+                                       finish_reason="early_exit", completion_tokens=1, has_logprobs=True)
+        self._check_logprobs(answer)
+        return answer
+
+    def _check_logprobs(self, answer: _Answer) -> None:
+        """Raise when a non-empty answer came without the per-token logprobs scoring needs."""
+        if answer.text and not answer.has_logprobs:
+            route = "/chat/completions" if self.api == "chat" else "/completions"
+            raise BackendError(f"{self.name}: the server at {self._where} returned no logprobs; scoring "
+                               f"needs a server that supports 'logprobs' and 'top_logprobs' on {route}")
+        if any(not step for step in answer.top):
+            raise BackendError(f"{self.name}: the server at {self._where} returned logprobs without "
+                               f"'top_logprobs' alternatives; scoring needs top_logprobs >= 1")
+
+    # -- scores --------------------------------------------------------------------------------------
+
+    def _score(self, answers: Sequence[_Answer]) -> list[tuple[TokenStats | None, dict[str, float]]]:
+        """Token statistics and every measure for a batch, in one padded ``(B, T, k + 1)`` computation."""
+        import torch
+
+        width = self.top_logprobs + 1  # completions may return the chosen token beside the top-k
+        steps = max(1, *(len(a.tokens) for a in answers))
+        uniform = -math.log(width)
+        top, chosen, mask = [], [], []
+        for a in answers:
+            n = len(a.tokens)
+            rows = [_row(t, width) for t in a.top] if n else [[uniform] * (width - 1) + [-math.inf]]
+            top.append(rows + [[-math.inf] * width] * (steps - len(rows)))
+            chosen.append((a.logprobs if n else [uniform]) + [0.0] * (steps - max(n, 1)))
+            mask.append([True] * max(n, 1) + [False] * (steps - max(n, 1)))
+        margin, entropy = topk_stats(torch.tensor(top, dtype=torch.float32))
+        logprob = torch.tensor(chosen, dtype=torch.float32)
+        measures = aggregate(margin, entropy, logprob, torch.tensor(mask))
+        columns = {name: values.tolist() for name, values in measures.items()}
+        margins, entropies = margin.tolist(), entropy.tolist()
+        out: list[tuple[TokenStats | None, dict[str, float]]] = []
+        for b, a in enumerate(answers):
+            n = len(a.tokens)
+            ts = TokenStats(tuple(margins[b][:n]), tuple(entropies[b][:n]), tuple(a.logprobs),
+                            entropy_exact=False)
+            out.append((ts, {name: float(col[b]) for name, col in columns.items()}))
+        return out
+
+
+def _row(logprobs: Sequence[float], width: int) -> list[float]:
+    """The ``width`` largest log-probabilities, largest first, padded with ``-inf``."""
+    best = sorted(logprobs, reverse=True)[:width]
+    return best + [-math.inf] * (width - len(best))
+
+
+def _first_token_score(measure: str, top: Sequence[float], k: int) -> float:
+    """The first-token measure of one answer, computed exactly as :meth:`OpenAIBackend._score` does."""
+    import torch
+
+    margin, entropy = topk_stats(torch.tensor([[_row(top, k + 1)]], dtype=torch.float32))
+    value: torch.Tensor = (1.0 - margin[:, 0]) if measure == "margin_first" else entropy[:, 0]
+    return float(value.item())
+
+
+def _add_chat_logprobs(answer: _Answer, content: Sequence[Any]) -> None:
+    for entry in content:
+        answer.has_logprobs = True
+        answer.tokens.append(entry.token)
+        answer.logprobs.append(float(entry.logprob))
+        answer.top.append([float(t.logprob) for t in entry.top_logprobs or ()])
+
+
+def _add_text_logprobs(answer: _Answer, logprobs: Any) -> None:
+    if logprobs is None or logprobs.tokens is None or logprobs.token_logprobs is None:
+        return
+    tops = logprobs.top_logprobs or [None] * len(logprobs.tokens)
+    for token, lp, top in zip(logprobs.tokens, logprobs.token_logprobs, tops, strict=True):
+        answer.has_logprobs = True
+        answer.tokens.append(token)
+        answer.logprobs.append(float(lp))
+        answer.top.append([float(v) for v in (top or {}).values()])
+
+
+def _message(exc: Any) -> str:
+    """The server's own error message when its body is OpenAI-style JSON, else the client's."""
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
+            return str(inner["message"])
+    return str(getattr(exc, "message", exc))
+
+
+async def _gather(calls: Sequence[Awaitable[_T]]) -> list[_T]:
+    """Run coroutines concurrently; on the first failure cancel the rest, wait for them, and re-raise."""
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

@@ -1,0 +1,424 @@
+"""Fitting cascade thresholds on labelled held-out data (pure numpy/scipy; arrays as in :mod:`calibration.metrics`).
+
+Methods, each returning a :class:`FitResult`:
+
+- :func:`fit_budget` -- at most a share R of requests reach the last tier (RouteLLM-style quantile).
+- :func:`fit_quality` -- fewest escalations such that, with probability >= 1 - delta over the draw of the
+  held-out set, the population accuracy loss against always using the last tier is <= eps (Learn-then-Test).
+- :func:`fit_min_cost` -- maximise ``value_per_correct * accuracy - mean_cost``.
+
+Candidate tables: :func:`common_sweep` evaluates every common threshold exactly (all two-tier thresholds);
+:func:`grid_search` is the bounded joint search over per-stage combinations for N tiers, whose (mean cost,
+accuracy) Pareto front the grid-based methods report.
+
+:func:`measured_curve` builds the :class:`~calibration.artifact.Curve` stored in an artifact and
+:func:`threshold_for_target` picks thresholds from it for a per-request target.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from calibration.artifact import Curve, CurvePoint
+from calibration.metrics import (
+    CascadeStats,
+    FloatArray,
+    IntArray,
+    answering_tier,
+    check_data,
+    pareto_front,
+)
+from cascade.errors import InvalidRequestError
+
+__all__ = [
+    "Candidates",
+    "FitResult",
+    "common_sweep",
+    "fit_budget",
+    "fit_min_cost",
+    "fit_quality",
+    "grid_search",
+    "measured_curve",
+    "point_for_target",
+    "threshold_for_target",
+]
+
+Bound = Literal["discordant", "harm"]
+
+
+@dataclass(frozen=True, eq=False)
+class Candidates:
+    """A table of P candidate threshold combinations evaluated on the same data.
+
+    Attributes:
+        thresholds: ``(P, N-1)`` thresholds of each candidate.
+        accuracy: ``(P,)`` accuracy.
+        mean_cost: ``(P,)`` mean cost per request.
+        counts: ``(P, N)`` int, number of requests answered by each tier.
+        harmed: ``(P,)`` int, examples where the cascade is wrong and the last tier right.
+        helped: ``(P,)`` int, examples where the cascade is right and the last tier wrong.
+        n: number of examples.
+    """
+
+    thresholds: FloatArray
+    accuracy: FloatArray
+    mean_cost: FloatArray
+    counts: IntArray
+    harmed: IntArray
+    helped: IntArray
+    n: int
+
+    @property
+    def large_share(self) -> FloatArray:
+        """``(P,)`` share of requests answered by the last tier."""
+        return self.counts[:, -1] / self.n
+
+    def stats(self, i: int) -> CascadeStats:
+        """The summary of candidate ``i``."""
+        return CascadeStats.from_counts(self.n, self.accuracy[i], self.mean_cost[i], self.counts[i])
+
+    def subset(self, idx: npt.ArrayLike) -> Candidates:
+        """The candidates at indices ``idx``, in that order."""
+        i = np.asarray(idx, dtype=np.int64)
+        return Candidates(self.thresholds[i], self.accuracy[i], self.mean_cost[i], self.counts[i],
+                          self.harmed[i], self.helped[i], self.n)
+
+
+def common_sweep(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.ArrayLike | None = None) -> Candidates:
+    """Evaluate every distinct common threshold ``lam`` (the same for all stages) in one sorted pass.
+
+    Example i is answered by the first tier j with ``min(scores[i, :j+1]) <= lam``, so its contribution
+    changes only at those running minima: each is an event carrying the change of the example's values.
+    Candidates are ``-inf`` (escalate everything) followed by every distinct running minimum, ascending, so
+    the last-tier share never increases along the table; for two tiers this is every distinct score.
+
+    Returns:
+        :class:`Candidates` with ``P = 1 + number of distinct running-minimum values``; O(n N log(n N)).
+    """
+    s, c, k = check_data(scores, correct, costs)
+    n, tiers = c.shape
+    last = c[:, -1:]
+    feats = np.concatenate(
+        [np.stack([c, np.cumsum(k, axis=1), ~c & last, c & ~last], axis=2),
+         np.broadcast_to(np.eye(tiers), (n, tiers, tiers))], axis=2,
+    ).astype(np.float64)  # (n, N, F): value of each feature if tier j answers example i
+    delta = (feats[:, :-1, :] - feats[:, 1:, :]).reshape(-1, feats.shape[2])
+    events = np.minimum.accumulate(s, axis=1).ravel()
+    order = np.argsort(events, kind="stable")
+    events = events[order]
+    ends = np.flatnonzero(np.r_[events[1:] != events[:-1], True])
+    sums = feats[:, -1, :].sum(axis=0) + np.vstack([np.zeros(feats.shape[2]), np.cumsum(delta[order], 0)[ends]])
+    lam = np.r_[-np.inf, events[ends]]
+    whole = np.rint(sums).astype(np.int64)
+    return Candidates(np.repeat(lam[:, None], tiers - 1, axis=1), sums[:, 0] / n, sums[:, 1] / n,
+                      whole[:, 4:], whole[:, 2], whole[:, 3], n)
+
+
+def grid_search(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.ArrayLike | None = None, *,
+                max_grid: int = 4096) -> Candidates:
+    """Evaluate a grid of per-stage threshold combinations (joint search for N tiers).
+
+    Each stage gets ``-inf`` plus up to ``floor(max_grid ** (1/(N-1))) - 1`` of its own score values at evenly
+    spaced quantile levels (all distinct values when there are fewer); the grid is their Cartesian product.
+
+    Returns:
+        :class:`Candidates` with ``P <= max(max_grid, 2 ** (N-1))`` rows.
+    """
+    s, c, k = check_data(scores, correct, costs)
+    if not isinstance(max_grid, int) or max_grid < 2:
+        raise InvalidRequestError(f"max_grid must be an integer >= 2, got {max_grid!r}")
+    n, tiers = c.shape
+    per = max(2, int(max_grid ** (1.0 / (tiers - 1)) + 1e-9))
+    axes = []
+    for j in range(tiers - 1):
+        u = np.unique(s[:, j])
+        if u.size > per - 1:
+            u = np.unique(np.quantile(s[:, j], np.linspace(0.0, 1.0, per - 1), method="inverted_cdf"))
+        axes.append(np.r_[-np.inf, u])
+    grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, tiers - 1)
+    rows, cum_cost = np.arange(n), np.cumsum(k, axis=1)
+    acc, cost = np.empty(len(grid)), np.empty(len(grid))
+    counts = np.empty((len(grid), tiers), dtype=np.int64)
+    harmed, helped = np.empty(len(grid), dtype=np.int64), np.empty(len(grid), dtype=np.int64)
+    chunk = max(1, 2_000_000 // (n * (tiers - 1)))
+    for a in range(0, len(grid), chunk):
+        tier = answering_tier(grid[a:a + chunk], s)  # (g, n)
+        ok = c[rows, tier]
+        acc[a:a + chunk], cost[a:a + chunk] = ok.mean(axis=1), cum_cost[rows, tier].mean(axis=1)
+        counts[a:a + chunk] = (tier[..., None] == np.arange(tiers)).sum(axis=1)
+        harmed[a:a + chunk] = (~ok & c[:, -1]).sum(axis=1)
+        helped[a:a + chunk] = (ok & ~c[:, -1]).sum(axis=1)
+    return Candidates(grid, acc, cost, counts, harmed, helped, n)
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """The outcome of one fitting method.
+
+    Attributes:
+        thresholds: the N-1 fitted thresholds (``-inf`` = always escalate).
+        method: ``"budget"``, ``"quality"`` or ``"min_cost"``.
+        params: the method's inputs plus derived numbers worth storing (e.g. the certified loss bound).
+        stats: accuracy, mean cost and per-tier shares of the fitted cascade on the fit data.
+        feasible: False when the target cannot be met and a fallback was returned.
+        message: one human-readable paragraph explaining the result.
+        pareto: the (mean cost, accuracy) Pareto front of the candidates searched (joint-search methods), or
+            None; the chosen thresholds are one of its points.
+    """
+
+    thresholds: tuple[float, ...]
+    method: str
+    params: Mapping[str, float | int | str]
+    stats: CascadeStats
+    feasible: bool
+    message: str
+    pareto: Curve | None = None
+
+
+def _fraction(name: str, value: object, low: float = 0.0, high: float = 1.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise InvalidRequestError(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}")
+    return float(value)
+
+
+def _to_curve(cand: Candidates, kind: str, last_accuracy: float) -> Curve:
+    return Curve(kind, tuple(tuple(float(x) for x in t) for t in cand.thresholds),
+                 tuple(cand.large_share.tolist()), tuple(cand.accuracy.tolist()),
+                 tuple(cand.mean_cost.tolist()), float(last_accuracy))
+
+
+def _front(cand: Candidates, last_accuracy: float) -> tuple[Curve, IntArray]:
+    idx = pareto_front(cand.mean_cost, cand.accuracy)
+    return _to_curve(cand.subset(idx), "pareto", last_accuracy), idx
+
+
+def _describe(st: CascadeStats) -> str:
+    tiers = ", ".join(f"{a:.1%}" for a in st.answered)
+    return (f"accuracy {st.accuracy:.1%}, mean cost {st.mean_cost:.4g}, answered per tier [{tiers}] "
+            f"on {st.n} held-out examples")
+
+
+def fit_budget(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.ArrayLike | None = None, *,
+               max_large_share: float, max_grid: int = 4096) -> FitResult:
+    """At most a share ``max_large_share`` of requests may reach the last tier.
+
+    Two tiers: the quantile rule -- the smallest threshold (so the most escalation) whose escalated share on
+    the fit data is <= R. Ties in the scores move together, so the share can fall below R but never exceeds it.
+    N tiers: over the joint grid of :func:`grid_search`, the most accurate combination
+    whose last-tier share is <= R (ties: cheaper); it lies on the Pareto front of the combinations within the
+    budget, which is returned as ``pareto``.
+
+    Args:
+        scores: ``(n, N-1)`` or ``(n,)``; correct: ``(n, N)``; costs: ``(n, N)``, ``(N,)`` or None.
+        max_large_share: R in [0, 1].
+        max_grid: largest joint grid for N > 2 tiers.
+    """
+    r = _fraction("max_large_share", max_large_share)
+    s, c, k = check_data(scores, correct, costs)
+    last_acc = float(c[:, -1].mean())
+    pareto = None
+    if c.shape[1] == 2:
+        cand = common_sweep(s, c, k)
+        i = int(np.flatnonzero(cand.counts[:, -1] / cand.n <= r)[0])  # the max-score candidate has share 0
+    else:
+        grid = grid_search(s, c, k, max_grid=max_grid)
+        ok = grid.subset(np.flatnonzero(grid.large_share <= r))  # never empty: max thresholds escalate none
+        pareto, front = _front(ok, last_acc)
+        cand, i = ok, int(front[-1])  # the front's most accurate point, the cheapest among equals
+    st = cand.stats(i)
+    msg = (f"budget: at most {r:.1%} of requests may reach the last tier; the fitted thresholds send "
+           f"{st.large_share:.1%} there ({_describe(st)}).")
+    return FitResult(tuple(cand.thresholds[i].tolist()), "budget", {"max_large_share": r}, st, True, msg, pareto)
+
+
+def _cp_upper(k: IntArray, n: int | IntArray, alpha: float) -> FloatArray:
+    """One-sided Clopper-Pearson upper bounds at level 1 - alpha for k successes of n trials (1 when k == n).
+
+    ``n`` is a scalar or an array like ``k``; the beta quantile is computed once per distinct (k, n) pair.
+    """
+    from scipy.stats import beta
+
+    pairs = np.stack(np.broadcast_arrays(np.asarray(k), np.asarray(n)), axis=-1).reshape(-1, 2)
+    u, inv = np.unique(pairs, axis=0, return_inverse=True)
+    out = np.ones(len(u))
+    m = u[:, 0] < u[:, 1]
+    out[m] = beta.ppf(1.0 - alpha, u[m, 0] + 1, u[m, 1] - u[m, 0])
+    return np.asarray(out[inv.ravel()], dtype=np.float64)
+
+
+def fit_quality(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.ArrayLike | None = None, *,
+                max_quality_loss: float, delta: float = 0.1, bound: Bound = "discordant") -> FitResult:
+    """Fewest escalations with ``P(acc(always last) - acc(cascade) <= eps) >= 1 - delta`` (Learn-then-Test).
+
+    **Loss.** Per example, ``L = last_right - cascade_right`` in {-1, 0, 1}. With *harm* = the cascade kept a
+    lower tier's wrong answer where the last tier was right and *help* = it kept a lower tier's right answer
+    where the last tier was wrong, ``L = harm - help`` and the target is ``E[L] = p_harm - p_help <= eps``.
+
+    **Upper confidence bound per threshold** (the test rejects the null ``E[L] > eps`` iff bound <= eps):
+
+    - ``"discordant"`` (default): write ``E[L] = q (2 pi - 1)`` with ``q = p_harm + p_help`` (the rate of
+      discordant examples, D of n observed) and ``pi = p_harm / q``. Given D, the harm count is exactly
+      Binomial(D, pi) (a McNemar-type conditional law), so ``pi <= pi_U``, the one-sided Clopper-Pearson bound at
+      level ``delta - gamma`` from (harm, D), fails with probability <= delta - gamma; ``q <= q_U``, the
+      Clopper-Pearson bound at level ``gamma = delta / 4`` from (D, n), fails with probability <= gamma.
+      When both hold, ``E[L] <= max(q_U (2 pi_U - 1), 0)``. It uses both the harm and the help counts and
+      their exclusivity, so it certifies far fewer escalations than the harm bound when the lower tier is
+      often right where the last tier is wrong; when it never is, it costs the delta/4 spent on ``q``.
+    - ``"harm"``: ``UCB_delta(p_harm)`` (Clopper-Pearson), valid because ``L <= harm``; exact and simple, the
+      tightest choice when the lower tiers are almost never right where the last tier is wrong.
+
+    **Family and fixed-sequence testing.** Every stage uses one common threshold ``lam``; candidates run from
+    ``lam = -inf`` (escalate everything: loss exactly 0, accepted without a test) upward through every
+    distinct running-minimum score, so the last-tier share never increases along the sequence. Each is tested
+    at level delta in that order; testing stops at the first failure and the last accepted candidate (fewest
+    escalations) is returned; fixed-sequence testing needs no multiplicity correction. The candidates are
+    data values, but this is fixed-sequence testing over the continuum of ``lam`` (a family fixed before
+    seeing data): the counts are constant between consecutive candidates, so the first failure is the same
+    and the returned candidate lies in the accepted region. Per-stage quantile families would depend on the
+    fit data and void the guarantee, so they are not used. For two tiers the family is every threshold.
+
+    If no candidate passes, the always-last-tier fallback (all ``-inf``) is returned with ``feasible=False``.
+
+    Args:
+        scores: ``(n, N-1)`` or ``(n,)``; correct: ``(n, N)``; costs: ``(n, N)``, ``(N,)`` or None.
+        max_quality_loss: eps in [0, 1).
+        delta: allowed probability of missing the target, in (0, 1).
+        bound: the per-threshold upper confidence bound (above).
+    """
+    eps = _fraction("max_quality_loss", max_quality_loss, 0.0, 1.0)
+    dlt = _fraction("delta", delta, 0.0, 1.0)
+    if eps >= 1.0 or dlt in (0.0, 1.0) or bound not in ("discordant", "harm"):
+        raise InvalidRequestError("need 0 <= max_quality_loss < 1, 0 < delta < 1, bound 'discordant' or 'harm'")
+    s, c, k = check_data(scores, correct, costs)
+    cand = common_sweep(s, c, k)
+    n = cand.n
+    if bound == "harm":
+        upper = _cp_upper(cand.harmed, n, dlt)
+    else:
+        discordant = cand.harmed + cand.helped
+        pi_u = _cp_upper(cand.harmed, discordant, 0.75 * dlt)
+        upper = np.maximum(_cp_upper(discordant, n, 0.25 * dlt) * (2.0 * pi_u - 1.0), 0.0)
+    passed = upper <= eps
+    passed[0] = True
+    fails = np.flatnonzero(~passed)
+    i = int(fails[0] - 1) if fails.size else len(passed) - 1
+    params: dict[str, float | int | str] = {
+        "max_quality_loss": eps, "delta": dlt, "bound": bound,
+        "family": "single threshold" if c.shape[1] == 2 else "common threshold for every stage",
+    }
+    st = cand.stats(i)
+    measured = float(c[:, -1].mean()) - st.accuracy
+    if i == 0:
+        first = float(upper[1]) if len(upper) > 1 else float("nan")
+        msg = (f"quality: no threshold is certified to lose at most {eps:.2%} accuracy against the last tier "
+               f"with confidence {1 - dlt:.0%} on {n} examples (the first candidate's upper bound is "
+               f"{first:.2%}); falling back to always escalating. Use more held-out data or a looser target.")
+        params["certified_loss_bound"] = 0.0
+        return FitResult(tuple(cand.thresholds[0].tolist()), "quality", params, st, False, msg)
+    params["certified_loss_bound"] = float(upper[i])
+    msg = (f"quality: with confidence {1 - dlt:.0%}, the accuracy loss against always using the last tier is "
+           f"<= {eps:.2%} (certified upper bound {upper[i]:.2%}, measured {measured:.2%}); "
+           f"{st.large_share:.1%} of requests reach the last tier ({_describe(st)}).")
+    return FitResult(tuple(cand.thresholds[i].tolist()), "quality", params, st, True, msg)
+
+
+def fit_min_cost(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.ArrayLike | None = None, *,
+                 value_per_correct: float, max_grid: int = 4096) -> FitResult:
+    """Maximise ``value_per_correct * accuracy - mean_cost`` on the fit data.
+
+    ``value_per_correct`` is what one correct answer is worth in the currency of ``costs`` (a value V per
+    accuracy *percentage point* is ``value_per_correct = 100 * V``). Two tiers: over every distinct threshold;
+    N tiers: over the joint grid of :func:`grid_search`. Ties go to the more accurate,
+    then the cheaper candidate, so the choice is always on the returned (mean cost, accuracy) Pareto front.
+    """
+    value = _fraction("value_per_correct", value_per_correct, 0.0, math.inf)
+    if not math.isfinite(value):
+        raise InvalidRequestError("value_per_correct must be finite")
+    s, c, k = check_data(scores, correct, costs)
+    cand = common_sweep(s, c, k) if c.shape[1] == 2 else grid_search(s, c, k, max_grid=max_grid)
+    objective = value * cand.accuracy - cand.mean_cost
+    i = int(np.lexsort((-cand.mean_cost, cand.accuracy, objective))[-1])
+    pareto, _ = _front(cand, float(c[:, -1].mean()))
+    st = cand.stats(i)
+    msg = (f"min-cost: net value {objective[i]:.4g} per request at {value:g} per correct answer "
+           f"({_describe(st)}); searched {len(cand.accuracy)} candidates.")
+    params: dict[str, float | int | str] = {"value_per_correct": value, "candidates": len(cand.accuracy),
+                                            "net_value": float(objective[i])}
+    return FitResult(tuple(cand.thresholds[i].tolist()), "min_cost", params, st, True, msg, pareto)
+
+
+def measured_curve(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.ArrayLike | None = None, *,
+                   max_points: int = 2001, max_grid: int = 4096) -> Curve:
+    """The curve to store in an artifact for :func:`threshold_for_target`.
+
+    Two tiers: every distinct threshold (``kind="sweep"``), large share ascending; when there are more than
+    ``max_points`` points, evenly spaced ones are kept (always both ends), so a target then resolves to the
+    nearest stored point on its safe side. N tiers: the (mean cost, accuracy) Pareto front of the joint grid
+    (``kind="pareto"``), cost ascending.
+    """
+    if not isinstance(max_points, int) or max_points < 2:
+        raise InvalidRequestError(f"max_points must be an integer >= 2, got {max_points!r}")
+    s, c, k = check_data(scores, correct, costs)
+    last_acc = float(c[:, -1].mean())
+    if c.shape[1] > 2:
+        return _front(grid_search(s, c, k, max_grid=max_grid), last_acc)[0]
+    cand = common_sweep(s, c, k)
+    p = len(cand.accuracy)
+    keep = np.unique(np.rint(np.linspace(0, p - 1, min(p, max_points))).astype(np.int64))
+    return _to_curve(cand.subset(keep[::-1]), "sweep", last_acc)
+
+
+def point_for_target(curve: Curve | None, max_large_share: float | None = None,
+                     max_quality_loss: float | None = None) -> CurvePoint:
+    """Pick the stored point that meets a per-request target (see :func:`threshold_for_target`)."""
+    if curve is None:
+        raise InvalidRequestError("per-request targets need an artifact with a measured curve")
+    if max_large_share is None and max_quality_loss is None:
+        raise InvalidRequestError("give max_large_share and/or max_quality_loss")
+    share, acc = np.array(curve.large_share), np.array(curve.accuracy)
+    cost, loss = np.array(curve.mean_cost), curve.last_accuracy - acc
+    ok = np.ones(len(share), dtype=np.bool_)
+    if max_large_share is not None:
+        ok &= share <= _fraction("max_large_share", max_large_share)
+    if max_quality_loss is not None:
+        ok &= loss <= _fraction("max_quality_loss", max_quality_loss, -1.0, 1.0) + 1e-9
+    if not ok.any():
+        raise InvalidRequestError(
+            f"no measured operating point meets max_large_share={max_large_share}, max_quality_loss="
+            f"{max_quality_loss}: the smallest measured large share is {share.min():.4g} and the smallest "
+            f"measured quality loss is {loss.min():.4g}; the caller may fall back to the artifact's thresholds "
+            "or to always escalating")
+    idx = np.flatnonzero(ok)
+    if max_quality_loss is None and curve.kind == "sweep":
+        key = (acc[idx], share[idx])  # use the whole budget: largest share <= R (the quantile rule)
+    elif max_quality_loss is None:
+        key = (-cost[idx], acc[idx])  # N tiers: most accurate within the budget, then cheapest
+    else:
+        key = (acc[idx], -(cost[idx] if curve.kind == "pareto" else share[idx]))  # cheapest meeting the loss
+    return curve.point(int(idx[np.lexsort(key)[-1]]))
+
+
+def threshold_for_target(curve: Curve | None, max_large_share: float | None = None,
+                         max_quality_loss: float | None = None) -> tuple[float, ...]:
+    """The thresholds a stored curve gives for a per-request target.
+
+    Rules: with only ``max_large_share`` R, the same choice as :func:`fit_budget` among stored points (two
+    tiers: the largest measured share <= R; N tiers: the most accurate point with last-tier share <= R). With
+    ``max_quality_loss`` eps (optionally also R as a cap), the cheapest point (smallest share for two tiers,
+    smallest mean cost for N tiers) whose *measured* loss against the last tier is <= eps. This is a point
+    estimate on the calibration data, not the finite-sample guarantee of :func:`fit_quality`.
+
+    Fallback: when no stored point meets the target -- a negative or out-of-range share, or a loss below the
+    smallest measured one -- this raises :class:`InvalidRequestError` and nothing is chosen silently; the
+    caller decides (the engine reports the error; always escalating is the safe manual fallback).
+
+    Returns:
+        The N-1 thresholds.
+    """
+    return point_for_target(curve, max_large_share, max_quality_loss).thresholds

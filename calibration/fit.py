@@ -151,7 +151,9 @@ def grid_search(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.ArrayL
         tier = answering_tier(grid[a:a + chunk], s)  # (g, n)
         ok = c[rows, tier]
         acc[a:a + chunk], cost[a:a + chunk] = ok.mean(axis=1), cum_cost[rows, tier].mean(axis=1)
-        counts[a:a + chunk] = (tier[..., None] == np.arange(tiers)).sum(axis=1)
+        g = len(tier)
+        counts[a:a + g] = np.bincount((tier + tiers * np.arange(g)[:, None]).ravel(),
+                                      minlength=g * tiers).reshape(g, tiers)
         harmed[a:a + chunk] = (~ok & c[:, -1]).sum(axis=1)
         helped[a:a + chunk] = (ok & ~c[:, -1]).sum(axis=1)
     return Candidates(grid, acc, cost, counts, harmed, helped, n)

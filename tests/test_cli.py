@@ -1,0 +1,69 @@
+"""The `cascade run` batch job end to end, on tiny models saved to folders (loaded like any local model)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import make_model, make_tokenizer
+
+from cascade.cli import main
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    for seed in (0, 1):
+        folder = root / f"tiny{seed}"
+        make_model(seed).save_pretrained(folder)
+        make_tokenizer().save_pretrained(folder)
+    cfg = root / "cascade.yaml"
+    cfg.write_text(
+        "measure: margin_first\nthresholds: [0.5]\nmax_tokens: 4\n"
+        "tiers:\n"
+        f"  - {{name: small, backend: {{model: '{root / 'tiny0'}'}}, price_input_per_mtok: 1.0}}\n"
+        f"  - {{name: large, backend: {{model: '{root / 'tiny1'}'}}, price_input_per_mtok: 10.0}}\n"
+    )
+    return cfg
+
+
+def test_run_preserves_order_and_reports_bad_lines(tmp_path, config_file):
+    lines = [
+        json.dumps({"id": "a", "prompt": "the movie was good"}),
+        "{not json",
+        json.dumps({"id": "b", "messages": [{"role": "user", "content": "what capital of france"}]}),
+        json.dumps({"id": "c", "prompt": ""}),
+        json.dumps({"id": "d", "prompt": "x", "messages": []}),
+        json.dumps([1, 2]),
+        "",
+        json.dumps({"id": "e", "prompt": "is it yes", "max_tokens": 2}),
+    ]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("\n".join(lines) + "\n")
+    code = main(["run", "--config", str(config_file), "--input", str(inp), "--output", str(out)])
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert code == 1  # some lines failed
+    assert len(records) == 7  # blank lines are skipped, every other line has exactly one record
+    assert [r.get("id") for r in records] == ["a", 2, "b", "c", 5, 6, "e"]
+    ok = [r for r in records if "error" not in r]
+    assert [r["id"] for r in ok] == ["a", "b", "e"]
+    for r in ok:
+        assert r["tier"] in ("small", "large") and r["measure"] == "margin_first" and r["threshold"] == 0.5
+        assert isinstance(r["uncertainty"], float) and r["cost"] > 0 and r["calls"]
+    assert ok[2]["calls"][-1]["completion_tokens"] <= 2
+    assert "invalid JSON" in records[1]["error"] and "line 2" in records[1]["error"]
+    assert records[3]["error_type"] == "InvalidRequestError"
+
+
+def test_run_threshold_override_and_missing_input(tmp_path, config_file):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(json.dumps({"id": 1, "prompt": "a movie"}) + "\n")
+    assert main(["run", "--config", str(config_file), "--threshold", "-1", "--input", str(inp),
+                 "--output", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["tier"] == "large" and rec["threshold"] == -1.0 and rec["escalated"]
+    assert main(["run", "--config", str(config_file), "--input", str(tmp_path / "missing.jsonl"),
+                 "--output", str(out)]) == 2
+    with pytest.raises(SystemExit):
+        main(["run", "--config", str(config_file), "--threshold", "1", "--artifact", "x", "--input", "a",
+              "--output", "b"])

@@ -108,8 +108,10 @@ class OpenAIBackend:
             max_retries: retries of a failed request, with exponential backoff (default 2).
             max_concurrency: requests in flight at once, per backend (default 64).
             rate_limit_per_s: requests started per second at most; None = unlimited (default None).
-            top_logprobs: alternatives per token asked for when scoring, 1..20; the margin needs >= 2
-                (default 5).
+            top_logprobs: alternatives per token asked for when scoring, 1..20; the margin needs >= 2, and
+                OpenAI's own ``/completions`` allows at most 5 (default 5).
+
+        Use one backend within one event loop (its connection pool and semaphore belong to that loop).
 
         Raises:
             ConfigError: a value is out of range.

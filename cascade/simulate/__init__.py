@@ -6,7 +6,9 @@ and returns ``logprobs``/``top_logprobs`` in each endpoint's format. Answers cos
 is a pure function of ``(config.seed, prompt)``, made of words from a fixed list, with a prompt-dependent
 "confidence" in [0, 1] that sets how peaked each step's next-token distribution is, so uncertainty varies
 by prompt reproducibly. Writing ``[[sim:confidence=0.9]]`` anywhere in a prompt fixes the confidence.
-Latency, HTTP 500 errors and hangs are simulated with ``asyncio.sleep`` and a seeded RNG.
+Decoding is greedy whatever ``temperature``/``top_p``/``seed`` say (they are validated, then ignored).
+Latency, HTTP 500 errors and hangs are simulated with ``asyncio.sleep`` and a seeded RNG;
+:class:`SimStats` counts requests, requests in flight (and the maximum), and streams cut short.
 
 Use it in-process::
 

@@ -2,8 +2,8 @@
 
 Two stages, both running wherever the tensors live (CPU or GPU):
 
-1. :func:`reduce_step` turns one decoding step's logits ``(B, V)`` into three ``(B,)`` values (margin,
-   entropy, log-sum-exp) in one pass, so a backend never keeps the ``B x T x V`` tensor.
+1. :func:`reduce_step` turns one decoding step's logits ``(B, V)`` into ``(B,)`` margin and entropy in three
+   passes over the vocabulary, so a backend never keeps the ``B x T x V`` tensor.
 2. :func:`aggregate` turns the per-token values ``(B, T)`` and a validity mask ``(B, T)`` into one score per
    sequence for every measure of :data:`cascade.types.MEASURES`. Higher = more uncertain for all of them.
 
@@ -31,28 +31,25 @@ def check_measure(measure: str) -> str:
 
 
 def reduce_step(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reduce one step's next-token logits to margin, entropy and log-normaliser.
+    """Reduce one step's next-token logits to margin and entropy, in three passes over the vocabulary.
 
-    Computed in float32 whatever the logits' dtype.
+    Computed in float32 whatever the logits' dtype: one fused softmax, one top-2, one ``-p log p`` sum.
 
     Args:
         logits: ``(B, V)`` raw next-token logits.
 
     Returns:
-        ``margin`` ``(B,)`` = p(top-1) - p(top-2); ``entropy`` ``(B,)`` in nats; ``lse`` ``(B,)`` =
-        logsumexp of the logits (so the log-probability of token ``k`` is ``logits[:, k] - lse``).
+        ``margin`` ``(B,)`` = p(top-1) - p(top-2); ``entropy`` ``(B,)`` in nats; ``probs`` ``(B, V)`` the
+        next-token distribution (a backend gathers the chosen token's probability from it once the token
+        is known, then drops it).
     """
     import torch
 
-    x = logits.float()
-    lse = torch.logsumexp(x, dim=-1)
-    top2 = torch.topk(x, k=2, dim=-1).values
-    margin = torch.exp(top2[:, 0] - lse) - torch.exp(top2[:, 1] - lse)
-    logp = x - lse[:, None]
-    p = torch.exp(logp)
-    # 0 * log 0 = 0: masked_fill guards against -inf logits (e.g. from a bad-words processor).
-    entropy = -(p * logp.masked_fill(p == 0, 0.0)).sum(dim=-1)
-    return margin, entropy, lse
+    probs = torch.softmax(logits.float(), dim=-1)
+    top2 = torch.topk(probs, k=2, dim=-1).values
+    margin = top2[:, 0] - top2[:, 1]
+    entropy = torch.special.entr(probs).sum(dim=-1)  # entr(0) = 0, so -inf logits are fine
+    return margin, entropy, probs
 
 
 def topk_stats(top_logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -94,7 +94,7 @@ def test_post_eos_steps_are_masked():
 
 def test_reduce_step_matches_numpy():
     logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(0)) * 4
-    margin, entropy, lse = reduce_step(logits.to(torch.bfloat16))
+    margin, entropy, probs = reduce_step(logits.to(torch.bfloat16))
     x = logits.to(torch.bfloat16).float().double().numpy()
     p = np.exp(x - x.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
@@ -102,7 +102,8 @@ def test_reduce_step_matches_numpy():
     np.testing.assert_allclose(margin.numpy(), ps[:, 0] - ps[:, 1], atol=1e-5)
     np.testing.assert_allclose(entropy.numpy(), -(p * np.log(p)).sum(1), atol=1e-4)
     assert margin.dtype == torch.float32
-    assert lse.shape == (5,)
+    np.testing.assert_allclose(probs.numpy(), p, atol=1e-6)
+    assert probs.shape == (5, 300)
 
 
 def test_reduce_step_handles_minus_inf_logits():

@@ -28,34 +28,32 @@ class _StepRecorder:
     """Logits processor that records margin, entropy and the chosen token's log-probability per step.
 
     transformers places user processors before the sampling warpers, so it sees the raw logits (the
-    model's own distribution at temperature 1) for greedy and sampled decoding alike.
+    model's own distribution at temperature 1) for greedy and sampled decoding alike. Only ``(B,)`` values
+    are kept per step, plus the last step's ``(B, V)`` distribution until its chosen token is known.
     """
 
     def __init__(self) -> None:
         self.margin: list[torch.Tensor] = []
         self.entropy: list[torch.Tensor] = []
-        self.lse: list[torch.Tensor] = []
-        self.last_logits: torch.Tensor | None = None
-        self.chosen_logit: list[torch.Tensor] = []
+        self.chosen_prob: list[torch.Tensor] = []
+        self.last_probs: torch.Tensor | None = None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.last_logits is not None:  # the token chosen at the previous step is now known
-            self.chosen_logit.append(self.last_logits.gather(1, input_ids[:, -1:]).squeeze(1))
-        margin, entropy, lse = reduce_step(scores)
+        if self.last_probs is not None:  # the token chosen at the previous step is now known
+            self.chosen_prob.append(self.last_probs.gather(1, input_ids[:, -1:]).squeeze(1))
+        margin, entropy, self.last_probs = reduce_step(scores)
         self.margin.append(margin)
         self.entropy.append(entropy)
-        self.lse.append(lse)
-        self.last_logits = scores.float().clone()
         return scores
 
     def finish(self, last_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return ``(margin, entropy, logprob)``, each ``(B, T)``, once generation is over."""
         import torch
 
-        assert self.last_logits is not None
-        self.chosen_logit.append(self.last_logits.gather(1, last_tokens[:, None]).squeeze(1))
-        self.last_logits = None
-        logprob = torch.stack(self.chosen_logit, dim=1) - torch.stack(self.lse, dim=1)
+        assert self.last_probs is not None
+        self.chosen_prob.append(self.last_probs.gather(1, last_tokens[:, None]).squeeze(1))
+        self.last_probs = None
+        logprob = torch.log(torch.stack(self.chosen_prob, dim=1))
         return torch.stack(self.margin, dim=1), torch.stack(self.entropy, dim=1), logprob
 
 

@@ -35,7 +35,7 @@ from cascade.types import Prompt
 from eval.loadtest_load import Event, LoadShape, RunResult, run_load, warm_up
 from eval.loadtest_prompts import DATASETS, dataset_prompts, generated_prompts, load_prompts, write_prompts
 from eval.loadtest_report import build_report, format_report, plot_report
-from eval.loadtest_sim import FAULTS, SimOptions, SimulatedCascade
+from eval.loadtest_sim import FAULTS, SimOptions, SimulatedCascade, beyond_server
 from eval.loadtest_targets import HttpTarget, LoadTarget
 
 __all__ = ["loadtest", "main", "parse_args"]
@@ -73,6 +73,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--max-tokens", type=int, default=16, help="new tokens per answer")
     g.add_argument("--timeout", type=float, default=60.0, help="seconds per HTTP request before 'timeout'")
     g = p.add_argument_group("simulated target")
+    g.add_argument("--serve", action="store_true",
+                   help="with --simulated: put the cascade behind a real `cascade serve` child process and load it "
+                        "over HTTP")
+    g.add_argument("--serve-max-in-flight", type=int, default=256, help="--serve: server max_in_flight")
+    g.add_argument("--serve-max-queue", type=int, default=1024, help="--serve: server max_queue (429 beyond)")
     g.add_argument("--sim-mode", choices=("process", "thread"), default="process",
                    help="simulated servers in child processes or in threads of this process")
     g.add_argument("--threshold", type=float, default=SimOptions.threshold, help="margin_first threshold")
@@ -101,6 +106,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.fault and not args.simulated:
         p.error("--fault needs --simulated (faults are injected into the simulated large tier)")
+    if args.serve and not args.simulated:
+        p.error("--serve needs --simulated")
+    if args.serve and args.fault not in (None, "large-down"):
+        p.error("with --serve only --fault large-down can be injected")
     return args
 
 
@@ -177,19 +186,41 @@ async def loadtest(target: LoadTarget, prompts: Sequence[Prompt], shape: LoadSha
     return report, result
 
 
+async def _run_http(args: argparse.Namespace, url: str, prompts: Sequence[Prompt], shape: LoadShape, *,
+                    events: Sequence[Event] = (), fault: str | None = None, fault_at_s: float | None = None,
+                    notes: Sequence[str] = ()) -> tuple[dict[str, Any], RunResult]:
+    http = HttpTarget(url, model=args.model, max_tokens=args.max_tokens, timeout_s=args.timeout,
+                      connections=max(args.users, 100) if args.rate is None else 1000)
+    await http.start()
+    try:
+        notes = ["HTTP target: engine_overhead_ms = client-side latency minus the backend time the server "
+                 "reports, so it includes HTTP, JSON and queueing on both sides; server_engine_overhead_ms is "
+                 "the server's own engine latency minus backend time", *notes]
+        return await loadtest(http, prompts, shape, warmup=args.warmup, events=events, fault=fault,
+                              fault_at_s=fault_at_s, notes=notes)
+    finally:
+        await http.aclose()
+
+
 async def _run(args: argparse.Namespace) -> tuple[dict[str, Any], RunResult]:
     prompts = _prompts(args)
     shape = _shape(args)
     if args.target:
-        http = HttpTarget(args.target, model=args.model, max_tokens=args.max_tokens, timeout_s=args.timeout,
-                          connections=max(args.users, 100) if args.rate is None else 1000)
-        await http.start()
-        try:
-            return await loadtest(http, prompts, shape, warmup=args.warmup,
-                                  notes=["HTTP target: overhead = client-side latency minus backend time the "
-                                         "server reports, so it includes HTTP and JSON work on both sides"])
-        finally:
-            await http.aclose()
+        return await _run_http(args, args.target, prompts, shape)
+    if args.serve:
+        from eval.loadtest_serve import ServedCascade
+
+        options = _sim_options(args)
+        async with ServedCascade(options, max_in_flight=args.serve_max_in_flight,
+                                 max_queue=args.serve_max_queue) as served:
+            report, result = await _run_http(
+                args, served.url, prompts, shape, events=[(options.fault_at_s, served.inject)] if options.fault else [],
+                fault=options.fault,
+                fault_at_s=options.fault_at_s if options.fault else None,
+                notes=["cascade serve and both simulated servers run as child processes on the same CPUs"])
+            report["simulated"] = {"via": "cascade serve", **_sim_info(options),
+                                   "tier_call_beyond_server_ms": beyond_server(result.recorder.outcomes, options)}
+            return report, result
     options = _sim_options(args)
     async with SimulatedCascade(options) as sim:
         assert sim.target is not None
@@ -205,12 +236,17 @@ async def _run(args: argparse.Namespace) -> tuple[dict[str, Any], RunResult]:
             sim.target, prompts, shape, warmup=args.warmup, events=events, fault=options.fault,
             fault_at_s=options.fault_at_s if options.fault else None, notes=notes, after_warmup=sim.reset_counters)
         report["simulated"] = {
-            "mode": options.mode, "batching": sim.batching, "threshold": options.threshold,
-            "max_tokens": options.max_tokens, "early_exit": options.early_exit,
-            "small": _sim_dict(options.small), "large": _sim_dict(options.large),
-            "large_timeout_s": options.large_timeout_s, "servers": sim.server_stats(),
-            "batching_stats": sim.batching_stats()}
+            "via": "in-process Cascade", **_sim_info(options), "batching": sim.batching,
+            "servers": sim.server_stats(), "batching_stats": sim.batching_stats(),
+            "tier_call_beyond_server_ms": beyond_server(result.recorder.outcomes, options)}
         return report, result
+
+
+def _sim_info(options: SimOptions) -> dict[str, Any]:
+    return {"mode": options.mode, "threshold": options.threshold, "max_tokens": options.max_tokens,
+            "early_exit": options.early_exit, "batching": options.batching,
+            "small": _sim_dict(options.small), "large": _sim_dict(options.large),
+            "large_timeout_s": options.large_timeout_s}
 
 
 def _sim_dict(c: SimConfig) -> dict[str, Any]:

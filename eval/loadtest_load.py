@@ -127,7 +127,7 @@ class _Run:
             self.rec.finish(Outcome(rid, start, self.now(), type(exc).__name__, detail=str(exc)[:300]))
         else:
             self.rec.finish(Outcome(rid, start, self.now(), None, reply.tier, reply.escalated, reply.degraded,
-                                    reply.cost, reply.backend_s, reply.ttft_s, reply.calls))
+                                    reply.cost, reply.backend_s, reply.ttft_s, reply.calls, engine_s=reply.engine_s))
 
     async def user(self, index: int) -> None:
         s = self.shape

@@ -131,6 +131,10 @@ def build_report(result: RunResult, shape: LoadShape, target: str, *, fault: str
         report["fault"] = {"kind": fault, "at_s": at,
                            "before": _window([o for o in outs if o.start_s < at]),
                            "after": _window([o for o in outs if o.start_s >= at])}
+    served = [(o.latency_s, o.engine_s, o.backend_s) for o in answered if o.engine_s is not None]
+    if served:  # an HTTP target that reports the engine's own latency: split the overhead
+        report["server_engine_overhead_ms"] = _lat([e - b for _, e, b in served if b is not None])
+        report["http_and_queue_ms"] = _lat([total - e for total, e, _ in served])
     report.update(extra or {})
     return report
 
@@ -171,6 +175,9 @@ def format_report(r: dict[str, Any]) -> str:
     if r["ttft_ms"]:
         row("time to first token ms", r["ttft_ms"])
     row(f"engine overhead ms (n={r['engine_overhead_ms']['n']})", r["engine_overhead_ms"])
+    if "server_engine_overhead_ms" in r:
+        row("  of which engine in server", r["server_engine_overhead_ms"])
+        row("  of which HTTP + queueing", r["http_and_queue_ms"])
     lag = r["loop_lag_ms"]
     row("harness loop lag ms", {"p50": lag.get("p50"), "p99": lag.get("p99"), "max": lag.get("p100")})
     lines += ["", f"{'tier':12}{'calls':>8}{'errors':>8}{'answered':>10}{'in tok':>10}{'out tok':>10}"
@@ -187,6 +194,11 @@ def format_report(r: dict[str, Any]) -> str:
             lines.append(f"  {when:6} sent {w['sent']:6}  answered {w['answered']:6} (degraded {w['degraded']}, "
                          f"escalated {w['escalated']})  failed {w['failed']} {w['failed_by_kind'] or ''}  "
                          f"p50 {_fmt(w['latency_ms']['p50'])} ms  p99 {_fmt(w['latency_ms']['p99'])} ms")
+    beyond = (r.get("simulated") or {}).get("tier_call_beyond_server_ms")
+    if beyond:
+        lines.append("")
+        for name, p in beyond.items():
+            row(f"{name} call beyond server ms", p)
     for e in r["events"]:
         lines.append(f"event at {e['t_s']} s: {e['what']}")
     for note in r.get("notes", []):

@@ -30,7 +30,7 @@ from cascade.simulate import SimConfig, SimServer
 from cascade.types import EarlyExit, Generation, GenerationParams, Prompt
 from eval.loadtest_targets import CascadeTarget
 
-__all__ = ["FAULTS", "SimOptions", "SimProcess", "SimulatedCascade", "SwitchBackend", "TimedBackend"]
+__all__ = ["FAULTS", "SimOptions", "SimProcess", "SimulatedCascade", "SwitchBackend", "TimedBackend", "beyond_server"]
 
 FAULTS = ("large-slow", "large-failing", "large-down")
 
@@ -325,3 +325,35 @@ class SimulatedCascade:
             await asyncio.to_thread(server.stop)
         self.servers.clear()
 
+
+def beyond_server(outcomes: Sequence[Any], options: SimOptions) -> dict[str, Any]:
+    """Per tier: client-side time of each successful tier call beyond what the simulated server slept for.
+
+    The server sleeps ``latency_per_request_s + n * latency_per_token_s`` for an answer of n tokens
+    (an early-exited stream stops after its first token), so the rest of ``TierCall.latency_s`` is spent
+    in the HTTP client, the OpenAI SDK, scoring, micro-batching waits and event-loop delays. Computed
+    with the normal (not the faulty) server's latency.
+
+    Args:
+        outcomes: the run's :class:`~eval.loadtest_stats.Outcome` records.
+
+    Returns:
+        ``{tier: {"p50", "p95", "p99", "max"}}`` in milliseconds.
+    """
+    from eval.loadtest_stats import percentiles
+
+    configs = {"small": options.small, "large": options.large}
+    extra: dict[str, list[float]] = {name: [] for name in configs}
+    for o in outcomes:
+        for c in o.calls:
+            cfg = configs.get(c.tier)
+            if cfg is None or c.error is not None or c.latency_s is None:
+                continue
+            slept = cfg.latency_per_request_s + c.completion_tokens * cfg.latency_per_token_s
+            extra[c.tier].append(c.latency_s - slept)
+    out: dict[str, Any] = {}
+    for name, values in extra.items():
+        p = percentiles(values, (50, 95, 99, 100), scale=1000.0)
+        p["max"] = p.pop("p100")
+        out[name] = p
+    return out

@@ -113,6 +113,7 @@ class Outcome:
         degraded: a higher tier failed and a lower tier's answer was returned.
         cost: total cost of the request.
         backend_s: seconds spent inside backends (sum over tiers), None when the target does not report it.
+        engine_s: the engine's own end-to-end seconds as a server reports them (HTTP targets), else None.
         ttft_s: time to the first streamed token, seconds (None when not streaming).
         calls: one :class:`TierUse` per tier called.
         detail: the error message, when failed.
@@ -129,6 +130,7 @@ class Outcome:
     backend_s: float | None = None
     ttft_s: float | None = None
     calls: tuple[TierUse, ...] = ()
+    engine_s: float | None = None
     detail: str = ""
 
     @property

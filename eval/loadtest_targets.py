@@ -7,12 +7,13 @@ short error kind; the harness times the call itself.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
@@ -84,6 +85,7 @@ class Reply:
         calls: what each tier did.
         backend_s: seconds spent in backends (None when unknown).
         ttft_s: seconds from sending to the first streamed token (None when not streaming).
+        engine_s: the engine's end-to-end seconds as the server reports them (None when unknown).
     """
 
     text: str
@@ -94,6 +96,7 @@ class Reply:
     calls: tuple[TierUse, ...] = ()
     backend_s: float | None = None
     ttft_s: float | None = None
+    engine_s: float | None = None
 
 
 class LoadTarget(Protocol):
@@ -162,7 +165,8 @@ class HttpTarget:
     """An OpenAI-compatible ``/v1/chat/completions`` endpoint on loopback (``cascade serve`` or any peer).
 
     Backend time is read from the response's ``cascade`` extra field when present (the sum of its calls'
-    ``latency_s``); otherwise the engine overhead of this target is unknown and reported as such.
+    ``latency_s``); otherwise the engine overhead of this target is unknown and reported as such. When the
+    server's ``/health`` reports ``queue_depth`` (``cascade serve`` does), it is polled every 0.5 s.
 
     Args:
         url: the server (``http://127.0.0.1:8000`` or ``.../v1``); refused unless loopback.
@@ -180,7 +184,10 @@ class HttpTarget:
         self.max_tokens = max_tokens
         self.timeout_s = timeout_s
         self.connections = connections
+        self.health_interval_s = 0.5
         self._client: Any = None
+        self._depth: int | None = None
+        self._poller: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Open the connection pool and find the model id if none was given.
@@ -202,6 +209,29 @@ class HttpTarget:
             except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
                 await self._client.aclose()
                 raise ConfigError(f"cannot list models at {self.base_url}/models ({exc!r}); pass --model") from exc
+        if await self._health() is not None:  # a server that reports its queue (cascade serve): watch it
+            self._poller = asyncio.create_task(self._poll())
+
+    def _root(self) -> str:
+        """The server root (the base URL without its trailing ``/v1``)."""
+        return self.base_url[: -len("/v1")]
+
+    async def _health(self) -> int | None:
+        """The ``queue_depth`` the server's ``/health`` reports, or None."""
+        import httpx
+
+        try:
+            resp = await self._client.get(self._root() + "/health", timeout=2.0)
+            depth = resp.json().get("queue_depth")
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return None
+        self._depth = int(depth) if isinstance(depth, int) and not isinstance(depth, bool) else None
+        return self._depth
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_interval_s)
+            await self._health()
 
     async def send(self, prompt: Prompt, *, stream: bool) -> Reply:
         """POST one chat completion (streamed with ``stream``) and parse what the user got."""
@@ -260,15 +290,18 @@ class HttpTarget:
         if not done:
             raise RequestFailed("stream_cut", "the stream ended before data: [DONE]")
         reply = _reply("".join(parts), last)
-        return Reply(reply.text, reply.tier, reply.escalated, reply.degraded, reply.cost, reply.calls,
-                     reply.backend_s, ttft)
+        return replace(reply, ttft_s=ttft)
 
     def queue_depth(self) -> int | None:
-        """Not visible from outside the server."""
-        return None
+        """The queue depth last read from the server's ``/health`` (None when it does not report one)."""
+        return self._depth
 
     async def aclose(self) -> None:
-        """Close the connection pool."""
+        """Stop watching ``/health`` and close the connection pool."""
+        if self._poller is not None:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
+            self._poller = None
         if self._client is not None:
             await self._client.aclose()
 
@@ -294,5 +327,7 @@ def _reply(text: str, data: dict[str, Any]) -> Reply:
     backend = None if not calls or any(x is None or math.isnan(x) for x in latencies) else (
         sum(x for x in latencies if x is not None))
     tier = info.get("tier")
+    engine = info.get("latency_s")
     return Reply(text, str(tier) if tier is not None else None, bool(info.get("escalated", len(calls) > 1)),
-                 bool(info.get("degraded", False)), _num(info.get("cost")), tuple(calls), backend)
+                 bool(info.get("degraded", False)), _num(info.get("cost")), tuple(calls), backend,
+                 engine_s=_num(engine) if isinstance(engine, int | float) else None)

@@ -262,3 +262,19 @@ def test_cli_simulated_run_writes_report_and_plot(tmp_path, capsys):
     assert report["lost"] == 0 and report["simulated"]["batching_stats"]["small"]["inner_calls"] > 0
     assert png.stat().st_size > 10_000
     assert "lost 0" in capsys.readouterr().out
+
+
+def test_cli_simulated_behind_cascade_serve(tmp_path):
+    pytest.importorskip("cascade.server")
+    out = tmp_path / "r.json"
+    code = main(["--simulated", "--serve", "--users", "6", "--duration", "1.5", "--think-time", "0.05", "--stream",
+                 "--large-latency", "0.01", "0.002", "--small-latency", "0", "0.001", "--max-tokens", "8",
+                 "--fault", "large-down", "--fault-at", "0.7", "--report-json", str(out), "--quiet"])
+    assert code == 0
+    r = json.loads(out.read_text())
+    assert r["sent"] == r["answered"] + r["failed"] and r["lost"] == 0 and r["failed"] == 0
+    assert r["engine_overhead_ms"]["n"] == r["answered"]  # the server's `cascade` field gives backend time
+    assert r["server_engine_overhead_ms"]["p50"] <= r["engine_overhead_ms"]["p50"]
+    assert r["ttft_ms"]["p50"] is not None and set(r["tiers"]) == {"small", "large"}
+    assert r["fault"]["after"]["degraded"] > 0 and r["fault"]["before"]["escalated"] > 0
+    assert any(s["queue_depth"] is not None for s in r["timeline"])  # read from /health

@@ -1,0 +1,153 @@
+"""The simulated cascade behind a real ``cascade serve`` child process, loaded over loopback HTTP.
+
+Two :mod:`cascade.simulate` servers run as child processes; a YAML config pointing two ``openai`` tiers at
+them is written to a temporary folder; ``cascade serve --config ... --port P`` runs as a third child process.
+The fault ``large-down`` stops the large tier's server mid-run (the other faults need the in-process target).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from cascade.errors import ConfigError
+from eval.loadtest_sim import SimOptions, SimProcess
+
+__all__ = ["ServedCascade", "serve_config"]
+
+
+def serve_config(options: SimOptions, small_url: str, large_url: str, *, max_in_flight: int = 256,
+                 max_queue: int = 1024) -> dict[str, Any]:
+    """The ``cascade serve`` config (as a mapping) for the simulated two-tier cascade.
+
+    Args:
+        options: the simulated cascade (threshold, tokens, batching, timeouts).
+        small_url: the small server's OpenAI base URL.
+        large_url: the large server's OpenAI base URL.
+        max_in_flight: the server's ``max_in_flight`` (requests in the engine at once).
+        max_queue: the server's ``max_queue`` (requests waiting; more get HTTP 429).
+    """
+
+    def backend(model: str, url: str) -> dict[str, Any]:
+        return {"kind": "openai", "model": model, "base_url": url, "max_concurrency": options.backend_concurrency,
+                "max_retries": options.backend_retries, "timeout_s": options.backend_timeout_s}
+
+    large: dict[str, Any] = {"name": "large", "backend": backend(options.large.model, large_url),
+                             "price_input_per_mtok": 0.5, "price_output_per_mtok": 0.5}
+    if options.large_timeout_s is not None:
+        large["timeout_s"] = options.large_timeout_s
+    return {
+        "tiers": [{"name": "small", "backend": backend(options.small.model, small_url),
+                   "price_input_per_mtok": 0.135, "price_output_per_mtok": 0.135}, large],
+        "measure": options.measure,
+        "thresholds": [options.threshold],
+        "max_tokens": options.max_tokens,
+        "early_exit": options.early_exit,
+        "on_error": "degrade",
+        "batching": {"enabled": options.batching, "max_batch_size": options.batch_size,
+                     "max_wait_ms": options.batch_wait_ms, "max_queue": options.batch_queue},
+        "extra": {"server": {"max_in_flight": max_in_flight, "max_queue": max_queue, "drain_timeout_s": 5.0}},
+    }
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServedCascade:
+    """Start the two simulated servers and ``cascade serve`` in front of them; ``url`` is the server root.
+
+    Use ``async with ServedCascade(options) as served:`` then load ``served.url`` with an HTTP target.
+    """
+
+    def __init__(self, options: SimOptions, *, max_in_flight: int = 256, max_queue: int = 1024) -> None:
+        if options.fault not in (None, "large-down"):
+            raise ConfigError("behind cascade serve only the large-down fault can be injected mid-run")
+        self.options = options
+        self.max_in_flight, self.max_queue = max_in_flight, max_queue
+        self.servers: dict[str, SimProcess] = {}
+        self.url = ""
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+
+    async def __aenter__(self) -> ServedCascade:
+        try:
+            await asyncio.to_thread(self._start)
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def _start(self) -> None:
+        import yaml
+
+        o = self.options
+        for name, cfg in (("small", o.small), ("large", o.large)):
+            self.servers[name] = SimProcess(cfg).start()
+        config = serve_config(o, self.servers["small"].base_url, self.servers["large"].base_url,
+                              max_in_flight=self.max_in_flight, max_queue=self.max_queue)
+        self._dir = tempfile.TemporaryDirectory(prefix="loadtest-serve-")
+        path = Path(self._dir.name) / "cascade.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        port = _free_port()
+        log = (Path(self._dir.name) / "serve.log").open("wb")
+        argv = [sys.executable, "-c", "from cascade.cli import main; raise SystemExit(main())", "serve",
+                "--config", str(path), "--host", "127.0.0.1", "--port", str(port)]
+        self._proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+        self.url = f"http://127.0.0.1:{port}"
+        self._wait_healthy(60.0)
+
+    def _wait_healthy(self, timeout_s: float) -> None:
+        import httpx
+
+        assert self._proc is not None and self._dir is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                break
+            try:
+                if httpx.get(self.url + "/health", timeout=1.0, trust_env=False).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        text = (Path(self._dir.name) / "serve.log").read_text(errors="replace")[-800:]
+        raise ConfigError(f"cascade serve did not become healthy at {self.url}: {text}")
+
+    async def inject(self) -> str:
+        """Stop the large tier's server (the ``large-down`` fault)."""
+        await asyncio.to_thread(self.servers["large"].stop)
+        return "large tier's server stopped (behind cascade serve)"
+
+    def reset_counters(self) -> None:
+        """Nothing to reset: the child processes keep their counters to themselves."""
+
+    async def aclose(self) -> None:
+        """Stop ``cascade serve`` (SIGTERM, then SIGKILL after 15 s) and both simulated servers."""
+        if self._proc is not None:
+            proc, self._proc = self._proc, None
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    await asyncio.to_thread(proc.wait, 15.0)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    await asyncio.to_thread(proc.wait, 5.0)
+        for server in self.servers.values():
+            await asyncio.to_thread(server.stop)
+        self.servers.clear()
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None

@@ -1,0 +1,406 @@
+"""``cascade serve``: an OpenAI-compatible HTTP server in front of a cascade (or an expert router).
+
+Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``, ``GET /health``,
+``GET /metrics`` (Prometheus text format). Responses are OpenAI-shaped; the cascade's decision rides along
+in an extra ``cascade`` field and in ``x-cascade-*`` headers. A request may carry a quality target:
+``{"cascade": {"target": {"max_large_share": 0.3}}}``.
+
+Safety: binds 127.0.0.1 unless told otherwise; optional bearer-token auth (key from an environment
+variable named in the config); a request body size limit; a bounded number of requests running and
+waiting (429 with ``Retry-After`` beyond it); a client that disconnects cancels its work; shutdown drains
+the requests in flight. Client mistakes get 4xx with an OpenAI-style JSON error, never a 500.
+
+Streaming (``"stream": true``) sends the decided answer as OpenAI server-sent-event chunks: the cascade
+decides on a whole small-model answer, so the first chunk leaves once the decision is made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+from cascade.errors import (
+    BackendError,
+    BackendTimeoutError,
+    CascadeError,
+    ConfigError,
+    InvalidRequestError,
+    OverloadedError,
+)
+from cascade.server_api import HTTPError, Metrics, parse_request, render_response, sse_events
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+__all__ = ["ServerConfig", "create_app", "serve_main"]
+
+log = logging.getLogger("cascade.server")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The ``server`` section of a config (under ``extra``); host and port come from the command line."""
+
+    model_name: str = "cascade"  # the model id clients ask for (and /v1/models lists)
+    api_key_env: str | None = None  # env variable holding the bearer token; None = no auth
+    max_body_bytes: int = 1_000_000  # largest request body, bytes (413 beyond)
+    max_in_flight: int = 64  # requests running in the engine at once
+    max_queue: int = 256  # requests waiting for a running slot at most (429 beyond)
+    request_timeout_s: float = 300.0  # seconds per request before a 504
+    max_tokens_limit: int = 4096  # largest max_tokens a request may ask for
+    max_prompts: int = 16  # prompts per /v1/completions request at most (a list prompt)
+    drain_timeout_s: float = 30.0  # seconds shutdown waits for requests in flight
+    retry_after_s: float = 1.0  # Retry-After sent with 429 when the server queue is full, seconds
+
+    def __post_init__(self) -> None:
+        ints = ("max_body_bytes", "max_in_flight", "max_tokens_limit", "max_prompts")
+        if any(isinstance(getattr(self, k), bool) or not isinstance(getattr(self, k), int)
+               or getattr(self, k) < 1 for k in ints):
+            raise ConfigError(f"server {', '.join(ints)} must be positive integers")
+        if isinstance(self.max_queue, bool) or not isinstance(self.max_queue, int) or self.max_queue < 0:
+            raise ConfigError("server max_queue must be a non-negative integer")
+        if min(self.request_timeout_s, self.drain_timeout_s, self.retry_after_s) <= 0:
+            raise ConfigError("server timeouts and retry_after_s must be positive")
+        if not isinstance(self.model_name, str) or not self.model_name:
+            raise ConfigError("server model_name must be a non-empty string")
+
+    @classmethod
+    def from_mapping(cls, raw: object) -> ServerConfig:
+        """Build from the config's ``extra["server"]`` mapping (None = defaults), rejecting unknown keys."""
+        if raw is None:
+            return cls()
+        if not isinstance(raw, Mapping):
+            raise ConfigError("the server section must be a mapping")
+        unknown = set(raw) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown key(s) in server section: {sorted(unknown)}")
+        try:
+            return cls(**dict(raw))
+        except TypeError as exc:
+            raise ConfigError(f"invalid server section: {exc}") from exc
+
+    def api_key(self) -> str | None:
+        """The bearer token, or None without auth. Raises ConfigError when the named variable is unset."""
+        if self.api_key_env is None:
+            return None
+        key = os.environ.get(self.api_key_env, "")
+        if not key:
+            raise ConfigError(f"server.api_key_env names {self.api_key_env!r}, which is unset or empty")
+        return key
+
+
+class _Disconnected(Exception):
+    """The client went away before its answer was ready."""
+
+
+class _Admission:
+    """At most ``running`` requests in the engine and ``waiting`` more queued; beyond that, 429."""
+
+    def __init__(self, running: int, waiting: int, retry_after_s: float) -> None:
+        self.sem = asyncio.Semaphore(running)
+        self.max_waiting, self.retry_after_s = waiting, retry_after_s
+        self.running = self.waiting = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        if self.sem.locked() and self.waiting >= self.max_waiting:
+            raise OverloadedError("server busy: too many requests in flight", self.retry_after_s)
+        self.waiting += 1
+        self.idle.clear()
+        try:
+            await self.sem.acquire()
+        except BaseException:
+            self.waiting -= 1
+            self._maybe_idle()
+            raise
+        self.waiting -= 1
+        self.running += 1
+        try:
+            yield
+        finally:
+            self.running -= 1
+            self.sem.release()
+            self._maybe_idle()
+
+    def _maybe_idle(self) -> None:
+        if not self.running and not self.waiting:
+            self.idle.set()
+
+
+def _error_response(exc: HTTPError) -> Response:
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+def _as_http(exc: BaseException) -> HTTPError:
+    """Map library errors to HTTP statuses (client mistakes are 4xx)."""
+    if isinstance(exc, HTTPError):
+        return exc
+    if isinstance(exc, InvalidRequestError):
+        return HTTPError(400, str(exc))
+    if isinstance(exc, OverloadedError):
+        retry = max(1, math.ceil(exc.retry_after_s))
+        return HTTPError(429, str(exc), "rate_limit_error", "overloaded", {"Retry-After": str(retry)})
+    if isinstance(exc, (BackendTimeoutError, asyncio.TimeoutError)):
+        return HTTPError(504, f"the model did not answer in time: {exc}", "server_error", "timeout")
+    if isinstance(exc, BackendError):
+        return HTTPError(502, f"a model backend failed: {exc}", "server_error", "backend_error")
+    if isinstance(exc, CascadeError):
+        return HTTPError(500, f"{type(exc).__name__}: {exc}", "server_error")
+    log.exception("internal error", exc_info=exc)
+    return HTTPError(500, "internal server error", "server_error")
+
+
+async def _wait_disconnect(request: Request) -> None:
+    """Return when the client disconnects (the body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message.get("type") == "http.disconnect":
+            return
+
+
+def _batchers(service: Any) -> list[Any]:
+    from cascade.batching import MicroBatcher
+
+    cascades = service.cascades() if hasattr(service, "cascades") else [service]
+    found = {id(t.backend): t.backend for c in cascades for t in c.tiers if isinstance(t.backend, MicroBatcher)}
+    return list(found.values())
+
+
+class _Service:
+    """Per-app state: the engine, admission control, metrics and the shutdown flag (no globals)."""
+
+    def __init__(self, engine: Any, config: ServerConfig) -> None:
+        self.engine, self.config = engine, config
+        self.api_key = config.api_key()
+        self.admission = _Admission(config.max_in_flight, config.max_queue, config.retry_after_s)
+        self.metrics = Metrics()
+        self.batchers = _batchers(engine)
+        self.draining = False
+        self.started = int(time.time())
+
+    def queue_depth(self) -> int:
+        return int(self.admission.waiting + sum(b.queue_depth for b in self.batchers))
+
+    def check_auth(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise HTTPError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                            "invalid_request_error", "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+
+    async def read_json(self, request: Request) -> Any:
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            raise HTTPError(413 if declared.isdigit() else 400,
+                            f"request body larger than {limit} bytes" if declared.isdigit()
+                            else "invalid Content-Length", code="request_too_large" if declared.isdigit() else None)
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise HTTPError(413, f"request body larger than {limit} bytes", code="request_too_large")
+        try:
+            return json.loads(bytes(body), parse_constant=_no_constants)
+        except (ValueError, RecursionError) as exc:
+            raise HTTPError(400, f"the body is not valid JSON: {str(exc)[:200]}") from None
+
+    async def answer(self, request: Request, kind: str) -> Response:
+        started = time.perf_counter()
+        status, tiers = 500, ["none"]
+        try:
+            if self.draining:
+                raise HTTPError(503, "the server is shutting down", "server_error", "shutting_down",
+                                {"Retry-After": "1"})
+            self.check_auth(request)
+            body = await self.read_json(request)
+            parsed = parse_request(kind, body, self.engine.params, self.config)
+            results = await self._run_watched(request, parsed)
+            status, tiers = 200, [r.tier for r in results]
+            self.metrics.observe_results(results)
+            payload, headers = render_response(kind, parsed, results, self.config.model_name)
+            if parsed.stream:
+                from starlette.responses import StreamingResponse
+
+                headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                return StreamingResponse(sse_events(kind, parsed, payload), media_type="text/event-stream",
+                                         headers=headers)
+            from starlette.responses import JSONResponse
+
+            return JSONResponse(payload, headers=headers)
+        except _Disconnected:
+            from starlette.responses import Response as PlainResponse
+
+            status = 499
+            return PlainResponse(status_code=499)
+        except Exception as exc:
+            err = _as_http(exc)
+            status = err.status
+            return _error_response(err)
+        finally:
+            self.metrics.observe_request(kind, status, tiers, time.perf_counter() - started)
+
+    async def _run_watched(self, request: Request, parsed: Any) -> list[Any]:
+        """Admission, timeout and the engine call, cancelled if the client disconnects meanwhile."""
+
+        async def guarded() -> list[Any]:
+            async with self.admission.slot():
+                return list(await asyncio.wait_for(
+                    self.engine.run_batch(parsed.prompts, params=parsed.params, target=parsed.target),
+                    self.config.request_timeout_s))
+
+        work = asyncio.ensure_future(guarded())
+        watch = asyncio.ensure_future(_wait_disconnect(request))
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not work.done():
+                work.cancel()
+            watch.cancel()
+        if work.cancelled() or not work.done():
+            with contextlib.suppress(BaseException):
+                await work
+            raise _Disconnected()
+        return work.result()
+
+    async def drain(self) -> None:
+        """Refuse new requests and wait (up to ``drain_timeout_s``) for those in flight to finish."""
+        self.draining = True
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.admission.idle.wait(), self.config.drain_timeout_s)
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def create_app(engine: Any, config: ServerConfig | None = None) -> Starlette:
+    """The ASGI app serving ``engine`` (a :class:`~cascade.engine.Cascade` or an expert router).
+
+    The app owns the engine: shutting the app down drains requests in flight, then closes the engine.
+
+    Raises:
+        ConfigError: bad server settings, or auth configured without its key in the environment.
+    """
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.responses import JSONResponse, PlainTextResponse
+    from starlette.routing import Route
+
+    svc = _Service(engine, config or ServerConfig())
+
+    async def chat(request: Request) -> Response:
+        return await svc.answer(request, "chat")
+
+    async def completions(request: Request) -> Response:
+        return await svc.answer(request, "completions")
+
+    async def models(request: Request) -> Response:
+        try:
+            svc.check_auth(request)
+        except HTTPError as exc:
+            return _error_response(exc)
+        card = {"id": svc.config.model_name, "object": "model", "created": svc.started,
+                "owned_by": "uncertainty-cascade"}
+        wanted = request.path_params.get("model")
+        if wanted is None:
+            return JSONResponse({"object": "list", "data": [card]})
+        if wanted != svc.config.model_name:
+            return _error_response(HTTPError(404, f"model {wanted!r} does not exist", code="model_not_found"))
+        return JSONResponse(card)
+
+    async def health(request: Request) -> Response:
+        body = {"status": "draining" if svc.draining else "ok", "model": svc.config.model_name,
+                "in_flight": svc.admission.running, "queue_depth": svc.queue_depth()}
+        return JSONResponse(body, status_code=503 if svc.draining else 200)
+
+    async def metrics(request: Request) -> Response:
+        try:
+            svc.check_auth(request)
+        except HTTPError as exc:
+            return _error_response(exc)
+        text = svc.metrics.render(svc.admission.running, svc.queue_depth())
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        status = exc.status_code if isinstance(exc, HTTPException) else 500
+        kind = "not_found_error" if status == 404 else "invalid_request_error" if status < 500 else "server_error"
+        detail = exc.detail if isinstance(exc, HTTPException) else "internal server error"
+        return _error_response(HTTPError(status, f"{request.method} {request.url.path}: {detail}", kind))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await svc.drain()
+            await engine.aclose()
+
+    routes = [
+        Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{model:path}", models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={HTTPException: http_error, Exception: http_error})
+    app.state.service = svc
+    return app
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    """Run ``cascade serve``: build the cascade (or router) from the config, then serve it with uvicorn.
+
+    Args:
+        args: ``config``, ``measure``, ``threshold``, ``artifact``, ``max_tokens``, ``host``, ``port``.
+
+    Returns:
+        The process exit code (0 after a clean shutdown).
+    """
+    import uvicorn
+
+    from cascade.cli import _config
+    from cascade.config import build_cascade
+
+    cfg = _config(args)
+    extra = cfg.extra if isinstance(cfg.extra, Mapping) else {}
+    server_cfg = ServerConfig.from_mapping(extra.get("server"))
+    server_cfg.api_key()  # fail before loading models when the key is missing
+    host, port = getattr(args, "host", None) or "127.0.0.1", int(getattr(args, "port", None) or 8000)
+    print(f"loading tiers: {', '.join(f'{t.name}={t.backend.model}' for t in cfg.tiers)}", file=sys.stderr)
+    if cfg.router:
+        from cascade.router.pool import build_router
+
+        engine = build_router(cfg)
+    else:
+        engine = build_cascade(cfg)
+    app = create_app(engine, server_cfg)
+    print(f"serving model {server_cfg.model_name!r} on http://{host}:{port}/v1 "
+          f"(auth {'on' if server_cfg.api_key_env else 'off'})", file=sys.stderr)
+    uv = uvicorn.Config(app, host=host, port=port, lifespan="on", log_level="info", access_log=False,
+                        timeout_graceful_shutdown=math.ceil(server_cfg.drain_timeout_s))
+    # On SIGTERM/SIGINT uvicorn stops accepting, lets requests in flight finish, runs the app's shutdown
+    # (drain, close the engine), then re-raises the signal: the exit status is the signal's, as usual.
+    uvicorn.Server(uv).run()
+    return 0

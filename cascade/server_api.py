@@ -1,0 +1,383 @@
+"""The OpenAI wire format of ``cascade serve``: request parsing, response bodies, SSE chunks and metrics.
+
+Pure functions and plain classes, no I/O: :mod:`cascade.server` does the HTTP. Every client mistake
+raises :class:`HTTPError` (a 4xx) with a message naming the offending field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from cascade.errors import CascadeError
+from cascade.policy import Target
+from cascade.types import CascadeResult, GenerationParams, Message, Prompt
+
+__all__ = ["HTTPError", "Metrics", "ParsedRequest", "decision", "parse_request", "render_response", "sse_events"]
+
+_COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream", "stream_options",
+           "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "user",
+           "metadata", "store", "service_tier", "cascade"}
+_KEYS = {"chat": _COMMON | {"messages", "max_completion_tokens"},
+         "completions": _COMMON | {"prompt", "echo", "best_of", "suffix"}}
+_UNSUPPORTED = {"tools", "tool_choice", "functions", "function_call", "response_format", "audio", "modalities",
+                "prediction", "parallel_tool_calls", "reasoning_effort", "web_search_options"}
+_MAX_MESSAGES = 1024
+
+
+class HTTPError(Exception):
+    """An error answered as an OpenAI-style JSON body ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
+                 code: str | None = None, headers: Mapping[str, str] | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        """The JSON error body."""
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def _bad(param: str, message: str) -> HTTPError:
+    return HTTPError(400, f"{param}: {message}", param=param)
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    """A validated request.
+
+    Attributes:
+        prompts: one prompt for chat; one or more for completions.
+        params: decoding parameters (server defaults where the request gives none).
+        target: the per-request quality target, or None.
+        stream: answer with server-sent events.
+        include_usage: streaming only: send a final usage chunk.
+    """
+
+    prompts: tuple[Prompt, ...]
+    params: GenerationParams
+    target: Target | None
+    stream: bool
+    include_usage: bool
+
+
+def _is_num(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int(body: Mapping[str, Any], key: str, lo: int, hi: int) -> int | None:
+    v = body.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise _bad(key, f"must be an integer in [{lo}, {hi}]")
+    return v
+
+
+def _num(body: Mapping[str, Any], key: str, lo: float, hi: float, *, open_low: bool = False) -> float | None:
+    v = body.get(key)
+    if v is None:
+        return None
+    if not _is_num(v) or not (lo < v if open_low else lo <= v) or v > hi:
+        raise _bad(key, f"must be a number in {'(' if open_low else '['}{lo}, {hi}]")
+    return float(v)
+
+
+def _content(i: int, content: object) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content:
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise _bad(f"messages[{i}].content", "only text parts {type: text, text: ...} are supported")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise _bad(f"messages[{i}].content", "must be a string or a non-empty list of text parts")
+
+
+def _messages(raw: object) -> list[Message]:
+    if not isinstance(raw, list) or not raw or len(raw) > _MAX_MESSAGES:
+        raise _bad("messages", f"must be a non-empty list of at most {_MAX_MESSAGES} messages")
+    out: list[Message] = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict) or set(m) - {"role", "content", "name"}:
+            raise _bad(f"messages[{i}]", "must be an object with role and content (and optionally name)")
+        if not isinstance(m.get("role"), str) or not isinstance(m.get("name", ""), str):
+            raise _bad(f"messages[{i}].role", "role and name must be strings")
+        out.append({"role": m["role"], "content": _content(i, m.get("content"))})
+    return out
+
+
+def _prompt_list(raw: object, max_prompts: int) -> list[str]:
+    if isinstance(raw, str):
+        return [raw]
+    if isinstance(raw, list) and 0 < len(raw) <= max_prompts and all(isinstance(p, str) for p in raw):
+        return list(raw)
+    raise _bad("prompt", f"must be a string or a list of 1 to {max_prompts} strings (token ids are not supported)")
+
+
+def _check_unsupported(body: Mapping[str, Any]) -> None:
+    for key in ("logprobs", "echo"):
+        if body.get(key) not in (None, False, 0) or isinstance(body.get(key), float):
+            raise _bad(key, "is not supported by the cascade server")
+    for key in ("top_logprobs", "suffix"):
+        if body.get(key) is not None:
+            raise _bad(key, "is not supported by the cascade server")
+    _int(body, "n", 1, 1)
+    _int(body, "best_of", 1, 1)
+    for key in ("presence_penalty", "frequency_penalty"):
+        if _num(body, key, -2.0, 2.0) not in (None, 0.0):
+            raise _bad(key, "only 0 is supported")
+    bias = body.get("logit_bias")
+    if bias is not None and (not isinstance(bias, dict) or bias):
+        raise _bad("logit_bias", "is not supported (give null or {})")
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise _bad("user", "must be a string")
+
+
+def parse_request(kind: str, body: object, defaults: GenerationParams, config: Any) -> ParsedRequest:
+    """Validate an OpenAI request body.
+
+    Args:
+        kind: ``"chat"`` or ``"completions"``.
+        body: the decoded JSON.
+        defaults: decoding parameters used where the body gives none.
+        config: the :class:`~cascade.server.ServerConfig` (model name and limits).
+
+    Raises:
+        HTTPError: 400 for a malformed body, 404 for an unknown model.
+    """
+    if not isinstance(body, dict):
+        raise HTTPError(400, "the body must be a JSON object")
+    unsupported = sorted(set(body) & _UNSUPPORTED)
+    if unsupported:
+        raise _bad(unsupported[0], "is not supported by the cascade server")
+    unknown = sorted(set(body) - _KEYS[kind])
+    if unknown:
+        raise _bad(unknown[0], "unknown parameter")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _bad("model", "is required (a string)")
+    if model != config.model_name:
+        raise HTTPError(404, f"the model {model!r} does not exist; this server serves {config.model_name!r}",
+                        code="model_not_found", param="model")
+    _check_unsupported(body)
+    if kind == "chat":
+        prompts: list[Prompt] = [_messages(body.get("messages"))]
+    else:
+        prompts = list(_prompt_list(body.get("prompt"), config.max_prompts))
+    limit = config.max_tokens_limit
+    max_tokens = _int(body, "max_completion_tokens", 1, limit) or _int(body, "max_tokens", 1, limit)
+    temperature = _num(body, "temperature", 0.0, 2.0)
+    top_p = _num(body, "top_p", 0.0, 1.0, open_low=True)
+    seed = _int(body, "seed", -(2**63), 2**64 - 1)
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and (not isinstance(stop, list) or len(stop) > 8
+                             or not all(isinstance(s, str) and 0 < len(s) <= 256 for s in stop)):
+        raise _bad("stop", "must be a string or a list of at most 8 non-empty strings")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise _bad("stream", "must be a boolean")
+    options = body.get("stream_options")
+    if options is not None and (not stream or not isinstance(options, dict) or set(options) - {"include_usage"}
+                                or not isinstance(options.get("include_usage", False), bool)):
+        raise _bad("stream_options", "must be {\"include_usage\": bool}, and only with stream=true")
+    ext = body.get("cascade")
+    if ext is not None and (not isinstance(ext, dict) or set(ext) - {"target"}):
+        raise _bad("cascade", "must be an object with an optional 'target'")
+    try:
+        target = Target.parse(ext.get("target") if ext else None)
+        changes: dict[str, Any] = {k: v for k, v in (("max_tokens", max_tokens), ("temperature", temperature),
+                                                     ("top_p", top_p), ("seed", seed)) if v is not None}
+        if stop is not None:
+            changes["stop"] = tuple(stop)
+        params = replace(defaults, **changes)
+    except (CascadeError, TypeError, ValueError) as exc:
+        raise HTTPError(400, str(exc)) from None
+    return ParsedRequest(tuple(prompts), params, target, bool(stream), bool((options or {}).get("include_usage")))
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def decision(r: CascadeResult) -> dict[str, Any]:
+    """The ``cascade`` field of a response: what the cascade decided and why (JSON-safe)."""
+    calls = [{"tier": c.tier, "model": c.model, "prompt_tokens": c.prompt_tokens,
+              "completion_tokens": c.completion_tokens, "cost": c.cost, "latency_s": c.latency_s,
+              "uncertainty": _finite(c.uncertainty), "threshold": _finite(c.threshold),
+              "finish_reason": c.finish_reason, "error": c.error} for c in r.calls]
+    return {"tier": r.tier, "model": _answer_call(r).model if r.calls else None,
+            "uncertainty": _finite(r.uncertainty), "measure": r.measure, "threshold": _finite(r.threshold),
+            "escalated": r.escalated, "cost": r.cost, "reason": r.reason, "degraded": r.degraded,
+            "target": r.target, "cluster": r.cluster, "latency_s": r.latency_s, "calls": calls}
+
+
+def _answer_call(r: CascadeResult) -> Any:
+    answered = [c for c in r.calls if c.tier == r.tier and c.error is None]
+    return answered[-1] if answered else r.calls[-1]
+
+
+def _finish(r: CascadeResult) -> str:
+    reason = _answer_call(r).finish_reason if r.calls else "stop"
+    return reason if reason in ("stop", "length") else "stop"
+
+
+def _ascii(value: object) -> str:
+    return re.sub(r"[^\x20-\x7e]", "?", str(value))[:256]
+
+
+def render_response(kind: str, parsed: ParsedRequest, results: Sequence[CascadeResult],
+                    model_name: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """The OpenAI response body and the ``x-cascade-*`` headers.
+
+    The body's ``cascade`` field is the decision of the answer (a list of decisions when a completions
+    request had several prompts); ``usage`` sums the tokens of every tier that was called.
+    """
+    chat = kind == "chat"
+    choices = []
+    for i, r in enumerate(results):
+        choice: dict[str, Any] = {"index": i, "logprobs": None, "finish_reason": _finish(r)}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": r.text}
+        else:
+            choice["text"] = r.text
+        choices.append(choice)
+    prompt_tokens = sum(r.prompt_tokens for r in results)
+    completion_tokens = sum(r.completion_tokens for r in results)
+    decisions = [decision(r) for r in results]
+    payload = {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model_name,
+        "choices": choices,
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+        "system_fingerprint": None,
+        "cascade": decisions[0] if len(decisions) == 1 else decisions,
+    }
+    headers = {"x-request-id": str(payload["id"])}
+    if len(results) == 1:
+        d = decisions[0]
+        for key in ("tier", "model", "uncertainty", "measure", "threshold", "escalated", "degraded", "cost",
+                    "cluster", "target"):
+            if d[key] is not None:
+                value = str(d[key]).lower() if isinstance(d[key], bool) else d[key]
+                headers[f"x-cascade-{key}"] = _ascii(value)
+    return payload, headers
+
+
+def _pieces(text: str) -> list[str]:
+    """Word-sized pieces whose concatenation is exactly ``text``."""
+    return [p for p in re.split(r"(?<=\s)(?=\S)", text) if p]
+
+
+async def sse_events(kind: str, parsed: ParsedRequest, payload: Mapping[str, Any]) -> AsyncIterator[str]:
+    """The server-sent events of a streamed answer, as OpenAI sends them, ending with ``data: [DONE]``."""
+    chat = kind == "chat"
+    base = {"id": payload["id"], "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": payload["created"], "model": payload["model"], "system_fingerprint": None}
+    decisions = payload["cascade"] if isinstance(payload["cascade"], list) else [payload["cascade"]]
+
+    def event(choices: list[dict[str, Any]], **extra: Any) -> str:
+        chunk = {**base, "choices": choices, **extra}
+        if parsed.include_usage and "usage" not in extra:
+            chunk["usage"] = None
+        return f"data: {json.dumps(chunk, separators=(',', ':'), allow_nan=False)}\n\n"
+
+    for choice, dec in zip(payload["choices"], decisions):
+        i = choice["index"]
+        text = choice["message"]["content"] if chat else choice["text"]
+        if chat:
+            yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}])
+        for piece in _pieces(text):
+            delta = {"delta": {"content": piece}} if chat else {"text": piece}
+            yield event([{"index": i, **delta, "logprobs": None, "finish_reason": None}])
+        last: dict[str, Any] = {"delta": {}} if chat else {"text": ""}
+        yield event([{"index": i, **last, "logprobs": None, "finish_reason": choice["finish_reason"]}],
+                    cascade=dec)
+    if parsed.include_usage:
+        yield event([], usage=payload["usage"])
+    yield "data: [DONE]\n\n"
+
+
+def _label(value: object) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class Metrics:
+    """Counters and a latency histogram, rendered in the Prometheus text format (one per app)."""
+
+    BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+    def __init__(self) -> None:
+        self.requests: Counter[tuple[str, str, str]] = Counter()
+        self.tokens: Counter[tuple[str, str]] = Counter()
+        self.cost: dict[str, float] = {}
+        self.escalations = self.degraded = 0
+        self.latency_buckets = [0] * len(self.BUCKETS)
+        self.latency_sum: float = 0.0
+        self.latency_count = 0
+
+    def observe_request(self, endpoint: str, status: int, tiers: Sequence[str], seconds: float) -> None:
+        """Count one HTTP request (one count per answer for multi-prompt completions)."""
+        for tier in tiers:
+            self.requests[(endpoint, str(status), tier)] += 1
+        for i, le in enumerate(self.BUCKETS):
+            if seconds <= le:
+                self.latency_buckets[i] += 1
+        self.latency_sum += seconds
+        self.latency_count += 1
+
+    def observe_results(self, results: Sequence[CascadeResult]) -> None:
+        """Count escalations, degraded answers, tokens and cost per tier."""
+        for r in results:
+            self.escalations += int(r.escalated)
+            self.degraded += int(r.degraded)
+            for c in r.calls:
+                self.tokens[(c.tier, "prompt")] += c.prompt_tokens
+                self.tokens[(c.tier, "completion")] += c.completion_tokens
+                self.cost[c.tier] = self.cost.get(c.tier, 0.0) + c.cost
+
+    def render(self, in_flight: int, queue_depth: int) -> str:
+        """The Prometheus text exposition (format 0.0.4)."""
+        out: list[str] = []
+
+        def metric(name: str, kind: str, help_: str, rows: Sequence[tuple[str, float]]) -> None:
+            out.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}"])
+            out.extend(f"{name}{labels} {value:g}" if isinstance(value, float) else f"{name}{labels} {value}"
+                       for labels, value in rows)
+
+        metric("cascade_requests_total", "counter", "HTTP requests by endpoint, status and answering tier.",
+               [(f'{{endpoint="{_label(e)}",status="{s}",tier="{_label(t)}"}}', n)
+                for (e, s, t), n in sorted(self.requests.items())])
+        metric("cascade_escalations_total", "counter", "Answers that called a tier above the first.",
+               [("", self.escalations)])
+        metric("cascade_degraded_total", "counter", "Answers returned from a lower tier after a failure.",
+               [("", self.degraded)])
+        metric("cascade_tokens_total", "counter", "Tokens billed by tier and kind.",
+               [(f'{{tier="{_label(t)}",kind="{k}"}}', n) for (t, k), n in sorted(self.tokens.items())])
+        metric("cascade_cost_total", "counter", "Money spent by tier, in the configured price unit.",
+               [(f'{{tier="{_label(t)}"}}', float(c)) for t, c in sorted(self.cost.items())])
+        rows: list[tuple[str, float]] = [(f'_bucket{{le="{le:g}"}}', n)
+                                         for le, n in zip(self.BUCKETS, self.latency_buckets)]
+        rows += [('_bucket{le="+Inf"}', self.latency_count), ("_sum", self.latency_sum),
+                 ("_count", self.latency_count)]
+        metric("cascade_request_latency_seconds", "histogram", "End-to-end request latency.", rows)
+        metric("cascade_in_flight_requests", "gauge", "Requests running in the engine.", [("", in_flight)])
+        metric("cascade_queue_depth", "gauge", "Requests and prompts waiting (server queue + micro-batchers).",
+               [("", queue_depth)])
+        return "\n".join(out) + "\n"

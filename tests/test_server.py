@@ -1,0 +1,270 @@
+"""`cascade serve` end to end: the real server in a subprocess on 127.0.0.1, driven with the openai client.
+
+Two servers: tiny random-weight transformers models (saved to a temp folder) in expert-router mode with
+bearer auth, and simulated OpenAI-compatible tiers (SimServer) with slow answers and a tiny queue for
+overload, disconnect and shutdown behaviour.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import yaml
+from conftest import make_model, make_tokenizer
+
+from cascade.simulate import SimConfig, SimServer
+
+KEY = "test-secret-key"
+CHAT = [{"role": "user", "content": "the movie was good"}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    """``python -m cascade.cli serve --config ...`` in a subprocess, ready once /health answers."""
+
+    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", **(env or {})}
+        self._out = log.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cascade.cli", "serve", "--config", str(config), "--port", str(self.port)],
+            env=full_env, stdout=self._out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{log.read_text()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server did not become healthy:\n{log.read_text()}")
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM, wait; returns the exit status (uvicorn re-raises SIGTERM after a graceful shutdown)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._out.close()
+        return int(self.proc.returncode)
+
+    def stopped_cleanly(self) -> bool:
+        """Stop; True when the exit was graceful (SIGTERM re-raised after shutdown, no traceback)."""
+        code = self.stop()
+        return code in (0, -signal.SIGTERM) and "Traceback" not in self.log.read_text()
+
+
+def write_yaml(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """Tiny models in expert-router mode (2 clusters; cluster 1 always escalates), auth on."""
+    from cascade.backends.hf_local import HFLocalBackend
+    from cascade.router import HiddenStateEmbedder, fit_router
+
+    root = tmp_path_factory.mktemp("tiny")
+    for seed, name in ((0, "small"), (1, "large")):
+        make_model(seed).save_pretrained(root / name)
+        make_tokenizer().save_pretrained(root / name)
+    small = HFLocalBackend.from_pretrained(str(root / "small"))
+    prompts = ["the movie was good", "a bad movie", "what is the capital of france", "answer yes or no",
+               "one two three", "it is great"]
+    router = fit_router(HiddenStateEmbedder.from_backend(small), prompts, 2, seed=0).save(root / "router.json")
+    config = write_yaml(root / "config.yaml", {
+        "tiers": [{"name": "small", "backend": {"kind": "hf", "model": str(root / "small")}},
+                  {"name": "large", "backend": {"kind": "hf", "model": str(root / "large")},
+                   "price_output_per_mtok": 1.0}],
+        "thresholds": [0.5], "max_tokens": 6, "router": str(router),
+        "extra": {"experts": {"1": {"thresholds": [-math.inf]}},
+                  "server": {"api_key_env": "CASCADE_TEST_KEY", "model_name": "tiny-cascade"}},
+    })
+    server = ServerProcess(config, root / "server.log", {"CASCADE_TEST_KEY": KEY})
+    yield server
+    assert server.stopped_cleanly(), server.log.read_text()
+
+
+@pytest.fixture(scope="module")
+def sim_tiers() -> Iterator[tuple[SimServer, SimServer]]:
+    with SimServer(SimConfig(model="sim-small", latency_per_request_s=0.3)) as small, \
+            SimServer(SimConfig(model="sim-large", latency_per_request_s=0.3)) as large:
+        yield small, large
+
+
+def sim_config(path: Path, small: SimServer, large: SimServer, **server: Any) -> Path:
+    tier = {"kind": "openai", "max_retries": 0, "timeout_s": 30}
+    return write_yaml(path, {
+        "tiers": [{"name": "small", "backend": {**tier, "model": "sim-small", "base_url": small.base_url}},
+                  {"name": "large", "backend": {**tier, "model": "sim-large", "base_url": large.base_url}}],
+        "thresholds": [0.5], "max_tokens": 8,
+        "extra": {"server": {"max_in_flight": 1, "max_queue": 1, "drain_timeout_s": 10, **server}},
+    })
+
+
+@pytest.fixture
+def client(tiny_server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=tiny_server.url + "/v1", api_key=KEY, max_retries=0)
+
+
+def test_chat_answer_is_openai_shaped_with_the_decision(client: openai.OpenAI) -> None:
+    raw = client.chat.completions.with_raw_response.create(model="tiny-cascade", messages=CHAT)  # type: ignore[arg-type]
+    done = raw.parse()
+    assert done.object == "chat.completion" and done.model == "tiny-cascade"
+    assert isinstance(done.choices[0].message.content, str) and done.choices[0].finish_reason in ("stop", "length")
+    assert done.usage is not None and done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
+    assert done.usage.prompt_tokens > 0
+    decision = (done.model_extra or {})["cascade"]
+    assert decision["tier"] in ("small", "large") and decision["measure"] == "margin_first"
+    assert decision["cluster"] in (0, 1)
+    assert decision["escalated"] == (decision["tier"] == "large")
+    if decision["cluster"] == 1:
+        assert decision["escalated"] and decision["threshold"] is None  # -inf: always escalate
+    assert raw.headers["x-cascade-tier"] == decision["tier"]
+    assert raw.headers["x-cascade-cluster"] == str(decision["cluster"])
+    assert raw.headers["x-cascade-escalated"] == str(decision["escalated"]).lower()
+
+
+def test_completions_with_several_prompts(client: openai.OpenAI) -> None:
+    done = client.completions.create(model="tiny-cascade", prompt=["a bad movie", "answer yes or no"], max_tokens=4)
+    assert [c.index for c in done.choices] == [0, 1]
+    assert done.object == "text_completion"
+    assert len((done.model_extra or {})["cascade"]) == 2
+
+
+def test_streaming_matches_the_plain_answer(client: openai.OpenAI, tiny_server: ServerProcess) -> None:
+    plain = client.chat.completions.create(model="tiny-cascade", messages=CHAT)  # type: ignore[arg-type]
+    chunks = list(client.chat.completions.create(model="tiny-cascade", messages=CHAT, stream=True,  # type: ignore[arg-type]
+                                                 stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].choices[0].finish_reason == plain.choices[0].finish_reason
+    assert (finals[0].model_extra or {})["cascade"]["tier"] == (plain.model_extra or {})["cascade"]["tier"]
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == plain.usage.total_tokens  # type: ignore[union-attr]
+    body = {"model": "tiny-cascade", "prompt": "it is great", "stream": True}
+    raw = httpx.post(tiny_server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    events = [line for line in raw.text.split("\n\n") if line]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+
+
+def test_client_mistakes_are_4xx_json(client: openai.OpenAI, tiny_server: ServerProcess) -> None:
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    for body in (b"{not json", b"[]", b'{"model": "tiny-cascade"}', b"\xff\xfe\x00"):
+        r = httpx.post(tiny_server.url + "/v1/chat/completions", content=body, headers=auth)
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny-cascade", messages=CHAT, temperature=5)  # type: ignore[arg-type]
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny-cascade", messages=[])
+    with pytest.raises(openai.BadRequestError):  # per-request targets need a calibration artifact
+        client.chat.completions.create(model="tiny-cascade", messages=CHAT,  # type: ignore[arg-type]
+                                       extra_body={"cascade": {"target": {"max_large_share": 0.3}}})
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4", messages=CHAT)  # type: ignore[arg-type]
+    big = httpx.post(tiny_server.url + "/v1/completions", headers=auth,
+                     json={"model": "tiny-cascade", "prompt": "x" * 2_000_000})
+    assert big.status_code == 413
+    assert httpx.get(tiny_server.url + "/v1/nothing", headers=auth).status_code == 404
+
+
+def test_auth_is_required_except_for_health(tiny_server: ServerProcess) -> None:
+    anon = openai.OpenAI(base_url=tiny_server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        anon.chat.completions.create(model="tiny-cascade", messages=CHAT)  # type: ignore[arg-type]
+    assert httpx.get(tiny_server.url + "/v1/models").status_code == 401
+    assert httpx.get(tiny_server.url + "/health").json()["status"] == "ok"
+
+
+def test_models_and_metrics(client: openai.OpenAI, tiny_server: ServerProcess) -> None:
+    assert [m.id for m in client.models.list()] == ["tiny-cascade"]
+    client.chat.completions.create(model="tiny-cascade", messages=CHAT)  # type: ignore[arg-type]
+    text = httpx.get(tiny_server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    assert 'cascade_requests_total{endpoint="chat",status="200",tier=' in text
+    for name in ("cascade_escalations_total", "cascade_tokens_total", "cascade_cost_total",
+                 "cascade_request_latency_seconds_bucket", "cascade_queue_depth", "cascade_in_flight_requests"):
+        assert name in text
+
+
+def test_full_queue_gets_429_with_retry_after(tmp_path: Path, sim_tiers: tuple[SimServer, SimServer]) -> None:
+    server = ServerProcess(sim_config(tmp_path / "sim.yaml", *sim_tiers), tmp_path / "log.txt")
+    try:
+        statuses: list[int] = []
+        retry_after: list[str | None] = []
+
+        def hit() -> None:
+            r = httpx.post(server.url + "/v1/chat/completions", json={"model": "cascade", "messages": CHAT},
+                           timeout=30)
+            statuses.append(r.status_code)
+            retry_after.append(r.headers.get("retry-after"))
+
+        threads = [threading.Thread(target=hit) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert statuses.count(200) >= 2 and statuses.count(429) >= 1, statuses
+        assert all(ra is not None and int(ra) >= 1 for s, ra in zip(statuses, retry_after) if s == 429)
+        assert httpx.get(server.url + "/health").status_code == 200
+    finally:
+        assert server.stopped_cleanly(), server.log.read_text()
+
+
+def test_disconnect_cancels_work_and_shutdown_drains(tmp_path: Path, sim_tiers: tuple[SimServer, SimServer]) -> None:
+    small, _large = sim_tiers
+    slow = SimServer(SimConfig(model="sim-large", latency_per_request_s=5.0)).start()
+    try:
+        server = ServerProcess(sim_config(tmp_path / "sim.yaml", small, slow, max_in_flight=4),
+                               tmp_path / "log.txt")
+        body = {"model": "cascade", "messages": [{"role": "user", "content": "[[sim:confidence=0.0]] hi"}]}
+        with contextlib.suppress(httpx.ReadTimeout):  # the client gives up while the large tier works
+            httpx.post(server.url + "/v1/chat/completions", json=body, timeout=1.5)
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and server_in_flight(server):
+            time.sleep(0.05)
+        assert server_in_flight(server) == 0  # the work was cancelled well before its 5 s
+        metrics = httpx.get(server.url + "/metrics").text
+        assert 'cascade_requests_total{endpoint="chat",status="499",tier="none"} 1' in metrics
+        # graceful shutdown: a request in flight when SIGTERM arrives still gets its answer
+        result: dict[str, Any] = {}
+        t = threading.Thread(target=lambda: result.update(r=httpx.post(
+            server.url + "/v1/chat/completions", json=body, timeout=30)))
+        t.start()
+        time.sleep(1.0)
+        server.proc.send_signal(signal.SIGTERM)
+        t.join()
+        assert result["r"].status_code == 200 and result["r"].json()["cascade"]["tier"] == "large"
+        assert server.stopped_cleanly(), server.log.read_text()
+    finally:
+        slow.stop()
+
+
+def server_in_flight(server: ServerProcess) -> int:
+    return int(httpx.get(server.url + "/health").json()["in_flight"])

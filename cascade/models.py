@@ -324,7 +324,7 @@ def _save_copy(model: Any, tokenizer: Any, target: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)
-    except OSError as e:  # disk full, or another process won the race (target exists and is not empty)
+    except Exception as e:  # disk full, a race lost to another process (target exists), a save error
         if not target.is_dir():
             log.warning("could not write the safetensors cache %s: %s", target, e)
     finally:

@@ -78,8 +78,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "over HTTP")
     g.add_argument("--serve-max-in-flight", type=int, default=256, help="--serve: server max_in_flight")
     g.add_argument("--serve-max-queue", type=int, default=1024, help="--serve: server max_queue (429 beyond)")
-    g.add_argument("--sim-mode", choices=("process", "thread"), default="process",
-                   help="simulated servers in child processes or in threads of this process")
+    g.add_argument("--sim-mode", choices=("process", "thread", "local"), default="process",
+                   help="simulated servers in child processes, in threads of this process, or 'local': no "
+                        "servers, the simulated model called in-process (engine cost without HTTP)")
     g.add_argument("--threshold", type=float, default=SimOptions.threshold, help="margin_first threshold")
     g.add_argument("--small-latency", type=float, nargs=2, metavar=("PER_REQUEST", "PER_TOKEN"),
                    default=(0.02, 0.004), help="small server's latency, seconds")
@@ -226,9 +227,13 @@ async def _run(args: argparse.Namespace) -> tuple[dict[str, Any], RunResult]:
         assert sim.target is not None
         notes = ["in-process target: the load generator shares the event loop with the engine, so its work "
                  "(see loop_lag_ms) is part of the measured overhead"]
-        notes.append("simulated servers run in this process (threads): their CPU and GIL time inflate latency "
-                     "and overhead" if options.mode == "thread" else
-                     "simulated servers run as child processes on the same CPUs (they compete for CPU)")
+        notes.append({
+            "thread": "simulated servers run in this process (threads): their CPU and GIL time inflate latency "
+                      "and overhead",
+            "process": "simulated servers run as child processes on the same CPUs (they compete for CPU)",
+            "local": "local mode: no HTTP; tiers are the simulated model called in-process (same answers and "
+                     "sleeps), so this measures the engine and the harness without HTTP clients or servers",
+        }[options.mode])
         if args.stream:
             notes.append("the in-process engine answers whole: --stream has no effect on this target")
         events: list[Event] = [(options.fault_at_s, sim.inject)] if options.fault else []

@@ -4,6 +4,8 @@ two :mod:`cascade.simulate` servers on 127.0.0.1, plus fault injection into the 
 The servers run either in threads of this process (``mode="thread"``: they share the GIL and the CPU with the
 load generator and the engine, which inflates the measured engine overhead) or as child processes
 (``mode="process"``, the default: the engine's event loop only pays for its own work and the HTTP clients).
+``mode="local"`` replaces both HTTP hops by :class:`~eval.loadtest_simbackends.LocalSimBackend` (same answers
+and sleeps, no sockets, no OpenAI SDK): it measures the engine and the harness alone.
 
 Faults (from ``fault_at_s`` seconds into the run):
 
@@ -15,11 +17,6 @@ Faults (from ``fault_at_s`` seconds into the run):
 from __future__ import annotations
 
 import asyncio
-import select
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -27,10 +24,11 @@ from typing import Any
 from cascade.backends.base import Backend
 from cascade.errors import ConfigError
 from cascade.simulate import SimConfig, SimServer
-from cascade.types import EarlyExit, Generation, GenerationParams, Prompt
+from cascade.types import GenerationParams
+from eval.loadtest_simbackends import LocalSimBackend, SimProcess, SwitchBackend, TimedBackend
 from eval.loadtest_targets import CascadeTarget
 
-__all__ = ["FAULTS", "SimOptions", "SimProcess", "SimulatedCascade", "SwitchBackend", "TimedBackend", "beyond_server"]
+__all__ = ["FAULTS", "SimOptions", "SimulatedCascade", "beyond_server"]
 
 FAULTS = ("large-slow", "large-failing", "large-down")
 
@@ -39,7 +37,7 @@ FAULTS = ("large-slow", "large-failing", "large-down")
 class SimOptions:
     """The simulated two-tier cascade."""
 
-    mode: str = "process"  # "process": each server in a child process; "thread": in this process
+    mode: str = "process"  # servers in child processes ("process") or threads ("thread"); "local": no HTTP
     small: SimConfig = field(default_factory=lambda: SimConfig(  # the small tier's server
         model="sim-small", latency_per_request_s=0.02, latency_per_token_s=0.004, seed=1))
     large: SimConfig = field(default_factory=lambda: SimConfig(  # the large tier's server
@@ -64,131 +62,14 @@ class SimOptions:
     fail_rate: float = 0.5  # large-failing: HTTP 500 probability of the failing server
 
     def __post_init__(self) -> None:
-        if self.mode not in ("process", "thread"):
-            raise ConfigError(f"simulated server mode must be 'process' or 'thread', got {self.mode!r}")
+        if self.mode not in ("process", "thread", "local"):
+            raise ConfigError(f"simulated mode must be 'process', 'thread' or 'local', got {self.mode!r}")
         if self.fault is not None and self.fault not in FAULTS:
             raise ConfigError(f"fault must be one of {', '.join(FAULTS)}, got {self.fault!r}")
         if self.fault_at_s < 0 or self.slow_factor < 1 or not 0 <= self.fail_rate <= 1:
             raise ConfigError("fault_at_s must be >= 0, slow_factor >= 1 and fail_rate in [0, 1]")
         if self.max_tokens < 1 or self.backend_concurrency < 1:
             raise ConfigError("max_tokens and backend_concurrency must be >= 1")
-
-
-class SimProcess:
-    """A :mod:`cascade.simulate` server in a child process on a free loopback port (same face as SimServer)."""
-
-    def __init__(self, config: SimConfig) -> None:
-        self.config = config
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._port = 0
-        self._log: Any = None
-
-    @property
-    def base_url(self) -> str:
-        """The OpenAI base URL, e.g. ``http://127.0.0.1:41234/v1``."""
-        return f"http://127.0.0.1:{self._port}/v1"
-
-    def start(self, timeout_s: float = 30.0) -> SimProcess:
-        """Start the child and wait for the line announcing its port.
-
-        Raises:
-            ConfigError: the child exits or says nothing within ``timeout_s``.
-        """
-        c = self.config
-        argv = [sys.executable, "-m", "cascade.simulate", "--host", "127.0.0.1", "--port", "0", "--model", c.model,
-                "--latency-per-token", repr(c.latency_per_token_s),
-                "--latency-per-request", repr(c.latency_per_request_s), "--error-rate", repr(c.error_rate),
-                "--timeout-rate", repr(c.timeout_rate), "--hang", repr(c.hang_s), "--seed", str(c.seed),
-                "--max-answer-tokens", str(c.max_answer_tokens)]
-        if not c.logprobs:
-            argv.append("--no-logprobs")
-        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - kept open for the child's lifetime
-        self._proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL)
-        assert self._proc.stdout is not None
-        deadline = time.monotonic() + timeout_s
-        line = b""
-        while time.monotonic() < deadline and self._proc.poll() is None:
-            ready, _, _ = select.select([self._proc.stdout], [], [], 0.1)
-            if ready:
-                line = self._proc.stdout.readline()
-                break
-        if b" on 127.0.0.1:" not in line:
-            self._log.seek(0)
-            err = self._log.read().decode(errors="replace")[-500:]
-            self.stop()
-            raise ConfigError(f"the simulated server {c.model!r} did not start: {line!r} {err}")
-        self._port = int(line.rsplit(b":", 1)[1])
-        return self
-
-    def stop(self) -> None:
-        """Terminate the child (kill it after 5 s) and wait for it."""
-        if self._proc is not None:
-            if self._proc.poll() is None:
-                self._proc.terminate()
-                try:
-                    self._proc.wait(5.0)
-                except subprocess.TimeoutExpired:
-                    self._proc.kill()
-                    self._proc.wait(5.0)
-            if self._proc.stdout is not None:
-                self._proc.stdout.close()
-            self._proc = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-
-class SwitchBackend:
-    """The large tier under fault injection: calls go to ``normal`` until :meth:`switch`, then to ``faulty``.
-
-    Both are real backends talking to real servers; this only chooses which one answers.
-    """
-
-    def __init__(self, normal: Backend, faulty: Backend) -> None:
-        self.name = normal.name
-        self._normal, self._faulty = normal, faulty
-        self.switched = False
-
-    def switch(self) -> None:
-        """Send every later call to the faulty backend."""
-        self.switched = True
-
-    async def generate(self, prompts: Sequence[Prompt], params: GenerationParams, *, scores: bool = True,
-                       early_exit: EarlyExit | None = None) -> list[Generation]:
-        """Delegate to the current backend."""
-        backend = self._faulty if self.switched else self._normal
-        return await backend.generate(prompts, params, scores=scores, early_exit=early_exit)
-
-    async def aclose(self) -> None:
-        """Close both backends."""
-        await self._normal.aclose()
-        await self._faulty.aclose()
-
-
-class TimedBackend:
-    """A pass-through backend that records each call's duration and size (below the micro-batcher).
-
-    Attributes:
-        calls: (seconds, number of prompts) per call.
-    """
-
-    def __init__(self, inner: Backend) -> None:
-        self.name = inner.name
-        self.inner = inner
-        self.calls: list[tuple[float, int]] = []
-
-    async def generate(self, prompts: Sequence[Prompt], params: GenerationParams, *, scores: bool = True,
-                       early_exit: EarlyExit | None = None) -> list[Generation]:
-        """Delegate and time the call."""
-        t0 = time.perf_counter()
-        try:
-            return await self.inner.generate(prompts, params, scores=scores, early_exit=early_exit)
-        finally:
-            self.calls.append((time.perf_counter() - t0, len(prompts)))
-
-    async def aclose(self) -> None:
-        """Close the inner backend."""
-        await self.inner.aclose()
 
 
 class SimulatedCascade:
@@ -200,6 +81,7 @@ class SimulatedCascade:
         self.target: CascadeTarget | None = None
         self.batching = "off"
         self.probes: dict[str, TimedBackend] = {}
+        self._cpu0: dict[str, float | None] = {}
         self._switch: SwitchBackend | None = None
 
     async def __aenter__(self) -> SimulatedCascade:
@@ -225,20 +107,22 @@ class SimulatedCascade:
         if o.fault == "large-slow":
             wanted["large-faulty"] = replace(o.large, latency_per_token_s=o.large.latency_per_token_s * o.slow_factor,
                                              latency_per_request_s=o.large.latency_per_request_s * o.slow_factor)
-        elif o.fault == "large-failing":
-            wanted["large-faulty"] = replace(o.large, error_rate=o.fail_rate)
-        for name, config in wanted.items():
-            self.servers[name] = await asyncio.to_thread(self._server(config).start)
+        elif o.fault == "large-failing" or (o.fault == "large-down" and o.mode == "local"):
+            wanted["large-faulty"] = replace(o.large, error_rate=o.fail_rate if o.fault == "large-failing" else 1.0)
 
-        def backend(name: str, model: str) -> OpenAIBackend:
-            return OpenAIBackend(model=model, base_url=self.servers[name].base_url, api_key="sim", api=o.api,
-                                 timeout_s=o.backend_timeout_s, max_retries=o.backend_retries,
+        def backend(name: str) -> Backend:
+            if o.mode == "local":
+                return LocalSimBackend(wanted[name])
+            return OpenAIBackend(model=wanted[name].model, base_url=self.servers[name].base_url, api_key="sim",
+                                 api=o.api, timeout_s=o.backend_timeout_s, max_retries=o.backend_retries,
                                  max_concurrency=o.backend_concurrency)
 
-        backends: dict[str, Backend] = {"small": backend("small", o.small.model),
-                                        "large": backend("large", o.large.model)}
-        if "large-faulty" in self.servers:
-            self._switch = SwitchBackend(backends["large"], backend("large-faulty", o.large.model))
+        if o.mode != "local":
+            for name, config in wanted.items():
+                self.servers[name] = await asyncio.to_thread(self._server(config).start)
+        backends: dict[str, Backend] = {"small": backend("small"), "large": backend("large")}
+        if "large-faulty" in wanted:
+            self._switch = SwitchBackend(backends["large"], backend("large-faulty"))
             backends["large"] = self._switch
         batchers: list[Any] = []
         if o.batching:
@@ -266,13 +150,15 @@ class SimulatedCascade:
                                     (cascade.aclose,))
 
     def reset_counters(self) -> None:
-        """Forget the warm-up: clear the probes' records and the in-thread servers' counters."""
+        """Forget the warm-up: clear the probes' records, the in-thread servers' counters, the children's CPU."""
         for probe in self.probes.values():
             probe.calls.clear()
-        for server in self.servers.values():
+        for name, server in self.servers.items():
             stats = getattr(server, "stats", None)
             if stats is not None:
                 stats.reset()
+            if isinstance(server, SimProcess):
+                self._cpu0[name] = server.cpu_s()
 
     def batching_stats(self) -> dict[str, Any]:
         """Per tier: inner calls under the batcher, prompts, mean batch size and inner-call latency (ms).
@@ -296,9 +182,12 @@ class SimulatedCascade:
     async def inject(self) -> str:
         """Inject the configured fault now; returns a one-line description for the report."""
         o = self.options
-        if o.fault == "large-down":
+        if o.fault == "large-down" and o.mode != "local":
             await asyncio.to_thread(self.servers["large"].stop)
             return f"large tier's server stopped ({o.mode} mode)"
+        if o.fault == "large-down" and self._switch is not None:
+            self._switch.switch()
+            return "large tier down (local mode: every call fails)"
         if self._switch is not None:
             self._switch.switch()
             if o.fault == "large-slow":
@@ -307,13 +196,16 @@ class SimulatedCascade:
         return "no fault"
 
     def server_stats(self) -> dict[str, Any]:
-        """Counters of the in-thread servers (child processes keep theirs to themselves)."""
+        """Counters of the in-thread servers; CPU seconds used by child-process servers since the warm-up."""
         out: dict[str, Any] = {}
         for name, server in self.servers.items():
             stats = getattr(server, "stats", None)
             if stats is not None:
                 out[name] = {"requests": stats.requests, "errors": stats.errors,
                              "max_in_flight": stats.max_in_flight}
+            if isinstance(server, SimProcess):
+                now, before = server.cpu_s(), self._cpu0.get(name)
+                out[name] = {"cpu_s": round(now - before, 3) if now is not None and before is not None else None}
         return out
 
     async def aclose(self) -> None:

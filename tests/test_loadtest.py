@@ -278,3 +278,16 @@ def test_cli_simulated_behind_cascade_serve(tmp_path):
     assert r["ttft_ms"]["p50"] is not None and set(r["tiers"]) == {"small", "large"}
     assert r["fault"]["after"]["degraded"] > 0 and r["fault"]["before"]["escalated"] > 0
     assert any(s["queue_depth"] is not None for s in r["timeline"])  # read from /health
+
+
+async def test_local_mode_measures_the_engine_without_http():
+    options = replace(FAST, mode="local", threshold=0.5, fault="large-down", fault_at_s=0.4)
+    shape = LoadShape(users=200, duration_s=1.0, think_time_s=0.05, ramp_up_s=0.2)
+    async with SimulatedCascade(options) as sim:
+        assert not sim.servers  # no sockets at all
+        report, result = await loadtest(sim.target, PROMPTS, shape, warmup=1,
+                                        events=[(options.fault_at_s, sim.inject)], fault="large-down",
+                                        fault_at_s=options.fault_at_s)
+    assert_counts_add_up(report, result)
+    assert report["failed"] == 0 and report["fault"]["after"]["degraded"] > 0
+    assert report["engine_overhead_ms"]["p50"] < 5.0  # the engine's own work is well under a millisecond

@@ -1,0 +1,263 @@
+"""Labeled tasks for the quality evaluation: fixed prompts, verbalizers and seeded, stratified splits.
+
+Every loader reads the original files under the data folder (``../shared/data`` by default; see its
+README), respects their encodings, and returns a calibration split and a test split that never share an
+example. Files without an official split are sorted by label, so they are shuffled with a fixed seed and
+split per label (stratified). Limits take a stratified, seeded subset, so a smaller run is a subset of
+the same distribution.
+
+An example is a dict: ``id``, ``messages`` (system + user chat), ``answer`` (the gold label word),
+``choices`` (every label word), ``aliases`` (other words that mean a label), ``label`` (int) and ``text``
+(the raw input, for the trained routers).
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import random
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from calibration.scorers import extract_choice
+from cascade.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_DATA",
+    "TASKS",
+    "Task",
+    "TaskData",
+    "load_task",
+    "score_answer",
+    "stratified_sample",
+    "stratified_split",
+]
+
+#: Default data folder, relative to the checkout (``/work/main`` -> ``/work/shared/data``).
+DEFAULT_DATA = "../shared/data"
+
+_SYSTEM = "Reply with one word."
+Row = tuple[int, str]  # (label index, input text)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A classification task as generation: a prompt template and one label word per class.
+
+    Attributes:
+        name: task name on the command line.
+        labels: the label word of each class index.
+        template: user message; ``{text}`` is the input, ``{labels}`` the comma-separated label words.
+        aliases: other answer words mapped to a label word (e.g. ``"technology" -> "science"``).
+        max_tokens: new tokens to generate (a few: the label word comes first).
+    """
+
+    name: str
+    labels: tuple[str, ...]
+    template: str
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    max_tokens: int = 5
+
+    def example(self, uid: str, label: int, text: str) -> dict[str, Any]:
+        """One example dict for ``text`` with gold class ``label``."""
+        user = self.template.format(text=text, labels=", ".join(self.labels))
+        return {"id": uid, "messages": [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": user}],
+                "answer": self.labels[label], "choices": list(self.labels), "aliases": dict(self.aliases),
+                "label": label, "text": text}
+
+
+_SENTIMENT = "Review: {text}\nIs the sentiment of this review negative or positive? Answer with one word: {labels}."
+TASKS: dict[str, Task] = {
+    "sst2": Task("sst2", ("negative", "positive"), _SENTIMENT),
+    "rotten_tomatoes": Task("rotten_tomatoes", ("negative", "positive"), _SENTIMENT),
+    "cr": Task("cr", ("negative", "positive"),
+               "Product review: {text}\nIs this review negative or positive? Answer with one word: {labels}."),
+    "trec": Task("trec", ("description", "entity", "abbreviation", "human", "location", "number"),
+                 "Question: {text}\nWhat kind of answer does this question ask for? Answer with one word: "
+                 "{labels}.",
+                 {"person": "human", "numeric": "number", "place": "location", "definition": "description"}),
+    "ag_news": Task("ag_news", ("world", "sports", "business", "science"),
+                    "News article: {text}\nWhat is the topic of this article? Answer with one word: {labels}.",
+                    {"technology": "science", "tech": "science", "sport": "sports", "politics": "world"}),
+    "isear": Task("isear", ("joy", "fear", "anger", "sadness", "disgust", "shame", "guilt"),
+                  "Someone wrote: {text}\nWhich emotion did they feel? Answer with one word: {labels}.",
+                  {"happiness": "joy", "sad": "sadness", "angry": "anger", "afraid": "fear", "guilty": "guilt",
+                   "ashamed": "shame", "disgusted": "disgust"}),
+}
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """The two disjoint splits of one task.
+
+    Attributes:
+        task: the task definition.
+        cal: calibration examples (thresholds, best-measure choice and router training use only these).
+        test: test examples (every reported number).
+        source: where each split came from (files and split rule), for the report.
+    """
+
+    task: Task
+    cal: list[dict[str, Any]]
+    test: list[dict[str, Any]]
+    source: str
+
+
+def score_answer(answer: str, example: Mapping[str, Any]) -> bool:
+    """True when the label word (or an alias of it) mentioned first in ``answer`` is the gold label."""
+    aliases: Mapping[str, str] = example.get("aliases") or {}
+    words = list(example["choices"]) + [a for a in aliases if a not in example["choices"]]
+    found = extract_choice(answer, words)
+    if found is None:
+        return False
+    return aliases.get(found, found) == str(example["answer"])
+
+
+def stratified_split(labels: Sequence[int], n_first: int, seed: int) -> tuple[list[int], list[int]]:
+    """Split indices into a first part of ``n_first`` and the rest, keeping label shares in both.
+
+    Indices are shuffled per label with ``random.Random(seed)``; each label gives the first part its
+    proportional share (largest remainders fill up to ``n_first`` exactly).
+
+    Raises:
+        ConfigError: ``n_first`` is negative or larger than the data.
+    """
+    if not 0 <= n_first <= len(labels):
+        raise ConfigError(f"cannot take {n_first} of {len(labels)} examples")
+    rng = random.Random(seed)
+    by_label: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_label.setdefault(y, []).append(i)
+    for idx in by_label.values():
+        rng.shuffle(idx)
+    total = len(labels)
+    exact = {y: n_first * len(idx) / total for y, idx in sorted(by_label.items())}
+    take = {y: int(v) for y, v in exact.items()}
+    for y in sorted(exact, key=lambda y: (take[y] - exact[y], y))[: n_first - sum(take.values())]:
+        take[y] += 1
+    first = [i for y, idx in sorted(by_label.items()) for i in idx[: take[y]]]
+    rest = [i for y, idx in sorted(by_label.items()) for i in idx[take[y]:]]
+    rng.shuffle(first)
+    rng.shuffle(rest)
+    return first, rest
+
+
+def stratified_sample(rows: Sequence[Row], n: int | None, seed: int) -> list[Row]:
+    """A seeded, stratified subset of ``n`` rows (all rows, shuffled, when ``n`` is None or too large)."""
+    k = len(rows) if n is None else min(n, len(rows))
+    first, _ = stratified_split([y for y, _ in rows], k, seed)
+    return [rows[i] for i in first]
+
+
+def _lines(path: Path, encoding: str) -> list[Row]:
+    rows = []
+    with path.open(encoding=encoding) as f:
+        for line in f:
+            if line.strip():
+                label, text = line.rstrip("\n").split(" ", 1)
+                rows.append((int(label), text.strip()))
+    return rows
+
+
+def _ag_text(raw: str) -> str:
+    text = re.sub(r"(?<!&)(#\d+;|quot;|amp;|lt;|gt;)", r"&\1", raw.replace("\\", " "))
+    return " ".join(html.unescape(text).split())
+
+
+def _ag_news(folder: Path) -> list[Row]:
+    with (folder / "test.csv").open(encoding="utf-8", newline="") as f:
+        return [(int(c) - 1, _ag_text(f"{title}. {desc}")) for c, title, desc in csv.reader(f)]
+
+
+def _isear(folder: Path) -> list[Row]:
+    names = TASKS["isear"].labels
+    rows = []
+    with (folder / "isear.csv").open(encoding="utf-8") as f:
+        next(f)
+        for line in f:
+            parts = line.rstrip("\n").split("|")
+            if len(parts) < 43:
+                continue
+            text = "|".join(parts[40:-2]).replace("á", " ").replace('\\"', '"').replace("\\", '"')
+            text = " ".join(text.split())
+            if parts[36] in names and text:
+                rows.append((names.index(parts[36]), text))
+    return rows
+
+
+def _dedupe(rows: list[Row], exclude: Sequence[Row] = ()) -> list[Row]:
+    """Rows with a text seen before (or in ``exclude``) removed, so no text is in both splits."""
+    seen = {t for _, t in exclude}
+    out = []
+    for y, t in rows:
+        if t not in seen:
+            seen.add(t)
+            out.append((y, t))
+    return out
+
+
+def _pool(rows: list[Row], n_cal_pool: int, seed: int) -> tuple[list[Row], list[Row]]:
+    """Split one unsplit, label-sorted file into disjoint calibration and test pools (stratified)."""
+    rows = _dedupe(rows)
+    cal, test = stratified_split([y for y, _ in rows], n_cal_pool, seed)
+    return [rows[i] for i in cal], [rows[i] for i in test]
+
+
+def _read(name: str, folder: Path, seed: int) -> tuple[list[Row], list[Row], str]:
+    if name == "sst2":
+        return (_lines(folder / "stsa.binary.dev", "utf-8"), _lines(folder / "stsa.binary.test", "utf-8"),
+                "cal = stsa.binary.dev, test = stsa.binary.test (official splits)")
+    if name == "trec":
+        test = _lines(folder / "TREC.test.all", "utf-8")
+        return (_dedupe(_lines(folder / "TREC.train.all", "latin-1"), exclude=test), test,
+                "cal = subset of TREC.train.all (questions also in the test file removed), test = TREC.test.all")
+    readers: dict[str, Callable[[], list[Row]]] = {
+        "rotten_tomatoes": lambda: _lines(folder / "rt-polarity.all", "latin-1"),
+        "cr": lambda: _lines(folder / "custrev.all", "utf-8"),
+        "ag_news": lambda: _ag_news(folder),
+        "isear": lambda: _isear(folder),
+    }
+    rows = readers[name]()
+    n_cal_pool = min(1000, len(rows) // 3)
+    cal, test = _pool(rows, n_cal_pool, seed)
+    return cal, test, f"no official split: exact duplicates removed, seeded stratified split (seed {seed}), " \
+                      f"{len(cal)} cal pool / {len(test)} test pool"
+
+
+def load_task(name: str, data_dir: str | Path = DEFAULT_DATA, *, n_cal: int | None = None,
+              n_test: int | None = None, seed: int = 0) -> TaskData:
+    """Load one task's calibration and test splits.
+
+    Args:
+        name: a key of :data:`TASKS`.
+        data_dir: the data folder (with one sub-folder per dataset, as in its README).
+        n_cal: calibration examples (a stratified seeded subset; None = the whole calibration pool).
+        n_test: test examples (likewise).
+        seed: seed of every shuffle and split.
+
+    Raises:
+        ConfigError: unknown task, or its files are missing or unreadable.
+    """
+    if name not in TASKS:
+        raise ConfigError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
+    task = TASKS[name]
+    folder = Path(data_dir) / name
+    try:
+        cal_rows, test_rows, source = _read(name, folder, seed)
+    except (OSError, ValueError, UnicodeDecodeError, StopIteration, csv.Error) as exc:
+        raise ConfigError(f"cannot read task {name!r} from {folder}: {exc}") from exc
+    cal = [task.example(f"{name}/cal/{i}", y, t) for i, (y, t) in enumerate(stratified_sample(cal_rows, n_cal, seed))]
+    test = [task.example(f"{name}/test/{i}", y, t)
+            for i, (y, t) in enumerate(stratified_sample(test_rows, n_test, seed + 1))]
+    return TaskData(task, cal, test, source)
+
+
+def dump_examples(examples: Sequence[Mapping[str, Any]], path: str | Path) -> None:
+    """Write examples as JSONL (for inspection and for ``cascade-calibrate``)."""
+    with Path(path).open("w", encoding="utf-8") as f:
+        for ex in examples:
+            f.write(json.dumps(ex, ensure_ascii=False) + "\n")

@@ -1,0 +1,225 @@
+"""Evaluation report: read cached generations, evaluate every setup, write markdown, JSON and PNG curves."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import logging
+import math
+import platform
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from cascade.types import MEASURES
+
+__all__ = ["evaluate_and_report", "markdown_report"]
+
+log = logging.getLogger("eval.report")
+FloatArray = npt.NDArray[np.float64]
+
+
+def _cached_features(cache_dir: Path, name: str, fn: Any) -> Any:
+    """Wrap a feature function with an on-disk cache (``.npy`` keyed by the texts' hash)."""
+
+    def features(texts: Sequence[str]) -> FloatArray:
+        digest = hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:20]
+        path = cache_dir / f"{name}-{digest}.npy"
+        if path.is_file():
+            return np.asarray(np.load(path), dtype=np.float64)
+        x = np.asarray(fn(texts), dtype=np.float64)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        np.save(path, x)
+        return x
+
+    return features
+
+
+def feature_functions(args: argparse.Namespace) -> dict[str, Any]:
+    """Router feature functions: hashed bag of words always, MiniLM embeddings when installed."""
+    from eval.routers import bow_features, minilm_features
+
+    cache = Path(args.cache).parent / "embeddings"
+    out: dict[str, Any] = {"bow": bow_features}
+    if not args.no_embed:
+        try:
+            from cascade.router.embed import minilm_folder
+
+            minilm_folder()
+            out["minilm"] = _cached_features(cache, "minilm", minilm_features)
+        except Exception as exc:  # missing package or module: the bag-of-words router still runs
+            log.warning("MiniLM routers skipped: %s", exc)
+    return out
+
+
+def evaluate_and_report(args: argparse.Namespace, data: Mapping[str, Any]) -> dict[str, Any]:
+    """Evaluate every (task, pair) whose generations are cached and write the report under ``args.out``."""
+    from calibration.runner import cached_generations
+    from eval.datasets import score_answer
+    from eval.quality import MODELS, PAIRS, gen_params
+    from eval.signals import evaluate_setup, setup_arrays
+
+    features = feature_functions(args)
+    setups: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    for task_name, td in data.items():
+        params = gen_params(td.task)
+        for pair in args.pairs:
+            small, large = (MODELS[m] for m in PAIRS[pair])
+            splits = {}
+            for split, exs in (("cal", td.cal), ("test", td.test)):
+                gs = cached_generations(small.identity, exs, params, args.cache)
+                gl = cached_generations(large.identity, exs, params, args.cache)
+                if any(g is None for g in gs + gl):
+                    break
+                splits[split] = setup_arrays(exs, gs, gl, score_answer)  # type: ignore[arg-type]
+            if len(splits) < 2:
+                skipped.append(f"{task_name} / {pair}: generations not (all) cached")
+                continue
+            res = evaluate_setup(splits["cal"], splits["test"], features, seed=args.seed, n_boot=args.n_boot)
+            res.update(task=task_name, pair=pair, source=td.source)
+            setups.append(res)
+            log.info("%s / %s: best measure %s, APGR %.3f", task_name, pair, res["best_measure"],
+                     res["signals"][res["best_measure"]]["apgr"][0])
+    report = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python -m eval.quality " + " ".join(sys.argv[1:]),
+        "settings": {"limit_cal": args.limit_cal, "limit_test": args.limit_test, "seed": args.seed,
+                     "n_boot": args.n_boot, "data": args.data, "pairs": args.pairs, "tasks": args.tasks,
+                     "models": {k: vars(v) for k, v in MODELS.items()}, "python": platform.python_version()},
+        "setups": setups,
+        "skipped": skipped,
+        "summary": summary(setups),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=1, allow_nan=True) + "\n")
+    (out / "results.md").write_text(markdown_report(report))
+    plot_curves(setups, out)
+    print(markdown_report(report, brief=True))
+    print(f"report written to {out}/results.md, results.json and curves_*.png")
+    return report
+
+
+def summary(setups: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Counts over setups: where the calibration-chosen measure beats every trained router, and more."""
+    compared = [s for s in setups if "uncertainty_wins" in s]
+    wins = [s for s in compared if s["uncertainty_wins"]]
+    sig_wins = [s for s in compared if math.isfinite(s["diff"][1]) and s["diff"][1] > 0]
+    sig_losses = [s for s in compared if math.isfinite(s["diff"][2]) and s["diff"][2] < 0]
+    beats_random = [s for s in setups if s["signals"][s["best_measure"]]["apgr"][0] > 0.5]
+    mean_apgr = {name: float(np.nanmean([s["signals"][name]["apgr"][0] for s in setups]))
+                 for name in (setups[0]["signals"] if setups else {})}
+    return {"setups": len(setups), "compared_with_routers": len(compared), "uncertainty_wins": len(wins),
+            "significant_wins": len(sig_wins), "significant_losses": len(sig_losses),
+            "best_measure_beats_random": len(beats_random), "mean_test_apgr": mean_apgr}
+
+
+def _f(x: float, digits: int = 3) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+
+
+def _ci(v: Sequence[float]) -> str:
+    return f"{_f(v[0])} [{_f(v[1])}, {_f(v[2])}]"
+
+
+def markdown_report(report: Mapping[str, Any], *, brief: bool = False) -> str:
+    """The report as markdown: summary, one headline row per setup, then every signal per setup."""
+    setups, sm = report["setups"], report["summary"]
+    lines = []
+    if not brief:
+        lines += ["# Quality evaluation: uncertainty-based escalation vs trained routers", "",
+                  f"Generated {report['date']} by `{report['command']}`.", "",
+                  "APGR / CPT with 95% percentile-bootstrap intervals on the test split. `best measure` is chosen "
+                  "by APGR on the calibration split; routers are trained on the calibration split. `win` = the "
+                  "chosen measure's test APGR is above every router's; `diff` = paired bootstrap APGR(best "
+                  "measure) - APGR(best router).", ""]
+    lines += [f"**Summary:** {sm['setups']} setups; the calibration-chosen uncertainty measure beats every "
+              f"trained router in {sm['uncertainty_wins']} of {sm['compared_with_routers']} "
+              f"({sm['significant_wins']} with a paired 95% CI above 0, {sm['significant_losses']} significantly "
+              f"worse); it beats random routing (APGR > 0.5) in {sm['best_measure_beats_random']} of "
+              f"{sm['setups']}.", ""]
+    lines += ["| task | pair | n cal/test | acc small | acc large | best measure (cal) | APGR | CPT(50%) | "
+              "CPT(80%) | best router | router APGR | random APGR | oracle APGR | diff [95% CI] | win |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for s in setups:
+        sig, best = s["signals"], s["best_measure"]
+        router = s.get("best_router")
+        lines.append(
+            f"| {s['task']} | {s['pair']} | {s['n_cal']}/{s['n_test']} | {_f(s['small_accuracy'])} | "
+            f"{_f(s['large_accuracy'])} | {best} | {_ci(sig[best]['apgr'])} | {_ci(sig[best]['cpt50'])} | "
+            f"{_ci(sig[best]['cpt80'])} | {router or 'n/a'} | {_ci(sig[router]['apgr']) if router else 'n/a'} | "
+            f"{_f(sig['random']['apgr'][0])} | {_f(sig['oracle']['apgr'][0])} | "
+            f"{_ci(s['diff']) if 'diff' in s else 'n/a'} | {'yes' if s.get('uncertainty_wins') else 'no'} |")
+    if brief:
+        return "\n".join(lines) + "\n"
+    lines += ["", "Mean test APGR over setups: " + ", ".join(
+        f"{k} {_f(v)}" for k, v in sorted(sm["mean_test_apgr"].items(), key=lambda kv: -kv[1]
+                                           if math.isfinite(kv[1]) else 9)), ""]
+    for s in setups:
+        lines += [f"## {s['task']} / {s['pair']}", "",
+                  f"Split: {s['source']}. Calibration: small {_f(s['cal_small_accuracy'])}, large "
+                  f"{_f(s['cal_large_accuracy'])}. Tokens per request (prompt + answer): small "
+                  f"{s['tokens_per_request'][0]:.1f}, large {s['tokens_per_request'][1]:.1f}.", "",
+                  "| signal | cal APGR | test AUC | test APGR | CPT(50%) | CPT(80%) |", "|---|---|---|---|---|---|"]
+        for name, v in s["signals"].items():
+            cal = _f(s["cal_values"][name]) if name in s["cal_values"] else ""
+            mark = " (chosen)" if name == s["best_measure"] else ""
+            lines.append(f"| {name}{mark} | {cal} | {_ci(v['auc'])} | {_ci(v['apgr'])} | {_ci(v['cpt50'])} | "
+                         f"{_ci(v['cpt80'])} |")
+        for r, note in s.get("router_notes", {}).items():
+            lines.append(f"\n{r}: {note}")
+        notes = {v["note"] for v in s["signals"].values() if v["note"]}
+        lines += [f"\nNote: {n}" for n in notes]
+        lines += ["", f"![curves](curves_{_slug(s['task'], s['pair'])}.png)", ""]
+    if report["skipped"]:
+        lines += ["## Skipped", ""] + [f"- {x}" for x in report["skipped"]] + [""]
+    return "\n".join(lines) + "\n"
+
+
+def _slug(task: str, pair: str) -> str:
+    return f"{task}_{pair}".replace(" -> ", "_to_").replace(" ", "_").replace(".", "")
+
+
+def plot_curves(setups: Sequence[Mapping[str, Any]], out: Path) -> None:
+    """One PNG per setup: accuracy vs large share for the chosen measure, other measures, routers, refs."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no plots")
+        return
+    for s in setups:
+        fig, ax = plt.subplots(figsize=(6.4, 4.6))
+        for name, v in s["signals"].items():
+            c = v["curve"]
+            if name == s["best_measure"]:
+                style: dict[str, Any] = {"lw": 2.4, "color": "C0", "zorder": 5}
+            elif name in MEASURES:
+                style = {"lw": 0.8, "alpha": 0.5, "color": "C0"}
+            elif name == "oracle":
+                style = {"lw": 1.5, "color": "k", "ls": ":"}
+            elif name == "random":
+                style = {"lw": 1.2, "color": "gray", "ls": "--"}
+            else:
+                style = {"lw": 1.6, "ls": "-."}
+            label = None if (name in MEASURES and name != s["best_measure"]) else \
+                f"{name} (APGR {_f(v['apgr'][0], 2)})"
+            ax.plot(c["share"], c["accuracy"], label=label, **style)
+        ax.plot([], [], color="C0", lw=0.8, alpha=0.5, label="other measures")
+        ax.set_xlabel("share of requests sent to the large model")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{s['task']}: {s['pair']} (test n={s['n_test']})", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+        fig.tight_layout()
+        fig.savefig(out / f"curves_{_slug(s['task'], s['pair'])}.png", dpi=110)
+        plt.close(fig)

@@ -1,0 +1,102 @@
+"""Task loaders of the quality evaluation: disjoint, stratified, reproducible splits from the real data files."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from cascade.errors import ConfigError
+
+# eval/ runs from the checkout (python -m eval.quality), not installed: make the checkout importable.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from eval.datasets import TASKS, load_task, score_answer, stratified_sample, stratified_split
+
+DATA = Path(os.environ.get("CASCADE_EVAL_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real data folder {DATA} is absent (set CASCADE_EVAL_DATA)")
+
+
+def test_stratified_split_keeps_label_shares_and_is_seeded() -> None:
+    labels = [0] * 640 + [1] * 360  # sorted by label, like the files
+    first, rest = stratified_split(labels, 100, seed=3)
+    assert len(first) == 100 and len(rest) == 900
+    assert not set(first) & set(rest) and sorted(first + rest) == list(range(1000))
+    assert Counter(labels[i] for i in first) == {0: 64, 1: 36}
+    assert stratified_split(labels, 100, seed=3) == (first, rest)
+    assert stratified_split(labels, 100, seed=4)[0] != first
+
+
+def test_stratified_split_exact_size_with_remainders() -> None:
+    labels = [0] * 7 + [1] * 5 + [2] * 1
+    for n in range(14):
+        first, rest = stratified_split(labels, n, seed=0)
+        assert len(first) == n and len(rest) == 13 - n
+    with pytest.raises(ConfigError):
+        stratified_split(labels, 14, seed=0)
+
+
+def test_smaller_samples_are_subsets_of_larger_ones() -> None:
+    rows = [(i % 3, f"text {i}") for i in range(300)]
+    small = set(stratified_sample(rows, 30, seed=1))
+    large = set(stratified_sample(rows, 90, seed=1))
+    assert small <= large
+
+
+def test_score_answer_uses_choices_and_aliases() -> None:
+    ex = TASKS["ag_news"].example("x", 3, "new chip")
+    assert score_answer("Science", ex)
+    assert score_answer("Technology.", ex)
+    assert not score_answer("business", ex)
+    assert not score_answer("I do not know", ex)
+    sst = TASKS["sst2"].example("y", 0, "dull")
+    assert score_answer("This review is negative.", sst)
+    assert not score_answer("positive, not negative", sst)  # the first label mentioned counts
+
+
+def test_unknown_task_and_missing_folder_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        load_task("imdb", tmp_path)
+    with pytest.raises(ConfigError):
+        load_task("sst2", tmp_path)
+
+
+@needs_data
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_splits_are_disjoint_stratified_and_reproducible(name: str) -> None:
+    a = load_task(name, DATA, n_cal=300, n_test=500, seed=0)
+    assert len(a.cal) == 300 and len(a.test) == 500
+    cal_texts, test_texts = {e["text"] for e in a.cal}, {e["text"] for e in a.test}
+    assert len(cal_texts & test_texts) <= 2, "calibration and test share examples"  # a few exact duplicates exist
+    assert len({e["id"] for e in a.cal + a.test}) == 800
+    for split in (a.cal, a.test):
+        counts = Counter(e["label"] for e in split)
+        assert len(counts) == len(TASKS[name].labels) or name == "trec"
+        assert all(e["answer"] == e["choices"][e["label"]] for e in split)
+    full = load_task(name, DATA, seed=0)
+    full_share = Counter(e["label"] for e in full.test)
+    got = Counter(e["label"] for e in a.test)
+    for label, k in full_share.items():
+        assert abs(got[label] / 500 - k / len(full.test)) <= 1 / 500 + 1e-9
+    b = load_task(name, DATA, n_cal=300, n_test=500, seed=0)
+    assert [e["messages"] for e in a.cal + a.test] == [e["messages"] for e in b.cal + b.test]
+    c = load_task(name, DATA, n_cal=300, n_test=500, seed=1)
+    assert [e["text"] for e in c.test] != [e["text"] for e in a.test]
+
+
+@needs_data
+def test_official_splits_and_encodings() -> None:
+    sst = load_task("sst2", DATA)
+    assert (len(sst.cal), len(sst.test)) == (872, 1821)
+    trec = load_task("trec", DATA)
+    assert len(trec.test) == 500 and 5300 < len(trec.cal) < 5452  # minus questions also in the test file
+    assert Counter(e["label"] for e in trec.test) == {0: 138, 1: 94, 2: 9, 3: 65, 4: 81, 5: 113}
+    rt = load_task("rotten_tomatoes", DATA)  # latin-1: decoded, not replaced
+    assert len(rt.cal) + len(rt.test) == 10662
+    assert any("é" in e["text"] for e in rt.cal + rt.test)
+    assert not any("\ufffd" in e["text"] for e in rt.cal + rt.test)
+    ag = load_task("ag_news", DATA, n_cal=50, n_test=50)
+    assert not any("#39;" in e["text"] or "\\" in e["text"] for e in ag.cal + ag.test)
+    assert Counter(e["label"] for e in load_task("isear", DATA).test).most_common(1)[0][1] < 1000

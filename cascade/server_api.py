@@ -176,7 +176,8 @@ def parse_request(kind: str, body: object, defaults: GenerationParams, config: A
     else:
         prompts = list(_prompt_list(body.get("prompt"), config.max_prompts))
     limit = config.max_tokens_limit
-    max_tokens = _int(body, "max_completion_tokens", 1, limit) or _int(body, "max_tokens", 1, limit)
+    legacy = _int(body, "max_tokens", 1, limit)
+    max_tokens = _int(body, "max_completion_tokens", 1, limit) or legacy
     temperature = _num(body, "temperature", 0.0, 2.0)
     top_p = _num(body, "top_p", 0.0, 1.0, open_low=True)
     seed = _int(body, "seed", -(2**63), 2**64 - 1)

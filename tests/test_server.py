@@ -268,3 +268,19 @@ def test_disconnect_cancels_work_and_shutdown_drains(tmp_path: Path, sim_tiers: 
 
 def server_in_flight(server: ServerProcess) -> int:
     return int(httpx.get(server.url + "/health").json()["in_flight"])
+
+
+def test_server_config_is_validated(tmp_path: Path) -> None:
+    from cascade.cli import main
+    from cascade.errors import ConfigError
+    from cascade.server import ServerConfig
+
+    with pytest.raises(ConfigError):
+        ServerConfig.from_mapping({"max_in_flight": 0})
+    with pytest.raises(ConfigError):
+        ServerConfig.from_mapping({"bogus": 1})
+    assert ServerConfig.from_mapping(None) == ServerConfig()
+    cfg = write_yaml(tmp_path / "c.yaml", {"thresholds": [0.5],
+                                           "extra": {"server": {"api_key_env": "CASCADE_UNSET_KEY_VAR"}}})
+    os.environ.pop("CASCADE_UNSET_KEY_VAR", None)
+    assert main(["serve", "--config", str(cfg), "--port", "0"]) == 2  # refused before loading any model

@@ -283,9 +283,14 @@ def _load_folder(folder: str, gguf_file: str | None, dtype: torch.dtype,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
-    placement: dict[str, Any] = {"device_map": device_map} if device_map is not None else {}
+    options: dict[str, Any] = {"device_map": device_map} if device_map is not None else {}
+    if gguf_file:
+        with contextlib.suppress(ImportError):  # transformers >= 5.x could keep GGUF blocks packed (with
+            from transformers import GgufConfig  # `kernels`); the safetensors copy needs dense weights
+
+            options["quantization_config"] = GgufConfig(dequantize=True)
     tokenizer: Any = AutoTokenizer.from_pretrained(folder, **gguf)
-    model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **gguf, **placement)
+    model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **gguf, **options)
     model.eval()
     return model, tokenizer
 

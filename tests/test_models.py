@@ -320,6 +320,8 @@ def test_smollm2_loads_answers_and_reloads_identically(smollm2_cache: Path) -> N
     model, tok = load_pretrained("smollm2-135m", cache_dir=smollm2_cache)
     first_s = time.perf_counter() - start
     assert model.generation_config.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # de-quantized, dense weights
+    assert {type(m).__name__ for m in model.modules() if "Linear" in type(m).__name__} == {"Linear"}
     prompts = [[{"role": "user", "content": "What is the capital of France?"}],
                [{"role": "user", "content": "What is 2 + 2? Answer with a number."}]]
     texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]

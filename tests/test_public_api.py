@@ -9,7 +9,9 @@ import sys
 import pytest
 
 MODULES = ["cascade", "cascade.types", "cascade.errors", "cascade.engine", "cascade.policy", "cascade.uncertainty",
-           "cascade.config", "cascade.backends.base", "cascade.backends.hf_local", "calibration.scorers"]
+           "cascade.config", "cascade.backends.base", "cascade.backends.hf_local", "calibration.scorers",
+           "calibration.fit", "calibration.metrics", "calibration.artifact", "calibration.cli", "calibration.heldout",
+           "calibration.report"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -1,0 +1,295 @@
+"""The steps of ``cascade-calibrate`` between the command line and the report.
+
+Reading and checking labelled JSONL (every error names its line), the seeded held-out split, running every
+tier of a config through the cached runner (models are loaded only when something is not cached yet),
+fitting with one of the three methods, per-cluster fits for expert-router mode, and moving fitted thresholds
+off the data values they come from.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from calibration.scorers import Scorer, get_scorer
+from cascade.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from calibration.artifact import Curve
+    from calibration.fit import FitResult
+    from cascade.config import BackendConfig, CascadeConfig
+    from cascade.types import Generation, GenerationParams
+
+__all__ = [
+    "Example",
+    "answering_tiers",
+    "check_scorer",
+    "cluster_ids",
+    "fit_clusters",
+    "fit_thresholds",
+    "generate_all",
+    "load_examples",
+    "predicted_identity",
+    "split_examples",
+    "widen_curve",
+    "widen_thresholds",
+]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One labelled example and where it came from.
+
+    Attributes:
+        data: the parsed line (``id``, ``prompt`` or ``messages``, ``answer``, optional ``choices``).
+        line: 1-based line number in ``source``.
+        source: the file it was read from.
+    """
+
+    data: dict[str, Any]
+    line: int
+    source: str
+
+
+def _parse(raw: str, at: str) -> dict[str, Any]:
+    from cascade.types import validate_prompt
+
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequestError(f"{at}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+    if not isinstance(obj, dict):
+        raise InvalidRequestError(f"{at}: expected a JSON object, got {type(obj).__name__}")
+    if ("prompt" in obj) == ("messages" in obj):
+        raise InvalidRequestError(f"{at}: give exactly one of 'prompt' or 'messages'")
+    try:
+        validate_prompt(obj.get("prompt", obj.get("messages")))
+    except InvalidRequestError as exc:
+        raise InvalidRequestError(f"{at}: {exc}") from None
+    answer = obj.get("answer")
+    if answer is None or isinstance(answer, (dict, list, bool)) or str(answer).strip() == "":
+        raise InvalidRequestError(f"{at}: missing or empty 'answer' (a string or number)")
+    choices = obj.get("choices")
+    if choices is not None:
+        if not isinstance(choices, list) or not choices or not all(isinstance(c, (str, int, float)) for c in choices):
+            raise InvalidRequestError(f"{at}: 'choices' must be a non-empty list of strings")
+        if str(answer) not in [str(c) for c in choices]:
+            raise InvalidRequestError(f"{at}: answer {answer!r} is not among its choices {choices!r}")
+    return obj
+
+
+def load_examples(path: str | Path) -> list[Example]:
+    """Read labelled JSONL; blank lines are skipped.
+
+    Raises:
+        InvalidRequestError: unreadable file, no examples, or a bad line (named ``file:line``): invalid
+            JSON, not an object, neither or both of prompt/messages, a malformed prompt, a missing answer,
+            an answer not among its choices, or a duplicate id.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(f"cannot read {p}: {exc}") from None
+    out: list[Example] = []
+    seen: dict[str, int] = {}
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        obj = _parse(raw, f"{p}:{lineno}")
+        uid = str(obj.setdefault("id", f"line-{lineno}"))
+        if uid in seen:
+            raise InvalidRequestError(f"{p}:{lineno}: duplicate id {uid!r} (also on line {seen[uid]})")
+        seen[uid] = lineno
+        out.append(Example(obj, lineno, str(p)))
+    if not out:
+        raise InvalidRequestError(f"{p}: no examples (the file is empty)")
+    return out
+
+
+def check_scorer(name: str, examples: Sequence[Example]) -> tuple[str, Scorer]:
+    """Resolve ``name`` (``auto``: ``choice`` when every example has choices, else ``exact``) and check the data.
+
+    Raises:
+        InvalidRequestError: unknown scorer, or ``choice`` with an example without choices (line named).
+    """
+    if name == "auto":
+        name = "choice" if all("choices" in e.data for e in examples) else "exact"
+    scorer = get_scorer(name)
+    if name == "choice":
+        for e in examples:
+            if "choices" not in e.data:
+                raise InvalidRequestError(f"{e.source}:{e.line}: the choice scorer needs 'choices'")
+    return name, scorer
+
+
+def split_examples(examples: Sequence[Example], test_share: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """A seeded random split: ``round(test_share * n)`` held out (at least one on each side when n >= 2)."""
+    n = len(examples)
+    k = min(max(round(test_share * n), 1), n - 1) if n >= 2 else 0
+    order = np.random.default_rng(seed).permutation(n)
+    test = set(order[:k].tolist())
+    return [e for i, e in enumerate(examples) if i not in test], [e for i, e in enumerate(examples) if i in test]
+
+
+def predicted_identity(cfg: BackendConfig) -> str | None:
+    """The cache identity :func:`calibration.runner.model_identity` will give, when it is known without loading."""
+    if cfg.kind != "hf":
+        return cfg.model
+    if cfg.dtype is not None:
+        return f"{cfg.model}@{cfg.dtype}"
+    return f"{cfg.model}@float32" if cfg.device == "cpu" and cfg.device_map is None else None
+
+
+async def generate_all(cfg: CascadeConfig, examples: Sequence[Mapping[str, Any]], params: GenerationParams,
+                       cache_dir: Path, *, batch_size: int = 16, progress: bool = True) -> list[list[Generation]]:
+    """Every tier's answers to every example (tier-major), from the cache where possible.
+
+    A tier whose answers are all cached is not loaded at all. The last tier is run without scores; answers
+    cached with scores (the same model as a lower tier of another config) are reused for it. Each model is
+    loaded, run and released before the next one.
+    """
+    from calibration.runner import cached_generations, generate_cached, model_identity
+    from cascade.config import build_backend
+
+    out: list[list[Generation]] = []
+    last = len(cfg.tiers) - 1
+    for j, tier in enumerate(cfg.tiers):
+        scores = j < last
+        ident = predicted_identity(tier.backend)
+        if ident is not None:
+            hits: list[Generation] | None = None
+            for flag in (scores, True):
+                got = cached_generations(ident, examples, params, cache_dir, scores=flag)
+                if all(g is not None for g in got):
+                    hits = [g for g in got if g is not None]
+                    break
+            if hits is not None:
+                out.append(hits)
+                continue
+        backend = build_backend(tier.backend)
+        try:
+            out.append(await generate_cached(backend, examples, params, cache_dir, scores=scores,
+                                             batch_size=batch_size, identity=model_identity(backend),
+                                             progress=progress, desc=f"{tier.name} ({tier.backend.model})"))
+        finally:
+            await backend.aclose()
+            del backend
+            gc.collect()
+    return out
+
+
+def fit_thresholds(method: str, scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.ArrayLike,
+                   **target: float) -> FitResult:
+    """Run one fitting method: ``budget`` (max_large_share), ``quality`` (max_quality_loss, delta) or
+    ``min_cost`` (value_per_correct)."""
+    from calibration.fit import fit_budget, fit_min_cost, fit_quality
+
+    if method == "budget":
+        return fit_budget(scores, correct, costs, max_large_share=target["max_large_share"])
+    if method == "quality":
+        return fit_quality(scores, correct, costs, max_quality_loss=target["max_quality_loss"],
+                           delta=target["delta"])
+    if method == "min_cost":
+        return fit_min_cost(scores, correct, costs, value_per_correct=target["value_per_correct"])
+    raise InvalidRequestError(f"unknown fitting method {method!r}")
+
+
+def widen_thresholds(thresholds: Sequence[float], scores: npt.ArrayLike) -> tuple[float, ...]:
+    """Move each finite threshold to the midpoint between it and the next larger score of its stage.
+
+    A fitted threshold is a score of the data, so a recomputed score that differs in the last float bits
+    (another batch, other padding) would flip that example's decision. Every threshold in
+    ``[t, next score)`` makes the same decisions on the fit data, so the midpoint keeps every measured number
+    (and the certified bound) while leaving a margin on both sides.
+
+    Args:
+        thresholds: N-1 thresholds.
+        scores: ``(n, N-1)`` or ``(n,)`` fit scores.
+    """
+    s = np.asarray(scores, dtype=np.float64).reshape(len(np.asarray(scores)), -1)
+    out = []
+    for j, t in enumerate(thresholds):
+        above = s[:, j][s[:, j] > t] if math.isfinite(t) else np.empty(0)
+        out.append(float((t + above.min()) / 2.0) if above.size else float(t))
+    return tuple(out)
+
+
+def widen_curve(curve: Curve, scores: npt.ArrayLike) -> Curve:
+    """The curve with every point's thresholds moved as in :func:`widen_thresholds`."""
+    from dataclasses import replace
+
+    return replace(curve, thresholds=tuple(widen_thresholds(t, scores) for t in curve.thresholds))
+
+
+def answering_tiers(thresholds: npt.ArrayLike, scores: npt.ArrayLike) -> npt.NDArray[np.int64]:
+    """Answering tier per example with per-example thresholds: ``(n, N-1)`` and ``(n, N-1)`` -> ``(n,)``."""
+    s = np.asarray(scores, dtype=np.float64)
+    accept = s <= np.asarray(thresholds, dtype=np.float64)
+    tier: npt.NDArray[np.int64] = np.argmax(np.c_[accept, np.ones(len(s), dtype=np.bool_)], axis=1).astype(np.int64)
+    return tier
+
+
+async def cluster_ids(router_path: str, cfg: CascadeConfig, examples: Sequence[Mapping[str, Any]],
+                      cache_dir: Path) -> tuple[list[int], str]:
+    """The router cluster of each example (embeddings cached in ``cache_dir/embeddings``), and the embedder id.
+
+    Raises:
+        ArtifactError, ConfigError: unreadable router file or unknown embedder.
+    """
+    from calibration.runner import example_prompt
+    from cascade.config import build_backend
+    from cascade.router.embed import aembed, make_embedder, prompt_text
+    from cascade.router.pool import FittedRouter
+
+    fitted = FittedRouter.load(router_path)
+    texts = [prompt_text(example_prompt(e)) for e in examples]
+    key = hashlib.sha256(json.dumps([fitted.embedder, texts], ensure_ascii=False).encode()).hexdigest()[:24]
+    path = cache_dir / "embeddings" / f"{key}.npy"
+    if path.is_file():
+        x = np.load(path)
+    else:
+        want = fitted.embedder.split(":", 1)[1] if fitted.embedder.startswith("hidden-states:") else None
+        backends = [build_backend(t.backend) for t in cfg.tiers if want is not None and t.backend.model == want][:1]
+        try:
+            x = await aembed(make_embedder(fitted.embedder, backends=backends), texts)
+        finally:
+            for b in backends:
+                await b.aclose()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".part.npy")
+        np.save(tmp, x)
+        tmp.replace(path)
+    return fitted.assign(x), fitted.embedder
+
+
+def fit_clusters(ids: Sequence[int], method: str, target: Mapping[str, float], scores: npt.ArrayLike,
+                 correct: npt.ArrayLike, costs: npt.ArrayLike) -> tuple[dict[int, tuple[float, ...]], dict[str, Any]]:
+    """One fit per router cluster present in the fit data (the same method and target on its examples).
+
+    Returns:
+        ``(cluster_thresholds, report)``; clusters absent from the data get no entry (the global thresholds
+        apply to them).
+    """
+    s = np.asarray(scores, dtype=np.float64).reshape(len(ids), -1)
+    c, k = np.asarray(correct), np.asarray(costs)
+    cid = np.asarray(ids)
+    thresholds: dict[int, tuple[float, ...]] = {}
+    fits: dict[str, Any] = {}
+    for cl in sorted(set(cid.tolist())):
+        m = cid == cl
+        fit = fit_thresholds(method, s[m], c[m], k[m], **target)
+        thresholds[cl] = widen_thresholds(fit.thresholds, s[m])
+        fits[str(cl)] = {"n": int(m.sum()), "thresholds": list(thresholds[cl]), "feasible": fit.feasible,
+                         "accuracy": fit.stats.accuracy, "large_share": fit.stats.large_share,
+                         "mean_cost": fit.stats.mean_cost, "message": fit.message}
+    return thresholds, {"fits": fits}

@@ -1,0 +1,255 @@
+"""What ``cascade-calibrate`` reports: measure comparison, operating points, Pareto front, plot, JSON.
+
+Every function here is pure numpy over the calibration arrays (shapes as in :mod:`calibration.metrics`:
+``scores (n, N-1)``, ``correct (n, N)``, ``costs (n, N)``) or formats a finished report dict. The report
+dict is JSON-ready after :func:`jsonable` (infinite thresholds become the strings ``"inf"``/``"-inf"``, as
+in the artifact). matplotlib is imported only by :func:`plot`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from calibration.fit import common_sweep, grid_search
+from calibration.metrics import CascadeStats, apgr, auc, oracle_curve, pareto_front, random_curve, simulate
+
+__all__ = [
+    "jsonable",
+    "measure_summary",
+    "operating_points",
+    "pareto_section",
+    "plot",
+    "render_text",
+    "stats_dict",
+    "thin",
+]
+
+_CURVE_POINTS = 401  # points per curve kept in the report (and drawn)
+_FRONT_ROWS = 12  # Pareto rows printed in the terminal
+
+
+def thin(n: int, keep: int) -> npt.NDArray[np.int64]:
+    """At most ``keep`` evenly spaced indices of ``range(n)``, always both ends."""
+    return np.unique(np.rint(np.linspace(0, n - 1, min(n, keep))).astype(np.int64))
+
+
+def stats_dict(st: CascadeStats, thresholds: Sequence[float] | None = None) -> dict[str, Any]:
+    """A JSON-ready summary of one operating point."""
+    out: dict[str, Any] = {"accuracy": st.accuracy, "large_share": st.large_share, "mean_cost": st.mean_cost,
+                           "answered": list(st.answered), "n": st.n}
+    if thresholds is not None:
+        out["thresholds"] = [float(t) for t in thresholds]
+    return out
+
+
+def measure_summary(scores: Mapping[str, npt.ArrayLike], correct: npt.ArrayLike,
+                    costs: npt.ArrayLike) -> dict[str, dict[str, Any]]:
+    """Each measure's accuracy-vs-large-share curve (one common threshold for every stage) and its AUC.
+
+    Args:
+        scores: measure name -> ``(n, N-1)`` scores.
+        correct: ``(n, N)``; costs: ``(n, N)``.
+
+    Returns:
+        ``{measure: {"auc", "apgr", "curve": {"large_share", "accuracy", "mean_cost"}}}``; the curve has at
+        most 401 points, large share descending from 1 to 0. APGR is NaN when the last tier is not better.
+    """
+    out = {}
+    for name, s in scores.items():
+        cand = common_sweep(s, correct, costs)
+        share, acc = cand.large_share, cand.accuracy
+        keep = thin(len(acc), _CURVE_POINTS)
+        out[name] = {"auc": auc(share, acc), "apgr": apgr(share, acc),
+                     "curve": {"large_share": share[keep].tolist(), "accuracy": acc[keep].tolist(),
+                               "mean_cost": cand.mean_cost[keep].tolist()}}
+    return out
+
+
+def reference_curves(correct: npt.ArrayLike) -> dict[str, Any]:
+    """Random routing and the oracle between the first and the last tier (exact for two tiers)."""
+    c = np.asarray(correct, dtype=np.bool_)[:, [0, -1]]
+    rnd, orc = random_curve(c), oracle_curve(c)
+    return {"random": {"large_share": rnd.share.tolist(), "accuracy": rnd.accuracy.tolist()},
+            "oracle": {"large_share": orc.share.tolist(), "accuracy": orc.accuracy.tolist()},
+            "oracle_auc": auc(orc.share, orc.accuracy), "random_auc": auc(rnd.share, rnd.accuracy)}
+
+
+def operating_points(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.ArrayLike,
+                     thresholds: Sequence[float], tier_names: Sequence[str],
+                     shares: Sequence[float] = (0.1, 0.25, 0.5, 0.75)) -> list[dict[str, Any]]:
+    """Rows of the terminal table: every tier alone, the chosen cascade, other shares, random and oracle.
+
+    The "cascade @ share r" rows use one common threshold (the largest measured share <= r); random and
+    oracle rows are at the chosen cascade's large share, between the first and the last tier.
+    """
+    s, c, k = np.asarray(scores, dtype=np.float64), np.asarray(correct, dtype=np.bool_), np.asarray(costs)
+    rows = []
+    for j, name in enumerate(tier_names):
+        rows.append({"label": f"{name} alone", "accuracy": float(c[:, j].mean()),
+                     "large_share": 1.0 if j == len(tier_names) - 1 else 0.0, "mean_cost": float(k[:, j].mean())})
+    chosen = simulate(thresholds, s, c, k).stats()
+    rows.append({"label": "cascade (chosen)", "chosen": True, **stats_dict(chosen, thresholds)})
+    cand = common_sweep(s, c, k)
+    for r in shares:
+        i = int(np.flatnonzero(cand.large_share <= r + 1e-12)[0])
+        rows.append({"label": f"cascade @ share <= {r:.0%}", **stats_dict(cand.stats(i), cand.thresholds[i])})
+    small, large = float(c[:, 0].mean()), float(c[:, -1].mean())
+    x = chosen.large_share
+    orc = oracle_curve(c[:, [0, -1]])
+    rows.append({"label": "random @ chosen share", "accuracy": small + x * (large - small), "large_share": x,
+                 "mean_cost": float((1.0 - x) * k[:, 0].mean() + x * k[:, -1].mean())})
+    rows.append({"label": "oracle @ chosen share", "accuracy": float(np.interp(x, orc.share, orc.accuracy)),
+                 "large_share": x, "mean_cost": float("nan")})
+    return rows
+
+
+def pareto_section(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.ArrayLike,
+                   chosen: CascadeStats, *, max_grid: int = 4096) -> dict[str, Any]:
+    """The (mean cost, accuracy) Pareto front of the threshold combinations searched, chosen point marked.
+
+    Two tiers: every distinct threshold. N tiers: the joint grid of :func:`calibration.fit.grid_search`.
+    Without prices (all costs 0) the large share stands in for the cost.
+    """
+    c, k = np.asarray(correct, dtype=np.bool_), np.asarray(costs, dtype=np.float64)
+    two = c.shape[1] == 2
+    cand = common_sweep(scores, c, k) if two else grid_search(scores, c, k, max_grid=max_grid)
+    priced = bool(np.any(k != 0))
+    x = cand.mean_cost if priced else cand.large_share
+    idx = pareto_front(x, cand.accuracy)
+    points = [stats_dict(cand.stats(int(i)), cand.thresholds[int(i)]) for i in idx]
+    cx = chosen.mean_cost if priced else chosen.large_share
+    hit = [p for p, i in enumerate(idx) if abs(x[i] - cx) <= 1e-12 and abs(cand.accuracy[i] - chosen.accuracy) <= 1e-12]
+    note = ""
+    if not hit:
+        better = [p for p, i in enumerate(idx) if x[i] <= cx + 1e-12 and cand.accuracy[i] >= chosen.accuracy - 1e-12]
+        note = "the chosen thresholds are not on the front" + (
+            f"; front point {better[0]} is at least as good" if better else " (outside the searched grid)")
+    return {"x": "mean_cost" if priced else "large_share",
+            "searched": len(cand.accuracy),
+            "search": "every distinct threshold" if two else f"joint grid of per-stage thresholds (<= {max_grid})",
+            "points": points, "chosen_index": hit[0] if hit else None, "note": note}
+
+
+def jsonable(obj: Any) -> Any:
+    """Nested data with numpy values as Python ones and non-finite floats as "inf"/"-inf"/None."""
+    if isinstance(obj, Mapping):
+        return {str(key): jsonable(v) for key, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        f = float(obj)
+        return f if math.isfinite(f) else (None if math.isnan(f) else ("inf" if f > 0 else "-inf"))
+    return obj
+
+
+def _fmt_t(ts: Sequence[Any]) -> str:
+    return "[" + ", ".join(f"{float(t):.4f}" if isinstance(t, (int, float)) else str(t) for t in ts) + "]"
+
+
+def _row(label: str, p: Mapping[str, Any], mark: str = " ") -> str:
+    cost = p.get("mean_cost")
+    cost_s = f"{cost:>11.4g}" if isinstance(cost, (int, float)) and math.isfinite(cost) else f"{'-':>11}"
+    ts = _fmt_t(p["thresholds"]) if "thresholds" in p else ""
+    return f"{mark} {label:<26} {p['accuracy']:>8.4f} {p['large_share']:>11.1%} {cost_s}  {ts}"
+
+
+def render_text(report: Mapping[str, Any]) -> str:
+    """The terminal report: data, measures, operating points, Pareto front, held-out check, clusters."""
+    d, fit = report["data"], report["fit"]
+    lines = [f"data: {d['path']} ({d['n']} examples; fit on {d['n_fit']}, {d['split']}); scorer {d['scorer']!r}"]
+    lines.append("tiers: " + " -> ".join(f"{t['name']}={t['model']}" for t in report["tiers"]))
+    m = report["measure"]
+    lines.append(f"\nmeasures (AUC of accuracy vs large share on the fit data; oracle "
+                 f"{report['reference']['oracle_auc']:.4f}, random {report['reference']['random_auc']:.4f}):")
+    for name, v in sorted(report["measures"].items(), key=lambda kv: -kv[1]["auc"]):
+        ap = v["apgr"]
+        ap_s = f"{ap:.3f}" if isinstance(ap, float) and math.isfinite(ap) else "n/a"
+        lines.append(f"  {'*' if name == m['chosen'] else ' '} {name:<14} AUC {v['auc']:.4f}  APGR {ap_s}")
+    lines.append(f"  measure: {m['chosen']} ({m['how']})")
+    lines.append(f"\nfit ({fit['method']}): {fit['message']}")
+    lines.append(f"thresholds: {_fmt_t(fit['thresholds'])}" + ("" if fit["feasible"] else "  (target NOT met)"))
+    lines.append(f"\n  {'operating point (fit data)':<26} {'accuracy':>8} {'large share':>11} {'mean cost':>11}  "
+                 "thresholds")
+    for p in report["points"]:
+        lines.append(_row(p["label"], p, "*" if p.get("chosen") else " "))
+    par = report["pareto"]
+    pts = par["points"]
+    lines.append(f"\nPareto front ({par['x'].replace('_', ' ')} vs accuracy; {len(pts)} of {par['searched']} "
+                 f"candidates, {par['search']}; * = chosen):")
+    keep = set(thin(len(pts), _FRONT_ROWS).tolist())
+    if par["chosen_index"] is not None:
+        keep.add(par["chosen_index"])
+    for i in sorted(keep):
+        lines.append(_row(f"front[{i}]", pts[i], "*" if i == par["chosen_index"] else " "))
+    if par["note"]:
+        lines.append(f"  note: {par['note']}")
+    test = report.get("test")
+    if test:
+        lines.append(f"\nheld-out check ({test['n']} examples, {test['source']}):")
+        for p in test["points"]:
+            lines.append(_row(p["label"], p, "*" if p.get("chosen") else " "))
+        lines.append(f"  target: {test['target']} -> {test['verdict']}")
+    clusters = report.get("clusters")
+    if clusters:
+        lines.append(f"\nper-cluster thresholds (router {clusters['router']}, embedder {clusters['embedder']}):")
+        for cid, v in sorted(clusters["fits"].items(), key=lambda kv: int(kv[0])):
+            flag = "" if v["feasible"] else "  (target not met: fallback)"
+            lines.append(f"  cluster {cid}: n={v['n']:<5} thresholds {_fmt_t(v['thresholds'])} "
+                         f"accuracy {v['accuracy']:.4f} large share {v['large_share']:.1%}{flag}")
+    if report.get("hint"):
+        lines.append(f"\n{report['hint']}")
+    return "\n".join(lines)
+
+
+def plot(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Accuracy vs large-model share for every measure, with random routing, the oracle and the chosen point.
+
+    Written atomically (temporary file, then rename). Uses matplotlib's Agg canvas without pyplot.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 5.0), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    chosen = report["measure"]["chosen"]
+    for name, v in sorted(report["measures"].items(), key=lambda kv: -kv[1]["auc"]):
+        cur = v["curve"]
+        ax.plot(cur["large_share"], cur["accuracy"], lw=2.2 if name == chosen else 1.0,
+                label=f"{name} (AUC {v['auc']:.3f})", zorder=3 if name == chosen else 2)
+    ref = report["reference"]
+    ax.plot(ref["random"]["large_share"], ref["random"]["accuracy"], "k--", lw=1, label="random routing")
+    ax.plot(ref["oracle"]["large_share"], ref["oracle"]["accuracy"], "k:", lw=1.2,
+            label=f"oracle (AUC {ref['oracle_auc']:.3f})")
+    fit = report["fit"]
+    ax.plot([fit["large_share"]], [fit["accuracy"]], "r*", ms=14, zorder=4,
+            label=f"chosen ({fit['method']}, {chosen})")
+    ax.set_xlabel("share of requests sent to the last tier")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0.0, 1.0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(" -> ".join(t["model"].rsplit("/", 1)[-1] for t in report["tiers"])
+                 + f" (n={report['data']['n_fit']})", fontsize=9)
+    fig.tight_layout()
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".png", dir=target.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return target

@@ -1,0 +1,198 @@
+"""`cascade-calibrate` end to end on tiny models saved to folders: artifact, report, cache, bad input, splits."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import make_model, make_tokenizer
+
+from calibration.artifact import Artifact
+from calibration.cli import main
+from cascade.errors import ArtifactError
+from cascade.policy import Policy
+
+DATA = Path(__file__).parent / "data" / "sst2_dev_sample.jsonl"
+SCORER = "test_calibration_cli:id_scorer"
+
+
+def id_scorer(answer: str, example: dict[str, Any]) -> bool:
+    """A deterministic scorer for random-weight models: right unless (id number + answer length) % 3 == 0."""
+    return (int(str(example["id"]).rsplit("-", 1)[1]) + len(answer)) % 3 != 0
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("calib")
+    for seed in (0, 1, 2):
+        make_model(seed).save_pretrained(root / f"tiny{seed}")
+        make_tokenizer().save_pretrained(root / f"tiny{seed}")
+
+    def tier(name: str, seed: int, price: float) -> str:
+        return f"  - {{name: {name}, backend: {{model: '{root / f'tiny{seed}'}'}}, price_input_per_mtok: {price}}}\n"
+
+    head = "measure: margin_first\nmax_tokens: 4\ntiers:\n"
+    (root / "two.yaml").write_text(head + tier("small", 0, 1.0) + tier("large", 1, 10.0))
+    (root / "three.yaml").write_text(head + tier("small", 0, 1.0) + tier("mid", 2, 3.0) + tier("large", 1, 10.0))
+    return {"root": root, "two": root / "two.yaml", "three": root / "three.yaml", "cache": root / "cache"}
+
+
+def calibrate(setup: dict[str, Path], out: Path, *args: str, config: str = "two",
+              data: Path = DATA) -> tuple[int, dict[str, Any]]:
+    report = out.with_suffix(".report.json")
+    code = main(["--data", str(data), "--out", str(out), "--config", str(setup[config]), "--scorer", SCORER,
+                 "--cache-dir", str(setup["cache"]), "--report-json", str(report), "--no-progress", *args])
+    return code, json.loads(report.read_text()) if code == 0 else {}
+
+
+def prompts() -> list[str]:
+    return [json.loads(line)["prompt"] for line in DATA.read_text().splitlines()]
+
+
+def run_cascade(config: Path, artifact: Path) -> list[Any]:
+    from cascade.config import build_cascade, load_config
+
+    cascade = build_cascade(replace(load_config(config), artifact=str(artifact)))
+    return cascade.run_batch_sync(prompts())
+
+
+def test_artifact_round_trips_and_cascade_makes_the_reported_decisions(tmp_path, setup):
+    out, png = tmp_path / "art.json", tmp_path / "curve.png"
+    code, report = calibrate(setup, out, "--max-large-share", "0.3", "--plot", str(png))
+    assert code == 0
+    models = [str(setup["root"] / "tiny0"), str(setup["root"] / "tiny1")]
+    art = Artifact.load(out, expect_models=models, expect_measure="margin_first")
+    assert art.method == "budget" and art.n == 120 and art.curve is not None
+    assert list(art.thresholds) == report["fit"]["thresholds"]
+    assert 0.0 < report["fit"]["large_share"] <= 0.3
+    assert Artifact.from_json(art.to_json()) == art
+    results = run_cascade(setup["two"], out)
+    large = sum(r.tier_index == 1 for r in results)
+    assert large == round(report["fit"]["large_share"] * 120)
+    assert all(r.threshold == art.thresholds[0] for r in results)
+    with pytest.raises(ArtifactError, match="measure"):
+        Policy.from_artifact(out, models=models, measure="entropy_mean")
+    with pytest.raises(ArtifactError, match="other models"):
+        Policy.from_artifact(out, models=[models[0], "another-model"], measure="margin_first")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["pareto"]["points"] and report["data"]["scorer"] == SCORER
+
+
+def test_second_run_reads_the_cache_without_loading_any_model(tmp_path, setup, capsys):
+    out = tmp_path / "a.json"
+    assert calibrate(setup, out, "--max-large-share", "0.5")[0] == 0
+    root = setup["root"]
+    for seed in (0, 1):
+        (root / f"tiny{seed}").rename(root / f"gone{seed}")
+    try:
+        code, report = calibrate(setup, out, "--max-quality-loss", "0.1", "--confidence", "0.8")
+    finally:
+        for seed in (0, 1):
+            (root / f"gone{seed}").rename(root / f"tiny{seed}")
+    assert code == 0, capsys.readouterr().err
+    assert Artifact.load(out).method == "quality" and report["fit"]["target"]["delta"] == pytest.approx(0.2)
+
+
+BAD = [
+    ('{"id": "a", "prompt": "x", "answer": "positive"}\n\n{"id": "b", "prompt": ', ":3: invalid JSON"),
+    ('{"id": "a", "prompt": "x", "answer": "positive"}\n{"id": "b", "prompt": "y"}', ":2: missing or empty 'answer'"),
+    ('{"id": "a", "prompt": "x", "answer": "maybe", "choices": ["negative", "positive"]}', ":1: answer 'maybe' is not"),
+    ('{"id": "a", "messages": [{"role": "robot", "content": "x"}], "answer": "1"}', ":1: messages[0].role"),
+    ('{"id": "a", "prompt": "x", "answer": "1"}\n{"id": "a", "prompt": "y", "answer": "1"}', ":2: duplicate id 'a'"),
+    ('[1, 2]', ":1: expected a JSON object"),
+    ("\n\n", "no examples"),
+]
+
+
+@pytest.mark.parametrize(("content", "message"), BAD)
+def test_bad_input_names_the_line_and_writes_nothing(tmp_path, setup, capsys, content, message):
+    data, out = tmp_path / "bad.jsonl", tmp_path / "art.json"
+    data.write_text(content)
+    code, _ = calibrate(setup, out, "--max-large-share", "0.3", data=data)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not out.exists() and not out.with_suffix(".report.json").exists()
+    assert not list(tmp_path.glob(".art.json*"))
+
+
+def test_bad_scorer_and_arguments_exit_2_and_keep_an_old_artifact(tmp_path, setup, capsys):
+    out = tmp_path / "art.json"
+    out.write_text("old")
+    base = ["--data", str(DATA), "--out", str(out), "--config", str(setup["two"]), "--no-progress"]
+    assert main([*base, "--scorer", "nope", "--max-large-share", "0.3"]) == 2
+    assert "unknown scorer 'nope'" in capsys.readouterr().err
+    no_choices = tmp_path / "plain.jsonl"
+    no_choices.write_text('{"id": "a", "prompt": "x", "answer": "1"}\n')
+    assert main([*base, "--data", str(no_choices), "--scorer", "choice", "--max-large-share", "0.3"]) == 2
+    assert "plain.jsonl:1: the choice scorer needs 'choices'" in capsys.readouterr().err
+    assert main([*base, "--max-large-share", "0.3", "--confidence", "0.9"]) == 2  # confidence needs a quality target
+    assert main([*base, "--min-cost"]) == 2  # needs --value-per-correct
+    assert main([*base, "--measure", "bogus", "--max-large-share", "0.3"]) == 2
+    assert out.read_text() == "old"
+
+
+def test_test_split_reports_whether_the_target_held(tmp_path, setup, capsys):
+    code, report = calibrate(setup, tmp_path / "a.json", "--max-quality-loss", "0.1", "--test-split", "0.25",
+                             "--seed", "3")
+    assert code == 0
+    test = report["test"]
+    assert test["n"] == 30 and report["data"]["n_fit"] == 90
+    for key in ("small_accuracy", "large_accuracy", "accuracy", "large_share", "mean_cost"):
+        assert 0.0 <= test[key] <= (1.0 if key != "mean_cost" else 1e-2)
+    assert test["held"] == (test["large_accuracy"] - test["accuracy"] <= 0.1 + 1e-12)
+    assert "held-out check (30 examples" in capsys.readouterr().out
+    again = calibrate(setup, tmp_path / "b.json", "--max-quality-loss", "0.1", "--test-split", "0.25",
+                      "--seed", "3")[1]
+    other = calibrate(setup, tmp_path / "c.json", "--max-quality-loss", "0.1", "--test-split", "0.25",
+                      "--seed", "4")[1]
+    assert again["data"]["fingerprint"] == report["data"]["fingerprint"] != other["data"]["fingerprint"]
+
+
+def test_measure_all_picks_the_best_auc(tmp_path, setup):
+    out = tmp_path / "a.json"
+    code, report = calibrate(setup, out, "--measure", "all", "--min-cost", "--value-per-correct", "0.001")
+    assert code == 0
+    aucs = {m: v["auc"] for m, v in report["measures"].items()}
+    assert len(aucs) == 7 and report["measure"]["chosen"] == max(aucs, key=aucs.__getitem__)
+    assert Artifact.load(out).measure == report["measure"]["chosen"]
+    assert "best AUC" in report["measure"]["how"]
+
+
+def test_three_tiers_fit_two_thresholds_on_the_pareto_front(tmp_path, setup):
+    out = tmp_path / "a.json"
+    code, report = calibrate(setup, out, "--min-cost", "--value-per-correct", "0.0005", config="three")
+    assert code == 0
+    art = Artifact.load(out)
+    assert len(art.thresholds) == 2 and art.curve is not None and art.curve.kind == "pareto"
+    assert report["pareto"]["chosen_index"] is not None
+    results = run_cascade(setup["three"], out)
+    shares = [sum(r.tier_index == j for r in results) / 120 for j in range(3)]
+    assert shares == pytest.approx(report["fit"]["answered"])
+
+
+def test_router_mode_fits_thresholds_per_cluster(tmp_path, setup):
+    from cascade.backends.hf_local import HFLocalBackend
+    from cascade.router.embed import HiddenStateEmbedder
+    from cascade.router.pool import fit_router
+
+    name = str(setup["root"] / "tiny0")
+    embedder = HiddenStateEmbedder.from_backend(HFLocalBackend.from_pretrained(name))
+    router = fit_router(embedder, prompts(), 2, seed=0).save(tmp_path / "router.json")
+    out = tmp_path / "a.json"
+    code, report = calibrate(setup, out, "--max-large-share", "0.4", "--router", str(router))
+    assert code == 0
+    art = Artifact.load(out)
+    fits = report["clusters"]["fits"]
+    assert art.cluster_thresholds and set(art.cluster_thresholds) == {int(c) for c in fits}
+    assert sum(v["n"] for v in fits.values()) == 120
+    assert all(v["large_share"] <= 0.4 for v in fits.values())
+
+
+def test_module_entry_point():
+    out = subprocess.run([sys.executable, "-m", "calibration", "--help"], capture_output=True, text=True, check=True)
+    assert "--max-quality-loss" in out.stdout

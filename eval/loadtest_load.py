@@ -114,28 +114,33 @@ class _Run:
         """
         rid = self.rec.begin() if rid is None else rid
         prompt = self.prompts[rid % len(self.prompts)]
-        start = self.now() if start is None else start
+        sent = self.now()
+        start = sent if start is None else start
         try:
             reply = await self.target.send(prompt, stream=self.shape.stream)
         except RequestFailed as exc:
-            self.rec.finish(Outcome(rid, start, self.now(), exc.kind, detail=str(exc)[:300]))
+            self.rec.finish(Outcome(rid, start, self.now(), exc.kind, detail=str(exc)[:300], sent_s=sent))
         except asyncio.CancelledError:
-            self.rec.finish(Outcome(rid, start, self.now(), "unfinished_at_stop",
+            self.rec.finish(Outcome(rid, start, self.now(), "unfinished_at_stop", sent_s=sent,
                                     detail=f"still in flight {self.shape.grace_s:g} s after sending stopped"))
             raise
         except Exception as exc:  # any other failure is still an outcome, classified by its type
-            self.rec.finish(Outcome(rid, start, self.now(), type(exc).__name__, detail=str(exc)[:300]))
+            self.rec.finish(Outcome(rid, start, self.now(), type(exc).__name__, detail=str(exc)[:300], sent_s=sent))
         else:
+            ttft = None if reply.ttft_s is None else reply.ttft_s + (sent - start)
             self.rec.finish(Outcome(rid, start, self.now(), None, reply.tier, reply.escalated, reply.degraded,
-                                    reply.cost, reply.backend_s, reply.ttft_s, reply.calls, engine_s=reply.engine_s))
+                                    reply.cost, reply.backend_s, ttft, reply.calls, engine_s=reply.engine_s,
+                                    sent_s=sent))
 
     async def user(self, index: int) -> None:
         s = self.shape
         await self.sleep_until(s.ramp_up_s * index / s.users)
         while self.may_send():
             await self.one()
-            pause = s.think_time_s if s.think == "fixed" else self.rng.expovariate(1.0 / s.think_time_s) \
-                if s.think_time_s > 0 else 0.0
+            if s.think == "fixed" or s.think_time_s == 0:
+                pause = s.think_time_s
+            else:
+                pause = self.rng.expovariate(1.0 / s.think_time_s)
             await self.sleep_until(self.now() + pause)
 
     async def sleep_until(self, t: float) -> None:
@@ -172,6 +177,8 @@ class _Run:
             self.rec.samples.append(Sample(round(self.now(), 4), r.in_flight, r.sent, r.answered, r.failed,
                                            self.target.queue_depth(), round(lag * 1000, 3)))
             due += interval
+            if due <= self.now():  # more than one interval late: skip the missed samples
+                due = self.now() + interval
             await asyncio.sleep(max(0.0, due - self.now()))
 
     async def scheduled(self, events: Sequence[Event], log: list[tuple[float, str]]) -> None:

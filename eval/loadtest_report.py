@@ -2,8 +2,10 @@
 
 Percentiles are exact, computed by :func:`eval.loadtest_stats.percentile` with linear interpolation
 (Hyndman & Fan type 7, NumPy's default). Latencies are of answered requests only (degraded answers included).
-Engine overhead = end-to-end latency minus the seconds spent inside backends, over requests whose target
-reports backend time.
+Engine overhead = the time from actually sending a request to its answer minus the seconds spent inside
+backends, over requests whose target reports backend time. Latency is counted from when a request was due
+(open loop: its scheduled arrival), so a late load generator shows as latency ("send lateness") but not as
+engine overhead.
 """
 
 from __future__ import annotations
@@ -87,7 +89,8 @@ def build_report(result: RunResult, shape: LoadShape, target: str, *, fault: str
     rec = result.recorder
     outs = rec.outcomes
     answered = [o for o in outs if o.ok]
-    overhead = [o.latency_s - o.backend_s for o in answered if o.backend_s is not None]
+    overhead = [o.overhead_s for o in answered if o.overhead_s is not None]
+    late = [o.sent_s - o.start_s for o in outs if o.sent_s is not None]
     ttft = [o.ttft_s for o in answered if o.ttft_s is not None]
     lags = [s.loop_lag_ms for s in rec.samples]
     report: dict[str, Any] = {
@@ -111,6 +114,7 @@ def build_report(result: RunResult, shape: LoadShape, target: str, *, fault: str
         "latency_ms": _lat([o.latency_s for o in answered]),
         "ttft_ms": _lat(ttft) if ttft else None,
         "engine_overhead_ms": {**_lat(overhead), "n": len(overhead)},
+        "send_lateness_ms": _lat(late),
         "escalated_share": _share(sum(o.escalated for o in answered), len(answered)),
         "cost": {"total": round(sum(o.cost for o in outs), 9),
                  "per_answer": round(sum(o.cost for o in answered) / len(answered), 12) if answered else None},
@@ -131,7 +135,7 @@ def build_report(result: RunResult, shape: LoadShape, target: str, *, fault: str
         report["fault"] = {"kind": fault, "at_s": at,
                            "before": _window([o for o in outs if o.start_s < at]),
                            "after": _window([o for o in outs if o.start_s >= at])}
-    served = [(o.latency_s, o.engine_s, o.backend_s) for o in answered if o.engine_s is not None]
+    served = [(o.service_s, o.engine_s, o.backend_s) for o in answered if o.engine_s is not None]
     if served:  # an HTTP target that reports the engine's own latency: split the overhead
         report["server_engine_overhead_ms"] = _lat([e - b for _, e, b in served if b is not None])
         report["http_and_queue_ms"] = _lat([total - e for total, e, _ in served])
@@ -178,6 +182,8 @@ def format_report(r: dict[str, Any]) -> str:
     if "server_engine_overhead_ms" in r:
         row("  of which engine in server", r["server_engine_overhead_ms"])
         row("  of which HTTP + queueing", r["http_and_queue_ms"])
+    if r["load"]["kind"] == "open":
+        row("send lateness ms (harness)", r["send_lateness_ms"])
     lag = r["loop_lag_ms"]
     row("harness loop lag ms", {"p50": lag.get("p50"), "p99": lag.get("p99"), "max": lag.get("p100")})
     lines += ["", f"{'tier':12}{'calls':>8}{'errors':>8}{'answered':>10}{'in tok':>10}{'out tok':>10}"
@@ -208,7 +214,8 @@ def format_report(r: dict[str, Any]) -> str:
 
 def plot_report(r: dict[str, Any], outcomes: Sequence[Outcome], path: str | Path) -> None:
     """Four panels in one PNG: in flight / queue depth, answers and failures per second, latency of each
-    request over time (by tier; degraded and failed marked), and latency / overhead distributions."""
+    request over time (by tier; degraded and failed marked), and the CDFs of latency, engine overhead and
+    time to first token on a log axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -240,13 +247,14 @@ def plot_report(r: dict[str, Any], outcomes: Sequence[Outcome], path: str | Path
         if sel:
             ax[1, 0].scatter([o.end_s for o in sel], [o.latency_s * _MS for o in sel], s=5, label=label, c=color)
     ax[1, 0].set(title="latency of each request", xlabel="answer time, s", ylabel="ms", yscale="log")
-    lat = [o.latency_s * _MS for o in outcomes if o.ok]
-    over = [(o.latency_s - o.backend_s) * _MS for o in outcomes if o.ok and o.backend_s is not None]
-    if lat:
-        ax[1, 1].hist(lat, bins=60, alpha=0.6, label="end-to-end latency")
-    if over:
-        ax[1, 1].hist(over, bins=60, alpha=0.6, label="engine overhead")
-    ax[1, 1].set(title="distributions", xlabel="ms", yscale="log")
+    series = {"end-to-end latency": [o.latency_s for o in outcomes if o.ok],
+              "engine overhead": [o.overhead_s for o in outcomes if o.ok and o.overhead_s is not None],
+              "time to first token": [o.ttft_s for o in outcomes if o.ok and o.ttft_s is not None]}
+    for label, values in series.items():
+        xs = sorted(max(v * _MS, 1e-3) for v in values if v is not None)
+        if xs:
+            ax[1, 1].step(xs, [(i + 1) / len(xs) for i in range(len(xs))], where="post", label=label)
+    ax[1, 1].set(title="distributions (CDF)", xlabel="ms", xscale="log", ylabel="share of answers")
     fault = r.get("fault")
     for a in ax.flat:
         if fault and math.isfinite(fault["at_s"]) and a is not ax[1, 1]:

@@ -145,8 +145,9 @@ class SimulatedCascade:
         def depth() -> int:
             return sum(int(b.queue_depth) for b in batchers)
 
-        self.target = CascadeTarget(cascade.run, f"simulated cascade ({o.mode} servers, batching "
-                                    f"{'on' if batchers else 'off'})", depth if batchers else None,
+        where = {"local": "local: no HTTP", "process": "servers in processes", "thread": "servers in threads"}[o.mode]
+        self.target = CascadeTarget(cascade.run, f"simulated cascade ({where}, batching {'on' if batchers else 'off'}"
+                                    f", early exit {'on' if o.early_exit else 'off'})", depth if batchers else None,
                                     (cascade.aclose,))
 
     def reset_counters(self) -> None:

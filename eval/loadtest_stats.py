@@ -104,7 +104,8 @@ class Outcome:
 
     Attributes:
         id: the request's number (0, 1, ... in the order sent).
-        start_s: when it was sent, seconds since the run started.
+        start_s: when it was due, seconds since the run started (closed loop: when the user sent it; open
+            loop: its scheduled arrival, so a late harness shows as latency, not hidden).
         end_s: when its answer (or failure) arrived, seconds since the run started.
         error_kind: None when answered; else a short kind such as ``"http_500"``, ``"BackendError"`` or
             ``"unfinished_at_stop"``.
@@ -117,6 +118,8 @@ class Outcome:
         ttft_s: time to the first streamed token, seconds (None when not streaming).
         calls: one :class:`TierUse` per tier called.
         detail: the error message, when failed.
+        sent_s: when the harness actually sent it (None: at ``start_s``); ``sent_s - start_s`` is how late
+            the load generator was.
     """
 
     id: int
@@ -131,6 +134,7 @@ class Outcome:
     ttft_s: float | None = None
     calls: tuple[TierUse, ...] = ()
     engine_s: float | None = None
+    sent_s: float | None = None
     detail: str = ""
 
     @property
@@ -140,8 +144,18 @@ class Outcome:
 
     @property
     def latency_s(self) -> float:
-        """End-to-end seconds as the user saw them."""
+        """End-to-end seconds as the user saw them (from when the request was due)."""
         return self.end_s - self.start_s
+
+    @property
+    def service_s(self) -> float:
+        """Seconds from the actual send to the answer (what the target took, without harness lateness)."""
+        return self.end_s - (self.start_s if self.sent_s is None else self.sent_s)
+
+    @property
+    def overhead_s(self) -> float | None:
+        """Engine overhead: service time minus the time spent in backends (None when unknown)."""
+        return None if self.backend_s is None else self.service_s - self.backend_s
 
 
 @dataclass(frozen=True, slots=True)

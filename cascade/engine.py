@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -19,6 +19,7 @@ from cascade.errors import BackendError, InvalidRequestError
 from cascade.policy import Policy, Target, escalates
 from cascade.types import (
     FIRST_TOKEN_MEASURES,
+    CascadeChunk,
     CascadeResult,
     EarlyExit,
     Generation,
@@ -260,24 +261,25 @@ class Cascade:
         if len(gens) != len(active):
             raise BackendError(f"tier {tier.name!r} returned {len(gens)} answers for {len(active)} prompts")
         elapsed = time.perf_counter() - t0
-        going_up = []
-        for p, g in zip(active, gens):
-            u = math.nan if last else float(g.scores.get(self.measure, math.nan))
-            thr = None if last else p.thresholds[level]
-            p.calls.append(self._tier_call(tier, g, elapsed, u if not last else None, thr))
-            if level == 0:
-                p.first_uncertainty = u
-            if last:
-                p.answer, p.answer_tier = g, level
-                p.reason += f"answered by {tier.name!r} (last tier)"
-            elif thr is not None and escalates(u, thr):
-                p.reason += f"{self.measure}={u:.4f} > {thr:.4f} at {tier.name!r}: escalated; "
-                p.answer, p.answer_tier = g, level  # kept in case a higher tier fails
-                going_up.append(p)
-            else:
-                p.answer, p.answer_tier = g, level
-                p.reason += f"{self.measure}={u:.4f} <= {thr:.4f}: {tier.name!r} answer accepted"
-        return going_up
+        return [p for p, g in zip(active, gens) if self._record(level, tier, p, g, elapsed)]
+
+    def _record(self, level: int, tier: Tier, p: _Pending, g: Generation, elapsed: float) -> bool:
+        """Book one tier's answer for one request; True when the request goes on up the chain."""
+        last = level == len(self.tiers) - 1
+        u = math.nan if last else float(g.scores.get(self.measure, math.nan))
+        thr = None if last else p.thresholds[level]
+        p.calls.append(self._tier_call(tier, g, elapsed, None if last else u, thr))
+        if level == 0:
+            p.first_uncertainty = u
+        p.answer, p.answer_tier = g, level  # an escalated answer is kept in case a higher tier fails
+        if thr is None:
+            p.reason += f"answered by {tier.name!r} (last tier)"
+            return False
+        if escalates(u, thr):
+            p.reason += f"{self.measure}={u:.4f} > {thr:.4f} at {tier.name!r}: escalated; "
+            return True
+        p.reason += f"{self.measure}={u:.4f} <= {thr:.4f}: {tier.name!r} answer accepted"
+        return False
 
     async def _degrade(self, level: int, tier: Tier, active: list[_Pending], params: GenerationParams,
                        exc: BackendError, elapsed: float) -> None:
@@ -320,6 +322,24 @@ class Cascade:
             target=p.target,
             cluster=p.cluster,
         )
+
+    def stream(
+        self,
+        prompt: Prompt,
+        *,
+        params: GenerationParams | None = None,
+        target: Target | dict[str, float] | None = None,
+        cluster: int | None = None,
+    ) -> AsyncIterator[CascadeChunk | CascadeResult]:
+        """Stream one answer: :class:`CascadeChunk` pieces as they are generated, then the result.
+
+        The answering tier is decided before the first chunk (on the first token with a first-token
+        measure), so every chunk comes from the tier named in the final result. See
+        :func:`cascade.streaming.stream_cascade`.
+        """
+        from cascade.streaming import stream_cascade
+
+        return stream_cascade(self, prompt, params=params, target=target, cluster=cluster)
 
     def run_sync(self, prompt: Prompt, **kwargs: Any) -> CascadeResult:
         """Blocking :meth:`run` for scripts (not from inside a running event loop)."""

@@ -15,6 +15,7 @@ from cascade.errors import InvalidRequestError
 __all__ = [
     "FIRST_TOKEN_MEASURES",
     "MEASURES",
+    "CascadeChunk",
     "CascadeResult",
     "EarlyExit",
     "FinishReason",
@@ -22,6 +23,7 @@ __all__ = [
     "GenerationParams",
     "Message",
     "Prompt",
+    "StreamEvent",
     "TierCall",
     "TokenStats",
     "validate_prompt",
@@ -261,3 +263,35 @@ class CascadeResult:
     def completion_tokens(self) -> int:
         """Generated tokens summed over tiers."""
         return sum(c.completion_tokens for c in self.calls)
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """One event of a backend's streamed generation (see ``StreamingBackend.stream``).
+
+    Attributes:
+        kind: ``"first"`` once the first token is scored (``scores`` holds the first-token measures, sent
+            before that token's text), ``"delta"`` for new text, ``"done"`` last (``generation`` is the whole
+            answer, exactly what ``generate`` would have returned).
+        text: the new text of a ``"delta"``.
+        scores: first-token measures of a ``"first"`` event.
+        generation: the finished answer of a ``"done"`` event.
+    """
+
+    kind: Literal["first", "delta", "done"]
+    text: str = ""
+    scores: Mapping[str, float] = field(default_factory=dict)
+    generation: Generation | None = None
+
+
+@dataclass(frozen=True)
+class CascadeChunk:
+    """A piece of a streamed cascade answer; the tier that answers is decided before the first chunk.
+
+    Attributes:
+        text: new answer text.
+        tier: the name of the answering tier.
+    """
+
+    text: str
+    tier: str

@@ -7,12 +7,12 @@ it can compute (see :mod:`cascade.uncertainty`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Protocol, runtime_checkable
 
-from cascade.types import EarlyExit, Generation, GenerationParams, Prompt
+from cascade.types import EarlyExit, Generation, GenerationParams, Prompt, StreamEvent
 
-__all__ = ["Backend"]
+__all__ = ["Backend", "StreamingBackend"]
 
 
 @runtime_checkable
@@ -48,4 +48,25 @@ class Backend(Protocol):
 
     async def aclose(self) -> None:
         """Release connections, threads and memory."""
+        ...
+
+
+@runtime_checkable
+class StreamingBackend(Backend, Protocol):
+    """A backend that can also stream one answer as it is generated (token streaming to clients)."""
+
+    def stream(
+        self,
+        prompt: Prompt,
+        params: GenerationParams,
+        *,
+        scores: bool = True,
+        early_exit: EarlyExit | None = None,
+    ) -> AsyncIterator[StreamEvent]:
+        """Yield ``"first"`` (with scores), ``"delta"`` events as text arrives, and one final ``"done"``.
+
+        ``early_exit`` (one threshold) ends the generation after the first token when its score is above
+        the threshold; the ``"done"`` generation then has finish reason ``"early_exit"``. Closing the
+        iterator early stops the generation.
+        """
         ...

@@ -11,15 +11,25 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from cascade.errors import BackendError, InvalidRequestError
-from cascade.types import EarlyExit, FinishReason, Generation, GenerationParams, Prompt, TokenStats
+from cascade.types import (
+    EarlyExit,
+    FinishReason,
+    Generation,
+    GenerationParams,
+    Prompt,
+    StreamEvent,
+    TokenStats,
+)
 from cascade.uncertainty import aggregate, reduce_step
 
 if TYPE_CHECKING:
     import torch
+
+    from cascade.backends.hf_stream import StreamSink
 
 __all__ = ["HFLocalBackend"]
 
@@ -74,9 +84,11 @@ class _StopTracker:
         early_exit: EarlyExit | None,
         batch_size: int,
         device: torch.device,
+        cancel: threading.Event | None = None,
     ) -> None:
         import torch
 
+        self.cancel = cancel
         self.recorder = recorder
         self.prompt_len = prompt_len
         self.eos_ids = eos_ids
@@ -106,6 +118,8 @@ class _StopTracker:
             exit_now = (first > self.thresholds) & ~done
             reason = torch.where(exit_now, torch.full_like(reason, 2), reason)
             done |= exit_now
+        if self.cancel is not None and self.cancel.is_set():  # the consumer of a stream went away
+            done = torch.ones_like(done)
         new = done & (self.finished_at < 0)
         self.finished_at = torch.where(new, torch.full_like(self.finished_at, step), self.finished_at)
         self.reason = torch.where(new, reason, self.reason)
@@ -226,13 +240,17 @@ class HFLocalBackend:
         params: GenerationParams,
         scores: bool = True,
         early_exit: EarlyExit | None = None,
+        sink: StreamSink | None = None,
     ) -> list[Generation]:
-        """Blocking batched generation of one batch; thread-safe (one batch at a time per model)."""
+        """Blocking batched generation of one batch; thread-safe (one batch at a time per model).
+
+        ``sink`` (one prompt only) receives the answer token by token: see :mod:`cascade.backends.hf_stream`.
+        """
         if not prompts:
             return []
         with self._lock:
             try:
-                return self._generate_locked(prompts, params, scores, early_exit)
+                return self._generate_locked(prompts, params, scores, early_exit, sink)
             except (InvalidRequestError, BackendError):
                 raise
             except Exception as exc:  # a model failure must reach the caller typed, never crash the loop
@@ -263,6 +281,7 @@ class HFLocalBackend:
         params: GenerationParams,
         want_scores: bool,
         early_exit: EarlyExit | None,
+        sink: StreamSink | None = None,
     ) -> list[Generation]:
         import torch
         from transformers import LogitsProcessorList, StoppingCriteriaList
@@ -282,6 +301,7 @@ class HFLocalBackend:
             early_exit if want_scores else None,
             batch,
             device,
+            sink.cancel if sink is not None else None,
         )
         sample = params.temperature > 0
         if params.seed is not None:
@@ -294,6 +314,8 @@ class HFLocalBackend:
             "logits_processor": LogitsProcessorList([recorder]),
             "stopping_criteria": StoppingCriteriaList([tracker]),
         }
+        if sink is not None:
+            gen_kwargs["streamer"] = sink.streamer(recorder)
         if sample:
             gen_kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
         else:
@@ -348,6 +370,19 @@ class HFLocalBackend:
                 )
             )
         return results
+
+    def stream(
+        self,
+        prompt: Prompt,
+        params: GenerationParams,
+        *,
+        scores: bool = True,
+        early_exit: EarlyExit | None = None,
+    ) -> AsyncIterator[StreamEvent]:
+        """Stream one answer token by token (see :class:`~cascade.backends.base.StreamingBackend`)."""
+        from cascade.backends.hf_stream import stream_local
+
+        return stream_local(self, prompt, params, scores=scores, early_exit=early_exit)
 
     async def aclose(self) -> None:
         """Drop the reference to the model so its memory can be freed."""

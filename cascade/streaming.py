@@ -1,0 +1,122 @@
+"""Streaming one request through a cascade: text flows as soon as the answering tier is known.
+
+With a first-token measure a tier's decision is taken on its first token: an escalated request moves on
+at once (the tier stops there), an accepted one streams the rest of its answer as it is generated. With a
+whole-answer measure a non-last tier must finish before the decision, and its answer is sent in one piece
+if accepted. The last tier always streams. Backends without ``stream`` are called with ``generate``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from cascade.errors import BackendError, BackendTimeoutError
+from cascade.policy import Target, escalates
+from cascade.types import CascadeChunk, CascadeResult, EarlyExit, Generation, GenerationParams, Prompt, validate_prompt
+
+if TYPE_CHECKING:
+    from cascade.engine import Cascade, Tier, _Pending
+
+__all__ = ["stream_cascade"]
+
+
+async def _next(events: AsyncIterator[object], deadline: float | None, tier: Tier) -> object:
+    if deadline is None:
+        return await events.__anext__()
+    try:
+        return await asyncio.wait_for(events.__anext__(), max(0.0, deadline - time.perf_counter()))
+    except asyncio.TimeoutError as exc:
+        raise BackendTimeoutError(f"tier {tier.name!r} timed out after {tier.timeout_s} s") from exc
+
+
+async def _stream_tier(
+    cascade: Cascade, level: int, tier: Tier, p: _Pending, params: GenerationParams
+) -> AsyncIterator[CascadeChunk | Generation]:
+    """Yield this tier's chunks if it answers (decided on the first token), then its Generation."""
+    from cascade.types import StreamEvent
+
+    last = level == len(cascade.tiers) - 1
+    threshold = None if last else p.thresholds[level]
+    early = None if threshold is None else EarlyExit(cascade.measure, (threshold,))
+    events = tier.backend.stream(p.prompt, params, scores=not last, early_exit=early)  # type: ignore[attr-defined]
+    deadline = None if tier.timeout_s is None else time.perf_counter() + tier.timeout_s
+    accepted = last
+    sent = ""
+    try:
+        while True:
+            try:
+                ev = await _next(events, deadline, tier)
+            except StopAsyncIteration:
+                raise BackendError(f"tier {tier.name!r} ended its stream without an answer") from None
+            assert isinstance(ev, StreamEvent)
+            if ev.kind == "first" and threshold is not None:
+                accepted = not escalates(float(ev.scores.get(cascade.measure, float("nan"))), threshold)
+            elif ev.kind == "delta" and accepted:
+                sent += ev.text
+                yield CascadeChunk(ev.text, tier.name)
+            elif ev.kind == "done":
+                assert ev.generation is not None
+                if accepted and ev.generation.text.startswith(sent) and len(ev.generation.text) > len(sent):
+                    yield CascadeChunk(ev.generation.text[len(sent) :], tier.name)
+                yield ev.generation
+                return
+    finally:
+        await events.aclose()
+
+
+async def stream_cascade(
+    cascade: Cascade,
+    prompt: Prompt,
+    *,
+    params: GenerationParams | None = None,
+    target: Target | dict[str, float] | None = None,
+    cluster: int | None = None,
+) -> AsyncIterator[CascadeChunk | CascadeResult]:
+    """Yield :class:`CascadeChunk` pieces of the answer, then the :class:`CascadeResult` (always last).
+
+    Raises:
+        InvalidRequestError: bad prompt, parameters or target (before anything is yielded).
+        BackendError: the first tier failed; or a higher tier failed with ``on_error="raise"``, or after
+            part of its answer was already sent (a streamed answer cannot be taken back).
+    """
+    from cascade.engine import _Pending
+
+    params = params or cascade.params
+    parsed = Target.parse(target)
+    checked = validate_prompt(prompt, cascade.max_prompt_chars)
+    p = _Pending(0, checked, cascade.policy.thresholds_for(cluster, parsed), parsed.label() if parsed else None,
+                 cluster, [])
+    started = time.perf_counter()
+    for level, tier in enumerate(cascade.tiers):
+        last = level == len(cascade.tiers) - 1
+        streams = hasattr(tier.backend, "stream") and (last or cascade.early_exit)
+        t0 = time.perf_counter()
+        gen: Generation | None = None
+        chunks = 0
+        try:
+            if streams:
+                async for item in _stream_tier(cascade, level, tier, p, params):
+                    if isinstance(item, CascadeChunk):
+                        chunks += 1
+                        yield item
+                    else:
+                        gen = item
+            else:
+                gen = (await cascade._call(tier, [p.prompt], params, not last, None))[0]
+        except BackendError as exc:
+            if level == 0 or cascade.on_error == "raise" or chunks:
+                raise
+            await cascade._degrade(level, tier, [p], params, exc, time.perf_counter() - t0)
+            assert p.answer is not None
+            if p.answer.text:
+                yield CascadeChunk(p.answer.text, cascade.tiers[p.answer_tier].name)
+            break
+        assert gen is not None
+        if not cascade._record(level, tier, p, gen, time.perf_counter() - t0):
+            if not streams and gen.text:  # decided on the whole answer: send it in one piece
+                yield CascadeChunk(gen.text, tier.name)
+            break
+    yield cascade._result(p, time.perf_counter() - started)

@@ -273,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         Path(args.report_json).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     if args.plot:
         plot_report(report, result.recorder.outcomes, args.plot)
-    return 0 if report["lost"] == 0 and report["duplicates"] == 0 else 1
+    return 0 if report["exactly_one_outcome_each"] else 1
 
 
 if __name__ == "__main__":

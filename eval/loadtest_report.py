@@ -105,6 +105,8 @@ def build_report(result: RunResult, shape: LoadShape, target: str, *, fault: str
         "failed": rec.failed,
         "lost": rec.lost,
         "duplicates": rec.duplicates,
+        "exactly_one_outcome_each": rec.lost == 0 and rec.duplicates == 0
+        and sorted(o.id for o in outs) == list(range(rec.sent)),
         "failed_by_kind": dict(rec.failures),
         "degraded": sum(o.degraded for o in answered),
         "degraded_share": _share(sum(o.degraded for o in answered), len(answered)),
@@ -160,7 +162,8 @@ def format_report(r: dict[str, Any]) -> str:
              f"ramp-up {load['ramp_up_s']:g} s, grace {load['grace_s']:g} s"
              + (f", max {load['max_requests']} requests" if load["max_requests"] else "")]
     lines.append(f"requests: sent {r['sent']}  answered {r['answered']}  failed {r['failed']}  "
-                 f"lost {r['lost']}  duplicates {r['duplicates']}  (degraded answers {r['degraded']})")
+                 f"lost {r['lost']}  duplicates {r['duplicates']}  (degraded answers {r['degraded']}); "
+                 f"exactly one outcome per request: {'yes' if r['exactly_one_outcome_each'] else 'NO'}")
     if r["failed_by_kind"]:
         lines.append("failed by kind: " + ", ".join(f"{k} {v}" for k, v in sorted(r["failed_by_kind"].items())))
     lines.append(f"throughput {r['throughput_rps']:.1f} answers/s over {r['elapsed_s']:.1f} s; "

@@ -32,7 +32,7 @@ from eval.loadtest_prompts import (
     load_prompts,
 )
 from eval.loadtest_sim import SimOptions, SimulatedCascade
-from eval.loadtest_stats import percentile, percentiles
+from eval.loadtest_stats import Outcome, Recorder, percentile, percentiles
 from eval.loadtest_targets import HttpTarget, check_loopback
 
 FAST = SimOptions(mode="thread", small=SimConfig(model="sim-small", latency_per_token_s=0.001, seed=1),
@@ -43,7 +43,7 @@ PROMPTS = generated_prompts(60, seed=3)
 
 def assert_counts_add_up(report: dict, result) -> None:
     assert report["sent"] == report["answered"] + report["failed"]
-    assert report["lost"] == 0 and report["duplicates"] == 0
+    assert report["lost"] == 0 and report["duplicates"] == 0 and report["exactly_one_outcome_each"]
     assert len(result.recorder.outcomes) == report["sent"]
     assert sorted(o.id for o in result.recorder.outcomes) == list(range(report["sent"]))
 
@@ -80,6 +80,16 @@ def test_percentile_rejects_bad_q(bad):
         percentile([1.0], bad)
     with pytest.raises(ValueError):
         percentile([1.0, math.nan], 50)
+
+
+def test_recorder_detects_lost_and_duplicated_outcomes():
+    rec = Recorder()
+    a, b, _ = rec.begin(), rec.begin(), rec.begin()
+    rec.finish(Outcome(a, 0.0, 1.0))
+    rec.finish(Outcome(b, 0.0, 1.0, "http_500"))
+    rec.finish(Outcome(a, 0.0, 2.0))  # a second outcome for one request is not counted, only flagged
+    assert (rec.sent, rec.answered, rec.failed, rec.lost, rec.duplicates) == (3, 1, 1, 1, 1)
+    assert rec.in_flight == 1 and dict(rec.failures) == {"http_500": 1}
 
 
 # ------------------------------------------------------------------ loopback guard

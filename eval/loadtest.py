@@ -242,7 +242,7 @@ async def _run(args: argparse.Namespace) -> tuple[dict[str, Any], RunResult]:
             fault_at_s=options.fault_at_s if options.fault else None, notes=notes, after_warmup=sim.reset_counters)
         report["simulated"] = {
             "via": "in-process Cascade", **_sim_info(options), "batching": sim.batching,
-            "servers": sim.server_stats(), "batching_stats": sim.batching_stats(),
+            "servers": sim.server_stats(), "batching_stats": sim.batching_stats(result.recorder.outcomes),
             "tier_call_beyond_server_ms": beyond_server(result.recorder.outcomes, options)}
         return report, result
 

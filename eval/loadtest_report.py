@@ -203,6 +203,11 @@ def format_report(r: dict[str, Any]) -> str:
             lines.append(f"  {when:6} sent {w['sent']:6}  answered {w['answered']:6} (degraded {w['degraded']}, "
                          f"escalated {w['escalated']})  failed {w['failed']} {w['failed_by_kind'] or ''}  "
                          f"p50 {_fmt(w['latency_ms']['p50'])} ms  p99 {_fmt(w['latency_ms']['p99'])} ms")
+    stats = (r.get("simulated") or {}).get("batching_stats") or {}
+    waits = {k: v.get("mean_batch_wait_ms") for k, v in stats.items()}
+    if waits:
+        lines.append("micro-batcher: mean queue wait per tier call (inside tier-call time, not in the engine "
+                     "overhead): " + ", ".join(f"{k} {_fmt(v)} ms" for k, v in waits.items()))
     beyond = (r.get("simulated") or {}).get("tier_call_beyond_server_ms")
     if beyond:
         lines.append("")

@@ -161,11 +161,16 @@ class SimulatedCascade:
             if isinstance(server, SimProcess):
                 self._cpu0[name] = server.cpu_s()
 
-    def batching_stats(self) -> dict[str, Any]:
-        """Per tier: inner calls under the batcher, prompts, mean batch size and inner-call latency (ms).
+    def batching_stats(self, outcomes: Sequence[Any] = ()) -> dict[str, Any]:
+        """Per tier: inner calls under the batcher, prompts, mean batch size, inner-call latency (ms), and the
+        mean wait in the batcher's queue.
 
-        ``TierCall.latency_s`` is measured around the batcher, so it includes the queue wait; the mean wait
-        is estimated as the mean tier-call latency minus the prompt-weighted mean inner-call latency.
+        ``TierCall.latency_s`` is measured around the batcher, so it includes the queue wait (and the engine
+        overhead does not); the mean wait is estimated as the mean tier-call latency minus the
+        prompt-weighted mean inner-call latency.
+
+        Args:
+            outcomes: the run's outcomes (for the mean tier-call latency).
         """
         from eval.loadtest_stats import percentiles
 
@@ -173,11 +178,15 @@ class SimulatedCascade:
         for name, probe in self.probes.items():
             sizes = [n for _, n in probe.calls]
             weighted = [d for d, n in probe.calls for _ in range(n)]
+            inner = 1000 * sum(weighted) / len(weighted) if weighted else None
+            tier = [c.latency_s for o in outcomes for c in o.calls
+                    if c.tier == name and c.latency_s is not None and c.error is None]
+            outer = 1000 * sum(tier) / len(tier) if tier else None
             out[name] = {"inner_calls": len(sizes), "prompts": sum(sizes),
                          "mean_batch_size": round(sum(sizes) / len(sizes), 3) if sizes else None,
                          "inner_call_ms_per_prompt": percentiles(weighted, scale=1000.0),
-                         "inner_call_mean_ms_per_prompt":
-                             round(1000 * sum(weighted) / len(weighted), 3) if weighted else None}
+                         "inner_call_mean_ms_per_prompt": None if inner is None else round(inner, 3),
+                         "mean_batch_wait_ms": None if inner is None or outer is None else round(outer - inner, 3)}
         return out
 
     async def inject(self) -> str:

@@ -12,13 +12,14 @@ evaluation work on: ``scores (n, N-1)``, ``correct (n, N)`` and ``costs (n, N)``
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -169,18 +170,35 @@ class GenerationCache:
             f.truncate(data.rfind(b"\n") + 1)
 
     def append(self, items: Sequence[tuple[str, Generation]], raw: Sequence[str] | None = None) -> None:
-        """Append generations ``(key, generation)`` (with their raw prompt keys) and flush them to disk."""
+        """Append generations ``(key, generation)`` (with their raw prompt keys) and flush them to disk.
+
+        The file is locked (``flock``, where available) while writing, so two processes filling the same
+        cache do not interleave their lines.
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._repair_tail()
-        new = not self.path.is_file() or self.path.stat().st_size == 0
-        with self.path.open("a", encoding="utf-8") as f:
-            if new:
+        lines = [json.dumps(_to_record(key, g, raw[i] if raw is not None else None), ensure_ascii=False) + "\n"
+                 for i, (key, g) in enumerate(items)]
+        with self.path.open("a", encoding="utf-8") as f, _locked(f):
+            self._repair_tail()
+            if self.path.stat().st_size == 0:
                 f.write(json.dumps({"_meta": self.meta}, sort_keys=True) + "\n")
-            for i, (key, g) in enumerate(items):
-                rec = _to_record(key, g, raw[i] if raw is not None else None)
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            f.write("".join(lines))
             f.flush()
             os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def _locked(f: Any) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 async def generate_cached(

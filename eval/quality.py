@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -80,6 +81,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-embed", action="store_true", help="skip the MiniLM-embedding routers")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
+    shown = list(sys.argv[1:] if argv is None else argv)
+    args.command = "python -m eval.quality " + " ".join(shlex.quote(a) for a in shown)
     if args.quick:
         args.pairs = args.pairs or QUICK["pairs"]
         args.tasks = args.tasks or QUICK["tasks"]

@@ -89,7 +89,7 @@ def evaluate_and_report(args: argparse.Namespace, data: Mapping[str, Any]) -> di
                      res["signals"][res["best_measure"]]["apgr"][0])
     report = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m eval.quality " + " ".join(sys.argv[1:]),
+        "command": getattr(args, "command", "python -m eval.quality " + " ".join(sys.argv[1:])),
         "settings": {"limit_cal": args.limit_cal, "limit_test": args.limit_test, "seed": args.seed,
                      "n_boot": args.n_boot, "data": args.data, "pairs": args.pairs, "tasks": args.tasks,
                      "models": {k: vars(v) for k, v in MODELS.items()}, "python": platform.python_version()},
@@ -210,7 +210,7 @@ def plot_curves(setups: Sequence[Mapping[str, Any]], out: Path) -> None:
             elif name == "random":
                 style = {"lw": 1.2, "color": "gray", "ls": "--"}
             else:
-                style = {"lw": 1.6, "ls": "-."}
+                style = {"lw": 1.6, "ls": "-.", "color": f"C{1 + sorted(s['signals']).index(name) % 8}"}
             label = None if (name in MEASURES and name != s["best_measure"]) else \
                 f"{name} (APGR {_f(v['apgr'][0], 2)})"
             ax.plot(c["share"], c["accuracy"], label=label, **style)

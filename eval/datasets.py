@@ -53,14 +53,14 @@ class Task:
         labels: the label word of each class index.
         template: user message; ``{text}`` is the input, ``{labels}`` the comma-separated label words.
         aliases: other answer words mapped to a label word (e.g. ``"technology" -> "science"``).
-        max_tokens: new tokens to generate (a few: the label word comes first).
+        max_tokens: new tokens to generate (default 8: enough for "This review is negative." from small models).
     """
 
     name: str
     labels: tuple[str, ...]
     template: str
     aliases: Mapping[str, str] = field(default_factory=dict)
-    max_tokens: int = 5
+    max_tokens: int = 8
 
     def example(self, uid: str, label: int, text: str) -> dict[str, Any]:
         """One example dict for ``text`` with gold class ``label``."""

@@ -361,19 +361,26 @@ def _gguf_source(
     return (lambda: path), f"{path.stem}-{ident}"
 
 
-def _load_gguf(resolve: Callable[[], Path], copy: Path, dtype: torch.dtype,
+def _load_gguf(resolve: Callable[[], Path], copies: Path, dtype: torch.dtype,
                device_map: str | dict[str, Any] | None) -> tuple[Any, Any]:
-    """Load from the safetensors copy if there is a readable one, else from the GGUF (then write the copy)."""
-    if (copy / "config.json").is_file():
-        try:
-            return _load_folder(str(copy), None, dtype, device_map)
-        except Exception as e:  # our own cache, whatever broke it (e.g. SafetensorError): rebuild it
-            log.warning("ignoring the unreadable safetensors cache %s: %s", copy, e)
-            shutil.rmtree(copy, ignore_errors=True)
+    """Load from a readable safetensors copy, else from the GGUF (then write the copy).
+
+    ``copies`` is ``<cache>/safetensors/<key>``; a copy is ``<copies>-<dtype>``. Another dtype is read from the
+    float32 copy (the lossless one) when there is no copy in that dtype yet.
+    """
+    name = str(dtype).removeprefix("torch.")
+    own = copies.with_name(f"{copies.name}-{name}")
+    for copy in dict.fromkeys([own, copies.with_name(f"{copies.name}-float32")]):
+        if (copy / "config.json").is_file():
+            try:
+                return _load_folder(str(copy), None, dtype, device_map)
+            except Exception as e:  # our own cache, whatever broke it (e.g. SafetensorError): rebuild it
+                log.warning("ignoring the unreadable safetensors cache %s: %s", copy, e)
+                shutil.rmtree(copy, ignore_errors=True)
     gguf = resolve()
     model, tokenizer = _load_folder(str(gguf.parent), gguf.name, dtype, device_map)
     _fix_special_tokens(model, tokenizer)
-    _save_copy(model, tokenizer, copy)
+    _save_copy(model, tokenizer, own)
     return model, tokenizer
 
 
@@ -390,9 +397,10 @@ def load_pretrained(
     ``source`` is tried as, in order: an embedded model name (or :class:`ModelSpec`), a ``.gguf`` file, a
     local folder, and finally a hub id for ``from_pretrained`` (which needs network access). A GGUF's first
     load writes a safetensors copy of model and tokenizer to ``<cache_dir>/safetensors/<key>-<dtype>/``;
-    later loads read that copy (about 10x faster) and no longer need the GGUF. The tokenizer pads on the
-    left with a pad token (EOS if it has none); the generation config stops on ``<|im_end|>`` when the
-    vocabulary has it (the ChatML end of turn of SmolLM2 and Qwen2.5).
+    later loads read that copy (about 10x faster; another dtype is cast from the float32 copy if there is
+    one) and no longer need the GGUF. The tokenizer pads on the left with a pad token (EOS if it has none);
+    the generation config stops on ``<|im_end|>`` when the vocabulary has it (the ChatML end of turn of
+    SmolLM2 and Qwen2.5).
 
     Args:
         source: what to load.
@@ -426,8 +434,7 @@ def load_pretrained(
         if gguf is None:
             model, tokenizer = _load_folder(label, None, torch_dtype, device_map)
         else:
-            copy = cache / "safetensors" / f"{gguf[1]}-{str(torch_dtype).removeprefix('torch.')}"
-            model, tokenizer = _load_gguf(gguf[0], copy, torch_dtype, device_map)
+            model, tokenizer = _load_gguf(gguf[0], cache / "safetensors" / gguf[1], torch_dtype, device_map)
     except ImportError as e:
         raise ModelNotInstalledError(f"loading {label!r} needs the 'local' extra: {_LOCAL_EXTRA} ({e})") from e
     except Exception as e:  # transformers and safetensors raise many types for an unloadable source

@@ -249,6 +249,10 @@ def test_gguf_parts_load_and_reload_from_the_safetensors_copy(
     gen = [m.generate(**tok(texts, return_tensors="pt", padding=True, add_special_tokens=False),
                       max_new_tokens=6, do_sample=False) for m in (model, again)]
     assert torch.equal(gen[0], gen[1])
+    # Another dtype is cast from the float32 copy, without the GGUF and without writing a second copy.
+    half, _ = load_pretrained(spec, dtype="bfloat16", cache_dir=cache)
+    assert half.dtype == torch.bfloat16 and [p.name for p in (cache / "safetensors").iterdir()] == [copy.name]
+    torch.testing.assert_close(half.lm_head.weight, model.lm_head.weight.bfloat16(), rtol=0, atol=0)
 
 
 def test_a_gguf_path_loads_in_bfloat16_with_its_own_copy(tmp_path: Path) -> None:

@@ -284,3 +284,44 @@ def test_server_config_is_validated(tmp_path: Path) -> None:
                                            "extra": {"server": {"api_key_env": "CASCADE_UNSET_KEY_VAR"}}})
     os.environ.pop("CASCADE_UNSET_KEY_VAR", None)
     assert main(["serve", "--config", str(cfg), "--port", "0"]) == 2  # refused before loading any model
+
+
+async def test_per_request_target_picks_thresholds_from_the_artifact_curve() -> None:
+    from calibration.artifact import Artifact, Curve
+    from cascade.engine import Cascade
+    from cascade.policy import Policy
+    from cascade.server import create_app
+    from cascade.types import Generation
+
+    class Fixed:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        async def generate(self, prompts: Any, params: Any, *, scores: bool = True,
+                           early_exit: Any = None) -> list[Generation]:
+            return [Generation(text=self.name, model=self.name, scores={"margin_first": 0.25}) for _ in prompts]
+
+        async def aclose(self) -> None:
+            return None
+
+    curve = Curve("sweep", ((math.inf,), (0.5,), (-math.inf,)), (0.0, 0.5, 1.0), (0.7, 0.8, 0.9), (0.1, 0.5, 1.0),
+                  0.9)
+    artifact = Artifact(("s", "l"), "margin_first", (0.5,), "budget", {"max_large_share": 0.5}, "0" * 64, 100, True,
+                        "test", curve=curve)
+    engine = Cascade(small=Fixed("s"), large=Fixed("l"), policy=Policy.from_artifact(artifact, models=("s", "l")))
+    app = create_app(engine)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        got = {}
+        for share in (0.0, 1.0):
+            body = {"model": "cascade", "messages": CHAT, "cascade": {"target": {"max_large_share": share}}}
+            r = await client.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200, r.text
+            got[share] = r.json()["cascade"]
+            assert r.headers["x-cascade-target"] == f"max_large_share={share:g}"
+        assert got[0.0]["tier"] == "small" and got[0.0]["threshold"] is None  # inf: never escalate
+        assert got[1.0]["tier"] == "large" and got[1.0]["escalated"]
+        plain = (await client.post("/v1/chat/completions", json={"model": "cascade", "messages": CHAT})).json()
+        assert plain["cascade"]["threshold"] == 0.5 and plain["cascade"]["target"] is None
+        body = {"model": "cascade", "messages": CHAT, "cascade": {"target": {"max_large_share": 7}}}
+        bad = await client.post("/v1/chat/completions", json=body)
+        assert bad.status_code == 400

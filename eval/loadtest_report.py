@@ -250,10 +250,11 @@ def plot_report(r: dict[str, Any], outcomes: Sequence[Outcome], path: str | Path
     for tier in tiers:
         sel = [o for o in outcomes if o.ok and o.tier == tier and not o.degraded]
         ax[1, 0].scatter([o.end_s for o in sel], [o.latency_s * _MS for o in sel], s=3, label=tier)
-    for label, sel, color in (("degraded", [o for o in outcomes if o.degraded], "orange"),
+    for label, sel, color in (("degraded", [o for o in outcomes if o.degraded], "purple"),
                               ("failed", [o for o in outcomes if not o.ok], "red")):
         if sel:
-            ax[1, 0].scatter([o.end_s for o in sel], [o.latency_s * _MS for o in sel], s=5, label=label, c=color)
+            ax[1, 0].scatter([o.end_s for o in sel], [o.latency_s * _MS for o in sel], s=9, label=label, c=color,
+                             marker="x")
     ax[1, 0].set(title="latency of each request", xlabel="answer time, s", ylabel="ms", yscale="log")
     series = {"end-to-end latency": [o.latency_s for o in outcomes if o.ok],
               "engine overhead": [o.overhead_s for o in outcomes if o.ok and o.overhead_s is not None],

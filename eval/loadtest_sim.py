@@ -167,7 +167,7 @@ class SimulatedCascade:
 
         ``TierCall.latency_s`` is measured around the batcher, so it includes the queue wait (and the engine
         overhead does not); the mean wait is estimated as the mean tier-call latency minus the
-        prompt-weighted mean inner-call latency.
+        prompt-weighted mean inner-call latency (None when some tier calls failed or timed out).
 
         Args:
             outcomes: the run's outcomes (for the mean tier-call latency).
@@ -179,9 +179,10 @@ class SimulatedCascade:
             sizes = [n for _, n in probe.calls]
             weighted = [d for d, n in probe.calls for _ in range(n)]
             inner = 1000 * sum(weighted) / len(weighted) if weighted else None
-            tier = [c.latency_s for o in outcomes for c in o.calls
-                    if c.tier == name and c.latency_s is not None and c.error is None]
-            outer = 1000 * sum(tier) / len(tier) if tier else None
+            calls = [c for o in outcomes for c in o.calls if c.tier == name and c.latency_s is not None]
+            # A failed or timed-out tier call stops waiting while its inner call runs on: no estimate then.
+            clean = calls and all(c.error is None for c in calls)
+            outer = 1000 * sum(c.latency_s for c in calls) / len(calls) if clean else None
             out[name] = {"inner_calls": len(sizes), "prompts": sum(sizes),
                          "mean_batch_size": round(sum(sizes) / len(sizes), 3) if sizes else None,
                          "inner_call_ms_per_prompt": percentiles(weighted, scale=1000.0),

@@ -81,7 +81,7 @@ class TierConfig:
 class BatchingConfig:
     """Dynamic micro-batching of concurrent requests (server and concurrent Python callers)."""
 
-    enabled: bool = True  # collect concurrent requests into one batched call per tier
+    enabled: bool = True  # collect concurrent requests to local (hf) tiers into one batched call per tier
     max_batch_size: int = 16  # requests per batch at most
     max_wait_ms: float = 5.0  # how long the first request of a batch waits for company, milliseconds
     max_queue: int = 1024  # requests waiting at most; more are refused (HTTP 429)
@@ -243,7 +243,9 @@ def build_cascade(config: CascadeConfig, *, backends: Mapping[str, Backend] | No
     tiers = []
     for t in config.tiers:
         backend = built.get(t.name) or build_backend(t.backend)
-        if config.batching.enabled:  # merge concurrent calls (server, concurrent callers) into batches
+        # Merge concurrent calls to a local model into batches. Remote tiers already answer a batch as
+        # concurrent requests and the server batches itself: a batcher there only adds waiting.
+        if config.batching.enabled and t.backend.kind == "hf":
             from cascade.batching import MicroBatcher
 
             b = config.batching

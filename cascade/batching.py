@@ -8,6 +8,9 @@ prompts, sent at the latest ``max_wait_ms`` after the first of them arrived), th
 own generations. Batching changes nothing but speed: the inner backend sees the same prompts, parameters
 and early-exit thresholds, only more of them at once.
 
+It also offers ``stream`` (one prompt through the same queue, its text in one piece when the batch is
+done), so a streaming cascade keeps batching and early exit.
+
 Guarantees:
     * the queue is bounded: a call that would overflow it raises :class:`~cascade.errors.OverloadedError`;
     * a caller cancelled before its prompts were dispatched has them dropped from the queue;
@@ -21,12 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from cascade.backends.base import Backend
 from cascade.errors import BackendError, InvalidRequestError, OverloadedError
-from cascade.types import EarlyExit, Generation, GenerationParams, Prompt
+from cascade.types import EarlyExit, Generation, GenerationParams, Prompt, StreamEvent
 
 __all__ = ["MicroBatcher"]
 
@@ -161,6 +164,27 @@ class MicroBatcher:
         except asyncio.CancelledError:
             self._drop(st, item)
             raise
+
+    async def stream(
+        self,
+        prompt: Prompt,
+        params: GenerationParams,
+        *,
+        scores: bool = True,
+        early_exit: EarlyExit | None = None,
+    ) -> AsyncIterator[StreamEvent]:
+        """Answer one prompt through the batch queue, as stream events (see ``StreamingBackend.stream``).
+
+        Batching wins over token streaming: the prompt joins a batch like any ``generate`` call (with its
+        early exit), and its text arrives in one ``"delta"`` when the batch finishes. Closing the iterator
+        before then drops the prompt from the queue.
+        """
+        [gen] = await self.generate([prompt], params, scores=scores, early_exit=early_exit)
+        if scores:
+            yield StreamEvent("first", scores=dict(gen.scores))
+        if gen.text:
+            yield StreamEvent("delta", text=gen.text)
+        yield StreamEvent("done", generation=gen)
 
     async def aclose(self) -> None:
         """Stop the worker, fail queued calls with :class:`BackendError`, then close the wrapped backend."""

@@ -10,8 +10,11 @@ variable named in the config); a request body size limit; a bounded number of re
 waiting (429 with ``Retry-After`` beyond it); a client that disconnects cancels its work; shutdown drains
 the requests in flight. Client mistakes get 4xx with an OpenAI-style JSON error, never a 500.
 
-Streaming (``"stream": true``) sends the decided answer as OpenAI server-sent-event chunks: the cascade
-decides on a whole small-model answer, so the first chunk leaves once the decision is made.
+Streaming (``"stream": true``) sends OpenAI server-sent-event chunks from :meth:`Cascade.stream` (and the
+expert router's ``stream``): the answering tier is decided on the small model's first token, then its text
+flows as it is generated. Tiers wrapped in a micro-batcher have no token stream of their own, so with
+batching on, a tier's text arrives in one piece when its batch finishes. A completions request with
+several prompts is answered first and then sent as word-sized chunks.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import math
 import os
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
@@ -38,7 +42,10 @@ from cascade.errors import (
     InvalidRequestError,
     OverloadedError,
 )
-from cascade.server_api import HTTPError, Metrics, parse_request, render_response, sse_events
+from cascade.server_api import HTTPError, parse_request, render_response, sse_events, sse_stream
+from cascade.server_flow import Admission, Disconnected, close_quietly, next_before, streaming_response, watch
+from cascade.server_metrics import Metrics
+from cascade.types import CascadeChunk
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -102,46 +109,6 @@ class ServerConfig:
         return key
 
 
-class _Disconnected(Exception):
-    """The client went away before its answer was ready."""
-
-
-class _Admission:
-    """At most ``running`` requests in the engine and ``waiting`` more queued; beyond that, 429."""
-
-    def __init__(self, running: int, waiting: int, retry_after_s: float) -> None:
-        self.sem = asyncio.Semaphore(running)
-        self.max_waiting, self.retry_after_s = waiting, retry_after_s
-        self.running = self.waiting = 0
-        self.idle = asyncio.Event()
-        self.idle.set()
-
-    @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        if self.sem.locked() and self.waiting >= self.max_waiting:
-            raise OverloadedError("server busy: too many requests in flight", self.retry_after_s)
-        self.waiting += 1
-        self.idle.clear()
-        try:
-            await self.sem.acquire()
-        except BaseException:
-            self.waiting -= 1
-            self._maybe_idle()
-            raise
-        self.waiting -= 1
-        self.running += 1
-        try:
-            yield
-        finally:
-            self.running -= 1
-            self.sem.release()
-            self._maybe_idle()
-
-    def _maybe_idle(self) -> None:
-        if not self.running and not self.waiting:
-            self.idle.set()
-
-
 def _error_response(exc: HTTPError) -> Response:
     from starlette.responses import JSONResponse
 
@@ -167,14 +134,6 @@ def _as_http(exc: BaseException) -> HTTPError:
     return HTTPError(500, "internal server error", "server_error")
 
 
-async def _wait_disconnect(request: Request) -> None:
-    """Return when the client disconnects (the body has been read already)."""
-    while True:
-        message = await request.receive()
-        if message.get("type") == "http.disconnect":
-            return
-
-
 def _batchers(service: Any) -> list[Any]:
     from cascade.batching import MicroBatcher
 
@@ -189,7 +148,7 @@ class _Service:
     def __init__(self, engine: Any, config: ServerConfig) -> None:
         self.engine, self.config = engine, config
         self.api_key = config.api_key()
-        self.admission = _Admission(config.max_in_flight, config.max_queue, config.retry_after_s)
+        self.admission = Admission(config.max_in_flight, config.max_queue, config.retry_after_s)
         self.metrics = Metrics()
         self.batchers = _batchers(engine)
         self.draining = False
@@ -234,6 +193,10 @@ class _Service:
             self.check_auth(request)
             body = await self.read_json(request)
             parsed = parse_request(kind, body, self.engine.params, self.config)
+            if parsed.stream and len(parsed.prompts) == 1 and hasattr(self.engine, "stream"):
+                response = await self._live_stream(request, kind, parsed, started)
+                status = 0  # the stream records its own outcome when it ends
+                return response
             results = await self._run_watched(request, parsed)
             status, tiers = 200, [r.tier for r in results]
             self.metrics.observe_results(results)
@@ -247,7 +210,7 @@ class _Service:
             from starlette.responses import JSONResponse
 
             return JSONResponse(payload, headers=headers)
-        except _Disconnected:
+        except Disconnected:
             from starlette.responses import Response as PlainResponse
 
             status = 499
@@ -257,7 +220,8 @@ class _Service:
             status = err.status
             return _error_response(err)
         finally:
-            self.metrics.observe_request(kind, status, tiers, time.perf_counter() - started)
+            if status:
+                self.metrics.observe_request(kind, status, tiers, time.perf_counter() - started)
 
     async def _run_watched(self, request: Request, parsed: Any) -> list[Any]:
         """Admission, timeout and the engine call, cancelled if the client disconnects meanwhile."""
@@ -268,19 +232,57 @@ class _Service:
                     self.engine.run_batch(parsed.prompts, params=parsed.params, target=parsed.target),
                     self.config.request_timeout_s))
 
-        work = asyncio.ensure_future(guarded())
-        watch = asyncio.ensure_future(_wait_disconnect(request))
+        return await watch(request, guarded())
+
+    async def _live_stream(self, request: Request, kind: str, parsed: Any, started: float) -> Response:
+        """Stream ``engine.stream`` as SSE; errors before the first piece still get their HTTP status."""
+        deadline = time.monotonic() + self.config.request_timeout_s
+        await watch(request, self.admission.acquire())
+        items = self.engine.stream(parsed.prompts[0], params=parsed.params, target=parsed.target)
         try:
-            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not work.done():
-                work.cancel()
-            watch.cancel()
-        if work.cancelled() or not work.done():
-            with contextlib.suppress(BaseException):
-                await work
-            raise _Disconnected()
-        return work.result()
+            first = await watch(request, next_before(items, deadline))
+        except BaseException:
+            await close_quietly(items)
+            self.admission.release()
+            raise
+        state: dict[str, Any] = {"status": 499, "result": None, "closed": False}
+
+        async def chained() -> AsyncIterator[Any]:
+            item = first
+            while True:
+                if not isinstance(item, CascadeChunk):
+                    state["result"] = item
+                yield item
+                if not isinstance(item, CascadeChunk):
+                    return
+                item = await next_before(items, deadline)
+
+        async def body() -> AsyncIterator[str]:
+            try:
+                async for text in sse_stream(kind, parsed, response_id, self.config.model_name, chained()):
+                    yield text
+                state["status"] = 200
+            except Exception as exc:  # after the first byte an error can only be reported in the stream
+                err = _as_http(exc)
+                state["status"] = err.status
+                yield f"data: {json.dumps(err.body())}\n\n"
+
+        async def cleanup() -> None:
+            if state["closed"]:
+                return
+            state["closed"] = True
+            await close_quietly(items)
+            self.admission.release()
+            result = state["result"]
+            if result is not None:
+                self.metrics.observe_results([result])
+            tier = result.tier if result is not None else getattr(first, "tier", "none")
+            self.metrics.observe_request(kind, state["status"], [tier], time.perf_counter() - started)
+
+        response_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        headers = {"x-request-id": response_id, "x-cascade-tier": str(getattr(first, "tier", "")),
+                   "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return streaming_response(body(), headers, cleanup)
 
     async def drain(self) -> None:
         """Refuse new requests and wait (up to ``drain_timeout_s``) for those in flight to finish."""

@@ -1,4 +1,4 @@
-"""The OpenAI wire format of ``cascade serve``: request parsing, response bodies, SSE chunks and metrics.
+"""The OpenAI wire format of ``cascade serve``: request parsing, response bodies and SSE chunks.
 
 Pure functions and plain classes, no I/O: :mod:`cascade.server` does the HTTP. Every client mistake
 raises :class:`HTTPError` (a 4xx) with a message naming the offending field.
@@ -11,16 +11,16 @@ import math
 import re
 import time
 import uuid
-from collections import Counter
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from cascade.errors import CascadeError
 from cascade.policy import Target
-from cascade.types import CascadeResult, GenerationParams, Message, Prompt
+from cascade.types import CascadeChunk, CascadeResult, GenerationParams, Message, Prompt
 
-__all__ = ["HTTPError", "Metrics", "ParsedRequest", "decision", "parse_request", "render_response", "sse_events"]
+__all__ = ["HTTPError", "ParsedRequest", "decision", "parse_request", "render_response", "sse_events",
+           "sse_stream"]
 
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream", "stream_options",
            "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "user",
@@ -285,100 +285,74 @@ def _pieces(text: str) -> list[str]:
     return [p for p in re.split(r"(?<=\s)(?=\S)", text) if p]
 
 
+def _sse(base: Mapping[str, Any], choices: list[dict[str, Any]], include_usage: bool, **extra: Any) -> str:
+    """One ``data:`` event; with ``include_usage`` every chunk but the usage one carries ``"usage": null``."""
+    chunk = {**base, "choices": choices, **extra}
+    if include_usage and "usage" not in extra:
+        chunk["usage"] = None
+    return f"data: {json.dumps(chunk, separators=(',', ':'), allow_nan=False)}\n\n"
+
+
+def _chunk_base(kind: str, response_id: str, created: int, model: str) -> dict[str, Any]:
+    return {"id": response_id, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+            "created": created, "model": model, "system_fingerprint": None}
+
+
+def _piece(kind: str, index: int, text: str) -> dict[str, Any]:
+    body = {"delta": {"content": text}} if kind == "chat" else {"text": text}
+    return {"index": index, **body, "logprobs": None, "finish_reason": None}
+
+
+def _final(kind: str, index: int, finish_reason: str) -> dict[str, Any]:
+    body: dict[str, Any] = {"delta": {}} if kind == "chat" else {"text": ""}
+    return {"index": index, **body, "logprobs": None, "finish_reason": finish_reason}
+
+
+def _role(index: int) -> dict[str, Any]:
+    return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+
+
 async def sse_events(kind: str, parsed: ParsedRequest, payload: Mapping[str, Any]) -> AsyncIterator[str]:
-    """The server-sent events of a streamed answer, as OpenAI sends them, ending with ``data: [DONE]``."""
-    chat = kind == "chat"
-    base = {"id": payload["id"], "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": payload["created"], "model": payload["model"], "system_fingerprint": None}
+    """The server-sent events of an answer already decided, as OpenAI sends them, ending with ``[DONE]``.
+
+    Used for multi-prompt completions and engines without ``stream``: each answer is cut into word-sized
+    pieces.
+    """
+    base = _chunk_base(kind, payload["id"], payload["created"], payload["model"])
     decisions = payload["cascade"] if isinstance(payload["cascade"], list) else [payload["cascade"]]
-
-    def event(choices: list[dict[str, Any]], **extra: Any) -> str:
-        chunk = {**base, "choices": choices, **extra}
-        if parsed.include_usage and "usage" not in extra:
-            chunk["usage"] = None
-        return f"data: {json.dumps(chunk, separators=(',', ':'), allow_nan=False)}\n\n"
-
+    usage = parsed.include_usage
     for choice, dec in zip(payload["choices"], decisions):
         i = choice["index"]
-        text = choice["message"]["content"] if chat else choice["text"]
-        if chat:
-            yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None}])
-        for piece in _pieces(text):
-            delta = {"delta": {"content": piece}} if chat else {"text": piece}
-            yield event([{"index": i, **delta, "logprobs": None, "finish_reason": None}])
-        last: dict[str, Any] = {"delta": {}} if chat else {"text": ""}
-        yield event([{"index": i, **last, "logprobs": None, "finish_reason": choice["finish_reason"]}],
-                    cascade=dec)
-    if parsed.include_usage:
-        yield event([], usage=payload["usage"])
+        if kind == "chat":
+            yield _sse(base, [_role(i)], usage)
+        for piece in _pieces(choice["message"]["content"] if kind == "chat" else choice["text"]):
+            yield _sse(base, [_piece(kind, i, piece)], usage)
+        yield _sse(base, [_final(kind, i, choice["finish_reason"])], usage, cascade=dec)
+    if usage:
+        yield _sse(base, [], usage, usage=payload["usage"])
     yield "data: [DONE]\n\n"
 
 
-def _label(value: object) -> str:
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+async def sse_stream(kind: str, parsed: ParsedRequest, response_id: str, model: str,
+                     items: AsyncIterator[CascadeChunk | CascadeResult]) -> AsyncIterator[str]:
+    """The server-sent events of a live :meth:`Cascade.stream`: one chunk per piece the engine yields.
 
-
-class Metrics:
-    """Counters and a latency histogram, rendered in the Prometheus text format (one per app)."""
-
-    BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-
-    def __init__(self) -> None:
-        self.requests: Counter[tuple[str, str, str]] = Counter()
-        self.tokens: Counter[tuple[str, str]] = Counter()
-        self.cost: dict[str, float] = {}
-        self.escalations = self.degraded = 0
-        self.latency_buckets = [0] * len(self.BUCKETS)
-        self.latency_sum: float = 0.0
-        self.latency_count = 0
-
-    def observe_request(self, endpoint: str, status: int, tiers: Sequence[str], seconds: float) -> None:
-        """Count one HTTP request (one count per answer for multi-prompt completions)."""
-        for tier in tiers:
-            self.requests[(endpoint, str(status), tier)] += 1
-        for i, le in enumerate(self.BUCKETS):
-            if seconds <= le:
-                self.latency_buckets[i] += 1
-        self.latency_sum += seconds
-        self.latency_count += 1
-
-    def observe_results(self, results: Sequence[CascadeResult]) -> None:
-        """Count escalations, degraded answers, tokens and cost per tier."""
-        for r in results:
-            self.escalations += int(r.escalated)
-            self.degraded += int(r.degraded)
-            for c in r.calls:
-                self.tokens[(c.tier, "prompt")] += c.prompt_tokens
-                self.tokens[(c.tier, "completion")] += c.completion_tokens
-                self.cost[c.tier] = self.cost.get(c.tier, 0.0) + c.cost
-
-    def render(self, in_flight: int, queue_depth: int) -> str:
-        """The Prometheus text exposition (format 0.0.4)."""
-        out: list[str] = []
-
-        def metric(name: str, kind: str, help_: str, rows: Sequence[tuple[str, float]]) -> None:
-            out.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}"])
-            out.extend(f"{name}{labels} {value:g}" if isinstance(value, float) else f"{name}{labels} {value}"
-                       for labels, value in rows)
-
-        metric("cascade_requests_total", "counter", "HTTP requests by endpoint, status and answering tier.",
-               [(f'{{endpoint="{_label(e)}",status="{s}",tier="{_label(t)}"}}', n)
-                for (e, s, t), n in sorted(self.requests.items())])
-        metric("cascade_escalations_total", "counter", "Answers that called a tier above the first.",
-               [("", self.escalations)])
-        metric("cascade_degraded_total", "counter", "Answers returned from a lower tier after a failure.",
-               [("", self.degraded)])
-        metric("cascade_tokens_total", "counter", "Tokens billed by tier and kind.",
-               [(f'{{tier="{_label(t)}",kind="{k}"}}', n) for (t, k), n in sorted(self.tokens.items())])
-        metric("cascade_cost_total", "counter", "Money spent by tier, in the configured price unit.",
-               [(f'{{tier="{_label(t)}"}}', float(c)) for t, c in sorted(self.cost.items())])
-        rows: list[tuple[str, float]] = [(f'_bucket{{le="{le:g}"}}', n)
-                                         for le, n in zip(self.BUCKETS, self.latency_buckets)]
-        rows += [('_bucket{le="+Inf"}', self.latency_count), ("_sum", self.latency_sum),
-                 ("_count", self.latency_count)]
-        metric("cascade_request_latency_seconds", "histogram", "End-to-end request latency.", rows)
-        metric("cascade_in_flight_requests", "gauge", "Requests running in the engine.", [("", in_flight)])
-        metric("cascade_queue_depth", "gauge", "Requests and prompts waiting (server queue + micro-batchers).",
-               [("", queue_depth)])
-        return "\n".join(out) + "\n"
+    The last chunk with text is followed by one with ``finish_reason`` and the ``cascade`` decision, an
+    optional usage chunk and ``data: [DONE]``. An error of ``items`` propagates (the caller reports it).
+    """
+    base = _chunk_base(kind, response_id, int(time.time()), model)
+    usage = parsed.include_usage
+    if kind == "chat":
+        yield _sse(base, [_role(0)], usage)
+    async for item in items:
+        if isinstance(item, CascadeResult):
+            yield _sse(base, [_final(kind, 0, _finish(item))], usage, cascade=decision(item))
+            if usage:
+                tokens = {"prompt_tokens": item.prompt_tokens, "completion_tokens": item.completion_tokens,
+                          "total_tokens": item.prompt_tokens + item.completion_tokens}
+                yield _sse(base, [], usage, usage=tokens)
+            yield "data: [DONE]\n\n"
+            return
+        if item.text:
+            yield _sse(base, [_piece(kind, 0, item.text)], usage)
+    raise CascadeError("the engine's stream ended without a result")

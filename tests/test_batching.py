@@ -14,7 +14,7 @@ from cascade.backends.base import Backend
 from cascade.batching import MicroBatcher
 from cascade.engine import Cascade
 from cascade.errors import BackendError, InvalidRequestError, OverloadedError
-from cascade.types import EarlyExit, Generation, GenerationParams, Prompt
+from cascade.types import EarlyExit, Generation, GenerationParams, Prompt, StreamEvent
 
 PROMPTS = [
     "the movie was good",
@@ -271,3 +271,22 @@ def test_build_cascade_wraps_tiers_when_batching_is_enabled() -> None:
     off = build_cascade(CascadeConfig(tiers=tiers, thresholds=(0.5,), batching=BatchingConfig(enabled=False)),
                         backends=backends)
     assert not any(isinstance(t.backend, MicroBatcher) for t in off.tiers)
+
+
+async def test_stream_goes_through_the_batch_queue_with_early_exit() -> None:
+    backend = make_backend(0)
+    batcher = MicroBatcher(backend, max_batch_size=8, max_wait_ms=20)
+
+    async def collect(prompt: str, threshold: float) -> list[StreamEvent]:
+        return [ev async for ev in batcher.stream(prompt, GREEDY, early_exit=EarlyExit("margin_first", (threshold,)))]
+
+    streams = await asyncio.gather(*(collect(p, t) for p, t in zip(PROMPTS[:4], (0.0, 1.0, 0.0, 1.0))))
+    assert batcher.batches == 1
+    for events, threshold, prompt in zip(streams, (0.0, 1.0, 0.0, 1.0), PROMPTS[:4]):
+        kinds = [e.kind for e in events]
+        assert kinds[0] == "first" and kinds[-1] == "done"
+        done = events[-1].generation
+        assert done is not None
+        [alone] = await backend.generate([prompt], GREEDY, early_exit=EarlyExit("margin_first", (threshold,)))
+        assert done.text == alone.text and done.finish_reason == alone.finish_reason
+        assert "".join(e.text for e in events if e.kind == "delta") == done.text

@@ -229,3 +229,22 @@ async def test_build_router_from_config(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         build_router(bad, backends={"small": small, "large": large})
     await router.aclose()
+
+
+async def test_router_streams_from_the_cluster_expert() -> None:
+    from cascade.types import CascadeChunk, CascadeResult
+
+    emb = HiddenStateEmbedder.from_backend(make_backend(0))
+    prompts = TOPIC_A + TOPIC_B
+    fitted = fit_router(emb, prompts, 2, seed=5)
+    experts = {c: ReplicaPool([expert(f"e{c}"), expert(f"e{c}b")]) for c in range(2)}
+    router = ExpertRouter(fitted, emb, experts)
+    expected = fitted.assign(emb.embed(prompts))
+    for p, c in zip(prompts, expected):
+        items = [item async for item in router.stream(p)]
+        result = items[-1]
+        assert isinstance(result, CascadeResult) and result.cluster == c
+        assert "".join(i.text for i in items if isinstance(i, CascadeChunk)) == result.text
+        assert result.text.startswith(f"e{c}")
+    assert all(sum(pool.served) == expected.count(c) and pool.in_flight == [0, 0]
+               for c, pool in router.experts.items())

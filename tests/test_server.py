@@ -7,7 +7,9 @@ overload, disconnect and shutdown behaviour.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import math
 import os
 import signal
@@ -27,6 +29,7 @@ import yaml
 from conftest import make_model, make_tokenizer
 
 from cascade.simulate import SimConfig, SimServer
+from cascade.types import GenerationParams
 
 KEY = "test-secret-key"
 CHAT = [{"role": "user", "content": "the movie was good"}]
@@ -219,13 +222,13 @@ def test_full_queue_gets_429_with_retry_after(tmp_path: Path, sim_tiers: tuple[S
         statuses: list[int] = []
         retry_after: list[str | None] = []
 
-        def hit() -> None:
-            r = httpx.post(server.url + "/v1/chat/completions", json={"model": "cascade", "messages": CHAT},
-                           timeout=30)
+        def hit(stream: bool) -> None:
+            r = httpx.post(server.url + "/v1/chat/completions",
+                           json={"model": "cascade", "messages": CHAT, "stream": stream}, timeout=30)
             statuses.append(r.status_code)
             retry_after.append(r.headers.get("retry-after"))
 
-        threads = [threading.Thread(target=hit) for _ in range(6)]
+        threads = [threading.Thread(target=hit, args=(i % 2 == 0,)) for i in range(6)]  # streams get 429 too
         for t in threads:
             t.start()
         for t in threads:
@@ -325,3 +328,92 @@ async def test_per_request_target_picks_thresholds_from_the_artifact_curve() -> 
         body = {"model": "cascade", "messages": CHAT, "cascade": {"target": {"max_large_share": 7}}}
         bad = await client.post("/v1/chat/completions", json=body)
         assert bad.status_code == 400
+
+
+async def test_live_token_stream_from_the_engine() -> None:
+    from conftest import make_backend
+
+    from cascade.engine import Cascade
+    from cascade.server import create_app
+
+    small, large = make_backend(0), make_backend(1)
+    engine = Cascade(small=small, large=large, threshold=2.0, params=GenerationParams(max_tokens=12))  # never escalates
+    app = create_app(engine)
+    body = {"model": "cascade", "messages": [{"role": "user", "content": "is it good"}]}  # a six-word answer
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        plain = (await client.post("/v1/chat/completions", json=body)).json()
+        r = await client.post("/v1/chat/completions", json={**body, "stream": True})
+    assert r.headers["x-cascade-tier"] == "small"
+    events = [e.removeprefix("data: ") for e in r.text.split("\n\n") if e]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    pieces = [c["choices"][0]["delta"].get("content") for c in chunks if c["choices"][0]["delta"].get("content")]
+    assert len(pieces) > 1  # token by token, not one piece
+    assert "".join(pieces) == plain["choices"][0]["message"]["content"]
+    assert chunks[-1]["cascade"]["tier"] == "small" and chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+class SlowStreamer:
+    """A real streaming backend: one word every 50 ms; records whether its stream was closed early."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.closed_early, self.words_sent = name, False, 0
+
+    async def generate(self, prompts: Any, params: Any, *, scores: bool = True, early_exit: Any = None) -> Any:
+        from cascade.types import Generation
+
+        return [Generation(text="w " * 100, model=self.name, scores={"margin_first": 0.1}) for _ in prompts]
+
+    async def stream(self, prompt: Any, params: Any, *, scores: bool = True, early_exit: Any = None) -> Any:
+        from cascade.types import Generation, StreamEvent
+
+        finished = False
+        try:
+            yield StreamEvent("first", scores={"margin_first": 0.1})
+            for _ in range(100):
+                await asyncio.sleep(0.05)
+                self.words_sent += 1
+                yield StreamEvent("delta", text="w ")
+            finished = True
+            yield StreamEvent("done", generation=Generation(text="w " * 100, model=self.name))
+        finally:
+            self.closed_early = not finished
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_client_leaving_mid_stream_stops_generation_and_frees_the_slot() -> None:
+    from cascade.engine import Cascade
+    from cascade.server import create_app
+
+    small = SlowStreamer("slow")
+    app = create_app(Cascade(small=small, large=SlowStreamer("big"), threshold=0.5))
+    service = app.state.service
+    body = json.dumps({"model": "cascade", "messages": CHAT, "stream": True}).encode()
+    leave = asyncio.Event()
+    sent: list[dict[str, Any]] = []
+    requested = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal requested
+        if not requested:
+            requested = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await leave.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body" and b"w " in message.get("body", b""):
+            leave.set()  # the client goes away after its first words
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "query_string": b"", "headers": [(b"content-type", b"application/json")], "scheme": "http",
+             "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 5000), "root_path": "", "app": app}
+    await asyncio.wait_for(app(scope, receive, send), 5)
+    assert sent[0]["status"] == 200
+    assert small.closed_early and small.words_sent < 20
+    assert service.admission.running == 0 and service.admission.waiting == 0
+    assert 'status="499"' in service.metrics.render(0, 0)

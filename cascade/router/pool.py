@@ -15,7 +15,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from cascade.engine import Cascade
 from cascade.errors import ArtifactError, CascadeError, ConfigError, InvalidRequestError
 from cascade.router.embed import Embedder, aembed, make_embedder
 from cascade.router.kmeans import assign, kmeans
-from cascade.types import CascadeResult, GenerationParams, Prompt, validate_prompt
+from cascade.types import CascadeChunk, CascadeResult, GenerationParams, Prompt, validate_prompt
 
 __all__ = ["ROUTER_SCHEMA", "ROUTER_VERSION", "ExpertRouter", "FittedRouter", "ReplicaPool", "build_router",
            "fit_router"]
@@ -182,6 +182,27 @@ class ReplicaPool:
             self.in_flight[i] -= len(prompts)
 
 
+    async def stream(self, prompt: Prompt, *, params: GenerationParams | None = None, target: Any = None,
+                     cluster: int | None = None) -> AsyncIterator[CascadeChunk | CascadeResult]:
+        """Stream one answer from the least-loaded replica (see :meth:`Cascade.stream`)."""
+        i = self.pick()
+        self.in_flight[i] += 1
+        self.served[i] += 1
+        items = self.replicas[i].stream(prompt, params=params, target=target, cluster=cluster)
+        try:
+            async for item in items:
+                yield item
+        finally:
+            await _aclose(items)
+            self.in_flight[i] -= 1
+
+
+async def _aclose(items: AsyncIterator[Any]) -> None:
+    aclose = getattr(items, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
 class ExpertRouter:
     """Route each prompt to its cluster's expert.
 
@@ -254,6 +275,18 @@ class ExpertRouter:
             for i, r in zip(idx, got):
                 out[i] = r if r.cluster == c else replace(r, cluster=c)
         return [r for r in out if r is not None]
+
+    async def stream(self, prompt: Prompt, *, params: GenerationParams | None = None,
+                     target: Any = None) -> AsyncIterator[CascadeChunk | CascadeResult]:
+        """Stream one answer from its cluster's expert: chunks, then the result (``cluster`` set)."""
+        checked = validate_prompt(prompt)
+        [cluster] = await self.route([checked])
+        items = self.experts[cluster].stream(checked, params=params, target=target, cluster=cluster)
+        try:
+            async for item in items:
+                yield item
+        finally:
+            await _aclose(items)
 
     async def aclose(self) -> None:
         """Close every distinct backend once."""

@@ -1,0 +1,131 @@
+"""Flow control of ``cascade serve``: admission (bounded running and waiting), client-disconnect
+watching, and streamed responses that always clean up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from cascade.errors import CascadeError, OverloadedError
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+__all__ = ["Admission", "Disconnected", "close_quietly", "next_before", "streaming_response", "watch"]
+
+T = TypeVar("T")
+
+
+class Disconnected(Exception):
+    """The client went away before its answer was ready."""
+
+
+class Admission:
+    """At most ``running`` requests in the engine and ``waiting`` more queued; beyond that, 429."""
+
+    def __init__(self, running: int, waiting: int, retry_after_s: float) -> None:
+        self.sem = asyncio.Semaphore(running)
+        self.max_waiting, self.retry_after_s = waiting, retry_after_s
+        self.running = self.waiting = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    async def acquire(self) -> None:
+        """Wait for a running slot; raise OverloadedError when the waiting line is full."""
+        if self.sem.locked() and self.waiting >= self.max_waiting:
+            raise OverloadedError("server busy: too many requests in flight", self.retry_after_s)
+        self.waiting += 1
+        self.idle.clear()
+        try:
+            await self.sem.acquire()
+        except BaseException:
+            self.waiting -= 1
+            self._maybe_idle()
+            raise
+        self.waiting -= 1
+        self.running += 1
+
+    def release(self) -> None:
+        """Give a slot back (exactly once per successful :meth:`acquire`)."""
+        self.running -= 1
+        self.sem.release()
+        self._maybe_idle()
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold a running slot for the block."""
+        await self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
+
+    def _maybe_idle(self) -> None:
+        if not self.running and not self.waiting:
+            self.idle.set()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    """Return when the client disconnects (the body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message.get("type") == "http.disconnect":
+            return
+
+
+async def watch(request: Request, coro: Awaitable[T]) -> T:
+    """Await ``coro``; cancel it and raise :class:`Disconnected` if the client goes away first."""
+    work = asyncio.ensure_future(coro)
+    watch = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not work.done():
+            work.cancel()
+        watch.cancel()
+    if work.cancelled() or not work.done():
+        with contextlib.suppress(BaseException):
+            await work
+        raise Disconnected()
+    return work.result()
+
+
+async def next_before(items: AsyncIterator[Any], deadline: float) -> Any:
+    """The next item of an engine stream, or asyncio.TimeoutError past ``deadline`` (monotonic seconds)."""
+    try:
+        return await asyncio.wait_for(items.__anext__(), max(0.0, deadline - time.monotonic()))
+    except StopAsyncIteration:
+        raise CascadeError("the engine's stream ended without a result") from None
+
+
+async def close_quietly(items: AsyncIterator[Any]) -> None:
+    """Close an engine stream (stopping its generation), shielded from the caller's cancellation."""
+    import anyio
+
+    aclose = getattr(items, "aclose", None)
+    if aclose is None:
+        return
+    with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+        await aclose()
+
+
+def streaming_response(body: AsyncIterator[str], headers: dict[str, str],
+                        cleanup: Callable[[], Awaitable[None]]) -> Response:
+    """An SSE response that runs ``cleanup`` however it ends (finished, failed or client gone)."""
+    import anyio
+    from starlette.responses import StreamingResponse
+
+    class _Response(StreamingResponse):
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await cleanup()
+
+    return _Response(body, media_type="text/event-stream", headers=headers)

@@ -101,3 +101,32 @@ async def test_escalated_stream_early_exits_and_degrades():
     raising = Cascade(small=small, large=FailingBackend(BackendError("down")), threshold=-1.0, on_error="raise")
     with pytest.raises(BackendError):
         await collect(raising.stream("a movie"))
+
+
+async def test_remote_tiers_stream_with_early_exit():
+    """OpenAI-compatible tiers (real loopback servers): streamed answers equal run(), escalations exit early."""
+    from cascade.backends.openai_compat import OpenAIBackend
+    from cascade.simulate import SimConfig, SimServer
+
+    prompts = [f"[[sim:confidence={c}]] question {i}" for i, c in enumerate((0.95, 0.2, 0.9, 0.1))]
+    async with SimServer(SimConfig(model="small", seed=1, latency_per_token_s=0.002)) as s1, \
+            SimServer(SimConfig(model="large", seed=2)) as s2:
+        small = OpenAIBackend(model="small", base_url=s1.base_url, max_retries=0)
+        large = OpenAIBackend(model="large", base_url=s2.base_url, max_retries=0)
+        first = [(await small.generate([p], PARAMS))[0].scores["margin_first"] for p in prompts]
+        threshold = sorted(first)[1]
+        cascade = Cascade(small=small, large=large, threshold=threshold, params=PARAMS)
+        events = [e async for e in small.stream(prompts[0], PARAMS)]
+        assert events[0].kind == "first" and events[-1].kind == "done"
+        assert "".join(e.text for e in events if e.kind == "delta") == events[-1].generation.text
+        tiers = set()
+        for prompt, u in zip(prompts, first):
+            chunks, result = await collect(cascade.stream(prompt))
+            expected = await cascade.run(prompt)
+            assert "".join(c.text for c in chunks) == result.text == expected.text
+            assert result.tier == expected.tier and result.uncertainty == pytest.approx(u, abs=1e-6)
+            if result.escalated:
+                assert result.calls[0].finish_reason == "early_exit" and result.calls[0].completion_tokens == 1
+            tiers.add(result.tier)
+        assert tiers == {"small", "large"}
+        await cascade.aclose()

@@ -20,10 +20,11 @@ A batch of B prompts is sent as B concurrent requests (at most ``max_concurrency
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -34,6 +35,7 @@ from cascade.types import (
     Generation,
     GenerationParams,
     Prompt,
+    StreamEvent,
     TokenStats,
     validate_prompt,
 )
@@ -209,28 +211,34 @@ class OpenAIBackend:
 
     async def _request(self, prompt: Prompt, params: GenerationParams, scores: bool, measure: str,
                        threshold: float) -> _Answer:
-        import openai
-
         async with self._slots:
             if self._throttle is not None:
                 await self._throttle.acquire()
-            try:
+            with self._errors():
                 if scores and measure and not math.isinf(threshold):
                     return await self._streamed(prompt, params, measure, threshold)
                 return await self._plain(prompt, params, scores)
-            except openai.APITimeoutError as exc:
-                raise BackendTimeoutError(f"{self.name}: no answer from {self._where} within "
-                                          f"{self.timeout_s} s") from exc
-            except openai.APIStatusError as exc:
-                raise BackendError(f"{self.name}: HTTP {exc.status_code} from {self._where}: "
-                                   f"{_message(exc)}") from exc
-            except openai.APIConnectionError as exc:
-                why = exc.__cause__ or exc
-                raise BackendError(f"{self.name}: cannot reach {self._where}: {why}") from exc
-            except openai.OpenAIError as exc:
-                raise BackendError(f"{self.name}: {type(exc).__name__}: {exc}") from exc
-            except (AttributeError, TypeError, KeyError, IndexError, ValueError) as exc:
-                raise BackendError(f"{self.name}: malformed answer from {self._where}: {exc!r}") from exc
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Map the openai client's exceptions (and malformed answers) to the cascade's error types."""
+        import openai
+
+        try:
+            yield
+        except openai.APITimeoutError as exc:
+            raise BackendTimeoutError(f"{self.name}: no answer from {self._where} within "
+                                      f"{self.timeout_s} s") from exc
+        except openai.APIStatusError as exc:
+            raise BackendError(f"{self.name}: HTTP {exc.status_code} from {self._where}: "
+                               f"{_message(exc)}") from exc
+        except openai.APIConnectionError as exc:
+            why = exc.__cause__ or exc
+            raise BackendError(f"{self.name}: cannot reach {self._where}: {why}") from exc
+        except openai.OpenAIError as exc:
+            raise BackendError(f"{self.name}: {type(exc).__name__}: {exc}") from exc
+        except (AttributeError, TypeError, KeyError, IndexError, ValueError) as exc:
+            raise BackendError(f"{self.name}: malformed answer from {self._where}: {exc!r}") from exc
 
     def _body(self, prompt: Prompt, params: GenerationParams, scores: bool) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.name, "max_tokens": params.max_tokens,
@@ -274,12 +282,22 @@ class OpenAIBackend:
 
     async def _streamed(self, prompt: Prompt, params: GenerationParams, measure: str,
                         threshold: float) -> _Answer:
-        body = self._body(prompt, params, True)
+        answer = _Answer()
+        async for kind, value in self._events(prompt, params, True, measure, threshold):
+            if kind == "answer":
+                answer = value
+        return answer
+
+    async def _events(self, prompt: Prompt, params: GenerationParams, scores: bool, measure: str,
+                      threshold: float) -> AsyncIterator[tuple[str, Any]]:
+        """Stream one answer: ``("first", scores)`` once the first token is scored, ``("delta", text)``, and
+        ``("answer", _Answer)`` last. Above ``threshold`` on the first token the stream is closed at once."""
+        body = self._body(prompt, params, scores)
         body.update(stream=True, stream_options={"include_usage": True})
         answer = _Answer()
         endpoint: Any = self._client.chat.completions if self.api == "chat" else self._client.completions
         stream: Any = await endpoint.create(**body)
-        scored = False
+        scored = not scores
         async with stream:
             async for chunk in stream:
                 if chunk.usage is not None:
@@ -289,24 +307,72 @@ class OpenAIBackend:
                     continue
                 choice = chunk.choices[0]
                 if self.api == "chat":
-                    answer.text += (choice.delta.content or "") if choice.delta is not None else ""
+                    delta = (choice.delta.content or "") if choice.delta is not None else ""
                     if choice.logprobs is not None and choice.logprobs.content is not None:
                         _add_chat_logprobs(answer, choice.logprobs.content)
                 else:
-                    answer.text += choice.text or ""
+                    delta = choice.text or ""
                     _add_text_logprobs(answer, choice.logprobs)
+                answer.text += delta
                 if choice.finish_reason is not None:
                     answer.finish_reason = "length" if choice.finish_reason == "length" else "stop"
                 if not scored and answer.top:
                     scored = True
                     self._check_logprobs(answer)
-                    if _first_token_score(measure, answer.top[0], self.top_logprobs) > threshold:
+                    first = {m: _first_token_score(m, answer.top[0], self.top_logprobs)
+                             for m in ("margin_first", "entropy_first")}
+                    yield "first", first
+                    if measure and first[measure] > threshold:
                         await stream.close()  # stop generation now: the server sees the disconnect
-                        return _Answer(text=answer.tokens[0], tokens=answer.tokens[:1],
-                                       logprobs=answer.logprobs[:1], top=answer.top[:1],
-                                       finish_reason="early_exit", completion_tokens=1, has_logprobs=True)
-        self._check_logprobs(answer)
-        return answer
+                        yield "answer", _Answer(text=answer.tokens[0], tokens=answer.tokens[:1],
+                                                logprobs=answer.logprobs[:1], top=answer.top[:1],
+                                                finish_reason="early_exit", completion_tokens=1,
+                                                has_logprobs=True)
+                        return
+                if delta:
+                    yield "delta", delta
+        if scores:
+            self._check_logprobs(answer)
+        yield "answer", answer
+
+    async def stream(
+        self,
+        prompt: Prompt,
+        params: GenerationParams,
+        *,
+        scores: bool = True,
+        early_exit: EarlyExit | None = None,
+    ) -> AsyncIterator[StreamEvent]:
+        """Stream one answer as the server generates it (see :class:`~cascade.backends.base.StreamingBackend`).
+
+        With ``early_exit`` (one threshold) the stream is closed after the first token when its score is
+        above the threshold; the final generation then has finish reason ``"early_exit"``.
+        """
+        if self._closed:
+            raise BackendError(f"{self.name}: the backend was closed (aclose)")
+        validate_prompt(prompt)
+        if early_exit is not None and (not scores or len(early_exit.thresholds) != 1):
+            raise InvalidRequestError("a streamed early exit needs scores=True and exactly one threshold")
+        measure = early_exit.measure if early_exit is not None else ""
+        threshold = early_exit.thresholds[0] if early_exit is not None else math.inf
+        started = time.perf_counter()
+        answer = _Answer()
+        async with self._slots:
+            if self._throttle is not None:
+                await self._throttle.acquire()
+            with self._errors():
+                async for kind, value in self._events(prompt, params, scores, measure, threshold):
+                    if kind == "first":
+                        yield StreamEvent("first", scores=value)
+                    elif kind == "delta":
+                        yield StreamEvent("delta", text=value)
+                    else:
+                        answer = value
+        ts, sc = self._score([answer])[0] if scores else (None, {})
+        yield StreamEvent("done", generation=Generation(
+            text=answer.text, model=self.name, prompt_tokens=answer.prompt_tokens,
+            completion_tokens=answer.billed_tokens, finish_reason=answer.finish_reason, scores=sc,
+            token_stats=ts, latency_s=time.perf_counter() - started))
 
     def _check_logprobs(self, answer: _Answer) -> None:
         """Raise when a non-empty answer came without the per-token logprobs scoring needs."""

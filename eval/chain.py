@@ -1,0 +1,109 @@
+"""Three tiers vs two: SmolLM2-135M -> Qwen-0.5B -> Qwen-1.5B against each pair and always-1.5B.
+
+Reads the generations that :mod:`eval.quality` cached (it loads no model; run ``python -m eval.quality
+--generate-only --pairs "SmolLM2-135M -> Qwen-0.5B" "Qwen-0.5B -> Qwen-1.5B" ...`` first), fits every chain
+on the calibration split for the same quality target (at most ``--max-quality-loss`` accuracy below its own
+last tier, with probability ``--confidence``; :func:`calibration.fit.fit_quality`) and reports on the test
+split: accuracy, loss against always-1.5B, mean cost (notional prices proportional to parameter count),
+and the share of requests reaching each tier. ::
+
+    python -m eval.chain --tasks sst2 trec --limit-cal 300 --limit-test 500 [--report-json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+CHAINS: dict[str, tuple[str, ...]] = {
+    "SmolLM2-135M -> Qwen-0.5B -> Qwen-1.5B": ("SmolLM2-135M", "Qwen-0.5B", "Qwen-1.5B"),
+    "SmolLM2-135M -> Qwen-1.5B": ("SmolLM2-135M", "Qwen-1.5B"),
+    "Qwen-0.5B -> Qwen-1.5B": ("Qwen-0.5B", "Qwen-1.5B"),
+    "SmolLM2-135M -> Qwen-0.5B": ("SmolLM2-135M", "Qwen-0.5B"),
+    "always Qwen-1.5B": ("Qwen-1.5B",),
+}
+#: Notional price per million tokens (input and output alike), proportional to parameter count.
+PRICE_PER_MTOK = {"SmolLM2-135M": 0.135, "Qwen-0.5B": 0.5, "Qwen-1.5B": 1.5}
+
+
+def evaluate_task(td: Any, cache: str, measure: str, eps: float, confidence: float) -> list[dict[str, Any]] | None:
+    """Fit and test every chain on one task; None when some generations are not cached."""
+    from calibration.fit import fit_quality
+    from calibration.metrics import simulate
+    from calibration.runner import cached_generations, tier_arrays
+    from cascade.engine import Price
+    from eval.datasets import score_answer
+    from eval.quality import MODELS, gen_params
+
+    gens: dict[str, dict[str, list[Any]]] = {}
+    for label, ref in MODELS.items():
+        for split in ("cal", "test"):
+            found = cached_generations(ref.identity, getattr(td, split), gen_params(td.task), cache)
+            if any(g is None for g in found):
+                return None
+            gens.setdefault(label, {})[split] = found
+    best = next(iter(CHAINS.values()))[-1]
+    rows = []
+    for name, chain in CHAINS.items():
+        prices = [Price(PRICE_PER_MTOK[m], PRICE_PER_MTOK[m]) for m in chain]
+        if len(chain) == 1:  # always one model: no thresholds
+            test = tier_arrays(td.test, [gens[chain[0]]["test"]] * 2, score_answer, measure, prices * 2)
+            acc, cost, reached, thresholds, feasible = float(test.correct[:, 0].mean()), float(
+                test.costs[:, 0].mean()), [1.0], [], True
+        else:
+            cal = tier_arrays(td.cal, [gens[m]["cal"] for m in chain], score_answer, measure, prices)
+            test = tier_arrays(td.test, [gens[m]["test"] for m in chain], score_answer, measure, prices)
+            fit = fit_quality(cal.scores, cal.correct, cal.costs, max_quality_loss=eps, delta=1 - confidence)
+            st = simulate(fit.thresholds, test.scores, test.correct, test.costs).stats()
+            acc, cost, reached = st.accuracy, st.mean_cost, list(st.reached)
+            thresholds, feasible = list(fit.thresholds), fit.feasible
+        best_acc = float(tier_arrays(td.test, [gens[best]["test"]] * 2, score_answer, measure).correct[:, 0].mean())
+        last_acc = float(test.correct[:, -1].mean())
+        rows.append({"chain": name, "thresholds": thresholds, "feasible": feasible, "accuracy": acc,
+                     "loss_vs_own_last": last_acc - acc, "loss_vs_qwen_1.5b": best_acc - acc,
+                     "mean_cost": cost, "reached": reached})
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m eval.chain", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default="../shared/data")
+    p.add_argument("--cache", default="results/cache/generations")
+    p.add_argument("--tasks", nargs="+", default=["sst2", "trec"])
+    p.add_argument("--limit-cal", type=int, default=300)
+    p.add_argument("--limit-test", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--measure", default="margin_first")
+    p.add_argument("--max-quality-loss", type=float, default=0.02)
+    p.add_argument("--confidence", type=float, default=0.9)
+    p.add_argument("--report-json", type=Path)
+    args = p.parse_args(argv)
+    from eval.datasets import load_task
+
+    report: dict[str, Any] = {"target": {"max_quality_loss": args.max_quality_loss, "confidence": args.confidence},
+                              "measure": args.measure, "tasks": {}}
+    for task in args.tasks:
+        td = load_task(task, args.data, n_cal=args.limit_cal, n_test=args.limit_test, seed=args.seed)
+        rows = evaluate_task(td, args.cache, args.measure, args.max_quality_loss, args.confidence)
+        if rows is None:
+            print(f"{task}: generations not all cached; run eval.quality --generate-only first", file=sys.stderr)
+            continue
+        report["tasks"][task] = {"n_cal": len(td.cal), "n_test": len(td.test), "rows": rows}
+        print(f"\n{task} (cal {len(td.cal)}, test {len(td.test)}; target: loss <= {args.max_quality_loss} vs own "
+              f"last tier with prob >= {args.confidence}, {args.measure})")
+        print(f"{'chain':<40} {'acc':>6} {'loss vs 1.5B':>12} {'cost/req':>10}  reached per tier")
+        for r in rows:
+            flag = "" if r["feasible"] else "  (infeasible: always last tier)"
+            print(f"{r['chain']:<40} {r['accuracy']:>6.3f} {r['loss_vs_qwen_1.5b']:>12.3f} {r['mean_cost']:>10.2e}  "
+                  f"{', '.join(f'{x:.2f}' for x in r['reached'])}{flag}")
+    if args.report_json:
+        args.report_json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0 if report["tasks"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

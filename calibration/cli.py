@@ -179,6 +179,8 @@ def _run(a: argparse.Namespace) -> int:
     score = scorer_for(scorer, every)
     arrays = {m: arr for m in MEASURES
               if np.isfinite((arr := tier_arrays([e.data for e in every], gens, score, m, prices)).scores).all()}
+    if not arrays:
+        raise InvalidRequestError("the lower tiers returned no finite uncertainty scores for any measure")
     wanted = a.measure or cfg.measure
     if wanted != "all" and wanted not in arrays:
         raise InvalidRequestError(f"measure {wanted!r} is not available from these tiers; have {sorted(arrays)}")
@@ -208,7 +210,7 @@ def _run(a: argparse.Namespace) -> int:
     art = Artifact.from_fit(fit, models=[t.backend.model for t in cfg.tiers], measure=measure, data_fingerprint=fp,
                             curve=widen_curve(measured_curve(fs, fc, fk), fs), cluster_thresholds=clusters)
     art = replace(art, thresholds=thresholds, params={
-        **dict(fit.params), "fitted_thresholds": [str(t) for t in fit.thresholds], "scorer": scorer_name,
+        **dict(fit.params), "fitted_thresholds": rep.jsonable(list(fit.thresholds)), "scorer": scorer_name,
         "max_tokens": params.max_tokens, "temperature": params.temperature, "data": Path(a.data).name,
         "split": split})
     chosen = simulate(thresholds, fs, fc, fk).stats()

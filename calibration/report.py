@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from calibration.fit import common_sweep, grid_search
+from calibration.heldout import widen_thresholds
 from calibration.metrics import CascadeStats, apgr, auc, oracle_curve, pareto_front, random_curve, simulate
 
 __all__ = [
@@ -100,7 +101,8 @@ def operating_points(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.A
     cand = common_sweep(s, c, k)
     for r in shares:
         i = int(np.flatnonzero(cand.large_share <= r + 1e-12)[0])
-        rows.append({"label": f"cascade @ share <= {r:.0%}", **stats_dict(cand.stats(i), cand.thresholds[i])})
+        rows.append({"label": f"cascade @ share <= {r:.0%}",
+                     **stats_dict(cand.stats(i), widen_thresholds(cand.thresholds[i], s))})
     small, large = float(c[:, 0].mean()), float(c[:, -1].mean())
     x = chosen.large_share
     orc = oracle_curve(c[:, [0, -1]])
@@ -116,7 +118,8 @@ def pareto_section(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.Arr
     """The (mean cost, accuracy) Pareto front of the threshold combinations searched, chosen point marked.
 
     Two tiers: every distinct threshold. N tiers: the joint grid of :func:`calibration.fit.grid_search`.
-    Without prices (all costs 0) the large share stands in for the cost.
+    Without prices (all costs 0) the large share stands in for the cost. Thresholds are moved off the data
+    values as the fitted ones are (:func:`calibration.heldout.widen_thresholds`).
     """
     c, k = np.asarray(correct, dtype=np.bool_), np.asarray(costs, dtype=np.float64)
     two = c.shape[1] == 2
@@ -124,7 +127,7 @@ def pareto_section(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.Arr
     priced = bool(np.any(k != 0))
     x = cand.mean_cost if priced else cand.large_share
     idx = pareto_front(x, cand.accuracy)
-    points = [stats_dict(cand.stats(int(i)), cand.thresholds[int(i)]) for i in idx]
+    points = [stats_dict(cand.stats(int(i)), widen_thresholds(cand.thresholds[int(i)], scores)) for i in idx]
     cx = chosen.mean_cost if priced else chosen.large_share
     hit = [p for p, i in enumerate(idx) if abs(x[i] - cx) <= 1e-12 and abs(cand.accuracy[i] - chosen.accuracy) <= 1e-12]
     note = ""
@@ -178,7 +181,7 @@ def render_text(report: Mapping[str, Any]) -> str:
         ap_s = f"{ap:.3f}" if isinstance(ap, float) and math.isfinite(ap) else "n/a"
         lines.append(f"  {'*' if name == m['chosen'] else ' '} {name:<14} AUC {v['auc']:.4f}  APGR {ap_s}")
     lines.append(f"  measure: {m['chosen']} ({m['how']})")
-    lines.append(f"\nfit ({fit['method']}): {fit['message']}")
+    lines.append(f"\nfit: {fit['message']}")
     lines.append(f"thresholds: {_fmt_t(fit['thresholds'])}" + ("" if fit["feasible"] else "  (target NOT met)"))
     lines.append(f"\n  {'operating point (fit data)':<26} {'accuracy':>8} {'large share':>11} {'mean cost':>11}  "
                  "thresholds")

@@ -40,51 +40,62 @@ __all__ = [
 #: Default data folder, relative to the checkout (``/work/main`` -> ``/work/shared/data``).
 DEFAULT_DATA = "../shared/data"
 
-_SYSTEM = "Reply with one word."
 Row = tuple[int, str]  # (label index, input text)
 
 
 @dataclass(frozen=True)
 class Task:
-    """A classification task as generation: a prompt template and one label word per class.
+    """A classification task as generation: a fixed two-message prompt and one label word per class.
+
+    The system message states the task and lists the labels (instruction-tuned Qwen models follow it);
+    the user message is the input followed by the question again (SmolLM2 ignores system messages).
+    Both models were checked on 48 examples per task before the runs (see ``eval/RESULTS.md``).
 
     Attributes:
         name: task name on the command line.
         labels: the label word of each class index.
-        template: user message; ``{text}`` is the input, ``{labels}`` the comma-separated label words.
+        role: first sentence of the system message (what is classified).
+        question: asked after the input, naming the labels.
         aliases: other answer words mapped to a label word (e.g. ``"technology" -> "science"``).
         max_tokens: new tokens to generate (default 8: enough for "This review is negative." from small models).
     """
 
     name: str
     labels: tuple[str, ...]
-    template: str
+    role: str
+    question: str
     aliases: Mapping[str, str] = field(default_factory=dict)
     max_tokens: int = 8
 
+    def messages(self, text: str) -> list[dict[str, str]]:
+        """The chat prompt for one input."""
+        system = f"{self.role} Answer with exactly one of these labels: {', '.join(self.labels)}."
+        return [{"role": "system", "content": system},
+                {"role": "user", "content": f"{text}\n\n{self.question} Answer with one word."}]
+
     def example(self, uid: str, label: int, text: str) -> dict[str, Any]:
         """One example dict for ``text`` with gold class ``label``."""
-        user = self.template.format(text=text, labels=", ".join(self.labels))
-        return {"id": uid, "messages": [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": user}],
-                "answer": self.labels[label], "choices": list(self.labels), "aliases": dict(self.aliases),
-                "label": label, "text": text}
+        return {"id": uid, "messages": self.messages(text), "answer": self.labels[label],
+                "choices": list(self.labels), "aliases": dict(self.aliases), "label": label, "text": text}
 
 
-_SENTIMENT = "Review: {text}\nIs the sentiment of this review negative or positive? Answer with one word: {labels}."
+_POLARITY = "Is this review negative or positive?"
 TASKS: dict[str, Task] = {
-    "sst2": Task("sst2", ("negative", "positive"), _SENTIMENT),
-    "rotten_tomatoes": Task("rotten_tomatoes", ("negative", "positive"), _SENTIMENT),
-    "cr": Task("cr", ("negative", "positive"),
-               "Product review: {text}\nIs this review negative or positive? Answer with one word: {labels}."),
+    "sst2": Task("sst2", ("negative", "positive"), "You classify the sentiment of a movie review.", _POLARITY),
+    "rotten_tomatoes": Task("rotten_tomatoes", ("negative", "positive"),
+                            "You classify the sentiment of a movie review.", _POLARITY),
+    "cr": Task("cr", ("negative", "positive"), "You classify the sentiment of a product review.", _POLARITY),
     "trec": Task("trec", ("description", "entity", "abbreviation", "human", "location", "number"),
-                 "Question: {text}\nWhat kind of answer does this question ask for? Answer with one word: "
-                 "{labels}.",
+                 "You classify what kind of answer a question asks for.",
+                 "Does this question ask for a description, entity, abbreviation, human, location or number?",
                  {"person": "human", "numeric": "number", "place": "location", "definition": "description"}),
     "ag_news": Task("ag_news", ("world", "sports", "business", "science"),
-                    "News article: {text}\nWhat is the topic of this article? Answer with one word: {labels}.",
+                    "You classify the topic of a news article.",
+                    "Is this article about world, sports, business or science?",
                     {"technology": "science", "tech": "science", "sport": "sports", "politics": "world"}),
     "isear": Task("isear", ("joy", "fear", "anger", "sadness", "disgust", "shame", "guilt"),
-                  "Someone wrote: {text}\nWhich emotion did they feel? Answer with one word: {labels}.",
+                  "You classify the emotion a person felt in the situation they describe.",
+                  "Which emotion was it: joy, fear, anger, sadness, disgust, shame or guilt?",
                   {"happiness": "joy", "sad": "sadness", "angry": "anger", "afraid": "fear", "guilty": "guilt",
                    "ashamed": "shame", "disgusted": "disgust"}),
 }

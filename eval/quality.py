@@ -80,6 +80,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="load no model: evaluate the setups whose generations are all cached, skip the rest")
     p.add_argument("--no-embed", action="store_true", help="skip the MiniLM-embedding routers")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 is faster when other processes share the cores; default: torch's)")
     args = p.parse_args(argv)
     shown = list(sys.argv[1:] if argv is None else argv)
     args.command = "python -m eval.quality " + " ".join(shlex.quote(a) for a in shown)
@@ -128,6 +130,11 @@ def generate_all(args: argparse.Namespace, data: dict[str, Any]) -> None:
     """Fill the cache: each model answers every task's calibration + test examples (model-major order)."""
     from calibration.runner import cached_generations, generate_cached
     from cascade.backends.hf_local import HFLocalBackend
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     for ref in needed_models(args.pairs):
         todo = []

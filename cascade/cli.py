@@ -71,7 +71,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 async def _demo_async(cascade: Any, examples: list[dict[str, Any]], scorer: Any, compare: bool) -> int:
-    prompts = [e["prompt"] for e in examples]
+    prompts = [e.get("messages") or e["prompt"] for e in examples]
     results: list[CascadeResult] = []
     async with cascade:
         bar = _progress(len(prompts), "cascade")

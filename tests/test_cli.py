@@ -90,4 +90,4 @@ def test_fit_router_writes_a_loadable_router(tmp_path, config_file, embedder, ca
     assert fitted.k == 3 and fitted.n_train == len(prompts) and fitted.embedder == embedder
     sizes = json.loads(capsys.readouterr().out.split("prompts per cluster: ")[1])
     assert sum(sizes) == len(prompts) and min(sizes) >= 1
-    assert main(args[:-4] + ["--k", "20", "--out", str(out)]) == 2  # more clusters than prompts
+    assert main([*args[:-4], "--k", "20", "--out", str(out)]) == 2  # more clusters than prompts

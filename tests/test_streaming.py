@@ -84,7 +84,7 @@ async def test_accepted_answer_streams_while_small_model_still_generates():
             break
         await asyncio.sleep(0.02)
     assert not small._lock.locked()
-    chunks, result = await collect(cascade.stream("a movie", params=GenerationParams(max_tokens=3)))
+    _chunks, result = await collect(cascade.stream("a movie", params=GenerationParams(max_tokens=3)))
     assert result.tier == "small"
 
 

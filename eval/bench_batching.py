@@ -37,7 +37,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from cascade.types import GenerationParams
+from cascade.types import GenerationParams, Prompt
 
 _CHAT = [
     "Write a short poem about the sea.",
@@ -60,12 +60,13 @@ _CHAT = [
 _DEFAULT_TOKENS = {"chat": 48, "sst2": 16}
 
 
-def _prompts(workload: str, n: int) -> list[str]:
+def _prompts(workload: str, n: int) -> list[Prompt]:
     """``n`` prompts of a workload (cycled; chat prompts are numbered so no two are equal)."""
     if workload == "chat":
         return [f"{_CHAT[i % len(_CHAT)]} (request {i})" for i in range(n)]
     text = resources.files("cascade").joinpath("data/demo_sst2.jsonl").read_text("utf-8")
-    base = [json.loads(line)["prompt"] for line in text.splitlines() if line.strip()]
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    base: list[Prompt] = [row.get("messages") or row["prompt"] for row in rows]
     return [base[i % len(base)] for i in range(n)]
 
 
@@ -75,11 +76,11 @@ async def _timed(coro: Any) -> float:
     return time.perf_counter() - t0
 
 
-async def _dynamic(batcher: Any, prompts: list[str], params: GenerationParams) -> None:
+async def _dynamic(batcher: Any, prompts: list[Prompt], params: GenerationParams) -> None:
     await asyncio.gather(*(batcher.generate([p], params) for p in prompts))
 
 
-async def _sequential(backend: Any, prompts: list[str], params: GenerationParams) -> None:
+async def _sequential(backend: Any, prompts: list[Prompt], params: GenerationParams) -> None:
     for p in prompts:
         await backend.generate([p], params)
 

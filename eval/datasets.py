@@ -47,17 +47,20 @@ Row = tuple[int, str]  # (label index, input text)
 class Task:
     """A classification task as generation: a fixed two-message prompt and one label word per class.
 
-    The system message states the task and lists the labels (instruction-tuned Qwen models follow it);
-    the user message is the input followed by the question again (SmolLM2 ignores system messages).
-    Both models were checked on 48 examples per task before the runs (see ``eval/RESULTS.md``).
+    The system message states the task and lists the labels. The user message is either the input and a
+    cue to complete (``Review: "..."`` then ``Sentiment:``, when ``cue`` is set) or the input followed by
+    the question. The formats were chosen on 60-80 examples per task (seed 5, disjoint from the splits'
+    use in reports) for both SmolLM2-135M and Qwen-0.5B; see ``eval/RESULTS.md``.
 
     Attributes:
         name: task name on the command line.
         labels: the label word of each class index.
         role: first sentence of the system message (what is classified).
-        question: asked after the input, naming the labels.
+        question: asked after the input, naming the labels (question format).
         aliases: other answer words mapped to a label word (e.g. ``"technology" -> "science"``).
         max_tokens: new tokens to generate (default 8: enough for "This review is negative." from small models).
+        subject: what the input is, e.g. ``"Review"`` (cue format).
+        cue: the word the model completes after the input, e.g. ``"Sentiment"``; None = question format.
     """
 
     name: str
@@ -66,12 +69,17 @@ class Task:
     question: str
     aliases: Mapping[str, str] = field(default_factory=dict)
     max_tokens: int = 8
+    subject: str = ""
+    cue: str | None = None
 
     def messages(self, text: str) -> list[dict[str, str]]:
         """The chat prompt for one input."""
         system = f"{self.role} Answer with exactly one of these labels: {', '.join(self.labels)}."
-        return [{"role": "system", "content": system},
-                {"role": "user", "content": f"{text}\n\n{self.question} Answer with one word."}]
+        if self.cue is not None:
+            user = f'{self.subject}: "{text}"\n{self.cue}:'
+        else:
+            user = f"{text}\n\n{self.question} Answer with one word."
+        return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
     def example(self, uid: str, label: int, text: str) -> dict[str, Any]:
         """One example dict for ``text`` with gold class ``label``."""
@@ -80,11 +88,16 @@ class Task:
 
 
 _POLARITY = "Is this review negative or positive?"
+_MOVIE = "You classify the sentiment of a movie review."
 TASKS: dict[str, Task] = {
-    "sst2": Task("sst2", ("negative", "positive"), "You classify the sentiment of a movie review.", _POLARITY),
-    "rotten_tomatoes": Task("rotten_tomatoes", ("negative", "positive"),
-                            "You classify the sentiment of a movie review.", _POLARITY),
-    "cr": Task("cr", ("negative", "positive"), "You classify the sentiment of a product review.", _POLARITY),
+    # Sentiment: the cue format (SmolLM2-135M on 80 SST-2 examples: 0.76 against 0.48 with the question
+    # format; Qwen-0.5B 0.84 against 0.80).
+    "sst2": Task("sst2", ("negative", "positive"), _MOVIE, _POLARITY, subject="Review", cue="Sentiment"),
+    "rotten_tomatoes": Task("rotten_tomatoes", ("negative", "positive"), _MOVIE, _POLARITY,
+                            subject="Review", cue="Sentiment"),
+    "cr": Task("cr", ("negative", "positive"), "You classify the sentiment of a product review.", _POLARITY,
+               subject="Review", cue="Sentiment"),
+    # Topic and question type: the question format (the cue format was worse for both models).
     "trec": Task("trec", ("description", "entity", "abbreviation", "human", "location", "number"),
                  "You classify what kind of answer a question asks for.",
                  "Does this question ask for a description, entity, abbreviation, human, location or number?",

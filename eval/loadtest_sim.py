@@ -47,7 +47,8 @@ class SimOptions:
     max_tokens: int = 16  # new tokens per answer
     early_exit: bool = True  # the engine's early exit (small answers streamed, cut after one unsure token)
     api: str = "chat"  # OpenAI API of the backends: "chat" or "completions"
-    backend_concurrency: int = 1024  # requests in flight per backend (OpenAIBackend max_concurrency)
+    backend_concurrency: int = 64  # requests in flight per backend (OpenAIBackend max_concurrency; <= 100 keeps
+    # every connection in the openai client's keep-alive pool)
     backend_retries: int = 2  # retries per backend request (openai client, exponential backoff from 0.5 s)
     backend_timeout_s: float = 30.0  # seconds per backend HTTP attempt
     large_timeout_s: float | None = 3.0  # the large tier's Tier.timeout_s: a slower answer is degraded

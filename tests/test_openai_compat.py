@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import math
 import socket
 import time
@@ -221,6 +223,53 @@ async def test_a_hanging_server_is_a_timeout() -> None:
                 await b.generate(["hi"], PARAMS, early_exit=early)
             assert time.perf_counter() - t0 < 2.0
             await b.aclose()
+
+
+_CHUNK = {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": MODEL,
+          "choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None,
+                       "logprobs": {"content": [{"token": "Hi", "logprob": -0.1,
+                                                 "top_logprobs": [{"token": "Hi", "logprob": -0.1},
+                                                                  {"token": "Yo", "logprob": -2.5}]}]}}]}
+
+
+def _chunked(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+@contextlib.asynccontextmanager
+async def broken_stream_server(then: bytes | None) -> AsyncIterator[str]:
+    """A loopback HTTP server answering every request with a chunked SSE stream: one good event, then the
+    event ``then`` and a proper end, or (``then=None``) half a chunk and a closed connection. Yields the URL."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
+        await reader.readexactly(length)
+        body = _chunked(b"data: " + json.dumps(_CHUNK).encode() + b"\n\n")
+        body += b"40\r\ndata: {" if then is None else _chunked(b"data: " + then + b"\n\n") + b"0\r\n\r\n"
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                     + body)
+        await writer.drain()
+        writer.close()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with srv:
+        yield f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}/v1"
+
+
+@pytest.mark.parametrize(("then", "message"), [
+    (None, r"connection to .* failed"),  # cut inside a chunk: the body is incomplete
+    (b'{"error": {"message": "GPU fell off"}}', "GPU fell off"),  # an error event with HTTP 200
+    (b"[1, 2]", "malformed answer"),
+])
+async def test_a_stream_that_breaks_after_the_first_token_is_a_backend_error(then: bytes | None,
+                                                                             message: str) -> None:
+    async with broken_stream_server(then) as url:
+        b = OpenAIBackend(model=MODEL, base_url=url, max_retries=0)
+        with pytest.raises(BackendError, match=message):  # the first token is sure: the stream is read on
+            await b.generate(["hi"], PARAMS, early_exit=EarlyExit("margin_first", (0.99,)))
+        await b.aclose()
 
 
 async def test_connection_refused_and_unknown_model_are_backend_errors(server: SimServer) -> None:

@@ -17,8 +17,8 @@ A batch of B prompts is sent as B concurrent requests (at most ``max_concurrency
 429 and 5xx ``max_retries`` times with exponential backoff (0.5 s doubling, at most 8 s, 25% jitter).
 
 The client sends each request and maps HTTP errors; answers are read as raw JSON (and streamed answers as
-raw server-sent event lines) instead of being built into the client's pydantic models, which took about a
-third of the CPU per request under load. An ``{"error": ...}`` object in a 200 answer or mid-stream, and a
+raw server-sent event lines) instead of being built into the client's pydantic models, which took a fifth to a
+quarter of the CPU per request under load (profiled). An ``{"error": ...}`` object in a 200 answer or mid-stream, and a
 connection lost mid-stream, are :class:`~cascade.errors.BackendError` like any failed request.
 """
 

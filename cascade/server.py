@@ -71,6 +71,8 @@ class ServerConfig:
     max_prompts: int = 16  # prompts per /v1/completions request at most (a list prompt)
     drain_timeout_s: float = 30.0  # seconds shutdown waits for requests in flight
     retry_after_s: float = 1.0  # Retry-After sent with 429 when the server queue is full, seconds
+    keep_alive_s: float = 75.0  # idle seconds before a keep-alive connection is closed (longer than clients'
+    # own idle expiry, 5 s in httpx and openai, so a client never reuses a connection as the server drops it)
 
     def __post_init__(self) -> None:
         ints = ("max_body_bytes", "max_in_flight", "max_tokens_limit", "max_prompts")
@@ -79,7 +81,7 @@ class ServerConfig:
             raise ConfigError(f"server {', '.join(ints)} must be positive integers")
         if isinstance(self.max_queue, bool) or not isinstance(self.max_queue, int) or self.max_queue < 0:
             raise ConfigError("server max_queue must be a non-negative integer")
-        if min(self.request_timeout_s, self.drain_timeout_s, self.retry_after_s) <= 0:
+        if min(self.request_timeout_s, self.drain_timeout_s, self.retry_after_s, self.keep_alive_s) <= 0:
             raise ConfigError("server timeouts and retry_after_s must be positive")
         if not isinstance(self.model_name, str) or not self.model_name:
             raise ConfigError("server model_name must be a non-empty string")
@@ -401,7 +403,8 @@ def serve_main(args: argparse.Namespace) -> int:
     print(f"serving model {server_cfg.model_name!r} on http://{host}:{port}/v1 "
           f"(auth {'on' if server_cfg.api_key_env else 'off'})", file=sys.stderr)
     uv = uvicorn.Config(app, host=host, port=port, lifespan="on", log_level="info", access_log=False,
-                        timeout_graceful_shutdown=math.ceil(server_cfg.drain_timeout_s))
+                        timeout_graceful_shutdown=math.ceil(server_cfg.drain_timeout_s),
+                        timeout_keep_alive=math.ceil(server_cfg.keep_alive_s))
     # On SIGTERM/SIGINT uvicorn stops accepting, lets requests in flight finish, runs the app's shutdown
     # (drain, close the engine), then re-raises the signal: the exit status is the signal's, as usual.
     uvicorn.Server(uv).run()

@@ -1,4 +1,5 @@
-"""Prompts for the load test: a JSONL file, a dataset of ``/work/shared/data`` converted on the fly, or generated.
+"""Prompts for the load test: a JSONL file, a dataset of the data folder (``../shared/data``) converted on the
+fly, or generated.
 
 A prompt file has one JSON object per line with either ``"prompt"`` (a string) or ``"messages"`` (a list of
 ``{"role", "content"}`` objects, as in the OpenAI chat API). Other fields are ignored.
@@ -20,7 +21,7 @@ __all__ = ["DATASETS", "DEFAULT_DATA_DIR", "dataset_prompts", "generated_prompts
            "write_prompts"]
 
 #: Where the labeled datasets live on this machine (see its README).
-DEFAULT_DATA_DIR = Path("/work/shared/data")
+DEFAULT_DATA_DIR = Path("../shared/data")
 _ROLES = frozenset({"system", "user", "assistant", "developer", "tool"})
 
 
@@ -152,7 +153,7 @@ def dataset_prompts(name: str, data_dir: str | Path = DEFAULT_DATA_DIR, limit: i
 
     Args:
         name: a key of :data:`DATASETS` (``sst2``, ``trec``, ``ag_news``, ``boolq``, ``arc_easy``, ...).
-        data_dir: the data folder (default ``/work/shared/data``).
+        data_dir: the data folder (default ``../shared/data``, relative to the checkout).
         limit: keep at most this many prompts (None = all).
         seed: shuffle seed.
 

@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -320,9 +319,7 @@ def test_smollm2_loads_answers_and_reloads_identically(smollm2_cache: Path) -> N
     import torch
 
     assert models.gguf_path("smollm2-135m", smollm2_cache).name == "SmolLM2-135M-Instruct.Q4_1.gguf"
-    start = time.perf_counter()
     model, tok = load_pretrained("smollm2-135m", cache_dir=smollm2_cache)
-    first_s = time.perf_counter() - start
     assert model.generation_config.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
     assert {p.dtype for p in model.parameters()} == {torch.float32}  # de-quantized, dense weights
     assert {type(m).__name__ for m in model.modules() if "Linear" in type(m).__name__} == {"Linear"}
@@ -336,12 +333,11 @@ def test_smollm2_loads_answers_and_reloads_identically(smollm2_cache: Path) -> N
     assert "Paris" in answers[0] and "4" in answers[1], answers
     assert out[0, -1].item() == tok.pad_token_id  # the short answer stopped on <|im_end|>, then padding
 
-    start = time.perf_counter()
+    copies = [p for p in (smollm2_cache / "safetensors").iterdir() if (p / "model.safetensors").is_file()]
+    assert [p.name.endswith("-float32") for p in copies] == [True]  # the reload reads this dense copy
     again, tok2 = load_pretrained("smollm2-135m", cache_dir=smollm2_cache)
-    reload_s = time.perf_counter() - start
     enc2 = tok2(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     assert torch.equal(enc2.input_ids, enc.input_ids)
     with torch.no_grad():
         out2 = again.generate(**enc2, max_new_tokens=12, do_sample=False)
     assert torch.equal(out2, out)
-    assert reload_s < first_s, (first_s, reload_s)

@@ -195,8 +195,16 @@ def _to_curve(cand: Candidates, kind: str, last_accuracy: float) -> Curve:
                  tuple(cand.mean_cost.tolist()), float(last_accuracy))
 
 
+def _cost_axis(cand: Candidates) -> FloatArray:
+    """What "cheaper" means: the mean cost, or the last-tier share when nothing is priced (all costs 0)."""
+    return cand.mean_cost if bool(np.any(cand.mean_cost != 0)) else cand.large_share
+
+
 def _front(cand: Candidates, last_accuracy: float) -> tuple[Curve, IntArray]:
-    idx = pareto_front(cand.mean_cost, cand.accuracy)
+    """The (cost, accuracy) Pareto front, cost ascending; among equal points the smaller last-tier share."""
+    x = _cost_axis(cand)
+    order = np.lexsort((cand.large_share, -cand.accuracy, x))  # equal points: smallest share first (kept)
+    idx = order[pareto_front(x[order], cand.accuracy[order])]
     return _to_curve(cand.subset(idx), "pareto", last_accuracy), idx
 
 
@@ -231,8 +239,9 @@ def fit_budget(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.ArrayLi
     else:
         grid = grid_search(s, c, k, max_grid=max_grid)
         ok = grid.subset(np.flatnonzero(grid.large_share <= r))  # never empty: max thresholds escalate none
-        pareto, front = _front(ok, last_acc)
-        cand, i = ok, int(front[-1])  # the front's most accurate point, the cheapest among equals
+        pareto, _ = _front(ok, last_acc)
+        # The most accurate, then the cheapest, then the smallest last-tier share: a point of that front.
+        cand, i = ok, int(np.lexsort((ok.large_share, _cost_axis(ok), -ok.accuracy))[0])
     st = cand.stats(i)
     msg = (f"budget: at most {r:.1%} of requests may reach the last tier; the fitted thresholds send "
            f"{st.large_share:.1%} there ({_describe(st)}).")
@@ -361,15 +370,19 @@ def measured_curve(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.Arr
 
     Two tiers: every distinct threshold (``kind="sweep"``), large share ascending; when there are more than
     ``max_points`` points, evenly spaced ones are kept (always both ends), so a target then resolves to the
-    nearest stored point on its safe side. N tiers: the (mean cost, accuracy) Pareto front of the joint grid
-    (``kind="pareto"``), cost ascending.
+    nearest stored point on its safe side. N tiers: the points of the joint grid on the (mean cost, accuracy)
+    or the (last-tier share, accuracy) Pareto front (``kind="pareto"``), cost ascending; without prices the
+    share is the cost.
     """
     if not isinstance(max_points, int) or max_points < 2:
         raise InvalidRequestError(f"max_points must be an integer >= 2, got {max_points!r}")
     s, c, k = check_data(scores, correct, costs)
     last_acc = float(c[:, -1].mean())
-    if c.shape[1] > 2:
-        return _front(grid_search(s, c, k, max_grid=max_grid), last_acc)[0]
+    if c.shape[1] > 2:  # the cost front and the last-tier-share front, so budget targets resolve finely too
+        grid = grid_search(s, c, k, max_grid=max_grid)
+        idx = np.union1d(_front(grid, last_acc)[1], pareto_front(grid.large_share, grid.accuracy))
+        idx = idx[np.lexsort((grid.large_share[idx], _cost_axis(grid)[idx]))]
+        return _to_curve(grid.subset(idx), "pareto", last_acc)
     cand = common_sweep(s, c, k)
     p = len(cand.accuracy)
     keep = np.unique(np.rint(np.linspace(0, p - 1, min(p, max_points))).astype(np.int64))
@@ -397,12 +410,13 @@ def point_for_target(curve: Curve | None, max_large_share: float | None = None,
             f"measured quality loss is {loss.min():.4g}; the caller may fall back to the artifact's thresholds "
             "or to always escalating")
     idx = np.flatnonzero(ok)
+    cheap = cost if curve.kind == "pareto" and np.any(cost != 0) else share  # unpriced: the share is the cost
     if max_quality_loss is None and curve.kind == "sweep":
         key = (acc[idx], share[idx])  # use the whole budget: largest share <= R (the quantile rule)
     elif max_quality_loss is None:
-        key = (-cost[idx], acc[idx])  # N tiers: most accurate within the budget, then cheapest
+        key = (-share[idx], -cheap[idx], acc[idx])  # N tiers: most accurate within the budget, then cheapest
     else:
-        key = (acc[idx], -(cost[idx] if curve.kind == "pareto" else share[idx]))  # cheapest meeting the loss
+        key = (-share[idx], acc[idx], -cheap[idx])  # the cheapest point meeting the loss, then most accurate
     return curve.point(int(idx[np.lexsort(key)[-1]]))
 
 

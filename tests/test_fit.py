@@ -267,6 +267,23 @@ def test_threshold_for_target_three_tiers_picks_a_stored_pareto_point() -> None:
                               if curve.last_accuracy - a <= 0.02 + 1e-12)
 
 
+def test_three_tiers_without_prices_use_the_large_share_as_the_cost() -> None:
+    s, c = draw(THREE_TIER, 500, np.random.default_rng(5), "independent")
+    grid = grid_search(s, c, None, max_grid=400)
+    curve = measured_curve(s, c, None, max_grid=400)
+    assert len(curve.large_share) > 3 and min(curve.large_share) == 0.0  # not collapsed onto one point
+    for r in (0.0, 0.1, 0.3):
+        p = point_for_target(curve, max_large_share=r)
+        best = grid.accuracy[grid.large_share <= r].max()
+        assert p.large_share <= r and p.accuracy == best  # the whole front is stored, not only the cost front
+        fit = fit_budget(s, c, None, max_large_share=r, max_grid=400)
+        assert fit.stats.accuracy == best
+        assert fit.stats.large_share == grid.large_share[(grid.large_share <= r) & (grid.accuracy == best)].min()
+    q = point_for_target(curve, max_quality_loss=0.05)  # the fewest last-tier calls meeting the loss
+    assert q.large_share == min(sh for sh, a in zip(curve.large_share, curve.accuracy)
+                                if curve.last_accuracy - a <= 0.05 + 1e-9)
+
+
 @pytest.mark.parametrize(("scores", "correct"), [
     (np.zeros(3), np.ones((4, 2))),  # n mismatch
     (np.zeros((3, 2)), np.ones((3, 2))),  # N mismatch

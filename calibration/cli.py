@@ -89,6 +89,11 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
 
     if a.measure is not None and a.measure != "all" and a.measure not in MEASURES:
         p.error(f"--measure must be 'all' or one of {', '.join(MEASURES)}")
+    if a.seed < 0:
+        p.error("--seed must be >= 0")
+    for flag, path in (("--out", a.out), ("--report-json", a.report_json), ("--plot", a.plot)):
+        if path is not None and not Path(path).resolve().parent.is_dir():
+            p.error(f"{flag}: the folder of {path!r} does not exist")  # checked before any model runs
 
 
 def _target(a: argparse.Namespace) -> tuple[str, dict[str, float]]:
@@ -195,7 +200,11 @@ def _run(a: argparse.Namespace) -> int:
         measure, how = wanted, "given by --measure" if a.measure else "the config's measure"
     fs = arrays[measure].scores[:n_fit]
     method, kw = _target(a)
-    fit = fit_thresholds(method, fs, fc, fk, **kw)
+    fit_kw = dict(kw)
+    if method == "quality" and wanted == "all":  # the measure was picked on the fit data: test at delta / M
+        fit_kw["delta"] = kw["delta"] / len(summary)
+        how += f"; the guarantee is tested at delta/{len(summary)} (Bonferroni over the measures compared)"
+    fit = fit_thresholds(method, fs, fc, fk, **fit_kw)
     thresholds = widen_thresholds(fit.thresholds, fs)
     fp = data_fingerprint("\n".join(json.dumps(e.data, sort_keys=True, ensure_ascii=False) for e in fit_ex))
     clusters: dict[int, tuple[float, ...]] | None = None
@@ -205,14 +214,14 @@ def _run(a: argparse.Namespace) -> int:
         from calibration.heldout import cluster_ids, fit_clusters
 
         ids, embedder = asyncio.run(cluster_ids(a.router, cfg, [e.data for e in every], cache_dir))
-        clusters, report["clusters"] = fit_clusters(ids[:n_fit], method, kw, fs, fc, fk)
+        clusters, report["clusters"] = fit_clusters(ids[:n_fit], method, fit_kw, fs, fc, fk)
         report["clusters"].update(router=a.router, embedder=embedder)
     art = Artifact.from_fit(fit, models=[t.backend.model for t in cfg.tiers], measure=measure, data_fingerprint=fp,
                             curve=widen_curve(measured_curve(fs, fc, fk), fs), cluster_thresholds=clusters)
     art = replace(art, thresholds=thresholds, params={
         **dict(fit.params), "fitted_thresholds": rep.jsonable(list(fit.thresholds)), "scorer": scorer_name,
         "max_tokens": params.max_tokens, "temperature": params.temperature, "data": Path(a.data).name,
-        "split": split})
+        "split": split, **({"delta_overall": kw["delta"], "tested_measures": len(summary)} if fit_kw != kw else {})})
     chosen = simulate(thresholds, fs, fc, fk).stats()
     report.update({
         "data": {"path": a.data, "n": len(data), "n_fit": n_fit, "n_test": len(test_ex), "split": split,
@@ -238,11 +247,11 @@ def _run(a: argparse.Namespace) -> int:
         report["hint"] = (f"note: the artifact is for measure {measure!r}, the config uses {cfg.measure!r}; run the "
                           f"cascade with --measure {measure} (or set measure: {measure} in the config)")
     print(rep.render_text(report))
+    art.save(a.out)  # the artifact first: the report and plot describe it
     if a.report_json:
         _write_text(a.report_json, json.dumps(rep.jsonable(report), indent=1, allow_nan=False) + "\n")
     if a.plot:
         rep.plot(report, a.plot)
-    art.save(a.out)
     print(f"\nartifact written to {a.out}", file=sys.stderr)
     return 0
 

@@ -411,6 +411,7 @@ def point_for_target(curve: Curve | None, max_large_share: float | None = None,
             "or to always escalating")
     idx = np.flatnonzero(ok)
     cheap = cost if curve.kind == "pareto" and np.any(cost != 0) else share  # unpriced: the share is the cost
+    key: tuple[FloatArray, ...]
     if max_quality_loss is None and curve.kind == "sweep":
         key = (acc[idx], share[idx])  # use the whole budget: largest share <= R (the quantile rule)
     elif max_quality_loss is None:

@@ -102,7 +102,7 @@ def load_examples(path: str | Path) -> list[Example]:
         raise InvalidRequestError(f"cannot read {p}: {exc}") from None
     out: list[Example] = []
     seen: dict[str, int] = {}
-    for lineno, raw in enumerate(text.splitlines(), start=1):
+    for lineno, raw in enumerate(text.split("\n"), start=1):  # not splitlines: U+2028 may be in a string
         if not raw.strip():
             continue
         obj = _parse(raw, f"{p}:{lineno}")
@@ -276,6 +276,9 @@ def fit_clusters(ids: Sequence[int], method: str, target: Mapping[str, float], s
                  correct: npt.ArrayLike, costs: npt.ArrayLike) -> tuple[dict[int, tuple[float, ...]], dict[str, Any]]:
     """One fit per router cluster present in the fit data (the same method and target on its examples).
 
+    A quality target is tested at ``delta / K`` in each of the K clusters (Bonferroni), so that every cluster
+    meets it at once, and so the whole traffic does, with probability >= 1 - delta.
+
     Returns:
         ``(cluster_thresholds, report)``; clusters absent from the data get no entry (the global thresholds
         apply to them).
@@ -285,11 +288,15 @@ def fit_clusters(ids: Sequence[int], method: str, target: Mapping[str, float], s
     cid = np.asarray(ids)
     thresholds: dict[int, tuple[float, ...]] = {}
     fits: dict[str, Any] = {}
-    for cl in sorted(set(cid.tolist())):
+    present = sorted(set(cid.tolist()))
+    per = dict(target)
+    if method == "quality":
+        per["delta"] = target["delta"] / len(present)
+    for cl in present:
         m = cid == cl
-        fit = fit_thresholds(method, s[m], c[m], k[m], **target)
+        fit = fit_thresholds(method, s[m], c[m], k[m], **per)
         thresholds[cl] = widen_thresholds(fit.thresholds, s[m])
         fits[str(cl)] = {"n": int(m.sum()), "thresholds": list(thresholds[cl]), "feasible": fit.feasible,
                          "accuracy": fit.stats.accuracy, "large_share": fit.stats.large_share,
                          "mean_cost": fit.stats.mean_cost, "message": fit.message}
-    return thresholds, {"fits": fits}
+    return thresholds, {"fits": fits, "delta_per_cluster": per.get("delta")}

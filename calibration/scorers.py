@@ -51,7 +51,9 @@ def _exact(answer: str, example: Mapping[str, Any]) -> bool:
 
 
 def _contains(answer: str, example: Mapping[str, Any]) -> bool:
-    return _norm(str(example["answer"])) in _norm(answer)
+    """The gold answer appears in the answer as whole words ("no" is not in "cannot", "4" not in "42")."""
+    gold = _norm(str(example["answer"]))
+    return bool(gold) and re.search(r"(?<!\w)" + re.escape(gold) + r"(?!\w)", _norm(answer)) is not None
 
 
 def _choice(answer: str, example: Mapping[str, Any]) -> bool:
@@ -83,8 +85,8 @@ def get_scorer(name: str) -> Scorer:
     module, _, func = name.partition(":")
     try:
         fn = getattr(importlib.import_module(module), func)
-    except (ImportError, AttributeError) as exc:
-        raise InvalidRequestError(f"cannot import scorer {name!r}: {exc}") from exc
+    except Exception as exc:  # missing, empty name, a syntax error or an error raised while importing
+        raise InvalidRequestError(f"cannot import scorer {name!r}: {type(exc).__name__}: {exc}") from exc
     if not callable(fn):
         raise InvalidRequestError(f"scorer {name!r} is not callable")
     return fn  # type: ignore[no-any-return]

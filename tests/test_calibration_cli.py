@@ -136,6 +136,39 @@ def test_bad_scorer_and_arguments_exit_2_and_keep_an_old_artifact(tmp_path, setu
     assert out.read_text() == "old"
 
 
+def test_output_folders_and_seed_are_checked_before_any_model_runs(tmp_path, setup, capsys):
+    base = ["--data", str(DATA), "--config", str(tmp_path / "no-such-config.yaml"), "--max-large-share", "0.3"]
+    for extra, message in [(["--out", str(tmp_path / "missing" / "a.json")], "--out: the folder"),
+                           (["--out", str(tmp_path / "a.json"), "--report-json", str(tmp_path / "x" / "r.json")],
+                            "--report-json: the folder"),
+                           (["--out", str(tmp_path / "a.json"), "--plot", str(tmp_path / "x" / "p.png")],
+                            "--plot: the folder"),
+                           (["--out", str(tmp_path / "a.json"), "--test-split", "0.5", "--seed", "-1"],
+                            "--seed must be >= 0")]:
+        assert main([*base, *extra]) == 2  # the config does not even exist: nothing was loaded
+        assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_line_separator_inside_a_string_is_not_a_line_break(tmp_path, setup):
+    data = tmp_path / "u2028.jsonl"
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()[:20]]
+    rows[3]["prompt"] += "\u2028and\x85more"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    code, report = calibrate(setup, tmp_path / "a.json", "--max-large-share", "0.3", data=data)
+    assert code == 0 and report["data"]["n"] == 20
+
+
+def test_measure_all_with_a_quality_target_tests_each_measure_at_delta_over_m(tmp_path, setup):
+    code, report = calibrate(setup, tmp_path / "a.json", "--measure", "all", "--max-quality-loss", "0.2",
+                             "--confidence", "0.9")
+    assert code == 0
+    assert report["fit"]["params"]["delta"] == pytest.approx(0.1 / 7) and report["fit"]["target"]["delta"] == 0.1
+    assert "delta/7" in report["measure"]["how"]
+    code, report = calibrate(setup, tmp_path / "b.json", "--measure", "margin_first", "--max-quality-loss", "0.2")
+    assert code == 0 and report["fit"]["params"]["delta"] == pytest.approx(0.1)
+
+
 def test_test_split_reports_whether_the_target_held(tmp_path, setup, capsys):
     code, report = calibrate(setup, tmp_path / "a.json", "--max-quality-loss", "0.1", "--test-split", "0.25",
                              "--seed", "3")
@@ -191,6 +224,9 @@ def test_router_mode_fits_thresholds_per_cluster(tmp_path, setup):
     assert art.cluster_thresholds and set(art.cluster_thresholds) == {int(c) for c in fits}
     assert sum(v["n"] for v in fits.values()) == 120
     assert all(v["large_share"] <= 0.4 for v in fits.values())
+    code, report = calibrate(setup, tmp_path / "q.json", "--max-quality-loss", "0.2", "--router", str(router))
+    assert code == 0  # every cluster is tested at delta / K, so all of them hold at once with 1 - delta
+    assert report["clusters"]["delta_per_cluster"] == pytest.approx(0.1 / len(report["clusters"]["fits"]))
 
 
 def test_module_entry_point():

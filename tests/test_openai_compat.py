@@ -189,6 +189,26 @@ async def test_early_exit_keeps_answers_at_or_below_their_threshold(server: SimS
         assert server.stats.streams_completed + server.stats.streams_cancelled - before == 3
 
 
+async def test_a_minus_inf_threshold_exits_after_any_first_token(backend: OpenAIBackend) -> None:
+    (g,) = await backend.generate([SURE], PARAMS, early_exit=EarlyExit("margin_first", (-math.inf,)))
+    assert g.finish_reason == "early_exit" and g.completion_tokens == 1
+
+
+def test_the_sync_face_works_call_after_call(server: SimServer) -> None:
+    """Each run_batch_sync runs its own event loop; the backends follow it (connections, semaphores)."""
+    from cascade import Cascade
+
+    cascade = Cascade(small=OpenAIBackend(model=MODEL, base_url=server.base_url, max_retries=0),
+                      large=OpenAIBackend(model=MODEL, base_url=server.base_url, max_retries=0, rate_limit_per_s=50),
+                      threshold=0.5)
+    first = cascade.run_batch_sync([UNSURE, SURE])
+    assert [r.tier for r in first] == ["large", "small"]
+    for _ in range(3):
+        again = cascade.run_batch_sync([UNSURE, SURE])
+        assert [(r.tier, r.text) for r in again] == [(r.tier, r.text) for r in first]
+    asyncio.run(cascade.aclose())
+
+
 async def test_early_exit_arguments_are_checked(backend: OpenAIBackend) -> None:
     with pytest.raises(InvalidRequestError, match="thresholds"):
         await backend.generate(["a", "b"], PARAMS, early_exit=EarlyExit("margin_first", (0.5,)))

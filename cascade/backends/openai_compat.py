@@ -30,7 +30,7 @@ import json
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -145,19 +145,38 @@ class OpenAIBackend:
         self.timeout_s = float(timeout_s)
         self.top_logprobs = top_logprobs
         key = api_key if api_key is not None else os.environ.get(api_key_env) or DUMMY_API_KEY
-        self._client: AsyncOpenAI = AsyncOpenAI(api_key=key, base_url=base_url, timeout=self.timeout_s,
-                                                max_retries=max_retries)
+        self._make_client: Callable[[], AsyncOpenAI] = lambda: AsyncOpenAI(
+            api_key=key, base_url=base_url, timeout=self.timeout_s, max_retries=max_retries)
+        self._max_concurrency = max_concurrency
+        self._rate = rate_limit_per_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: AsyncOpenAI = self._make_client()
         self._where = str(self._client.base_url)
         self._slots = asyncio.Semaphore(max_concurrency)
-        self._closed = False
         self._throttle: Any = None
-        if rate_limit_per_s is not None:
+        self._closed = False
+
+    def _bind(self) -> None:
+        """Give the running event loop its own client, semaphore and throttle.
+
+        Connection pools and asyncio primitives belong to one loop: a backend used from a second loop (each
+        ``Cascade.run_sync`` call runs a new one) gets fresh ones; the old loop's connections went with it.
+        """
+        loop = asyncio.get_running_loop()
+        if loop is self._loop:
+            return
+        if self._loop is not None:
+            self._client = self._make_client()
+        self._loop = loop
+        self._slots = asyncio.Semaphore(self._max_concurrency)
+        self._throttle = None
+        if self._rate is not None:
             from asyncio_throttle.throttler import Throttler
 
             # Allow bursts of a tenth of a second's worth (at least one request), evenly over each period.
-            burst = max(1, int(rate_limit_per_s / 10))
-            self._throttle = Throttler(rate_limit=burst, period=burst / rate_limit_per_s,
-                                       retry_interval=min(0.01, 0.25 / rate_limit_per_s))
+            burst = max(1, int(self._rate / 10))
+            self._throttle = Throttler(rate_limit=burst, period=burst / self._rate,
+                                       retry_interval=min(0.01, 0.25 / self._rate))
 
     async def generate(
         self,
@@ -183,6 +202,7 @@ class OpenAIBackend:
         """
         if self._closed:
             raise BackendError(f"{self.name}: the backend was closed (aclose)")
+        self._bind()
         for prompt in prompts:
             validate_prompt(prompt)
         if early_exit is not None:
@@ -211,7 +231,8 @@ class OpenAIBackend:
     async def aclose(self) -> None:
         """Close the HTTP client and its connections; later ``generate`` calls raise BackendError."""
         self._closed = True
-        await self._client.close()
+        if self._loop is None or self._loop is asyncio.get_running_loop():
+            await self._client.close()  # (a client bound to a finished loop has no connections left to close)
 
     # -- one request ---------------------------------------------------------------------------------
 
@@ -221,7 +242,7 @@ class OpenAIBackend:
             if self._throttle is not None:
                 await self._throttle.acquire()
             with self._errors():
-                if scores and measure and not math.isinf(threshold):
+                if scores and measure and threshold != math.inf:  # -inf exits early on any first token
                     return await self._streamed(prompt, params, measure, threshold)
                 return await self._plain(prompt, params, scores)
 
@@ -370,6 +391,7 @@ class OpenAIBackend:
         """
         if self._closed:
             raise BackendError(f"{self.name}: the backend was closed (aclose)")
+        self._bind()
         validate_prompt(prompt)
         if early_exit is not None and (not scores or len(early_exit.thresholds) != 1):
             raise InvalidRequestError("a streamed early exit needs scores=True and exactly one threshold")

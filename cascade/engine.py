@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from cascade.backends.base import Backend
-from cascade.errors import BackendError, InvalidRequestError
+from cascade.errors import BackendError, CascadeError, InvalidRequestError
 from cascade.policy import Policy, Target, escalates
 from cascade.types import (
     FIRST_TOKEN_MEASURES,
@@ -98,7 +98,8 @@ class Cascade:
         small: backend of the small tier (two-tier shortcut).
         large: backend of the large tier (two-tier shortcut).
         policy: measure and thresholds; or give ``measure`` with ``threshold`` or ``artifact``.
-        measure: uncertainty measure name (default ``margin_first``).
+        measure: uncertainty measure name (default: the artifact's, else ``margin_first``); an artifact fitted
+            for another measure is refused.
         threshold: one threshold per stage (a float for two tiers).
         artifact: path of a calibration artifact; its models and measure must match this cascade.
         params: default decoding parameters (per call overridable).
@@ -116,7 +117,7 @@ class Cascade:
         small: Backend | None = None,
         large: Backend | None = None,
         policy: Policy | None = None,
-        measure: str = "margin_first",
+        measure: str | None = None,
         threshold: float | Sequence[float] | None = None,
         artifact: str | None = None,
         params: GenerationParams | None = None,
@@ -139,10 +140,10 @@ class Cascade:
         if policy is None:
             if artifact is not None and threshold is not None:
                 raise InvalidRequestError("give threshold or artifact, not both")
-            if artifact is not None:
+            if artifact is not None:  # without a measure, the artifact's; with one, they must agree
                 policy = Policy.from_artifact(artifact, models=models, measure=measure)
             elif threshold is not None:
-                policy = Policy.fixed(threshold, measure)
+                policy = Policy.fixed(threshold, measure or "margin_first")
             else:
                 raise InvalidRequestError("a cascade needs a threshold, an artifact or a policy")
         if len(policy) != len(self.tiers) - 1:
@@ -253,13 +254,15 @@ class Cascade:
         t0 = time.perf_counter()
         try:
             gens = await self._call(tier, [p.prompt for p in active], params, not last, early)
-        except BackendError as exc:
+            if len(gens) != len(active):
+                raise BackendError(f"tier {tier.name!r} returned {len(gens)} answers for {len(active)} prompts")
+        except (CascadeError, asyncio.TimeoutError) as exc:
+            # Any failure of a higher tier (an error, a timeout, a full queue, a prompt too long for its
+            # context) follows on_error; the first tier has no lower answer to fall back on.
             if level == 0 or self.on_error == "raise":
                 raise
             await self._degrade(level, tier, active, params, exc, time.perf_counter() - t0)
             return []
-        if len(gens) != len(active):
-            raise BackendError(f"tier {tier.name!r} returned {len(gens)} answers for {len(active)} prompts")
         elapsed = time.perf_counter() - t0
         return [p for p, g in zip(active, gens) if self._record(level, tier, p, g, elapsed)]
 
@@ -282,16 +285,21 @@ class Cascade:
         return False
 
     async def _degrade(self, level: int, tier: Tier, active: list[_Pending], params: GenerationParams,
-                       exc: BackendError, elapsed: float) -> None:
+                       exc: BaseException, elapsed: float) -> None:
         """A higher tier failed: return each request's lower-tier answer, marked degraded."""
         cut_short = [p for p in active if p.answer is not None and p.answer.finish_reason == "early_exit"]
         if cut_short:  # early exit kept one token only: finish those answers without early exit
             below = self.tiers[level - 1]
             t0 = time.perf_counter()
-            redo = await self._call(below, [p.prompt for p in cut_short], params, True, None)
-            for p, g in zip(cut_short, redo):
-                p.calls.append(self._tier_call(below, g, time.perf_counter() - t0, None, None))
-                p.answer = g
+            try:
+                redo = await self._call(below, [p.prompt for p in cut_short], params, True, None)
+            except (CascadeError, asyncio.TimeoutError) as again:  # keep the one-token answers
+                for p in cut_short:
+                    p.reason += f"finishing {below.name!r}'s answer failed ({type(again).__name__}); "
+            else:
+                for p, g in zip(cut_short, redo):
+                    p.calls.append(self._tier_call(below, g, time.perf_counter() - t0, None, None))
+                    p.answer = g
         for p in active:
             p.calls.append(TierCall(tier.name, tier.backend.name, 0, 0, 0.0, elapsed, error=f"{exc}"))
             p.degraded = True

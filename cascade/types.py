@@ -101,7 +101,8 @@ class GenerationParams:
         max_tokens: largest number of new tokens per answer (default 64).
         temperature: 0 means greedy decoding; > 0 samples (default 0.0).
         top_p: nucleus sampling mass, in (0, 1] (default 1.0).
-        stop: strings that end an answer; the stop string is not part of the text (default none).
+        stop: strings that end an answer; the stop string is not part of the text (default none). One
+            string alone is taken as one stop string, as in the OpenAI API.
         seed: random seed for sampling; None leaves the generator as it is (default None).
     """
 
@@ -112,6 +113,10 @@ class GenerationParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif isinstance(self.stop, list):
+            object.__setattr__(self, "stop", tuple(self.stop))
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
             raise InvalidRequestError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if not 0.0 <= float(self.temperature) <= 2.0:

@@ -186,3 +186,17 @@ def test_policy_loads_the_artifact_and_answers_targets(tmp_path: Path) -> None:
     assert policy.thresholds_for(target=Target(max_large_share=0.2)) == want
     with pytest.raises(ArtifactError):
         Policy.from_artifact(path, models=MODELS, measure="entropy_first")
+
+
+def test_a_cascade_takes_the_measure_from_its_artifact(tmp_path: Path) -> None:
+    from conftest import make_backend
+
+    from cascade import Cascade
+
+    small, large = make_backend(0), make_backend(1)
+    models = [small.name, large.name]
+    path = _artifact(models=tuple(models), measure="entropy_mean").save(tmp_path / "cal.json")
+    cascade = Cascade(small=small, large=large, artifact=str(path))  # no measure given: the artifact's
+    assert cascade.measure == "entropy_mean" and cascade.policy.thresholds == _artifact().thresholds
+    with pytest.raises(ArtifactError, match="measure"):
+        Cascade(small=small, large=large, artifact=str(path), measure="margin_first")

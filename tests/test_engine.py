@@ -14,6 +14,7 @@ from cascade import (
     Cascade,
     GenerationParams,
     InvalidRequestError,
+    OverloadedError,
     Policy,
     Price,
     Tier,
@@ -132,6 +133,26 @@ def test_failing_large_tier_degrades(early):
         raising.run_sync("the movie was good")
 
 
+class WrongCount(FailingBackend):
+    async def generate(self, prompts, params, *, scores=True, early_exit=None):
+        return []
+
+
+@pytest.mark.parametrize("large", [
+    FailingBackend(OverloadedError("queue full", retry_after_s=1.0)),  # the large tier's micro-batcher is full
+    FailingBackend(InvalidRequestError("prompt has 9000 tokens; the limit is 4096")),  # too long for it
+    FailingBackend(asyncio.TimeoutError()),  # a backend's own wait_for
+    WrongCount(RuntimeError()),  # a broken backend: no answers at all
+])
+def test_every_failure_of_a_higher_tier_follows_on_error(large):
+    small = make_backend(0)
+    r = Cascade(small=small, large=large, threshold=-1.0, params=PARAMS).run_sync("the movie was good")
+    full = asyncio.run(small.generate(["the movie was good"], PARAMS))[0]
+    assert r.degraded and r.tier == "small" and r.text == full.text and r.calls[-1].error is not None
+    with pytest.raises((type(large.exc), BackendError)):
+        Cascade(small=small, large=large, threshold=-1.0, params=PARAMS, on_error="raise").run_sync("a movie")
+
+
 def test_failing_small_tier_raises_and_confident_requests_skip_large():
     down = FailingBackend(BackendError("boom"))
     with pytest.raises(BackendError):
@@ -174,6 +195,7 @@ def test_bad_construction_is_typed_error():
         GenerationParams(max_tokens=0)
     with pytest.raises(InvalidRequestError):
         GenerationParams(temperature=-1)
+    assert GenerationParams(stop="END").stop == ("END",) and GenerationParams(stop=["a", "b"]).stop == ("a", "b")  # type: ignore[arg-type]
     with pytest.raises(InvalidRequestError):
         Cascade(small=small, large=large, threshold=0.5).run_sync("hi", target={"max_large_share": 0.3})
 

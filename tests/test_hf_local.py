@@ -29,12 +29,19 @@ def test_stop_strings_cut_text_and_scores():
     assert len(cut.token_stats.margin) == cut.completion_tokens
 
 
-def test_sampling_is_seeded_and_varies():
+def test_sampling_is_seeded_per_request_and_varies():
     backend = make_backend(0)
-    a = gen(backend, ["the movie was"] * 4, temperature=1.5, seed=1)
-    b = gen(backend, ["the movie was"] * 4, temperature=1.5, seed=1)
+    prompts = ["the movie was", "a movie", "paris is"]
+    a = gen(backend, prompts, temperature=1.5, seed=1)
+    b = gen(backend, prompts, temperature=1.5, seed=1)
     assert [g.token_ids for g in a] == [g.token_ids for g in b]
-    assert len({g.token_ids for g in a}) > 1
+    alone = [gen(backend, [p], temperature=1.5, seed=1)[0] for p in prompts]  # batch neighbours change nothing
+    assert [g.token_ids for g in alone] == [g.token_ids for g in a]
+    assert [g.scores for g in alone] == [g.scores for g in a]
+    seeds = {gen(backend, ["the movie was"], temperature=1.5, seed=k)[0].token_ids for k in range(6)}
+    assert len(seeds) > 1  # it samples
+    unseeded = gen(backend, ["the movie was"] * 4, temperature=1.5)
+    assert len({g.token_ids for g in unseeded}) > 1  # without a seed, one batch samples each row anew
 
 
 def test_batches_are_split_at_max_batch_size():
@@ -72,3 +79,33 @@ def test_scores_can_be_skipped():
     backend = make_backend(0)
     g = asyncio.run(backend.generate(["a movie"], GenerationParams(max_tokens=3), scores=False))[0]
     assert g.scores == {} and g.token_stats is None and g.completion_tokens >= 1
+
+
+async def test_a_cancelled_generation_stops_the_model_thread():
+    """A tier timeout cancels the call: the generation thread must stop too, not run on holding the model."""
+    import threading
+
+    backend = make_backend(0)
+    steps: list[int] = []
+    third = threading.Event()
+    forward = backend.model.forward
+
+    def counting(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 3:
+            third.set()
+        return forward(*args, **kwargs)
+
+    backend.model.forward = counting
+    full = await backend.generate(["a movie"], GenerationParams(max_tokens=120))
+    assert full[0].completion_tokens == 120  # this prompt runs to max_tokens when left alone
+    steps.clear()
+    third.clear()
+    task = asyncio.create_task(backend.generate(["a movie"], GenerationParams(max_tokens=120)))
+    assert await asyncio.to_thread(third.wait, 30)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.to_thread(backend._lock.acquire)  # the thread has let go of the model
+    backend._lock.release()
+    assert len(steps) < 40, len(steps)

@@ -231,7 +231,13 @@ class HFLocalBackend:
                 chunk_exit = EarlyExit(
                     early_exit.measure, early_exit.thresholds[start : start + self.max_batch_size]
                 )
-            out.extend(await asyncio.to_thread(self.generate_sync, chunk, params, scores, chunk_exit))
+            cancel = threading.Event()
+            try:
+                out.extend(await asyncio.to_thread(self.generate_sync, chunk, params, scores, chunk_exit,
+                                                   cancel=cancel))
+            except asyncio.CancelledError:  # a tier timeout or a caller that left: stop at the next step
+                cancel.set()
+                raise
         return out
 
     def generate_sync(
@@ -241,16 +247,26 @@ class HFLocalBackend:
         scores: bool = True,
         early_exit: EarlyExit | None = None,
         sink: StreamSink | None = None,
+        *,
+        cancel: threading.Event | None = None,
     ) -> list[Generation]:
         """Blocking batched generation of one batch; thread-safe (one batch at a time per model).
 
         ``sink`` (one prompt only) receives the answer token by token: see :mod:`cascade.backends.hf_stream`.
+        Setting ``cancel`` ends the generation at its next step (the answers are then cut short).
+
+        A sampled request with a seed is generated in a batch of its own, so its answer depends on its seed
+        alone and not on the requests it happened to be batched with.
         """
         if not prompts:
             return []
+        if params.seed is not None and params.temperature > 0 and len(prompts) > 1 and sink is None:
+            return [g for i, p in enumerate(prompts) for g in self.generate_sync(
+                [p], params, scores, None if early_exit is None else
+                EarlyExit(early_exit.measure, early_exit.thresholds[i : i + 1]), cancel=cancel)]
         with self._lock:
             try:
-                return self._generate_locked(prompts, params, scores, early_exit, sink)
+                return self._generate_locked(prompts, params, scores, early_exit, sink, cancel)
             except (InvalidRequestError, BackendError):
                 raise
             except Exception as exc:  # a model failure must reach the caller typed, never crash the loop
@@ -261,7 +277,11 @@ class HFLocalBackend:
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not self.chat_template)
         limit = self.max_prompt_tokens
         if limit is None:
-            limit = int(getattr(self.model.config, "max_position_embeddings", 1 << 30)) - params.max_tokens
+            positions = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
+            limit = positions - params.max_tokens
+            if limit < 1:
+                raise InvalidRequestError(f"max_tokens {params.max_tokens} leaves no room for a prompt in the "
+                                          f"{positions} positions of {self.name}")
         lengths = enc["attention_mask"].sum(dim=1)
         if int(lengths.max()) > limit:
             raise InvalidRequestError(f"prompt has {int(lengths.max())} tokens; the limit is {limit}")
@@ -282,6 +302,7 @@ class HFLocalBackend:
         want_scores: bool,
         early_exit: EarlyExit | None,
         sink: StreamSink | None = None,
+        cancel: threading.Event | None = None,
     ) -> list[Generation]:
         import torch
         from transformers import LogitsProcessorList, StoppingCriteriaList
@@ -301,7 +322,7 @@ class HFLocalBackend:
             early_exit if want_scores else None,
             batch,
             device,
-            sink.cancel if sink is not None else None,
+            sink.cancel if sink is not None else cancel,
         )
         sample = params.temperature > 0
         if params.seed is not None:

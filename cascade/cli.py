@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from cascade.errors import CascadeError, InvalidRequestError
-from cascade.types import CascadeResult
+from cascade.policy import Target
+from cascade.types import CascadeResult, GenerationParams
 
 __all__ = ["main", "result_record"]
 
@@ -38,7 +39,7 @@ def _config(args: argparse.Namespace) -> Any:
         changes.update(thresholds=tuple(args.threshold), artifact=None)
     if getattr(args, "artifact", None):
         changes.update(artifact=args.artifact, thresholds=None)
-    if getattr(args, "max_tokens", None):
+    if getattr(args, "max_tokens", None) is not None:
         changes["max_tokens"] = args.max_tokens
     return replace(cfg, **changes) if changes else cfg
 
@@ -111,41 +112,79 @@ async def _demo_async(cascade: Any, examples: list[dict[str, Any]], scorer: Any,
 # ---------------------------------------------------------------- run
 
 
+_LINE_PARAMS = ("max_tokens", "temperature", "top_p", "stop", "seed")
+
+
 def _parse_line(line: str, lineno: int) -> tuple[Any, Any, dict[str, Any]]:
-    """Return (id, prompt, options) for one input line, or raise InvalidRequestError naming the line."""
+    """Return (id, prompt, options) for one input line, or raise InvalidRequestError naming the line.
+
+    Options are the line's own decoding parameters (``max_tokens``, ``temperature``, ``top_p``, ``stop``,
+    ``seed``) and ``target``, all checked here; other keys (an ``answer``, say) are ignored.
+    """
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
         raise InvalidRequestError(f"line {lineno}: invalid JSON: {exc.msg}") from exc
     if not isinstance(obj, dict):
         raise InvalidRequestError(f"line {lineno}: expected a JSON object")
-    if ("prompt" in obj) == ("messages" in obj):
-        raise InvalidRequestError(f"line {lineno}: give exactly one of 'prompt' or 'messages'")
-    opts = {k: obj[k] for k in ("target", "max_tokens") if k in obj}
-    return obj.get("id", lineno), obj.get("prompt", obj.get("messages")), opts
+    rid = obj.get("id", lineno)
+    try:
+        if ("prompt" in obj) == ("messages" in obj):
+            raise InvalidRequestError("give exactly one of 'prompt' or 'messages'")
+        opts = {k: obj[k] for k in (*_LINE_PARAMS, "target") if k in obj}
+        _line_params(GenerationParams(), opts)  # raises on a bad value
+        Target.parse(opts.get("target"))
+    except (InvalidRequestError, TypeError) as exc:
+        raise _LineError(rid, f"line {lineno}: {exc}") from exc
+    return rid, obj.get("prompt", obj.get("messages")), opts
 
 
-async def _run_async(cascade: Any, lines: list[str], out: TextIO, batch: int) -> tuple[int, int]:
+class _LineError(InvalidRequestError):
+    """A line whose id is known but whose content is invalid."""
+
+    def __init__(self, rid: Any, message: str) -> None:
+        super().__init__(message)
+        self.rid = rid
+
+
+def _line_params(base: GenerationParams, opts: dict[str, Any]) -> GenerationParams:
+    given = {k: v for k, v in opts.items() if k in _LINE_PARAMS}
+    if "stop" in given and isinstance(given["stop"], list):
+        given["stop"] = tuple(given["stop"])
+    try:
+        return replace(base, **given) if given else base
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequestError(f"bad decoding parameter: {exc}") from exc
+
+
+def _dump(rec: dict[str, Any]) -> str:
+    text = json.dumps(rec, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (e.g. in an id): escape it rather than fail the file
+        text = json.dumps(rec)
+    return text + "\n"
+
+
+async def _run_async(cascade: Any, lines: list[tuple[int, str]], out: TextIO, batch: int) -> tuple[int, int]:
     ok = failed = 0
     bar = _progress(len(lines), "cascade run")
     async with cascade:
         for start in range(0, len(lines), batch):
-            records: list[dict[str, Any] | None] = [None] * len(lines[start : start + batch])
+            chunk = lines[start : start + batch]
+            records: list[dict[str, Any] | None] = [None] * len(chunk)
             groups: dict[str, list[tuple[int, Any, Any]]] = {}
-            for j, line in enumerate(lines[start : start + batch]):
-                lineno = start + j + 1
+            for j, (lineno, line) in enumerate(chunk):
                 try:
                     rid, prompt, opts = _parse_line(line, lineno)
-                    key = json.dumps(opts, sort_keys=True)
-                    groups.setdefault(key, []).append((j, rid, prompt))
+                    groups.setdefault(json.dumps(opts, sort_keys=True), []).append((j, rid, prompt))
                 except InvalidRequestError as exc:
-                    records[j] = {"id": lineno, "error": str(exc), "error_type": type(exc).__name__}
+                    records[j] = {"id": getattr(exc, "rid", lineno), "error": str(exc),
+                                  "error_type": "InvalidRequestError"}
             for key, members in groups.items():
                 opts = json.loads(key)
-                params = cascade.params
+                params = _line_params(cascade.params, opts)
                 try:
-                    if "max_tokens" in opts:
-                        params = replace(params, max_tokens=opts["max_tokens"])
                     results = await cascade.run_batch([m[2] for m in members], params=params,
                                                       target=opts.get("target"))
                     for (j, rid, _), r in zip(members, results):
@@ -161,17 +200,24 @@ async def _run_async(cascade: Any, lines: list[str], out: TextIO, batch: int) ->
             for rec in records:
                 assert rec is not None
                 ok, failed = (ok, failed + 1) if "error" in rec else (ok + 1, failed)
-                out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                out.write(_dump(rec))
             out.flush()
             bar.update(len(records))
     bar.close()
     return ok, failed
 
 
+def _jsonl_lines(path: str) -> list[tuple[int, str]]:
+    """The non-blank lines of a JSONL file with their line numbers (split on newlines only: U+2028 may sit
+    inside a string; a UTF-8 byte-order mark is dropped)."""
+    text = Path(path).read_text(encoding="utf-8-sig")
+    return [(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+
+
 def _run(args: argparse.Namespace) -> int:
     from cascade.config import build_cascade
 
-    lines = [ln for ln in Path(args.input).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    lines = _jsonl_lines(args.input)
     cascade = build_cascade(_config(args))
     out_path = Path(args.output)
     tmp = out_path.with_name(out_path.name + ".part")
@@ -189,8 +235,7 @@ def _fit_router(args: argparse.Namespace) -> int:
     from cascade.router import FittedRouter, make_embedder
     from cascade.router.embed import MINILM_ID, prompt_text
 
-    prompts = [_parse_line(line, n)[1] for n, line in
-               enumerate(Path(args.prompts).read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    prompts = [_parse_line(line, n)[1] for n, line in _jsonl_lines(args.prompts)]
     if len(prompts) < args.k:
         raise InvalidRequestError(f"{len(prompts)} prompts cannot make {args.k} clusters")
     backends = []
@@ -217,6 +262,16 @@ def _serve(args: argparse.Namespace) -> int:
     return int(serve_main(args))
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     from cascade.types import MEASURES
 
@@ -229,7 +284,7 @@ def _parser() -> argparse.ArgumentParser:
         g = sp.add_mutually_exclusive_group()
         g.add_argument("--threshold", type=float, nargs="+", help="threshold(s), one per stage")
         g.add_argument("--artifact", help="calibration artifact (from cascade-calibrate)")
-        sp.add_argument("--max-tokens", type=int, help="new tokens per answer")
+        sp.add_argument("--max-tokens", type=_positive, help="new tokens per answer")
 
     d = sub.add_parser("demo", help="answer bundled SST-2 questions with the embedded models")
     common(d)
@@ -242,7 +297,7 @@ def _parser() -> argparse.ArgumentParser:
     common(r)
     r.add_argument("--input", required=True, help='JSONL: {"id": ..., "prompt": ...} or "messages" per line')
     r.add_argument("--output", required=True, help="JSONL results, one line per input line, same order")
-    r.add_argument("--batch-size", type=int, default=16, help="prompts per batched call (default 16)")
+    r.add_argument("--batch-size", type=_positive, default=16, help="prompts per batched call (default 16)")
     r.set_defaults(func=_run)
 
     f = sub.add_parser("fit-router", help="fit the expert router: k-means clusters of prompt embeddings")

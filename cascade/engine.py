@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from cascade.backends.base import Backend
@@ -178,11 +178,26 @@ class Cascade:
                 seen.add(id(tier.backend))
                 await tier.backend.aclose()
 
+    def resolve_params(self, params: GenerationParams | Mapping[str, Any] | None) -> GenerationParams:
+        """Decoding parameters of a call: given in full, as overrides of this cascade's defaults, or None.
+
+        Raises:
+            InvalidRequestError: an override names no parameter or has a bad value.
+        """
+        if params is None:
+            return self.params
+        if isinstance(params, GenerationParams):
+            return params
+        try:
+            return replace(self.params, **dict(params))
+        except TypeError as exc:
+            raise InvalidRequestError(f"bad decoding parameter: {exc}") from None
+
     async def run(
         self,
         prompt: Prompt,
         *,
-        params: GenerationParams | None = None,
+        params: GenerationParams | Mapping[str, Any] | None = None,
         target: Target | dict[str, float] | None = None,
         cluster: int | None = None,
     ) -> CascadeResult:
@@ -193,7 +208,7 @@ class Cascade:
         self,
         prompts: Sequence[Prompt],
         *,
-        params: GenerationParams | None = None,
+        params: GenerationParams | Mapping[str, Any] | None = None,
         target: Target | dict[str, float] | None = None,
         clusters: Sequence[int | None] | None = None,
     ) -> list[CascadeResult]:
@@ -201,7 +216,8 @@ class Cascade:
 
         Args:
             prompts: B prompts.
-            params: decoding parameters (default: the cascade's).
+            params: decoding parameters: in full, as a mapping of overrides of the cascade's defaults, or
+                None (the defaults).
             target: a per-request quality level for every prompt of the batch (needs an artifact policy).
             clusters: router cluster per prompt (per-cluster thresholds), or None.
 
@@ -212,7 +228,7 @@ class Cascade:
             InvalidRequestError: bad prompt, parameters or target.
             BackendError: the first tier failed, or a higher tier failed with ``on_error="raise"``.
         """
-        params = params or self.params
+        params = self.resolve_params(params)
         parsed_target = Target.parse(target)
         if clusters is not None and len(clusters) != len(prompts):
             raise InvalidRequestError("clusters must have one entry per prompt")
@@ -335,7 +351,7 @@ class Cascade:
         self,
         prompt: Prompt,
         *,
-        params: GenerationParams | None = None,
+        params: GenerationParams | Mapping[str, Any] | None = None,
         target: Target | dict[str, float] | None = None,
         cluster: int | None = None,
     ) -> AsyncIterator[CascadeChunk | CascadeResult]:

@@ -81,8 +81,11 @@ class ServerConfig:
             raise ConfigError(f"server {', '.join(ints)} must be positive integers")
         if isinstance(self.max_queue, bool) or not isinstance(self.max_queue, int) or self.max_queue < 0:
             raise ConfigError("server max_queue must be a non-negative integer")
-        if min(self.request_timeout_s, self.drain_timeout_s, self.retry_after_s, self.keep_alive_s) <= 0:
-            raise ConfigError("server timeouts and retry_after_s must be positive")
+        times = (self.request_timeout_s, self.drain_timeout_s, self.retry_after_s, self.keep_alive_s)
+        if any(isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 1e6 for t in times):
+            raise ConfigError("server timeouts, retry_after_s and keep_alive_s must be positive seconds (< 1e6)")
+        if self.api_key_env is not None and (not isinstance(self.api_key_env, str) or not self.api_key_env):
+            raise ConfigError("server api_key_env must be the name of an environment variable")
         if not isinstance(self.model_name, str) or not self.model_name:
             raise ConfigError("server model_name must be a non-empty string")
 
@@ -175,15 +178,28 @@ class _Service:
             raise HTTPError(413 if declared.isdigit() else 400,
                             f"request body larger than {limit} bytes" if declared.isdigit()
                             else "invalid Content-Length", code="request_too_large" if declared.isdigit() else None)
+        from starlette.requests import ClientDisconnect
+
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise HTTPError(413, f"request body larger than {limit} bytes", code="request_too_large")
         try:
-            return json.loads(bytes(body), parse_constant=_no_constants)
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise HTTPError(413, f"request body larger than {limit} bytes", code="request_too_large")
+        except ClientDisconnect:
+            raise HTTPError(499, "the client went away while sending the body") from None
+        try:
+            data = json.loads(bytes(body), parse_constant=_no_constants)
         except (ValueError, RecursionError) as exc:
             raise HTTPError(400, f"the body is not valid JSON: {str(exc)[:200]}") from None
+        try:  # JSON may escape a lone surrogate ("\\ud800"): no tokenizer, header or answer can carry it
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise HTTPError(400, "the body holds a string that is not valid Unicode (a lone surrogate escape "
+                                 "such as \\ud800)") from None
+        except (ValueError, RecursionError):
+            pass
+        return data
 
     async def answer(self, request: Request, kind: str) -> Response:
         started = time.perf_counter()
@@ -231,7 +247,7 @@ class _Service:
         async def guarded() -> list[Any]:
             async with self.admission.slot():
                 return list(await asyncio.wait_for(
-                    self.engine.run_batch(parsed.prompts, params=parsed.params, target=parsed.target),
+                    self.engine.run_batch(parsed.prompts, params=parsed.overrides, target=parsed.target),
                     self.config.request_timeout_s))
 
         return await watch(request, guarded())
@@ -240,7 +256,7 @@ class _Service:
         """Stream ``engine.stream`` as SSE; errors before the first piece still get their HTTP status."""
         deadline = time.monotonic() + self.config.request_timeout_s
         await watch(request, self.admission.acquire())
-        items = self.engine.stream(parsed.prompts[0], params=parsed.params, target=parsed.target)
+        items = self.engine.stream(parsed.prompts[0], params=parsed.overrides, target=parsed.target)
         try:
             first = await watch(request, next_before(items, deadline))
         except BaseException:
@@ -391,7 +407,8 @@ def serve_main(args: argparse.Namespace) -> int:
     extra = cfg.extra if isinstance(cfg.extra, Mapping) else {}
     server_cfg = ServerConfig.from_mapping(extra.get("server"))
     server_cfg.api_key()  # fail before loading models when the key is missing
-    host, port = getattr(args, "host", None) or "127.0.0.1", int(getattr(args, "port", None) or 8000)
+    host = getattr(args, "host", None) or "127.0.0.1"
+    port = 8000 if getattr(args, "port", None) is None else int(args.port)  # 0: any free port
     print(f"loading tiers: {', '.join(f'{t.name}={t.backend.model}' for t in cfg.tiers)}", file=sys.stderr)
     if cfg.router:
         from cascade.router.pool import build_router

@@ -12,7 +12,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cascade.errors import CascadeError
@@ -60,6 +60,8 @@ class ParsedRequest:
         target: the per-request quality target, or None.
         stream: answer with server-sent events.
         include_usage: streaming only: send a final usage chunk.
+        overrides: the decoding parameters the request set itself; the engine applies them over its own
+            defaults (in expert-router mode, over each expert's).
     """
 
     prompts: tuple[Prompt, ...]
@@ -67,6 +69,7 @@ class ParsedRequest:
     target: Target | None
     stream: bool
     include_usage: bool
+    overrides: Mapping[str, Any] = field(default_factory=dict)
 
 
 def _is_num(v: object) -> bool:
@@ -180,7 +183,7 @@ def parse_request(kind: str, body: object, defaults: GenerationParams, config: A
     max_tokens = _int(body, "max_completion_tokens", 1, limit) or legacy
     temperature = _num(body, "temperature", 0.0, 2.0)
     top_p = _num(body, "top_p", 0.0, 1.0, open_low=True)
-    seed = _int(body, "seed", -(2**63), 2**64 - 1)
+    seed = _int(body, "seed", -(2**63), 2**63 - 1)
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -206,7 +209,8 @@ def parse_request(kind: str, body: object, defaults: GenerationParams, config: A
         params = replace(defaults, **changes)
     except (CascadeError, TypeError, ValueError) as exc:
         raise HTTPError(400, str(exc)) from None
-    return ParsedRequest(tuple(prompts), params, target, bool(stream), bool((options or {}).get("include_usage")))
+    return ParsedRequest(tuple(prompts), params, target, bool(stream), bool((options or {}).get("include_usage")),
+                         changes)
 
 
 def _finite(x: float | None) -> float | None:

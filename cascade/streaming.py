@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Mapping
+from typing import TYPE_CHECKING, Any
 
-from cascade.errors import BackendError, BackendTimeoutError
+from cascade.errors import BackendError, BackendTimeoutError, CascadeError
 from cascade.policy import Target, escalates
 from cascade.types import CascadeChunk, CascadeResult, EarlyExit, Generation, GenerationParams, Prompt, validate_prompt
 
@@ -71,7 +71,7 @@ async def stream_cascade(
     cascade: Cascade,
     prompt: Prompt,
     *,
-    params: GenerationParams | None = None,
+    params: GenerationParams | Mapping[str, Any] | None = None,
     target: Target | dict[str, float] | None = None,
     cluster: int | None = None,
 ) -> AsyncIterator[CascadeChunk | CascadeResult]:
@@ -84,7 +84,7 @@ async def stream_cascade(
     """
     from cascade.engine import _Pending
 
-    params = params or cascade.params
+    params = cascade.resolve_params(params)
     parsed = Target.parse(target)
     checked = validate_prompt(prompt, cascade.max_prompt_chars)
     p = _Pending(0, checked, cascade.policy.thresholds_for(cluster, parsed), parsed.label() if parsed else None,
@@ -106,7 +106,7 @@ async def stream_cascade(
                         gen = item
             else:
                 gen = (await cascade._call(tier, [p.prompt], params, not last, None))[0]
-        except BackendError as exc:
+        except (CascadeError, asyncio.TimeoutError) as exc:  # as Cascade.run_batch does
             if level == 0 or cascade.on_error == "raise" or chunks:
                 raise
             await cascade._degrade(level, tier, [p], params, exc, time.perf_counter() - t0)

@@ -26,6 +26,7 @@ __all__ = [
     "StreamEvent",
     "TierCall",
     "TokenStats",
+    "check_text",
     "validate_prompt",
 ]
 
@@ -58,6 +59,21 @@ Prompt = str | Sequence[Message]
 _ROLES = frozenset({"system", "user", "assistant", "developer", "tool"})
 
 
+def check_text(text: str, what: str) -> str:
+    """Return ``text`` if it can be encoded as UTF-8, else raise InvalidRequestError.
+
+    JSON allows escapes such as ``"\\ud800"`` that decode to a lone surrogate, which no tokenizer or HTTP
+    client can encode: such a request is the caller's mistake, not a model failure.
+    """
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidRequestError(f"{what} is not valid Unicode text: a lone surrogate at position "
+                                      f"{exc.start}") from None
+    return text
+
+
 def validate_prompt(prompt: object, max_chars: int = 200_000) -> Prompt:
     """Check a prompt's shape and size and return it unchanged.
 
@@ -73,6 +89,7 @@ def validate_prompt(prompt: object, max_chars: int = 200_000) -> Prompt:
             raise InvalidRequestError("prompt is empty")
         if len(prompt) > max_chars:
             raise InvalidRequestError(f"prompt has {len(prompt)} characters; the limit is {max_chars}")
+        check_text(prompt, "prompt")
         return prompt
     if not isinstance(prompt, Sequence) or isinstance(prompt, (bytes, bytearray)) or not prompt:
         raise InvalidRequestError("prompt must be a non-empty string or a non-empty list of messages")
@@ -85,6 +102,7 @@ def validate_prompt(prompt: object, max_chars: int = 200_000) -> Prompt:
             raise InvalidRequestError(f"messages[{i}].role must be one of {sorted(_ROLES)}, got {role!r}")
         if not isinstance(content, str):
             raise InvalidRequestError(f"messages[{i}].content must be a string")
+        check_text(content, f"messages[{i}].content")
         total += len(content)
     if total == 0:
         raise InvalidRequestError("all messages are empty")
@@ -125,6 +143,8 @@ class GenerationParams:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidRequestError("stop must be a list of non-empty strings")
+        for s in self.stop:
+            check_text(s, "a stop string")
         if len(self.stop) > 8:
             raise InvalidRequestError("at most 8 stop strings")
 

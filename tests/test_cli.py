@@ -44,7 +44,7 @@ def test_run_preserves_order_and_reports_bad_lines(tmp_path, config_file):
     records = [json.loads(x) for x in out.read_text().splitlines()]
     assert code == 1  # some lines failed
     assert len(records) == 7  # blank lines are skipped, every other line has exactly one record
-    assert [r.get("id") for r in records] == ["a", 2, "b", "c", 5, 6, "e"]
+    assert [r.get("id") for r in records] == ["a", 2, "b", "c", "d", 6, "e"]  # a line's own id when it has one
     ok = [r for r in records if "error" not in r]
     assert [r["id"] for r in ok] == ["a", "b", "e"]
     for r in ok:
@@ -53,6 +53,40 @@ def test_run_preserves_order_and_reports_bad_lines(tmp_path, config_file):
     assert ok[2]["calls"][-1]["completion_tokens"] <= 2
     assert "invalid JSON" in records[1]["error"] and "line 2" in records[1]["error"]
     assert records[3]["error_type"] == "InvalidRequestError"
+
+
+def test_run_checks_each_lines_own_parameters_and_numbers_physical_lines(tmp_path, config_file, capsys):
+    lines = [
+        "",
+        "",
+        "{bad json",  # physical line 3
+        json.dumps({"id": "zero", "prompt": "a movie", "max_tokens": 0}),
+        json.dumps({"id": "word", "prompt": "a movie", "max_tokens": "abc"}),
+        json.dumps({"id": "hot", "prompt": "a movie", "temperature": 9}),
+        json.dumps({"id": "tgt", "prompt": "a movie", "target": {"max_large_share": 2}}),
+        json.dumps({"id": "\udc00", "prompt": "a movie"}, ensure_ascii=True),  # a lone surrogate as the id
+        json.dumps({"id": "sur", "prompt": "a \ud800 movie"}, ensure_ascii=True),
+        json.dumps({"id": "one", "prompt": "the movie was good", "max_tokens": 1, "stop": "zzz"}),
+        json.dumps({"id": "sep", "prompt": "the movie\u2028was good"}, ensure_ascii=False),
+    ]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_bytes(b"\xef\xbb\xbf" + ("\n".join(lines) + "\n").encode("utf-8"))  # with a byte-order mark
+    code = main(["run", "--config", str(config_file), "--input", str(inp), "--output", str(out)])
+    assert code == 1
+    records = [json.loads(x) for x in out.read_text(encoding="utf-8").split("\n") if x]
+    assert [r["id"] for r in records] == [3, "zero", "word", "hot", "tgt", "\udc00", "sur", "one", "sep"]
+    errors = {r["id"]: r["error"] for r in records if "error" in r}
+    assert "line 3: invalid JSON" in errors[3]
+    assert "line 4" in errors["zero"] and "max_tokens" in errors["zero"]
+    assert "line 5" in errors["word"] and "line 6" in errors["hot"] and "line 7" in errors["tgt"]
+    assert "surrogate" in errors["sur"]
+    assert set(errors) == {3, "zero", "word", "hot", "tgt", "sur"}
+    answered = {r["id"]: r for r in records if "error" not in r}
+    assert answered["one"]["calls"][0]["completion_tokens"] == 1
+    for bad in (["--batch-size", "0"], ["--batch-size", "-1"], ["--max-tokens", "0"]):
+        with pytest.raises(SystemExit):
+            main(["run", "--config", str(config_file), "--input", str(inp), "--output", str(out), *bad])
+        assert "positive integer" in capsys.readouterr().err
 
 
 def test_run_threshold_override_and_missing_input(tmp_path, config_file):

@@ -198,6 +198,33 @@ async def test_replica_pool_sends_work_to_the_least_loaded_replica() -> None:
     assert pool.in_flight == [0, 0] and pool.served == [1, 2]
 
 
+async def test_each_expert_keeps_its_own_defaults_and_requests_override_them() -> None:
+    emb = HiddenStateEmbedder.from_backend(make_backend(0))
+    prompts = TOPIC_A + TOPIC_B
+    fitted = fit_router(emb, prompts, 2, seed=0)
+    seen: dict[str, list[GenerationParams]] = {"a": [], "b": []}
+
+    class Recording(ExpertBackend):
+        async def generate(self, prompts, params, *, scores=True, early_exit=None):  # type: ignore[no-untyped-def]
+            seen[self.name[0]].append(params)
+            return await super().generate(prompts, params, scores=scores, early_exit=early_exit)
+
+    experts = {0: Cascade(small=Recording("a-small"), large=Recording("a-large"), threshold=0.9,
+                          params=GenerationParams(max_tokens=3)),
+               1: Cascade(small=Recording("b-small"), large=Recording("b-large"), threshold=0.9,
+                          params=GenerationParams(max_tokens=11))}
+    router = ExpertRouter(fitted, emb, experts)
+    await router.run_batch(prompts)  # no parameters: each expert's own
+    assert {p.max_tokens for p in seen["a"]} == {3} and {p.max_tokens for p in seen["b"]} == {11}
+    seen["a"].clear()
+    seen["b"].clear()
+    await router.run_batch(prompts, params={"temperature": 0.5})  # overrides apply over each expert's defaults
+    assert {(p.max_tokens, p.temperature) for p in seen["a"]} == {(3, 0.5)}
+    assert {(p.max_tokens, p.temperature) for p in seen["b"]} == {(11, 0.5)}
+    with pytest.raises(InvalidRequestError):
+        await router.run_batch(prompts, params={"max_tokens": 0})
+
+
 def test_router_refuses_wrong_embedder_and_missing_experts() -> None:
     emb = HiddenStateEmbedder.from_backend(make_backend(0))
     fitted = FittedRouter(np.eye(2, 32), "other-embedder")

@@ -195,7 +195,31 @@ def test_client_mistakes_are_4xx_json(client: openai.OpenAI, tiny_server: Server
     big = httpx.post(tiny_server.url + "/v1/completions", headers=auth,
                      json={"model": "tiny-cascade", "prompt": "x" * 2_000_000})
     assert big.status_code == 413
+    for body in (b'{"model": "tiny-cascade", "prompt": "hi \\ud800 there"}',  # a lone surrogate escape
+                 b'{"model": "tiny-cascade", "prompt": "hi", "\\udc00": 1}',  # ... as a field name
+                 b'{"model": "tiny-cascade", "prompt": "hi", "stop": "\\ud800"}',
+                 b'{"model": "tiny-cascade", "prompt": "hi", "seed": 18446744073709551615}'):  # beyond int64
+        r = httpx.post(tiny_server.url + "/v1/completions", content=body, headers=auth)
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
     assert httpx.get(tiny_server.url + "/v1/nothing", headers=auth).status_code == 404
+
+
+def test_a_bad_request_in_a_micro_batch_fails_alone(tiny_server: ServerProcess) -> None:
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    good = json.dumps({"model": "tiny-cascade", "prompt": "the movie was good", "max_tokens": 3}).encode()
+    bad = b'{"model": "tiny-cascade", "prompt": "hi \\ud800 there", "max_tokens": 3}'
+    statuses: dict[int, int] = {}
+
+    def hit(i: int) -> None:
+        statuses[i] = httpx.post(tiny_server.url + "/v1/completions", content=bad if i == 3 else good,
+                                 headers=auth, timeout=60).status_code
+
+    threads = [threading.Thread(target=hit, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert statuses == {i: 400 if i == 3 else 200 for i in range(8)}
 
 
 def test_auth_is_required_except_for_health(tiny_server: ServerProcess) -> None:

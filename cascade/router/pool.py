@@ -170,7 +170,7 @@ class ReplicaPool:
         """Index of the least-loaded replica."""
         return min(range(len(self.replicas)), key=lambda i: (self.in_flight[i], self.served[i], i))
 
-    async def run_batch(self, prompts: Sequence[Prompt], *, params: GenerationParams | None = None,
+    async def run_batch(self, prompts: Sequence[Prompt], *, params: GenerationParams | Mapping[str, Any] | None = None,
                         target: Any = None, clusters: Sequence[int | None] | None = None) -> list[CascadeResult]:
         """Answer ``prompts`` on the least-loaded replica (see :meth:`Cascade.run_batch`)."""
         i = self.pick()
@@ -182,8 +182,8 @@ class ReplicaPool:
             self.in_flight[i] -= len(prompts)
 
 
-    async def stream(self, prompt: Prompt, *, params: GenerationParams | None = None, target: Any = None,
-                     cluster: int | None = None) -> AsyncIterator[CascadeChunk | CascadeResult]:
+    async def stream(self, prompt: Prompt, *, params: GenerationParams | Mapping[str, Any] | None = None,
+                     target: Any = None, cluster: int | None = None) -> AsyncIterator[CascadeChunk | CascadeResult]:
         """Stream one answer from the least-loaded replica (see :meth:`Cascade.stream`)."""
         i = self.pick()
         self.in_flight[i] += 1
@@ -231,7 +231,7 @@ class ExpertRouter:
         self.fitted = fitted
         self.embedder = embedder
         self.experts: dict[int, ReplicaPool] = {c: as_pool.get(c) or fallback for c in range(fitted.k)}  # type: ignore[misc]
-        self.params = self.cascades()[0].params
+        self.params = (fallback or next(iter(self.experts.values()))).replicas[0].params  # the top-level defaults
 
     def cascades(self) -> list[Cascade]:
         """Every distinct cascade behind the router."""
@@ -245,12 +245,12 @@ class ExpertRouter:
         """Cluster of each prompt."""
         return self.fitted.assign(await aembed(self.embedder, prompts))
 
-    async def run(self, prompt: Prompt, *, params: GenerationParams | None = None,
+    async def run(self, prompt: Prompt, *, params: GenerationParams | Mapping[str, Any] | None = None,
                   target: Any = None) -> CascadeResult:
         """Answer one prompt on its cluster's expert."""
         return (await self.run_batch([prompt], params=params, target=target))[0]
 
-    async def run_batch(self, prompts: Sequence[Prompt], *, params: GenerationParams | None = None,
+    async def run_batch(self, prompts: Sequence[Prompt], *, params: GenerationParams | Mapping[str, Any] | None = None,
                         target: Any = None) -> list[CascadeResult]:
         """Answer a batch: one call per cluster's expert, concurrently; results in input order.
 
@@ -276,7 +276,7 @@ class ExpertRouter:
                 out[i] = r if r.cluster == c else replace(r, cluster=c)
         return [r for r in out if r is not None]
 
-    async def stream(self, prompt: Prompt, *, params: GenerationParams | None = None,
+    async def stream(self, prompt: Prompt, *, params: GenerationParams | Mapping[str, Any] | None = None,
                      target: Any = None) -> AsyncIterator[CascadeChunk | CascadeResult]:
         """Stream one answer from its cluster's expert: chunks, then the result (``cluster`` set)."""
         checked = validate_prompt(prompt)

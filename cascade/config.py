@@ -163,7 +163,9 @@ def load_config(path: str | Path) -> CascadeConfig:
     """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) config file.
 
     Sections not part of :class:`CascadeConfig` (e.g. ``server``) are kept in ``extra`` only when listed
-    under the ``extra`` key; any other unknown key is an error.
+    under the ``extra`` key; any other unknown key is an error. Relative file paths of ``artifact``,
+    ``router`` and ``extra.experts.*.config`` are taken relative to the config file's folder (model names
+    and folders are left as written: they may be embedded names or hub ids).
 
     Raises:
         ConfigError: unreadable file, unknown format, unknown keys or invalid values.
@@ -190,7 +192,21 @@ def load_config(path: str | Path) -> CascadeConfig:
         raise
     except Exception as exc:
         raise ConfigError(f"cannot parse config {p}: {exc}") from exc
-    return _build(CascadeConfig, raw, str(p))  # type: ignore[no-any-return]
+    cfg: CascadeConfig = _build(CascadeConfig, raw, str(p))
+    return _relative_to(cfg, p.parent)
+
+
+def _relative_to(cfg: CascadeConfig, folder: Path) -> CascadeConfig:
+    def resolve(path: Any) -> Any:
+        relative = isinstance(path, str) and bool(path) and not Path(path).is_absolute()
+        return str(folder.absolute() / path) if relative else path
+
+    extra = dict(cfg.extra)
+    experts = extra.get("experts")
+    if isinstance(experts, Mapping):
+        extra["experts"] = {k: ({**v, "config": resolve(v["config"])} if isinstance(v, Mapping) and "config" in v
+                                else v) for k, v in experts.items()}
+    return dataclasses.replace(cfg, artifact=resolve(cfg.artifact), router=resolve(cfg.router), extra=extra)
 
 
 def _build_hf(cfg: BackendConfig) -> Backend:

@@ -366,9 +366,19 @@ class Cascade:
         return stream_cascade(self, prompt, params=params, target=target, cluster=cluster)
 
     def run_sync(self, prompt: Prompt, **kwargs: Any) -> CascadeResult:
-        """Blocking :meth:`run` for scripts (not from inside a running event loop)."""
+        """Blocking :meth:`run` for scripts (not from inside a running event loop: await :meth:`run`)."""
+        _no_running_loop("run_sync")
         return asyncio.run(self.run(prompt, **kwargs))
 
     def run_batch_sync(self, prompts: Sequence[Prompt], **kwargs: Any) -> list[CascadeResult]:
         """Blocking :meth:`run_batch` for scripts (not from inside a running event loop)."""
+        _no_running_loop("run_batch_sync")
         return asyncio.run(self.run_batch(prompts, **kwargs))
+
+
+def _no_running_loop(name: str) -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise InvalidRequestError(f"Cascade.{name} cannot run inside a running event loop; await the async method")

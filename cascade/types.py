@@ -104,7 +104,7 @@ def validate_prompt(prompt: object, max_chars: int = 200_000) -> Prompt:
             raise InvalidRequestError(f"messages[{i}].content must be a string")
         check_text(content, f"messages[{i}].content")
         total += len(content)
-    if total == 0:
+    if not any(str(m.get("content")).strip() for m in prompt if isinstance(m, Mapping)):
         raise InvalidRequestError("all messages are empty")
     if total > max_chars:
         raise InvalidRequestError(f"messages have {total} characters; the limit is {max_chars}")

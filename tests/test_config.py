@@ -97,3 +97,18 @@ def test_build_cascade_reuses_given_backends():
     assert getattr(cascade.tiers[0].backend, "backend", None) is small and cascade.tiers[0].price.input_per_mtok == 2.0
     r = cascade.run_sync("a movie")
     assert r.calls[0].completion_tokens <= 3
+
+
+def test_file_paths_are_relative_to_the_config_file(tmp_path, monkeypatch):
+    folder = tmp_path / "deploy"
+    folder.mkdir()
+    (folder / "c.yaml").write_text("artifact: cal/thresholds.json\nrouter: router.json\n"
+                                   "extra: {experts: {'0': {config: experts/code.yaml}, '1': {thresholds: [0.2]}}}\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("deploy/c.yaml")
+    assert cfg.artifact == str(folder / "cal" / "thresholds.json") and cfg.router == str(folder / "router.json")
+    assert cfg.extra["experts"]["0"]["config"] == str(folder / "experts" / "code.yaml")
+    assert cfg.extra["experts"]["1"] == {"thresholds": [0.2]}
+    assert cfg.tiers[0].backend.model == "smollm2-135m"  # model names are not paths
+    (folder / "abs.yaml").write_text(f"artifact: {tmp_path / 'x.json'}\n")
+    assert load_config(folder / "abs.yaml").artifact == str(tmp_path / "x.json")

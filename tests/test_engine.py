@@ -175,7 +175,8 @@ def test_tier_timeout_is_enforced():
 
 @pytest.mark.parametrize(
     "prompt",
-    ["", "   ", [], [{"role": "user"}], [{"role": "wizard", "content": "x"}], 42, "x" * 300_001],
+    ["", "   ", [], [{"role": "user"}], [{"role": "wizard", "content": "x"}], 42, "x" * 300_001,
+     [{"role": "system", "content": " "}, {"role": "user", "content": "\n"}], "a \ud800 b"],
 )
 def test_bad_prompts_are_typed_errors(prompt):
     cascade = Cascade(small=make_backend(0), large=make_backend(1), threshold=0.5)
@@ -219,3 +220,9 @@ async def test_async_context_and_concurrent_runs():
         results = await asyncio.gather(*(cascade.run(p) for p in PROMPTS))
     assert len(results) == len(PROMPTS)
     assert small.model is None  # closed
+
+
+async def test_the_sync_face_refuses_a_running_loop():
+    cascade = Cascade(small=make_backend(0), large=make_backend(1), threshold=0.5)
+    with pytest.raises(InvalidRequestError, match="running event loop"):
+        cascade.run_sync("a movie")

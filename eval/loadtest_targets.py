@@ -174,7 +174,13 @@ class HttpTarget:
         max_tokens: ``max_tokens`` of each request.
         timeout_s: seconds allowed per request before it counts as a ``timeout`` failure.
         connections: most simultaneous connections (use at least the number of users).
+
+    The connections are spread over several clients of at most 64 each, used in turn: one httpx pool scans
+    all its connections on every request, which at 1,000 connections made the load generator, not the
+    server, the bottleneck (13 ms of client CPU per request, against 1.7 ms at 300).
     """
+
+    SHARD = 64  # connections per httpx client
 
     def __init__(self, url: str, *, model: str | None = None, max_tokens: int = 16, timeout_s: float = 60.0,
                  connections: int = 1000) -> None:
@@ -186,6 +192,8 @@ class HttpTarget:
         self.connections = connections
         self.health_interval_s = 0.5
         self._client: Any = None
+        self._clients: list[Any] = []
+        self._turn = 0
         self._depth: int | None = None
         self._poller: asyncio.Task[None] | None = None
 
@@ -197,17 +205,23 @@ class HttpTarget:
         """
         import httpx
 
-        limits = httpx.Limits(max_connections=self.connections, max_keepalive_connections=self.connections)
+        shards = max(1, math.ceil(self.connections / self.SHARD))
+        per = math.ceil(self.connections / shards)
+        limits = httpx.Limits(max_connections=per, max_keepalive_connections=per)
         # trust_env=False: no proxy from the environment may carry loopback traffic elsewhere.
-        self._client = httpx.AsyncClient(base_url=self.base_url, limits=limits, trust_env=False,
-                                         timeout=httpx.Timeout(self.timeout_s, connect=min(10.0, self.timeout_s)))
+        self._clients = [httpx.AsyncClient(base_url=self.base_url, limits=limits, trust_env=False,
+                                           timeout=httpx.Timeout(self.timeout_s, connect=min(10.0, self.timeout_s)))
+                         for _ in range(shards)]
+        self._client = httpx.AsyncClient(base_url=self.base_url, trust_env=False, timeout=10.0,
+                                         limits=httpx.Limits(max_connections=2))  # /models and /health
+
         if self.model is None:
             try:
                 resp = await self._client.get("/models")
                 resp.raise_for_status()
                 self.model = str(resp.json()["data"][0]["id"])
             except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
-                await self._client.aclose()
+                await self.aclose()
                 raise ConfigError(f"cannot list models at {self.base_url}/models ({exc!r}); pass --model") from exc
         if await self._health() is not None:  # a server that reports its queue (cascade serve): watch it
             self._poller = asyncio.create_task(self._poll())
@@ -239,12 +253,14 @@ class HttpTarget:
 
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         body: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": self.max_tokens}
+        self._turn = (self._turn + 1) % len(self._clients)
+        client = self._clients[self._turn]
         t0 = time.perf_counter()
         try:
             if stream:
                 body.update(stream=True, stream_options={"include_usage": True})
-                return await self._stream(body, t0)
-            resp = await self._client.post("/chat/completions", json=body)
+                return await self._stream(client, body, t0)
+            resp = await client.post("/chat/completions", json=body)
             if resp.status_code != 200:
                 raise RequestFailed(f"http_{resp.status_code}", resp.text[:300])
             data = resp.json()
@@ -261,12 +277,12 @@ class HttpTarget:
         except (ValueError, KeyError, IndexError, TypeError) as exc:
             raise RequestFailed("bad_response", repr(exc)) from exc
 
-    async def _stream(self, body: dict[str, Any], t0: float) -> Reply:
+    async def _stream(self, client: Any, body: dict[str, Any], t0: float) -> Reply:
         ttft: float | None = None
         parts: list[str] = []
         last: dict[str, Any] = {}
         done = False
-        async with self._client.stream("POST", "/chat/completions", json=body) as resp:
+        async with client.stream("POST", "/chat/completions", json=body) as resp:
             if resp.status_code != 200:
                 raise RequestFailed(f"http_{resp.status_code}", (await resp.aread()).decode(errors="replace")[:300])
             async for line in resp.aiter_lines():
@@ -302,8 +318,9 @@ class HttpTarget:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
             self._poller = None
-        if self._client is not None:
-            await self._client.aclose()
+        for client in (*self._clients, *([self._client] if self._client is not None else [])):
+            await client.aclose()
+        self._clients, self._client = [], None
 
 
 def _num(value: Any, default: float = 0.0) -> float:

@@ -1,7 +1,10 @@
-"""Shared fixtures: tiny random-weight transformers models built from a config (no files, no hub)."""
+"""Shared fixtures: tiny random-weight transformers models built from a config (no files, no hub), and the
+data folder of the loader tests."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -61,3 +64,15 @@ def make_backend(seed: int = 0, **kwargs: Any) -> Any:
 @pytest.fixture
 def tiny_backend() -> Any:
     return make_backend(0)
+
+
+#: Excerpts of the shared data files (same formats and encodings), so the loader tests always run.
+BUNDLED_DATA = Path(__file__).parent / "data" / "eval_data"
+
+
+def eval_data() -> tuple[Path, bool]:
+    """The data folder for loader tests and whether it is the real one: ``CASCADE_EVAL_DATA``, else
+    ``../shared/data`` next to the checkout when it exists, else the bundled excerpts."""
+    given = os.environ.get("CASCADE_EVAL_DATA")
+    real = Path(given) if given else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    return (real, True) if real.is_dir() else (BUNDLED_DATA, False)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import BUNDLED_DATA, eval_data
 
 from cascade.errors import ConfigError
 
@@ -15,8 +15,9 @@ from cascade.errors import ConfigError
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from eval.datasets import TASKS, load_task, score_answer, stratified_sample, stratified_split
 
-DATA = Path(os.environ.get("CASCADE_EVAL_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real data folder {DATA} is absent (set CASCADE_EVAL_DATA)")
+DATA, REAL = eval_data()  # the real files next to the checkout, else the bundled excerpts of them
+N_CAL, N_TEST = (300, 500) if REAL else (10, 20)
+needs_real_data = pytest.mark.skipif(not REAL, reason="the real data folder is absent (set CASCADE_EVAL_DATA)")
 
 
 def test_stratified_split_keeps_label_shares_and_is_seeded() -> None:
@@ -63,14 +64,13 @@ def test_unknown_task_and_missing_folder_are_config_errors(tmp_path: Path) -> No
         load_task("sst2", tmp_path)
 
 
-@needs_data
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_splits_are_disjoint_stratified_and_reproducible(name: str) -> None:
-    a = load_task(name, DATA, n_cal=300, n_test=500, seed=0)
-    assert len(a.cal) == 300 and len(a.test) == 500
+    a = load_task(name, DATA, n_cal=N_CAL, n_test=N_TEST, seed=0)
+    assert len(a.cal) == N_CAL and len(a.test) == N_TEST
     cal_texts, test_texts = {e["text"] for e in a.cal}, {e["text"] for e in a.test}
     assert len(cal_texts & test_texts) <= 2, "calibration and test share examples"  # a few exact duplicates exist
-    assert len({e["id"] for e in a.cal + a.test}) == 800
+    assert len({e["id"] for e in a.cal + a.test}) == N_CAL + N_TEST
     for split in (a.cal, a.test):
         counts = Counter(e["label"] for e in split)
         assert len(counts) == len(TASKS[name].labels) or name == "trec"
@@ -79,14 +79,48 @@ def test_splits_are_disjoint_stratified_and_reproducible(name: str) -> None:
     full_share = Counter(e["label"] for e in full.test)
     got = Counter(e["label"] for e in a.test)
     for label, k in full_share.items():
-        assert abs(got[label] / 500 - k / len(full.test)) <= 1 / 500 + 1e-9
-    b = load_task(name, DATA, n_cal=300, n_test=500, seed=0)
+        assert abs(got[label] / N_TEST - k / len(full.test)) <= 1 / N_TEST + 1e-9
+    b = load_task(name, DATA, n_cal=N_CAL, n_test=N_TEST, seed=0)
     assert [e["messages"] for e in a.cal + a.test] == [e["messages"] for e in b.cal + b.test]
-    c = load_task(name, DATA, n_cal=300, n_test=500, seed=1)
+    c = load_task(name, DATA, n_cal=N_CAL, n_test=N_TEST, seed=1)
     assert [e["text"] for e in c.test] != [e["text"] for e in a.test]
 
 
-@needs_data
+def _rows(path: Path, encoding: str = "utf-8") -> list[str]:
+    return [line for line in path.read_bytes().decode(encoding).split("\n") if line.strip()]
+
+
+def test_every_line_is_read_and_decoded() -> None:
+    sst = load_task("sst2", DATA)  # official splits: every line of each file
+    assert len(sst.cal) == len(_rows(DATA / "sst2" / "stsa.binary.dev"))
+    assert len(sst.test) == len(_rows(DATA / "sst2" / "stsa.binary.test"))
+    trec = load_task("trec", DATA)
+    test_q = {r.split(" ", 1)[1].strip() for r in _rows(DATA / "trec" / "TREC.test.all")}
+    train_q = [r.split(" ", 1)[1].strip() for r in _rows(DATA / "trec" / "TREC.train.all", "latin-1")]
+    assert len(trec.test) == len(test_q) and not {e["text"] for e in trec.cal} & test_q
+    assert len(trec.cal) == len(set(train_q) - test_q)  # questions also in the test file are left out
+    rt = load_task("rotten_tomatoes", DATA)  # latin-1: decoded, not replaced
+    assert len(rt.cal) + len(rt.test) == len(set(_rows(DATA / "rotten_tomatoes" / "rt-polarity.all", "latin-1")))
+    assert any("é" in e["text"] for e in rt.cal + rt.test)
+    assert not any("\ufffd" in e["text"] for e in rt.cal + rt.test)
+    ag = load_task("ag_news", DATA)
+    assert not any("#39;" in e["text"] or "\\" in e["text"] for e in ag.cal + ag.test)
+    assert any("'" in e["text"] for e in ag.cal + ag.test)  # &#39; became an apostrophe
+    isear = load_task("isear", DATA)
+    assert {e["label"] for e in isear.cal + isear.test} == set(range(7))
+
+
+def test_the_bundled_excerpts_are_excerpts_of_the_real_files() -> None:
+    if not REAL:
+        pytest.skip("the real data folder is absent: nothing to compare the excerpts with")
+    for path in BUNDLED_DATA.rglob("*"):
+        if path.is_file() and path.suffix != ".md":
+            real = (DATA / path.relative_to(BUNDLED_DATA)).read_bytes()
+            for line in (x for x in path.read_bytes().split(b"\n") if x):
+                assert line in real, f"{path}: {line[:60]!r} is not in the real file"
+
+
+@needs_real_data
 def test_official_splits_and_encodings() -> None:
     sst = load_task("sst2", DATA)
     assert (len(sst.cal), len(sst.test)) == (872, 1821)

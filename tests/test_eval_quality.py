@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import eval_data
 
 from calibration.metrics import apgr, oracle_curve, random_curve, share_curve
 from calibration.runner import GenerationCache, cache_key, raw_key
@@ -22,7 +23,7 @@ from eval.quality import MODELS, PAIRS, main, parse_args
 from eval.routers import LogisticRouter, MLPRouter, bow_features
 from eval.signals import SetupData, choose_measure, evaluate_setup, oracle_scores, paired_apgr_diff
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = eval_data()[0]  # the real files next to the checkout, else the bundled excerpts
 
 
 def synthetic(n: int, seed: int, strength: float = 2.0, dim: int = 8) -> tuple[SetupData, np.ndarray]:
@@ -163,7 +164,6 @@ def test_missing_data_folder_is_a_clean_error(tmp_path: Path, capsys: pytest.Cap
     assert "does not exist" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not DATA.is_dir(), reason=f"real data folder {DATA} is absent")
 def test_cached_only_run_writes_the_report(tmp_path: Path) -> None:
     """Plant generations in the cache (no model loaded) and rebuild the full report from it."""
     from eval.datasets import load_task

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import eval_data
 
 from cascade.errors import ConfigError
 from cascade.simulate import SimConfig, SimServer
@@ -26,7 +27,6 @@ from eval.loadtest import loadtest, main
 from eval.loadtest_load import LoadShape, warm_up
 from eval.loadtest_prompts import (
     DATASETS,
-    DEFAULT_DATA_DIR,
     dataset_prompts,
     generated_prompts,
     load_prompts,
@@ -251,10 +251,9 @@ def test_prompt_files(tmp_path):
     assert len(set(map(str, generated_prompts(200)))) == 200
 
 
-@pytest.mark.skipif(not DEFAULT_DATA_DIR.exists(), reason="shared datasets not on this machine")
 @pytest.mark.parametrize("name", sorted(DATASETS))
 def test_dataset_conversion(name):
-    prompts = dataset_prompts(name, limit=20)
+    prompts = dataset_prompts(name, eval_data()[0], limit=20)  # the real files, else the bundled excerpts
     assert len(prompts) == 20 and all(isinstance(p, str) and p.strip() for p in prompts)
 
 

@@ -132,7 +132,7 @@ def _parse_line(line: str, lineno: int) -> tuple[Any, Any, dict[str, Any]]:
         if ("prompt" in obj) == ("messages" in obj):
             raise InvalidRequestError("give exactly one of 'prompt' or 'messages'")
         opts = {k: obj[k] for k in (*_LINE_PARAMS, "target") if k in obj}
-        _line_params(GenerationParams(), opts)  # raises on a bad value
+        replace(GenerationParams(), **_overrides(opts))  # raises on a bad value
         Target.parse(opts.get("target"))
     except (InvalidRequestError, TypeError) as exc:
         raise _LineError(rid, f"line {lineno}: {exc}") from exc
@@ -147,14 +147,9 @@ class _LineError(InvalidRequestError):
         self.rid = rid
 
 
-def _line_params(base: GenerationParams, opts: dict[str, Any]) -> GenerationParams:
-    given = {k: v for k, v in opts.items() if k in _LINE_PARAMS}
-    if "stop" in given and isinstance(given["stop"], list):
-        given["stop"] = tuple(given["stop"])
-    try:
-        return replace(base, **given) if given else base
-    except (TypeError, ValueError) as exc:
-        raise InvalidRequestError(f"bad decoding parameter: {exc}") from exc
+def _overrides(opts: dict[str, Any]) -> dict[str, Any]:
+    """The decoding parameters a line sets (applied over the cascade's defaults)."""
+    return {k: v for k, v in opts.items() if k in _LINE_PARAMS}
 
 
 def _dump(rec: dict[str, Any]) -> str:
@@ -183,7 +178,7 @@ async def _run_async(cascade: Any, lines: list[tuple[int, str]], out: TextIO, ba
                                   "error_type": "InvalidRequestError"}
             for key, members in groups.items():
                 opts = json.loads(key)
-                params = _line_params(cascade.params, opts)
+                params = cascade.resolve_params(_overrides(opts))
                 try:
                     results = await cascade.run_batch([m[2] for m in members], params=params,
                                                       target=opts.get("target"))

@@ -45,6 +45,7 @@ __all__ = [
     "fit_quality",
     "grid_search",
     "measured_curve",
+    "pareto_index",
     "point_for_target",
     "threshold_for_target",
 ]
@@ -200,12 +201,19 @@ def _cost_axis(cand: Candidates) -> FloatArray:
     return cand.mean_cost if bool(np.any(cand.mean_cost != 0)) else cand.large_share
 
 
-def _front(cand: Candidates, last_accuracy: float) -> tuple[Curve, IntArray]:
-    """The (cost, accuracy) Pareto front, cost ascending; among equal points the smaller last-tier share."""
+def pareto_index(cand: Candidates) -> IntArray:
+    """Indices of the candidates on the (cost, accuracy) Pareto front, cost ascending.
+
+    The cost is the mean cost, or the last-tier share when nothing is priced; among equal points the one with
+    the smaller last-tier share is kept.
+    """
     x = _cost_axis(cand)
     order = np.lexsort((cand.large_share, -cand.accuracy, x))  # equal points: smallest share first (kept)
-    idx = order[pareto_front(x[order], cand.accuracy[order])]
-    return _to_curve(cand.subset(idx), "pareto", last_accuracy), idx
+    return np.asarray(order[pareto_front(x[order], cand.accuracy[order])], dtype=np.int64)
+
+
+def _front(cand: Candidates, last_accuracy: float) -> Curve:
+    return _to_curve(cand.subset(pareto_index(cand)), "pareto", last_accuracy)
 
 
 def _describe(st: CascadeStats) -> str:
@@ -239,7 +247,7 @@ def fit_budget(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.ArrayLi
     else:
         grid = grid_search(s, c, k, max_grid=max_grid)
         ok = grid.subset(np.flatnonzero(grid.large_share <= r))  # never empty: max thresholds escalate none
-        pareto, _ = _front(ok, last_acc)
+        pareto = _front(ok, last_acc)
         # The most accurate, then the cheapest, then the smallest last-tier share: a point of that front.
         cand, i = ok, int(np.lexsort((ok.large_share, _cost_axis(ok), -ok.accuracy))[0])
     st = cand.stats(i)
@@ -355,7 +363,7 @@ def fit_min_cost(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.Array
     cand = common_sweep(s, c, k) if c.shape[1] == 2 else grid_search(s, c, k, max_grid=max_grid)
     objective = value * cand.accuracy - cand.mean_cost
     i = int(np.lexsort((-cand.mean_cost, cand.accuracy, objective))[-1])
-    pareto, _ = _front(cand, float(c[:, -1].mean()))
+    pareto = _front(cand, float(c[:, -1].mean()))
     st = cand.stats(i)
     msg = (f"min-cost: net value {objective[i]:.4g} per request at {value:g} per correct answer "
            f"({_describe(st)}); searched {len(cand.accuracy)} candidates.")
@@ -380,7 +388,7 @@ def measured_curve(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.Arr
     last_acc = float(c[:, -1].mean())
     if c.shape[1] > 2:  # the cost front and the last-tier-share front, so budget targets resolve finely too
         grid = grid_search(s, c, k, max_grid=max_grid)
-        idx = np.union1d(_front(grid, last_acc)[1], pareto_front(grid.large_share, grid.accuracy))
+        idx = np.union1d(pareto_index(grid), pareto_front(grid.large_share, grid.accuracy))
         idx = idx[np.lexsort((grid.large_share[idx], _cost_axis(grid)[idx]))]
         return _to_curve(grid.subset(idx), "pareto", last_acc)
     cand = common_sweep(s, c, k)

@@ -97,7 +97,7 @@ def load_examples(path: str | Path) -> list[Example]:
     """
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # a byte-order mark is dropped
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidRequestError(f"cannot read {p}: {exc}") from None
     out: list[Example] = []

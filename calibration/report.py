@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from calibration.fit import common_sweep, grid_search
+from calibration.fit import common_sweep, grid_search, pareto_index
 from calibration.heldout import widen_thresholds
-from calibration.metrics import CascadeStats, apgr, auc, oracle_curve, pareto_front, random_curve, simulate
+from calibration.metrics import CascadeStats, apgr, auc, oracle_curve, random_curve, simulate
 
 __all__ = [
     "jsonable",
@@ -126,7 +126,7 @@ def pareto_section(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.Arr
     cand = common_sweep(scores, c, k) if two else grid_search(scores, c, k, max_grid=max_grid)
     priced = bool(np.any(k != 0))
     x = cand.mean_cost if priced else cand.large_share
-    idx = pareto_front(x, cand.accuracy)
+    idx = pareto_index(cand)  # the same front the fits choose from
     points = [stats_dict(cand.stats(int(i)), widen_thresholds(cand.thresholds[int(i)], scores)) for i in idx]
     cx = chosen.mean_cost if priced else chosen.large_share
     hit = [p for p, i in enumerate(idx) if abs(x[i] - cx) <= 1e-12 and abs(cand.accuracy[i] - chosen.accuracy) <= 1e-12]

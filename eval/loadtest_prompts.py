@@ -33,7 +33,7 @@ def load_prompts(path: str | Path, limit: int | None = None) -> list[Prompt]:
     """
     p = Path(path)
     try:
-        lines = p.read_text(encoding="utf-8").splitlines()
+        lines = p.read_text(encoding="utf-8-sig").split("\n")  # not splitlines: U+2028 may be in a string
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read prompts file {p}: {exc}") from exc
     prompts: list[Prompt] = []

@@ -16,7 +16,8 @@ Guarantees:
     * a caller cancelled before its prompts were dispatched has them dropped from the queue;
     * an inner error reaches every caller of that batch and no other (a batch that fails with
       :class:`~cascade.errors.InvalidRequestError` is retried call by call, so one bad prompt fails
-      only its own caller);
+      only its own caller); when the inner call fails for some prompts only
+      (:class:`~cascade.errors.BatchError`), each caller gets its own prompts' answers or failure;
     * every accepted call gets exactly one answer: its generations or an exception.
 """
 
@@ -28,7 +29,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from cascade.backends.base import Backend
-from cascade.errors import BackendError, InvalidRequestError, OverloadedError
+from cascade.errors import BackendError, BatchError, InvalidRequestError, OverloadedError
 from cascade.types import EarlyExit, Generation, GenerationParams, Prompt, StreamEvent
 
 __all__ = ["MicroBatcher"]
@@ -298,6 +299,9 @@ class MicroBatcher:
         try:
             try:
                 results = await self._call(live)
+            except BatchError as exc:
+                self._split(live, exc.outcomes)
+                return
             except InvalidRequestError as exc:
                 if len(live) == 1:
                     raise
@@ -340,6 +344,24 @@ class MicroBatcher:
             out.append(list(gens[start : start + len(it.prompts)]))
             start += len(it.prompts)
         return out
+
+    def _split(self, items: list[_Item], outcomes: Sequence[object]) -> None:
+        """Hand each caller its own part of a partly failed inner call."""
+        if len(outcomes) != sum(len(it.prompts) for it in items):
+            error = BackendError(f"{self.name}: returned {len(outcomes)} outcomes for a batch of "
+                                 f"{sum(len(it.prompts) for it in items)} prompts", reason="wrong number of answers")
+            for it in items:
+                self._reject(it, error)
+            return
+        start = 0
+        for it in items:
+            part = list(outcomes[start : start + len(it.prompts)])
+            start += len(it.prompts)
+            failures = [o for o in part if isinstance(o, BaseException)]
+            if not failures:
+                self._resolve(it, [o for o in part if isinstance(o, Generation)])
+            else:
+                self._reject(it, failures[0] if len(failures) == len(part) else BatchError(part))
 
     @staticmethod
     def _resolve(item: _Item, gens: list[Generation]) -> None:

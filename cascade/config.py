@@ -44,10 +44,12 @@ class BackendConfig:
     dtype: str | None = None  # hf: "float32" | "bfloat16" | "float16"; None = float32 on CPU
     device_map: str | None = None  # hf: accelerate device map (e.g. "auto") for models bigger than a device
     max_batch_size: int = 32  # hf: largest batch given to generate at once
-    base_url: str | None = None  # openai: server URL, e.g. "http://127.0.0.1:8001/v1"
+    base_url: str | None = None  # openai: server URL, e.g. "http://127.0.0.1:8001/v1" (credentials in it are
+    # never shown: errors and logs print it as http://***@host/..., clients never see it)
     api_key_env: str = "OPENAI_API_KEY"  # openai: environment variable holding the API key
     api: str = "chat"  # openai: "chat" or "completions"
-    timeout_s: float = 60.0  # openai: seconds per request before a timeout error
+    timeout_s: float = 60.0  # openai: seconds one request may take in total (retries and the whole answer,
+    # streamed or not, included) before a timeout error, which on a higher tier follows on_error
     max_retries: int = 2  # openai: retries with exponential backoff on connection errors and 5xx/429
     max_concurrency: int = 64  # openai: requests in flight at once
     rate_limit_per_s: float | None = None  # openai: requests per second at most; None = unlimited

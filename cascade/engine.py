@@ -8,6 +8,7 @@ Async first (:meth:`Cascade.run`, :meth:`Cascade.run_batch`, ``async with``) wit
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -15,7 +16,14 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from cascade.backends.base import Backend
-from cascade.errors import BackendError, CascadeError, InvalidRequestError
+from cascade.errors import (
+    BackendError,
+    BackendTimeoutError,
+    BatchError,
+    CascadeError,
+    InvalidRequestError,
+    public_reason,
+)
 from cascade.policy import Policy, Target, escalates
 from cascade.types import (
     FIRST_TOKEN_MEASURES,
@@ -32,6 +40,7 @@ from cascade.types import (
 __all__ = ["Cascade", "Price", "Tier"]
 
 OnError = Literal["raise", "degrade"]
+log = logging.getLogger("cascade.engine")
 
 
 @dataclass(frozen=True)
@@ -83,6 +92,7 @@ class _Pending:
     answer_tier: int = -1
     reason: str = ""
     degraded: bool = False
+    error: BaseException | None = None  # why the request failed (it then has no result)
 
 
 class Cascade:
@@ -224,9 +234,15 @@ class Cascade:
         Returns:
             B results, in order.
 
+        A tier call that fails for some requests of the batch fails only those: the others keep their answers
+        and go on up the chain (a failing higher tier degrades or fails each of its requests on its own).
+
         Raises:
             InvalidRequestError: bad prompt, parameters or target.
-            BackendError: the first tier failed, or a higher tier failed with ``on_error="raise"``.
+            BackendError: the first tier failed, or a higher tier failed with ``on_error="raise"``, for every
+                request of the batch.
+            BatchError: that happened to some requests only; its ``outcomes`` hold each request's result or
+                exception.
         """
         params = self.resolve_params(params)
         parsed_target = Target.parse(target)
@@ -246,7 +262,12 @@ class Cascade:
                 break
             active = await self._stage(level, tier, active, params)
         latency = time.perf_counter() - started
-        return [self._result(p, latency) for p in pending]
+        failed = [p.error for p in pending if p.error is not None]
+        if not failed:
+            return [self._result(p, latency) for p in pending]
+        if len(failed) == len(pending):
+            raise failed[0]
+        raise BatchError([p.error if p.error is not None else self._result(p, latency) for p in pending])
 
     async def _call(self, tier: Tier, prompts: Sequence[Prompt], params: GenerationParams, scores: bool,
                     early_exit: EarlyExit | None) -> list[Generation]:
@@ -256,9 +277,26 @@ class Cascade:
         try:
             return await asyncio.wait_for(call, tier.timeout_s)
         except asyncio.TimeoutError as exc:
-            from cascade.errors import BackendTimeoutError
+            raise tier_timeout(tier) from exc
 
-            raise BackendTimeoutError(f"tier {tier.name!r} timed out after {tier.timeout_s} s") from exc
+    async def _outcomes(self, tier: Tier, prompts: Sequence[Prompt], params: GenerationParams, scores: bool,
+                        early_exit: EarlyExit | None) -> list[Generation | BaseException]:
+        """One tier call: each prompt's generation or the exception that failed it (never raises a failure)."""
+        try:
+            gens: Sequence[Generation | BaseException] = await self._call(tier, prompts, params, scores, early_exit)
+        except BatchError as exc:
+            gens = exc.outcomes  # type: ignore[assignment]
+        except (CascadeError, asyncio.TimeoutError) as exc:
+            gens = [exc] * len(prompts)
+        if len(gens) != len(prompts):
+            gens = [BackendError(f"tier {tier.name!r} returned {len(gens)} answers for {len(prompts)} prompts",
+                                 reason="wrong number of answers")] * len(prompts)
+        for failure in {id(g): g for g in gens if isinstance(g, BaseException)}.values():
+            if isinstance(failure, BackendError) and failure.tier is None:
+                failure.tier = tier.name
+            n = sum(g is failure for g in gens)
+            log.warning("tier %r failed for %d of %d request(s): %s", tier.name, n, len(gens), failure)
+        return list(gens)
 
     async def _stage(self, level: int, tier: Tier, active: list[_Pending],
                      params: GenerationParams) -> list[_Pending]:
@@ -268,19 +306,18 @@ class Cascade:
         if not last and self.early_exit:
             early = EarlyExit(self.measure, tuple(p.thresholds[level] for p in active))
         t0 = time.perf_counter()
-        try:
-            gens = await self._call(tier, [p.prompt for p in active], params, not last, early)
-            if len(gens) != len(active):
-                raise BackendError(f"tier {tier.name!r} returned {len(gens)} answers for {len(active)} prompts")
-        except (CascadeError, asyncio.TimeoutError) as exc:
-            # Any failure of a higher tier (an error, a timeout, a full queue, a prompt too long for its
-            # context) follows on_error; the first tier has no lower answer to fall back on.
-            if level == 0 or self.on_error == "raise":
-                raise
-            await self._degrade(level, tier, active, params, exc, time.perf_counter() - t0)
-            return []
+        outcomes = await self._outcomes(tier, [p.prompt for p in active], params, not last, early)
         elapsed = time.perf_counter() - t0
-        return [p for p, g in zip(active, gens) if self._record(level, tier, p, g, elapsed)]
+        failed = [(p, o) for p, o in zip(active, outcomes) if isinstance(o, BaseException)]
+        # Any failure of a higher tier (an error, a timeout, a full queue, a prompt too long for its context)
+        # follows on_error; the first tier has no lower answer to fall back on.
+        if failed and (level == 0 or self.on_error == "raise"):
+            for p, exc in failed:
+                p.error = exc
+        elif failed:
+            await self._degrade(level, tier, failed, params, elapsed)
+        return [p for p, g in zip(active, outcomes)
+                if not isinstance(g, BaseException) and self._record(level, tier, p, g, elapsed)]
 
     def _record(self, level: int, tier: Tier, p: _Pending, g: Generation, elapsed: float) -> bool:
         """Book one tier's answer for one request; True when the request goes on up the chain."""
@@ -300,24 +337,27 @@ class Cascade:
         p.reason += f"{self.measure}={u:.4f} <= {thr:.4f}: {tier.name!r} answer accepted"
         return False
 
-    async def _degrade(self, level: int, tier: Tier, active: list[_Pending], params: GenerationParams,
-                       exc: BaseException, elapsed: float) -> None:
-        """A higher tier failed: return each request's lower-tier answer, marked degraded."""
+    async def _degrade(self, level: int, tier: Tier, failed: Sequence[tuple[_Pending, BaseException]],
+                       params: GenerationParams, elapsed: float) -> None:
+        """A higher tier failed for these requests: return each one's lower-tier answer, marked degraded.
+
+        The failure is recorded in the request's calls as :func:`~cascade.errors.public_reason` (the tier's
+        name and a short reason, no URL): results reach clients of the server. The detail went to the log.
+        """
+        active = [p for p, _ in failed]
         cut_short = [p for p in active if p.answer is not None and p.answer.finish_reason == "early_exit"]
         if cut_short:  # early exit kept one token only: finish those answers without early exit
             below = self.tiers[level - 1]
             t0 = time.perf_counter()
-            try:
-                redo = await self._call(below, [p.prompt for p in cut_short], params, True, None)
-            except (CascadeError, asyncio.TimeoutError) as again:  # keep the one-token answers
-                for p in cut_short:
-                    p.reason += f"finishing {below.name!r}'s answer failed ({type(again).__name__}); "
-            else:
-                for p, g in zip(cut_short, redo):
+            redo = await self._outcomes(below, [p.prompt for p in cut_short], params, True, None)
+            for p, g in zip(cut_short, redo):
+                if isinstance(g, BaseException):  # keep the one-token answer
+                    p.reason += f"finishing {below.name!r}'s answer failed ({type(g).__name__}); "
+                else:
                     p.calls.append(self._tier_call(below, g, time.perf_counter() - t0, None, None))
                     p.answer = g
-        for p in active:
-            p.calls.append(TierCall(tier.name, tier.backend.name, 0, 0, 0.0, elapsed, error=f"{exc}"))
+        for p, exc in failed:
+            p.calls.append(TierCall(tier.name, tier.backend.name, 0, 0, 0.0, elapsed, error=_tier_error(tier, exc)))
             p.degraded = True
             p.reason += f"{tier.name!r} failed ({type(exc).__name__}): lower tier's answer returned (degraded)"
 
@@ -374,6 +414,20 @@ class Cascade:
         """Blocking :meth:`run_batch` for scripts (not from inside a running event loop)."""
         _no_running_loop("run_batch_sync")
         return asyncio.run(self.run_batch(prompts, **kwargs))
+
+
+def tier_timeout(tier: Tier) -> BackendTimeoutError:
+    """The error of a call to ``tier`` that ran past the tier's ``timeout_s``."""
+    exc = BackendTimeoutError(f"tier {tier.name!r} timed out after {tier.timeout_s} s",
+                              reason=f"timed out after {tier.timeout_s} s")
+    exc.tier = tier.name
+    return exc
+
+
+def _tier_error(tier: Tier, exc: BaseException) -> str:
+    """What a result says about a failed tier call: the tier's name and a short reason (no URL, no detail)."""
+    text = public_reason(exc)
+    return text if isinstance(exc, BackendError) and exc.tier else f"tier {tier.name!r}: {text}"
 
 
 def _no_running_loop(name: str) -> None:

@@ -131,10 +131,14 @@ def _as_http(exc: BaseException) -> HTTPError:
     if isinstance(exc, OverloadedError):
         retry = max(1, math.ceil(exc.retry_after_s))
         return HTTPError(429, str(exc), "rate_limit_error", "overloaded", {"Retry-After": str(retry)})
-    if isinstance(exc, (BackendTimeoutError, asyncio.TimeoutError)):
-        return HTTPError(504, f"the model did not answer in time: {exc}", "server_error", "timeout")
+    # A backend's failure reaches the client as the tier's name and a short reason; the detail (with URLs
+    # stripped of their credentials) went to the log where the engine saw it.
+    if isinstance(exc, BackendTimeoutError):
+        return HTTPError(504, f"the model did not answer in time: {exc.public()}", "server_error", "timeout")
     if isinstance(exc, BackendError):
-        return HTTPError(502, f"a model backend failed: {exc}", "server_error", "backend_error")
+        return HTTPError(502, f"a model backend failed: {exc.public()}", "server_error", "backend_error")
+    if isinstance(exc, asyncio.TimeoutError):
+        return HTTPError(504, "the model did not answer in time", "server_error", "timeout")
     if isinstance(exc, CascadeError):
         return HTTPError(500, f"{type(exc).__name__}: {exc}", "server_error")
     log.exception("internal error", exc_info=exc)
@@ -240,11 +244,19 @@ class _Service:
 
         async def guarded() -> list[Any]:
             async with self.admission.slot():
-                return list(await asyncio.wait_for(
-                    self.engine.run_batch(parsed.prompts, params=parsed.overrides, target=parsed.target),
-                    self.config.request_timeout_s))
+                work = self.engine.run_batch(parsed.prompts, params=parsed.overrides, target=parsed.target)
+                try:
+                    return list(await asyncio.wait_for(work, self.config.request_timeout_s))
+                except asyncio.TimeoutError as exc:
+                    if isinstance(exc, BackendError):
+                        raise
+                    raise self._late() from None
 
         return await watch(request, guarded())
+
+    def _late(self) -> HTTPError:
+        return HTTPError(504, f"no answer within the server's request_timeout_s ({self.config.request_timeout_s:g} s)",
+                         "server_error", "timeout")
 
     async def _live_stream(self, request: Request, kind: str, parsed: Any, started: float) -> Response:
         """Stream ``engine.stream`` as SSE; errors before the first piece still get their HTTP status."""
@@ -383,6 +395,16 @@ def create_app(engine: Any, config: ServerConfig | None = None) -> Starlette:
     return app
 
 
+def _log_to_stderr() -> None:
+    """Send the ``cascade`` loggers (tier failures, shutdown) to stderr, next to uvicorn's own lines."""
+    logger = logging.getLogger("cascade")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)-9s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def serve_main(args: argparse.Namespace) -> int:
     """Run ``cascade serve``: build the cascade (or router) from the config, then serve it with uvicorn.
 
@@ -398,6 +420,7 @@ def serve_main(args: argparse.Namespace) -> int:
     from cascade.config import build_cascade
 
     cfg = _config(args)
+    _log_to_stderr()
     extra = cfg.extra if isinstance(cfg.extra, Mapping) else {}
     server_cfg = ServerConfig.from_mapping(extra.get("server"))
     server_cfg.api_key()  # fail before loading models when the key is missing

@@ -9,11 +9,12 @@ if accepted. The last tier always streams. Backends without ``stream`` are calle
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from cascade.errors import BackendError, BackendTimeoutError, CascadeError
+from cascade.errors import BackendError, CascadeError
 from cascade.policy import Target, escalates
 from cascade.types import CascadeChunk, CascadeResult, EarlyExit, Generation, GenerationParams, Prompt, validate_prompt
 
@@ -22,14 +23,18 @@ if TYPE_CHECKING:
 
 __all__ = ["stream_cascade"]
 
+log = logging.getLogger("cascade.engine")
+
 
 async def _next(events: AsyncIterator[object], deadline: float | None, tier: Tier) -> object:
     if deadline is None:
         return await events.__anext__()
+    from cascade.engine import tier_timeout
+
     try:
         return await asyncio.wait_for(events.__anext__(), max(0.0, deadline - time.perf_counter()))
     except asyncio.TimeoutError as exc:
-        raise BackendTimeoutError(f"tier {tier.name!r} timed out after {tier.timeout_s} s") from exc
+        raise tier_timeout(tier) from exc
 
 
 async def _stream_tier(
@@ -107,9 +112,12 @@ async def stream_cascade(
             else:
                 gen = (await cascade._call(tier, [p.prompt], params, not last, None))[0]
         except (CascadeError, asyncio.TimeoutError) as exc:  # as Cascade.run_batch does
+            if isinstance(exc, BackendError) and exc.tier is None:
+                exc.tier = tier.name
+            log.warning("tier %r failed for a streamed request: %s", tier.name, exc)
             if level == 0 or cascade.on_error == "raise" or chunks:
                 raise
-            await cascade._degrade(level, tier, [p], params, exc, time.perf_counter() - t0)
+            await cascade._degrade(level, tier, [(p, exc)], params, time.perf_counter() - t0)
             assert p.answer is not None
             if p.answer.text:
                 yield CascadeChunk(p.answer.text, cascade.tiers[p.answer_tier].name)

@@ -16,6 +16,11 @@ A batch of B prompts is sent as B concurrent requests (at most ``max_concurrency
 ``rate_limit_per_s`` started per second). The openai client retries connection errors, timeouts, 408, 409,
 429 and 5xx ``max_retries`` times with exponential backoff (0.5 s doubling, at most 8 s, 25% jitter).
 
+``timeout_s`` is a hard deadline on each request: every attempt (retries included) and the whole answer, streamed
+or not, must arrive within it. Errors name the model, and for logs the server's URL with its credentials removed;
+their ``reason`` (what the cascade server tells its clients) has no URL at all. When some prompts of a batch fail,
+the others keep their answers (:class:`~cascade.errors.BatchError`).
+
 The client sends each request and maps HTTP errors; answers are read as raw JSON (and streamed answers as
 raw server-sent event lines) instead of being built into the client's pydantic models, which took a fifth to a
 quarter of the CPU per request under load (profiled). An ``{"error": ...}`` object in a 200 answer or mid-stream, and a
@@ -30,11 +35,11 @@ import json
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from cascade.errors import BackendError, BackendTimeoutError, ConfigError, InvalidRequestError
+from cascade.errors import BackendError, BackendTimeoutError, BatchError, ConfigError, InvalidRequestError, redact
 from cascade.types import (
     EarlyExit,
     FinishReason,
@@ -112,7 +117,8 @@ class OpenAIBackend:
             api_key_env: environment variable holding the key; when unset a dummy key is sent, which local
                 servers accept (default ``OPENAI_API_KEY``).
             api: ``"chat"`` (``/chat/completions``) or ``"completions"`` (``/completions``) (default chat).
-            timeout_s: seconds allowed for connecting and for each read of one HTTP attempt (default 60).
+            timeout_s: seconds one request may take in total from when it is sent: every attempt, and the whole
+                answer, streamed or not (default 60).
             max_retries: retries of a failed request, with exponential backoff (default 2).
             max_concurrency: requests in flight at once, per backend (default 64).
             rate_limit_per_s: requests started per second at most; None = unlimited (default None).
@@ -151,7 +157,7 @@ class OpenAIBackend:
         self._rate = rate_limit_per_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: AsyncOpenAI = self._make_client()
-        self._where = str(self._client.base_url)
+        self._where = redact(str(self._client.base_url))  # for error messages: no credentials
         self._slots = asyncio.Semaphore(max_concurrency)
         self._throttle: Any = None
         self._closed = False
@@ -198,7 +204,9 @@ class OpenAIBackend:
             InvalidRequestError: a malformed prompt, or ``early_exit`` without ``scores`` or with one
                 threshold per prompt missing.
             BackendError: HTTP or connection failure, malformed answer, or no logprobs when scores were asked.
-            BackendTimeoutError: no answer within ``timeout_s`` (after the retries).
+            BackendTimeoutError: no complete answer within ``timeout_s`` (retries included).
+            BatchError: some prompts failed and others were answered (its ``outcomes`` hold both; a call where
+                every prompt failed raises the first failure instead).
         """
         if self._closed:
             raise BackendError(f"{self.name}: the backend was closed (aclose)")
@@ -216,17 +224,23 @@ class OpenAIBackend:
         started = time.perf_counter()
         thresholds = early_exit.thresholds if early_exit is not None else (math.inf,) * len(prompts)
         measure = early_exit.measure if early_exit is not None else ""
-        answers = await _gather([self._request(p, params, scores, measure, t)
-                                 for p, t in zip(prompts, thresholds, strict=True)])
+        outcomes = await _gather([self._request(p, params, scores, measure, t)
+                                  for p, t in zip(prompts, thresholds, strict=True)])
         latency = time.perf_counter() - started
+        answers = [a for a in outcomes if isinstance(a, _Answer)]
+        if not answers:
+            raise next(o for o in outcomes if isinstance(o, BaseException))
         stats: list[tuple[TokenStats | None, dict[str, float]]] = (
             self._score(answers) if scores else [(None, {})] * len(answers))
-        return [
+        gens = iter([
             Generation(text=a.text, model=self.name, prompt_tokens=a.prompt_tokens,
                        completion_tokens=a.billed_tokens,
                        finish_reason=a.finish_reason, scores=s, token_stats=ts, latency_s=latency)
             for a, (ts, s) in zip(answers, stats, strict=True)
-        ]
+        ])
+        if len(answers) < len(outcomes):
+            raise BatchError([next(gens) if isinstance(o, _Answer) else o for o in outcomes])
+        return list(gens)
 
     async def aclose(self) -> None:
         """Close the HTTP client and its connections; later ``generate`` calls raise BackendError."""
@@ -242,37 +256,48 @@ class OpenAIBackend:
             if self._throttle is not None:
                 await self._throttle.acquire()
             with self._errors():
-                if scores and measure and threshold != math.inf:  # -inf exits early on any first token
-                    return await self._streamed(prompt, params, measure, threshold)
-                return await self._plain(prompt, params, scores)
+                streamed = scores and measure and threshold != math.inf  # -inf exits early on any first token
+                answer = (self._streamed(prompt, params, measure, threshold) if streamed
+                          else self._plain(prompt, params, scores))
+                try:
+                    return await asyncio.wait_for(answer, self.timeout_s)
+                except asyncio.TimeoutError:
+                    raise self._late() from None
+
+    def _late(self) -> BackendTimeoutError:
+        """The error of a request past its deadline (``timeout_s`` for the whole request, retries included)."""
+        return BackendTimeoutError(f"{self.name}: no complete answer from {self._where} within {self.timeout_s} s",
+                                   reason=f"no complete answer within {self.timeout_s} s")
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
         """Map the openai client's exceptions (and malformed answers) to the cascade's error types."""
         import openai
 
+        name, where, timeout = self.name, self._where, self.timeout_s
         try:
             yield
         except openai.APITimeoutError as exc:
-            raise BackendTimeoutError(f"{self.name}: no answer from {self._where} within "
-                                      f"{self.timeout_s} s") from exc
+            raise BackendTimeoutError(f"{name}: no answer from {where} within {timeout} s",
+                                      reason=f"no answer within {timeout} s") from exc
         except openai.APIStatusError as exc:
-            raise BackendError(f"{self.name}: HTTP {exc.status_code} from {self._where}: "
-                               f"{_message(exc)}") from exc
+            raise BackendError(f"{name}: HTTP {exc.status_code} from {where}: {_message(exc)}",
+                               reason=f"HTTP {exc.status_code}") from exc
         except openai.APIConnectionError as exc:
-            why = exc.__cause__ or exc
-            raise BackendError(f"{self.name}: cannot reach {self._where}: {why}") from exc
+            raise BackendError(f"{name}: cannot reach {where}: {exc.__cause__ or exc}",
+                               reason="cannot connect") from exc
         except openai.OpenAIError as exc:
-            raise BackendError(f"{self.name}: {type(exc).__name__}: {exc}") from exc
+            raise BackendError(f"{name}: {type(exc).__name__}: {exc}", reason=type(exc).__name__) from exc
         except (AttributeError, TypeError, KeyError, IndexError, ValueError) as exc:
-            raise BackendError(f"{self.name}: malformed answer from {self._where}: {exc!r}") from exc
+            raise BackendError(f"{name}: malformed answer from {where}: {exc!r}", reason="malformed answer") from exc
         except Exception as exc:  # a transport error while reading a streamed body (httpx or httpx2)
             kind = _transport_error(exc)
             if kind == "timeout":
-                raise BackendTimeoutError(f"{self.name}: {self._where} stopped sending for "
-                                          f"{self.timeout_s} s") from exc
+                raise BackendTimeoutError(f"{name}: {where} stopped sending for {timeout} s",
+                                          reason=f"no answer within {timeout} s") from exc
             if kind == "error":
-                raise BackendError(f"{self.name}: connection to {self._where} failed: {exc!r}") from exc
+                raise BackendError(f"{name}: connection to {where} failed: {exc!r}",
+                                   reason="the connection failed") from exc
             raise
 
     def _body(self, prompt: Prompt, params: GenerationParams, scores: bool) -> dict[str, Any]:
@@ -331,7 +356,7 @@ class OpenAIBackend:
         return answer
 
     async def _events(self, prompt: Prompt, params: GenerationParams, scores: bool, measure: str,
-                      threshold: float) -> AsyncIterator[tuple[str, Any]]:
+                      threshold: float) -> AsyncGenerator[tuple[str, Any], None]:
         """Stream one answer: ``("first", scores)`` once the first token is scored, ``("delta", text)``, and
         ``("answer", _Answer)`` last. Above ``threshold`` on the first token the stream is closed at once.
 
@@ -402,14 +427,25 @@ class OpenAIBackend:
         async with self._slots:
             if self._throttle is not None:
                 await self._throttle.acquire()
-            with self._errors():
-                async for kind, value in self._events(prompt, params, scores, measure, threshold):
-                    if kind == "first":
-                        yield StreamEvent("first", scores=value)
-                    elif kind == "delta":
-                        yield StreamEvent("delta", text=value)
-                    else:
-                        answer = value
+            deadline = time.monotonic() + self.timeout_s
+            events = self._events(prompt, params, scores, measure, threshold)
+            try:
+                with self._errors():
+                    while True:
+                        try:
+                            kind, value = await asyncio.wait_for(events.__anext__(), deadline - time.monotonic())
+                        except StopAsyncIteration:
+                            break
+                        except asyncio.TimeoutError:
+                            raise self._late() from None
+                        if kind == "first":
+                            yield StreamEvent("first", scores=value)
+                        elif kind == "delta":
+                            yield StreamEvent("delta", text=value)
+                        else:
+                            answer = value
+            finally:
+                await events.aclose()
         ts, sc = self._score([answer])[0] if scores else (None, {})
         yield StreamEvent("done", generation=Generation(
             text=answer.text, model=self.name, prompt_tokens=answer.prompt_tokens,
@@ -421,10 +457,12 @@ class OpenAIBackend:
         if answer.text and not answer.has_logprobs:
             route = "/chat/completions" if self.api == "chat" else "/completions"
             raise BackendError(f"{self.name}: the server at {self._where} returned no logprobs; scoring "
-                               f"needs a server that supports 'logprobs' and 'top_logprobs' on {route}")
+                               f"needs a server that supports 'logprobs' and 'top_logprobs' on {route}",
+                               reason="the server returned no logprobs")
         if any(not step for step in answer.top):
             raise BackendError(f"{self.name}: the server at {self._where} returned logprobs without "
-                               f"'top_logprobs' alternatives; scoring needs top_logprobs >= 1")
+                               f"'top_logprobs' alternatives; scoring needs top_logprobs >= 1",
+                               reason="the server returned no top_logprobs")
 
     # -- scores --------------------------------------------------------------------------------------
 
@@ -519,7 +557,7 @@ def _raise_for_error(data: Any) -> None:
     error = data.get("error")
     if error:
         message = error.get("message") if isinstance(error, dict) else None
-        raise BackendError(str(message or error))
+        raise BackendError(f"error in the answer: {message or error}", reason="error in the answer")
 
 
 def _message(exc: Any) -> str:
@@ -532,13 +570,9 @@ def _message(exc: Any) -> str:
     return str(getattr(exc, "message", exc))
 
 
-async def _gather(calls: Sequence[Awaitable[_T]]) -> list[_T]:
-    """Run coroutines concurrently; on the first failure cancel the rest, wait for them, and re-raise."""
-    tasks = [asyncio.ensure_future(c) for c in calls]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
+async def _gather(calls: Sequence[Awaitable[_T]]) -> list[_T | BaseException]:
+    """Run coroutines concurrently to their ends: each one's result or exception, in order.
+
+    A failure does not cancel the others (their answers are kept); cancelling the caller cancels them all.
+    """
+    return list(await asyncio.gather(*calls, return_exceptions=True))

@@ -2,7 +2,7 @@
 
 Every tier of the config answers every example once through the cached runner (the last tier without
 scores), so a rerun, or a refit with another target, reads the cache and takes seconds; an interrupted run
-resumes. The fit (:mod:`calibration.fit`) becomes a versioned artifact (:mod:`calibration.artifact`) that
+resumes. The fit (:mod:`calibration.fit`) becomes a versioned artifact (:mod:`cascade.artifact`) that
 ``Cascade(..., artifact=path)`` and ``cascade run --artifact`` load; the report (:mod:`calibration.report`)
 goes to the terminal and optionally to JSON and a PNG plot. Example::
 
@@ -151,7 +151,7 @@ def _run(a: argparse.Namespace) -> int:
     import numpy as np
 
     from calibration import report as rep
-    from calibration.artifact import Artifact, data_fingerprint
+    from calibration.artifact import artifact_from_fit, data_fingerprint
     from calibration.fit import measured_curve
     from calibration.metrics import simulate
     from calibration.runner import tier_arrays
@@ -216,7 +216,7 @@ def _run(a: argparse.Namespace) -> int:
         ids, embedder = asyncio.run(cluster_ids(a.router, cfg, [e.data for e in every], cache_dir))
         clusters, report["clusters"] = fit_clusters(ids[:n_fit], method, fit_kw, fs, fc, fk)
         report["clusters"].update(router=a.router, embedder=embedder)
-    art = Artifact.from_fit(fit, models=[t.backend.model for t in cfg.tiers], measure=measure, data_fingerprint=fp,
+    art = artifact_from_fit(fit, models=[t.backend.model for t in cfg.tiers], measure=measure, data_fingerprint=fp,
                             curve=widen_curve(measured_curve(fs, fc, fk), fs), cluster_thresholds=clusters)
     art = replace(art, thresholds=thresholds, params={
         **dict(fit.params), "fitted_thresholds": rep.jsonable(list(fit.thresholds)), "scorer": scorer_name,

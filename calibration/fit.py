@@ -11,8 +11,8 @@ Candidate tables: :func:`common_sweep` evaluates every common threshold exactly 
 :func:`grid_search` is the bounded joint search over per-stage combinations for N tiers, whose (mean cost,
 accuracy) Pareto front the grid-based methods report.
 
-:func:`measured_curve` builds the :class:`~calibration.artifact.Curve` stored in an artifact and
-:func:`threshold_for_target` picks thresholds from it for a per-request target.
+:func:`measured_curve` builds the :class:`~cascade.curve.Curve` stored in an artifact, from which
+:func:`cascade.curve.threshold_for_target` picks thresholds for a per-request target.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from calibration.artifact import Curve, CurvePoint
 from calibration.metrics import (
     CascadeStats,
     FloatArray,
@@ -34,6 +33,7 @@ from calibration.metrics import (
     check_data,
     pareto_front,
 )
+from cascade.curve import Curve, check_fraction
 from cascade.errors import InvalidRequestError
 
 __all__ = [
@@ -46,8 +46,6 @@ __all__ = [
     "grid_search",
     "measured_curve",
     "pareto_index",
-    "point_for_target",
-    "threshold_for_target",
 ]
 
 Bound = Literal["discordant", "harm"]
@@ -184,12 +182,6 @@ class FitResult:
     pareto: Curve | None = None
 
 
-def _fraction(name: str, value: object, low: float = 0.0, high: float = 1.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise InvalidRequestError(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}")
-    return float(value)
-
-
 def _to_curve(cand: Candidates, kind: str, last_accuracy: float) -> Curve:
     return Curve(kind, tuple(tuple(float(x) for x in t) for t in cand.thresholds),
                  tuple(cand.large_share.tolist()), tuple(cand.accuracy.tolist()),
@@ -237,7 +229,7 @@ def fit_budget(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.ArrayLi
         max_large_share: R in [0, 1].
         max_grid: largest joint grid for N > 2 tiers.
     """
-    r = _fraction("max_large_share", max_large_share)
+    r = check_fraction("max_large_share", max_large_share)
     s, c, k = check_data(scores, correct, costs)
     last_acc = float(c[:, -1].mean())
     pareto = None
@@ -310,8 +302,8 @@ def fit_quality(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.ArrayL
         delta: allowed probability of missing the target, in (0, 1).
         bound: the per-threshold upper confidence bound (above).
     """
-    eps = _fraction("max_quality_loss", max_quality_loss, 0.0, 1.0)
-    dlt = _fraction("delta", delta, 0.0, 1.0)
+    eps = check_fraction("max_quality_loss", max_quality_loss, 0.0, 1.0)
+    dlt = check_fraction("delta", delta, 0.0, 1.0)
     if eps >= 1.0 or dlt in (0.0, 1.0) or bound not in ("discordant", "harm"):
         raise InvalidRequestError("need 0 <= max_quality_loss < 1, 0 < delta < 1, bound 'discordant' or 'harm'")
     s, c, k = check_data(scores, correct, costs)
@@ -356,7 +348,7 @@ def fit_min_cost(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.Array
     N tiers: over the joint grid of :func:`grid_search`. Ties go to the more accurate,
     then the cheaper candidate, so the choice is always on the returned (mean cost, accuracy) Pareto front.
     """
-    value = _fraction("value_per_correct", value_per_correct, 0.0, math.inf)
+    value = check_fraction("value_per_correct", value_per_correct, 0.0, math.inf)
     if not math.isfinite(value):
         raise InvalidRequestError("value_per_correct must be finite")
     s, c, k = check_data(scores, correct, costs)
@@ -374,7 +366,7 @@ def fit_min_cost(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.Array
 
 def measured_curve(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.ArrayLike | None = None, *,
                    max_points: int = 2001, max_grid: int = 4096) -> Curve:
-    """The curve to store in an artifact for :func:`threshold_for_target`.
+    """The curve to store in an artifact for :func:`cascade.curve.threshold_for_target`.
 
     Two tiers: every distinct threshold (``kind="sweep"``), large share ascending; when there are more than
     ``max_points`` points, evenly spaced ones are kept (always both ends), so a target then resolves to the
@@ -395,55 +387,3 @@ def measured_curve(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.Arr
     p = len(cand.accuracy)
     keep = np.unique(np.rint(np.linspace(0, p - 1, min(p, max_points))).astype(np.int64))
     return _to_curve(cand.subset(keep[::-1]), "sweep", last_acc)
-
-
-def point_for_target(curve: Curve | None, max_large_share: float | None = None,
-                     max_quality_loss: float | None = None) -> CurvePoint:
-    """Pick the stored point that meets a per-request target (see :func:`threshold_for_target`)."""
-    if curve is None:
-        raise InvalidRequestError("per-request targets need an artifact with a measured curve")
-    if max_large_share is None and max_quality_loss is None:
-        raise InvalidRequestError("give max_large_share and/or max_quality_loss")
-    share, acc = np.array(curve.large_share), np.array(curve.accuracy)
-    cost, loss = np.array(curve.mean_cost), curve.last_accuracy - acc
-    ok = np.ones(len(share), dtype=np.bool_)
-    if max_large_share is not None:
-        ok &= share <= _fraction("max_large_share", max_large_share)
-    if max_quality_loss is not None:
-        ok &= loss <= _fraction("max_quality_loss", max_quality_loss, -1.0, 1.0) + 1e-9
-    if not ok.any():
-        raise InvalidRequestError(
-            f"no measured operating point meets max_large_share={max_large_share}, max_quality_loss="
-            f"{max_quality_loss}: the smallest measured large share is {share.min():.4g} and the smallest "
-            f"measured quality loss is {loss.min():.4g}; the caller may fall back to the artifact's thresholds "
-            "or to always escalating")
-    idx = np.flatnonzero(ok)
-    cheap = cost if curve.kind == "pareto" and np.any(cost != 0) else share  # unpriced: the share is the cost
-    key: tuple[FloatArray, ...]
-    if max_quality_loss is None and curve.kind == "sweep":
-        key = (acc[idx], share[idx])  # use the whole budget: largest share <= R (the quantile rule)
-    elif max_quality_loss is None:
-        key = (-share[idx], -cheap[idx], acc[idx])  # N tiers: most accurate within the budget, then cheapest
-    else:
-        key = (-share[idx], acc[idx], -cheap[idx])  # the cheapest point meeting the loss, then most accurate
-    return curve.point(int(idx[np.lexsort(key)[-1]]))
-
-
-def threshold_for_target(curve: Curve | None, max_large_share: float | None = None,
-                         max_quality_loss: float | None = None) -> tuple[float, ...]:
-    """The thresholds a stored curve gives for a per-request target.
-
-    Rules: with only ``max_large_share`` R, the same choice as :func:`fit_budget` among stored points (two
-    tiers: the largest measured share <= R; N tiers: the most accurate point with last-tier share <= R). With
-    ``max_quality_loss`` eps (optionally also R as a cap), the cheapest point (smallest share for two tiers,
-    smallest mean cost for N tiers) whose *measured* loss against the last tier is <= eps. This is a point
-    estimate on the calibration data, not the finite-sample guarantee of :func:`fit_quality`.
-
-    Fallback: when no stored point meets the target -- a negative or out-of-range share, or a loss below the
-    smallest measured one -- this raises :class:`InvalidRequestError` and nothing is chosen silently; the
-    caller decides (the engine reports the error; always escalating is the safe manual fallback).
-
-    Returns:
-        The N-1 thresholds.
-    """
-    return point_for_target(curve, max_large_share, max_quality_loss).thresholds

@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from calibration.scorers import Scorer, get_scorer
 from cascade.errors import InvalidRequestError
+from cascade.scorers import Scorer, get_scorer
 
 if TYPE_CHECKING:
-    from calibration.artifact import Curve
     from calibration.fit import FitResult
     from cascade.config import BackendConfig, CascadeConfig
+    from cascade.curve import Curve
     from cascade.types import Generation, GenerationParams
 
 __all__ = [

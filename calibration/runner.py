@@ -32,8 +32,8 @@ if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
-    from calibration.scorers import Scorer
     from cascade.engine import Price
+    from cascade.scorers import Scorer
 
 __all__ = [
     "CACHE_SCHEMA",

@@ -54,7 +54,7 @@ def _progress(total: int, desc: str) -> Any:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from calibration.scorers import get_scorer
+    from cascade.scorers import get_scorer
 
     examples = [json.loads(line) for line in
                 resources.files("cascade").joinpath("data/demo_sst2.jsonl").read_text("utf-8").splitlines()]

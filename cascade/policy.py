@@ -11,8 +11,9 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from cascade.artifact import Artifact
+from cascade.curve import threshold_for_target
 from cascade.errors import ArtifactError, InvalidRequestError
 from cascade.uncertainty import check_measure
 
@@ -76,7 +77,7 @@ class Policy:
     thresholds: tuple[float, ...]
     cluster_thresholds: Mapping[int, tuple[float, ...]] = field(default_factory=dict)
     models: tuple[str, ...] = ()
-    artifact: Any = None
+    artifact: Artifact | None = None
 
     def __post_init__(self) -> None:
         check_measure(self.measure)
@@ -99,19 +100,17 @@ class Policy:
         return cls(measure=measure, thresholds=ts)
 
     @classmethod
-    def from_artifact(cls, path_or_artifact: str | Path | Any, *, models: Sequence[str] | None = None,
+    def from_artifact(cls, path_or_artifact: str | Path | Artifact, *, models: Sequence[str] | None = None,
                       measure: str | None = None) -> Policy:
         """Load thresholds from a calibration artifact, refusing one fitted for other models or measure.
 
         Raises:
             ArtifactError: unreadable artifact, or fitted for other models or another measure.
         """
-        from calibration.artifact import Artifact
-
-        art = path_or_artifact
-        if not isinstance(art, Artifact):
+        if not isinstance(path_or_artifact, Artifact):
             art = Artifact.load(Path(str(path_or_artifact)), expect_models=models, expect_measure=measure)
         else:
+            art = path_or_artifact
             if models is not None and tuple(art.models) != tuple(models):
                 raise ArtifactError(f"artifact fitted for models {list(art.models)}, cascade has {list(models)}")
             if measure is not None and art.measure != measure:
@@ -134,8 +133,6 @@ class Policy:
         if target is not None:
             if self.artifact is None:
                 raise InvalidRequestError("per-request targets need thresholds from a calibration artifact")
-            from calibration.fit import threshold_for_target
-
             return tuple(
                 float(t)
                 for t in threshold_for_target(

@@ -37,7 +37,7 @@ def evaluate_task(td: Any, cache: str, measure: str, eps: float, confidence: flo
     from calibration.runner import cached_generations, tier_arrays
     from cascade.engine import Price
     from eval.datasets import score_answer
-    from eval.quality import MODELS, gen_params
+    from eval.setups import MODELS, gen_params
 
     gens: dict[str, dict[str, list[Any]]] = {}
     for label, ref in MODELS.items():

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from calibration.scorers import extract_choice
 from cascade.errors import ConfigError
+from cascade.scorers import extract_choice
 
 __all__ = [
     "DEFAULT_DATA",

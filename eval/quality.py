@@ -24,39 +24,15 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cascade.errors import CascadeError, ConfigError
+from eval.setups import MODELS, PAIRS, ModelRef, gen_params
 
 log = logging.getLogger("eval.quality")
 
 
-@dataclass(frozen=True)
-class ModelRef:
-    """One evaluated model: its short name in tables, embedded model name and weights dtype."""
-
-    label: str
-    source: str
-    dtype: str
-
-    @property
-    def identity(self) -> str:
-        """The cache identity (as :func:`calibration.runner.model_identity` computes it after loading)."""
-        return f"{self.source}@{self.dtype}"
-
-
-MODELS: dict[str, ModelRef] = {
-    "SmolLM2-135M": ModelRef("SmolLM2-135M", "smollm2-135m", "float32"),
-    "Qwen-0.5B": ModelRef("Qwen-0.5B", "qwen2.5-coder-0.5b", "bfloat16"),
-    "Qwen-1.5B": ModelRef("Qwen-1.5B", "qwen2.5-coder-1.5b", "bfloat16"),
-}
-PAIRS: dict[str, tuple[str, str]] = {
-    "SmolLM2-135M -> Qwen-0.5B": ("SmolLM2-135M", "Qwen-0.5B"),
-    "Qwen-0.5B -> Qwen-1.5B": ("Qwen-0.5B", "Qwen-1.5B"),
-    "SmolLM2-135M -> Qwen-1.5B": ("SmolLM2-135M", "Qwen-1.5B"),
-}
 DEFAULT_TASKS = ("sst2", "rotten_tomatoes", "cr", "trec", "ag_news")
 QUICK = {"pairs": ["SmolLM2-135M -> Qwen-0.5B"], "tasks": ["sst2", "trec"], "limit_cal": 60, "limit_test": 100}
 
@@ -111,13 +87,6 @@ def load_data(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"data folder {args.data!r} does not exist (see --data)")
     return {t: load_task(t, args.data, n_cal=args.limit_cal, n_test=args.limit_test, seed=args.seed)
             for t in args.tasks}
-
-
-def gen_params(task: Any) -> Any:
-    """Greedy decoding with the task's few new tokens."""
-    from cascade.types import GenerationParams
-
-    return GenerationParams(max_tokens=task.max_tokens)
 
 
 def needed_models(pairs: Sequence[str]) -> list[ModelRef]:

@@ -62,7 +62,7 @@ def evaluate_and_report(args: argparse.Namespace, data: Mapping[str, Any]) -> di
     """Evaluate every (task, pair) whose generations are cached and write the report under ``args.out``."""
     from calibration.runner import cached_generations
     from eval.datasets import score_answer
-    from eval.quality import MODELS, PAIRS, gen_params
+    from eval.setups import MODELS, PAIRS, gen_params
     from eval.signals import evaluate_setup, setup_arrays
 
     features = feature_functions(args)

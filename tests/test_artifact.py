@@ -12,8 +12,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from calibration.artifact import Artifact, Curve, data_fingerprint, load
+from calibration.artifact import artifact_from_fit, data_fingerprint
 from calibration.fit import fit_budget, fit_quality, measured_curve
+from cascade.artifact import Artifact, load
+from cascade.curve import Curve
 from cascade.errors import ArtifactError
 
 MODELS = ("small-135m", "large-1.7b")
@@ -28,7 +30,7 @@ def _data(n: int = 300, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def _artifact(**changes: Any) -> Artifact:
     s, c = _data()
     fit = fit_budget(s, c, max_large_share=0.3)
-    art = Artifact.from_fit(fit, models=MODELS, measure="margin_first", data_fingerprint=data_fingerprint(s, c),
+    art = artifact_from_fit(fit, models=MODELS, measure="margin_first", data_fingerprint=data_fingerprint(s, c),
                             curve=measured_curve(s, c), cluster_thresholds={0: [0.2], 3: [float("inf")]})
     if not changes:
         return art
@@ -57,7 +59,7 @@ def test_round_trip_with_infinite_thresholds(tmp_path: Path) -> None:
 def test_from_fit_keeps_the_fit_result() -> None:
     s, c = _data()
     fit = fit_quality(s, c, max_quality_loss=0.05, delta=0.1)
-    art = Artifact.from_fit(fit, models=MODELS, measure="entropy_mean", data_fingerprint=data_fingerprint(s, c))
+    art = artifact_from_fit(fit, models=MODELS, measure="entropy_mean", data_fingerprint=data_fingerprint(s, c))
     assert (art.thresholds, art.method, art.feasible, art.message, art.n) == (
         fit.thresholds, "quality", fit.feasible, fit.message, 300)
     assert art.params["delta"] == 0.1 and art.params["bound"] == "discordant"

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from conftest import make_model, make_tokenizer
 
-from calibration.artifact import Artifact
 from calibration.cli import main
+from cascade.artifact import Artifact
 from cascade.errors import ArtifactError
 from cascade.policy import Policy
 

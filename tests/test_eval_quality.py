@@ -19,8 +19,9 @@ from cascade.types import MEASURES, Generation, GenerationParams
 # eval/ runs from the checkout (python -m eval.quality), not installed: make the checkout importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from eval.datasets import TASKS
-from eval.quality import MODELS, PAIRS, main, parse_args
+from eval.quality import main, parse_args
 from eval.routers import LogisticRouter, MLPRouter, bow_features
+from eval.setups import MODELS, PAIRS
 from eval.signals import SetupData, choose_measure, evaluate_setup, oracle_scores, paired_apgr_diff
 
 DATA = eval_data()[0]  # the real files next to the checkout, else the bundled excerpts

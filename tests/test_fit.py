@@ -17,10 +17,9 @@ from calibration.fit import (
     fit_quality,
     grid_search,
     measured_curve,
-    point_for_target,
-    threshold_for_target,
 )
 from calibration.metrics import simulate
+from cascade.curve import point_for_target, threshold_for_target
 from cascade.errors import InvalidRequestError
 
 # ---------------------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 MODULES = ["cascade", "cascade.types", "cascade.errors", "cascade.engine", "cascade.policy", "cascade.uncertainty",
-           "cascade.config", "cascade.backends.base", "cascade.backends.hf_local", "calibration.scorers",
+           "cascade.config", "cascade.backends.base", "cascade.backends.hf_local", "cascade.scorers",
+           "cascade.artifact", "cascade.curve",
            "calibration.fit", "calibration.metrics", "calibration.artifact", "calibration.cli", "calibration.heldout",
            "calibration.report"]
 

@@ -21,9 +21,9 @@ from calibration.runner import (
     model_identity,
     tier_arrays,
 )
-from calibration.scorers import get_scorer
 from cascade.engine import Price
 from cascade.errors import BackendError, InvalidRequestError
+from cascade.scorers import get_scorer
 from cascade.types import EarlyExit, Generation, GenerationParams, Prompt
 
 PARAMS = GenerationParams(max_tokens=3)

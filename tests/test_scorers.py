@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from calibration.scorers import extract_choice, get_scorer, last_number
 from cascade.errors import InvalidRequestError
+from cascade.scorers import extract_choice, get_scorer, last_number
 
 
 @pytest.mark.parametrize(("answer", "gold", "expected"), [

@@ -314,7 +314,8 @@ def test_server_config_is_validated(tmp_path: Path) -> None:
 
 
 async def test_per_request_target_picks_thresholds_from_the_artifact_curve() -> None:
-    from calibration.artifact import Artifact, Curve
+    from cascade.artifact import Artifact
+    from cascade.curve import Curve
     from cascade.engine import Cascade
     from cascade.policy import Policy
     from cascade.server import create_app

@@ -1,6 +1,6 @@
 """``cascade-calibrate`` (also ``python -m calibration``): fit escalation thresholds on labelled held-out data.
 
-Every tier of the config answers every example once through the cached runner (the last tier without
+Every tier of the config answers every example once through the generation cache (the last tier without
 scores), so a rerun, or a refit with another target, reads the cache and takes seconds; an interrupted run
 resumes. The fit (:mod:`calibration.fit`) becomes a versioned artifact (:mod:`cascade.artifact`) that
 ``Cascade(..., artifact=path)`` and ``cascade run --artifact`` load; the report (:mod:`calibration.report`)
@@ -17,11 +17,11 @@ import asyncio
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from calibration.heldout import (
+from calibration.pipeline import (
     Example,
     check_scorer,
     fit_thresholds,
@@ -32,6 +32,13 @@ from calibration.heldout import (
     widen_thresholds,
 )
 from cascade.errors import CascadeError, InvalidRequestError
+
+if TYPE_CHECKING:
+    from calibration.generation_cache import TierArrays
+    from cascade.artifact import Artifact
+    from cascade.config import CascadeConfig
+    from cascade.scorers import Scorer
+    from cascade.types import GenerationParams
 
 __all__ = ["main"]
 
@@ -124,8 +131,8 @@ def _held_out(method: str, kw: dict[str, float], names: Sequence[str], threshold
     import numpy as np
 
     from calibration import report as rep
-    from calibration.heldout import answering_tiers
     from calibration.metrics import CascadeStats
+    from calibration.pipeline import answering_tiers
 
     n = len(scores)
     per = np.tile(np.asarray(thresholds, dtype=np.float64), (n, 1))
@@ -147,24 +154,29 @@ def _held_out(method: str, kw: dict[str, float], names: Sequence[str], threshold
     return test
 
 
-def _run(a: argparse.Namespace) -> int:
-    import numpy as np
+@dataclass(frozen=True)
+class _Inputs:
+    """The labelled examples of one run.
 
-    from calibration import report as rep
-    from calibration.artifact import artifact_from_fit, data_fingerprint
-    from calibration.fit import measured_curve
-    from calibration.metrics import simulate
-    from calibration.runner import tier_arrays
-    from cascade.config import default_config, load_config
-    from cascade.engine import Price
-    from cascade.types import MEASURES, GenerationParams
+    Attributes:
+        data: every example of ``--data``.
+        fit: the examples the thresholds are fitted on.
+        test: the held-out examples (``--test-data`` or a ``--test-split`` of ``--data``), possibly none.
+        split: how the held-out examples were chosen, in words.
+        scorer_name: the scorer's name (``auto`` resolved).
+        scorer: the scorer.
+    """
 
-    if a.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError as exc:
-            raise InvalidRequestError(f"--plot needs matplotlib (the 'plot' extra): {exc}") from None
-    cfg = load_config(a.config) if a.config else default_config()
+    data: list[Example]
+    fit: list[Example]
+    test: list[Example]
+    split: str
+    scorer_name: str
+    scorer: Scorer
+
+
+def _inputs(a: argparse.Namespace) -> _Inputs:
+    """Read ``--data`` (and ``--test-data``), check the scorer on them, and split off the held-out examples."""
     data = load_examples(a.data)
     scorer_name, scorer = check_scorer(a.scorer, data)
     fit_ex, test_ex, split = data, [], "no held-out check"
@@ -175,57 +187,89 @@ def _run(a: argparse.Namespace) -> int:
     elif a.test_split:
         fit_ex, test_ex = split_examples(data, a.test_split, a.seed)
         split = f"seeded split (seed {a.seed}), {len(test_ex)} held out"
-    params = GenerationParams(max_tokens=a.max_tokens or cfg.max_tokens, temperature=cfg.temperature)
-    cache_dir = Path(a.cache_dir) if a.cache_dir else _default_cache()
-    every = fit_ex + test_ex
+    return _Inputs(data, fit_ex, test_ex, split, scorer_name, scorer)
+
+
+def _measure_arrays(a: argparse.Namespace, cfg: CascadeConfig, inputs: _Inputs, params: GenerationParams,
+                    cache_dir: Path) -> dict[str, TierArrays]:
+    """Every tier on every example (cached), as arrays per measure with finite scores (fit examples first)."""
+    import numpy as np
+
+    from calibration.generation_cache import tier_arrays
+    from cascade.engine import Price
+    from cascade.types import MEASURES
+
+    every = inputs.fit + inputs.test
     gens = asyncio.run(generate_all(cfg, [e.data for e in every], params, cache_dir, batch_size=a.batch_size,
                                     progress=not a.no_progress))
     prices = [Price(t.price_input_per_mtok, t.price_output_per_mtok) for t in cfg.tiers]
-    score = scorer_for(scorer, every)
+    score = scorer_for(inputs.scorer, every)
     arrays = {m: arr for m in MEASURES
               if np.isfinite((arr := tier_arrays([e.data for e in every], gens, score, m, prices)).scores).all()}
     if not arrays:
         raise InvalidRequestError("the lower tiers returned no finite uncertainty scores for any measure")
+    return arrays
+
+
+def _choose_measure(a: argparse.Namespace, cfg: CascadeConfig, arrays: dict[str, TierArrays],
+                    n_fit: int) -> tuple[str, str, dict[str, Any]]:
+    """The measure to fit (``--measure``, ``all``: the best AUC on the fit data, or the config's), how it was
+    chosen, and the summary of every measure on the fit data."""
+    from calibration import report as rep
+
     wanted = a.measure or cfg.measure
     if wanted != "all" and wanted not in arrays:
         raise InvalidRequestError(f"measure {wanted!r} is not available from these tiers; have {sorted(arrays)}")
-    n_fit, names = len(fit_ex), [t.name for t in cfg.tiers]
-    correct, costs = next(iter(arrays.values())).correct, next(iter(arrays.values())).costs
-    fc, fk = correct[:n_fit], costs[:n_fit]
-    summary = rep.measure_summary({m: arr.scores[:n_fit] for m, arr in arrays.items()}, fc, fk)
+    first = next(iter(arrays.values()))
+    summary = rep.measure_summary({m: arr.scores[:n_fit] for m, arr in arrays.items()}, first.correct[:n_fit],
+                                  first.costs[:n_fit])
     if wanted == "all":
         measure = max(summary, key=lambda m: summary[m]["auc"])
-        how = f"best AUC of {len(summary)} measures on the fit data, picked by --measure all"
-    else:
-        measure, how = wanted, "given by --measure" if a.measure else "the config's measure"
-    fs = arrays[measure].scores[:n_fit]
+        return measure, f"best AUC of {len(summary)} measures on the fit data, picked by --measure all", summary
+    return wanted, "given by --measure" if a.measure else "the config's measure", summary
+
+
+def _fit(a: argparse.Namespace, cfg: CascadeConfig, inputs: _Inputs, params: GenerationParams, cache_dir: Path,
+         arrays: dict[str, TierArrays], measure: str, how: str,
+         summary: dict[str, Any]) -> tuple[Artifact, dict[str, Any]]:
+    """Fit the chosen measure's thresholds (and per cluster with ``--router``): the artifact and the report."""
+    from calibration import report as rep
+    from calibration.artifact import artifact_from_fit, data_fingerprint
+    from calibration.fit import measured_curve
+    from calibration.metrics import simulate
+
+    n_fit, names = len(inputs.fit), [t.name for t in cfg.tiers]
+    correct, costs = arrays[measure].correct, arrays[measure].costs
+    fs, fc, fk = arrays[measure].scores[:n_fit], correct[:n_fit], costs[:n_fit]
     method, kw = _target(a)
     fit_kw = dict(kw)
-    if method == "quality" and wanted == "all":  # the measure was picked on the fit data: test at delta / M
+    if method == "quality" and (a.measure or cfg.measure) == "all":  # picked on the fit data: test at delta / M
         fit_kw["delta"] = kw["delta"] / len(summary)
         how += f"; the guarantee is tested at delta/{len(summary)} (Bonferroni over the measures compared)"
     fit = fit_thresholds(method, fs, fc, fk, **fit_kw)
     thresholds = widen_thresholds(fit.thresholds, fs)
-    fp = data_fingerprint("\n".join(json.dumps(e.data, sort_keys=True, ensure_ascii=False) for e in fit_ex))
+    fp = data_fingerprint("\n".join(json.dumps(e.data, sort_keys=True, ensure_ascii=False) for e in inputs.fit))
     clusters: dict[int, tuple[float, ...]] | None = None
     ids: list[int] = []
     report: dict[str, Any] = {"clusters": None}
     if a.router:
-        from calibration.heldout import cluster_ids, fit_clusters
+        from calibration.pipeline import cluster_ids, fit_clusters
 
-        ids, embedder = asyncio.run(cluster_ids(a.router, cfg, [e.data for e in every], cache_dir))
+        every = [e.data for e in inputs.fit + inputs.test]
+        ids, embedder = asyncio.run(cluster_ids(a.router, cfg, every, cache_dir))
         clusters, report["clusters"] = fit_clusters(ids[:n_fit], method, fit_kw, fs, fc, fk)
         report["clusters"].update(router=a.router, embedder=embedder)
     art = artifact_from_fit(fit, models=[t.backend.model for t in cfg.tiers], measure=measure, data_fingerprint=fp,
                             curve=widen_curve(measured_curve(fs, fc, fk), fs), cluster_thresholds=clusters)
     art = replace(art, thresholds=thresholds, params={
-        **dict(fit.params), "fitted_thresholds": rep.jsonable(list(fit.thresholds)), "scorer": scorer_name,
+        **dict(fit.params), "fitted_thresholds": rep.jsonable(list(fit.thresholds)), "scorer": inputs.scorer_name,
         "max_tokens": params.max_tokens, "temperature": params.temperature, "data": Path(a.data).name,
-        "split": split, **({"delta_overall": kw["delta"], "tested_measures": len(summary)} if fit_kw != kw else {})})
+        "split": inputs.split,
+        **({"delta_overall": kw["delta"], "tested_measures": len(summary)} if fit_kw != kw else {})})
     chosen = simulate(thresholds, fs, fc, fk).stats()
     report.update({
-        "data": {"path": a.data, "n": len(data), "n_fit": n_fit, "n_test": len(test_ex), "split": split,
-                 "fingerprint": fp, "scorer": scorer_name},
+        "data": {"path": a.data, "n": len(inputs.data), "n_fit": n_fit, "n_test": len(inputs.test),
+                 "split": inputs.split, "fingerprint": fp, "scorer": inputs.scorer_name},
         "tiers": [{"name": t.name, "model": t.backend.model, "price_input_per_mtok": t.price_input_per_mtok,
                    "price_output_per_mtok": t.price_output_per_mtok, "accuracy": float(fc[:, j].mean()),
                    "mean_cost": float(fk[:, j].mean())} for j, t in enumerate(cfg.tiers)],
@@ -238,11 +282,31 @@ def _run(a: argparse.Namespace) -> int:
                 **rep.stats_dict(chosen)},
         "points": rep.operating_points(fs, fc, fk, thresholds, names),
         "pareto": rep.pareto_section(fs, fc, fk, chosen),
-        "test": None if not test_ex else _held_out(
+        "test": None if not inputs.test else _held_out(
             method, kw, names, thresholds, clusters, ids[n_fit:], arrays[measure].scores[n_fit:],
-            correct[n_fit:], costs[n_fit:], split),
+            correct[n_fit:], costs[n_fit:], inputs.split),
         "artifact": a.out,
     })
+    return art, report
+
+
+def _run(a: argparse.Namespace) -> int:
+    from calibration import report as rep
+    from cascade.config import default_config, load_config
+    from cascade.types import GenerationParams
+
+    if a.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as exc:
+            raise InvalidRequestError(f"--plot needs matplotlib (the 'plot' extra): {exc}") from None
+    cfg = load_config(a.config) if a.config else default_config()
+    inputs = _inputs(a)
+    params = GenerationParams(max_tokens=a.max_tokens or cfg.max_tokens, temperature=cfg.temperature)
+    cache_dir = Path(a.cache_dir) if a.cache_dir else _default_cache()
+    arrays = _measure_arrays(a, cfg, inputs, params, cache_dir)
+    measure, how, summary = _choose_measure(a, cfg, arrays, len(inputs.fit))
+    art, report = _fit(a, cfg, inputs, params, cache_dir, arrays, measure, how, summary)
     if measure != cfg.measure:
         report["hint"] = (f"note: the artifact is for measure {measure!r}, the config uses {cfg.measure!r}; run the "
                           f"cascade with --measure {measure} (or set measure: {measure} in the config)")
@@ -272,7 +336,7 @@ def scorer_for(scorer: Any, examples: Sequence[Example]) -> Any:
 
 
 def _default_cache() -> Path:
-    from cascade.models import default_cache_dir
+    from cascade.embedded_models import default_cache_dir
 
     return default_cache_dir() / "generations"
 

@@ -19,8 +19,8 @@ import numpy as np
 import numpy.typing as npt
 
 from calibration.fit import common_sweep, grid_search, pareto_index
-from calibration.heldout import widen_thresholds
 from calibration.metrics import CascadeStats, apgr, auc, oracle_curve, random_curve, simulate
+from calibration.pipeline import widen_thresholds
 
 __all__ = [
     "jsonable",
@@ -119,7 +119,7 @@ def pareto_section(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.Arr
 
     Two tiers: every distinct threshold. N tiers: the joint grid of :func:`calibration.fit.grid_search`.
     Without prices (all costs 0) the large share stands in for the cost. Thresholds are moved off the data
-    values as the fitted ones are (:func:`calibration.heldout.widen_thresholds`).
+    values as the fitted ones are (:func:`calibration.pipeline.widen_thresholds`).
     """
     c, k = np.asarray(correct, dtype=np.bool_), np.asarray(costs, dtype=np.float64)
     two = c.shape[1] == 2

@@ -227,8 +227,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _fit_router(args: argparse.Namespace) -> int:
-    from cascade.router import FittedRouter, make_embedder
-    from cascade.router.embed import MINILM_ID, prompt_text
+    from cascade.router import MINILM_ID, fit_router, make_embedder
 
     prompts = [_parse_line(line, n)[1] for n, line in _jsonl_lines(args.prompts)]
     if len(prompts) < args.k:
@@ -239,12 +238,9 @@ def _fit_router(args: argparse.Namespace) -> int:
 
         backends.append(HFLocalBackend.from_pretrained(args.embedder.removeprefix("hidden-states:")))
     embedder = make_embedder(args.embedder, backends=backends)
-    x = embedder.embed([prompt_text(p) for p in prompts])
-    fitted = FittedRouter.fit(x, args.k, embedder=embedder.id, seed=args.seed)
-    sizes = [0] * fitted.k
-    for c in fitted.assign(x):
-        sizes[c] += 1
-    print(f"router with {fitted.k} clusters ({embedder.id}) -> {fitted.save(args.out)}; prompts per cluster: {sizes}")
+    fitted = fit_router(embedder, prompts, args.k, seed=args.seed)
+    print(f"router with {fitted.k} clusters ({embedder.id}) -> {fitted.save(args.out)}; "
+          f"prompts per cluster: {list(fitted.sizes)}")
     return 0
 
 

@@ -144,11 +144,3 @@ class Policy:
         if cluster is not None and cluster in self.cluster_thresholds:
             return self.cluster_thresholds[cluster]
         return self.thresholds
-
-    @staticmethod
-    def answering_tier(uncertainties: Sequence[float], thresholds: Sequence[float]) -> int:
-        """Index of the first tier whose uncertainty is within its threshold (the last tier otherwise)."""
-        for i, (u, t) in enumerate(zip(uncertainties, thresholds)):
-            if not escalates(u, t):
-                return i
-        return len(thresholds)

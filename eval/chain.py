@@ -33,8 +33,8 @@ PRICE_PER_MTOK = {"SmolLM2-135M": 0.135, "Qwen-0.5B": 0.5, "Qwen-1.5B": 1.5}
 def evaluate_task(td: Any, cache: str, measure: str, eps: float, confidence: float) -> list[dict[str, Any]] | None:
     """Fit and test every chain on one task; None when some generations are not cached."""
     from calibration.fit import fit_quality
+    from calibration.generation_cache import cached_generations, tier_arrays
     from calibration.metrics import simulate
-    from calibration.runner import cached_generations, tier_arrays
     from cascade.engine import Price
     from eval.datasets import score_answer
     from eval.setups import MODELS, gen_params

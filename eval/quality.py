@@ -1,7 +1,7 @@
 """Quality evaluation: does the small model's own uncertainty pick the right requests to escalate?
 
 For every model pair x task, the small and large models answer the calibration and test splits once
-(cached on disk by :mod:`calibration.runner`, so tables rebuild in seconds and a killed run resumes).
+(cached on disk by :mod:`calibration.generation_cache`, so tables rebuild in seconds and a killed run resumes).
 Escalation signals are then compared on the same generations: every uncertainty measure of the engine,
 random routing, the oracle, and trained routers (:mod:`eval.routers`) that predict from the prompt alone
 whether the small model will be wrong. Metrics on the test split: the accuracy-vs-large-share curve, AUC,
@@ -97,7 +97,7 @@ def needed_models(pairs: Sequence[str]) -> list[ModelRef]:
 
 def generate_all(args: argparse.Namespace, data: dict[str, Any]) -> None:
     """Fill the cache: each model answers every task's calibration + test examples (model-major order)."""
-    from calibration.runner import cached_generations, generate_cached
+    from calibration.generation_cache import cached_generations, generate_cached
     from cascade.backends.hf_local import HFLocalBackend
 
     if args.threads:

@@ -60,7 +60,7 @@ def feature_functions(args: argparse.Namespace) -> dict[str, Any]:
 
 def evaluate_and_report(args: argparse.Namespace, data: Mapping[str, Any]) -> dict[str, Any]:
     """Evaluate every (task, pair) whose generations are cached and write the report under ``args.out``."""
-    from calibration.runner import cached_generations
+    from calibration.generation_cache import cached_generations
     from eval.datasets import score_answer
     from eval.setups import MODELS, PAIRS, gen_params
     from eval.signals import evaluate_setup, setup_arrays

@@ -18,7 +18,7 @@ class ModelRef:
 
     @property
     def identity(self) -> str:
-        """The cache identity (as :func:`calibration.runner.model_identity` computes it after loading)."""
+        """The cache identity (as :func:`calibration.generation_cache.model_identity` computes it after loading)."""
         return f"{self.source}@{self.dtype}"
 
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from conftest import eval_data
 
+from calibration.generation_cache import GenerationCache, cache_key, raw_key
 from calibration.metrics import apgr, oracle_curve, random_curve, share_curve
-from calibration.runner import GenerationCache, cache_key, raw_key
 from cascade.errors import InvalidRequestError
 from cascade.types import MEASURES, Generation, GenerationParams
 

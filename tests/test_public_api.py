@@ -11,7 +11,7 @@ import pytest
 MODULES = ["cascade", "cascade.types", "cascade.errors", "cascade.engine", "cascade.policy", "cascade.uncertainty",
            "cascade.config", "cascade.backends.base", "cascade.backends.hf_local", "cascade.scorers",
            "cascade.artifact", "cascade.curve",
-           "calibration.fit", "calibration.metrics", "calibration.artifact", "calibration.cli", "calibration.heldout",
+           "calibration.fit", "calibration.metrics", "calibration.artifact", "calibration.cli", "calibration.pipeline",
            "calibration.report"]
 
 

@@ -83,12 +83,14 @@ def test_router_file_round_trip_is_exact_and_atomic(tmp_path: Path) -> None:
     assert np.array_equal(loaded.centroids, fitted.centroids)
     assert (loaded.embedder, loaded.seed, loaded.n_train, loaded.k, loaded.dim) == ("test-embedder", 7, 90, 3, 2)
     assert loaded.assign(x) == fitted.assign(x)
+    counts = np.bincount(fitted.assign(x), minlength=3).tolist()
+    assert list(loaded.sizes) == list(fitted.sizes) == counts and sum(counts) == 90  # training prompts per cluster
     raw = json.loads(path.read_text())
     assert raw["schema"] == "uncertainty-cascade/router" and raw["version"] == 1
 
 
 @pytest.mark.parametrize("edit", [{"version": 99}, {"schema": "other"}, {"k": 5}, {"centroids": [[1.0], [1.0, 2.0]]},
-                                  {"centroids": []}])
+                                  {"centroids": []}, {"sizes": [1, 2]}, {"sizes": [1, -1, 2]}, {"sizes": 5}])
 def test_bad_router_files_are_refused(tmp_path: Path, edit: dict[str, object]) -> None:
     x, _ = blobs()
     raw = FittedRouter.fit(x, 3, embedder="e").to_json()

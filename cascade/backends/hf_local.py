@@ -185,13 +185,13 @@ class HFLocalBackend:
         """Load ``source`` (an embedded model name, a folder, a ``.gguf`` file or a hub id).
 
         Args:
-            source: what to load; see :func:`cascade.models.load_pretrained`.
+            source: what to load; see :func:`cascade.embedded_models.load_pretrained`.
             device: torch device for the model and all scoring (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``).
             dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` (default float32 on CPU).
             device_map: an accelerate device map (e.g. ``"auto"``) for models larger than one device.
             **kwargs: passed to the constructor.
         """
-        from cascade.models import load_pretrained
+        from cascade.embedded_models import load_pretrained
 
         model, tokenizer = load_pretrained(source, device=device, dtype=dtype, device_map=device_map)
         return cls(model, tokenizer, name=kwargs.pop("name", source), **kwargs)

@@ -46,6 +46,7 @@ class FittedRouter:
         seed: k-means seed used to fit.
         n_train: number of prompts fitted on.
         inertia: k-means inertia on the training prompts.
+        sizes: training prompts per cluster (``()`` when unknown, e.g. a router file written without them).
     """
 
     centroids: npt.NDArray[np.float64]
@@ -53,6 +54,7 @@ class FittedRouter:
     seed: int = 0
     n_train: int = 0
     inertia: float = math.nan
+    sizes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         c = np.asarray(self.centroids, dtype=np.float64)
@@ -61,6 +63,9 @@ class FittedRouter:
         object.__setattr__(self, "centroids", c)
         if not isinstance(self.embedder, str) or not self.embedder:
             raise ArtifactError("router embedder id must be a non-empty string")
+        if self.sizes and (len(self.sizes) != c.shape[0] or any(
+                isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in self.sizes)):
+            raise ArtifactError(f"router sizes must be {c.shape[0]} counts, got {self.sizes!r}")
 
     @property
     def k(self) -> int:
@@ -77,7 +82,8 @@ class FittedRouter:
         """Fit ``k`` clusters on ``(N, D)`` embeddings (seeded k-means++; same inputs, same centroids)."""
         x = np.asarray(embeddings, dtype=np.float64)
         km = kmeans(x, k, seed=seed)
-        return cls(km.centroids, embedder, seed=seed, n_train=int(x.shape[0]), inertia=km.inertia)
+        sizes = tuple(int(n) for n in np.bincount(km.labels, minlength=k))
+        return cls(km.centroids, embedder, seed=seed, n_train=int(x.shape[0]), inertia=km.inertia, sizes=sizes)
 
     def assign(self, embeddings: npt.ArrayLike) -> list[int]:
         """Cluster of each of ``(N, D)`` embeddings."""
@@ -97,6 +103,7 @@ class FittedRouter:
             "seed": self.seed,
             "n_train": self.n_train,
             "inertia": self.inertia if math.isfinite(self.inertia) else None,
+            "sizes": list(self.sizes),
             "centroids": self.centroids.tolist(),
         }
 
@@ -134,7 +141,8 @@ class FittedRouter:
             centroids = np.asarray(raw["centroids"], dtype=np.float64)
             fitted = cls(centroids, str(raw["embedder"]), seed=int(raw.get("seed", 0)),
                          n_train=int(raw.get("n_train", 0)),
-                         inertia=float(raw["inertia"]) if raw.get("inertia") is not None else math.nan)
+                         inertia=float(raw["inertia"]) if raw.get("inertia") is not None else math.nan,
+                         sizes=tuple(raw.get("sizes") or ()))
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"{path}: malformed router file: {exc}") from exc
         if fitted.k != raw.get("k") or fitted.dim != raw.get("dim"):

@@ -1,4 +1,4 @@
-"""Tests of cascade.models: part assembly, hash checks, install hints, and the GGUF -> safetensors loader.
+"""Tests of cascade.embedded_models: part assembly, hash checks, install hints, and the GGUF -> safetensors loader.
 
 The unit tests build real (tiny) model packages in a temp dir: a random-weight 2-layer Llama written as a
 real GGUF file with gguf's writer, split into part packages on ``sys.path``. Integration tests load the real
@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from cascade import models
+from cascade import embedded_models as models
+from cascade.embedded_models import EMBEDDED, ModelSpec, default_cache_dir, get_spec, gguf_path, load_pretrained
 from cascade.errors import ConfigError, ModelNotInstalledError
-from cascade.models import EMBEDDED, ModelSpec, default_cache_dir, get_spec, gguf_path, load_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
 CHAT = (
@@ -270,7 +270,7 @@ def test_an_unreadable_copy_is_replaced(tmp_path: Path, caplog: pytest.LogCaptur
     load_pretrained(tmp_path / "tiny.gguf", cache_dir=tmp_path / "c")
     (copy,) = (tmp_path / "c" / "safetensors").iterdir()
     (copy / "model.safetensors").write_bytes(b"not a safetensors file")
-    with caplog.at_level(logging.WARNING, logger="cascade.models"):
+    with caplog.at_level(logging.WARNING, logger="cascade.embedded_models"):
         load_pretrained(tmp_path / "tiny.gguf", cache_dir=tmp_path / "c")
     assert "unreadable safetensors cache" in caplog.text
     assert (copy / "model.safetensors").stat().st_size > 1000

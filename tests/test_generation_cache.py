@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import make_backend
 
-from calibration.runner import (
+from calibration.generation_cache import (
     GenerationCache,
     cache_key,
     example_prompt,

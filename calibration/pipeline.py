@@ -1,7 +1,7 @@
 """The steps of ``cascade-calibrate`` between the command line and the report.
 
 Reading and checking labelled JSONL (every error names its line), the seeded held-out split, running every
-tier of a config through the cached runner (models are loaded only when something is not cached yet),
+tier of a config through the generation cache (models are loaded only when something is not cached yet),
 fitting with one of the three methods, per-cluster fits for expert-router mode, and moving fitted thresholds
 off the data values they come from.
 """
@@ -142,7 +142,7 @@ def split_examples(examples: Sequence[Example], test_share: float, seed: int) ->
 
 
 def predicted_identity(cfg: BackendConfig) -> str | None:
-    """The cache identity :func:`calibration.runner.model_identity` will give, when it is known without loading."""
+    """The cache identity :func:`calibration.generation_cache.model_identity` will give, when known without loading."""
     if cfg.kind != "hf":
         return cfg.model
     if cfg.dtype is not None:
@@ -158,7 +158,7 @@ async def generate_all(cfg: CascadeConfig, examples: Sequence[Mapping[str, Any]]
     cached with scores (the same model as a lower tier of another config) are reused for it. Each model is
     loaded, run and released before the next one.
     """
-    from calibration.runner import cached_generations, generate_cached, model_identity
+    from calibration.generation_cache import cached_generations, generate_cached, model_identity
     from cascade.config import build_backend
 
     out: list[list[Generation]] = []
@@ -246,7 +246,7 @@ async def cluster_ids(router_path: str, cfg: CascadeConfig, examples: Sequence[M
     Raises:
         ArtifactError, ConfigError: unreadable router file or unknown embedder.
     """
-    from calibration.runner import example_prompt
+    from calibration.generation_cache import example_prompt
     from cascade.config import build_backend
     from cascade.router.embed import aembed, make_embedder, prompt_text
     from cascade.router.pool import FittedRouter

@@ -23,17 +23,17 @@ from cascade.simulate import SimConfig, SimServer
 
 # eval/ is run from the checkout (python -m eval.loadtest), not installed: make the checkout importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from eval.loadtest import loadtest, main
-from eval.loadtest_load import LoadShape, warm_up
-from eval.loadtest_prompts import (
+from eval.loadtest.cli import loadtest, main
+from eval.loadtest.load import LoadShape, warm_up
+from eval.loadtest.prompts import (
     DATASETS,
     dataset_prompts,
     generated_prompts,
     load_prompts,
 )
-from eval.loadtest_sim import SimOptions, SimulatedCascade
-from eval.loadtest_stats import Outcome, Recorder, percentile, percentiles
-from eval.loadtest_targets import HttpTarget, check_loopback
+from eval.loadtest.sim import SimOptions, SimulatedCascade
+from eval.loadtest.stats import Outcome, Recorder, percentile, percentiles
+from eval.loadtest.targets import HttpTarget, check_loopback
 
 FAST = SimOptions(mode="thread", small=SimConfig(model="sim-small", latency_per_token_s=0.001, seed=1),
                   large=SimConfig(model="sim-large", latency_per_request_s=0.01, latency_per_token_s=0.002, seed=2),

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 from cascade.errors import ConfigError
 from cascade.types import Prompt
-from eval.loadtest_stats import Outcome, Recorder, Sample
-from eval.loadtest_targets import LoadTarget, RequestFailed
+from eval.loadtest.stats import Outcome, Recorder, Sample
+from eval.loadtest.targets import LoadTarget, RequestFailed
 
 __all__ = ["LoadShape", "RunResult", "run_load", "warm_up"]
 

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from cascade.errors import ConfigError
-from eval.loadtest_sim import SimOptions
-from eval.loadtest_simbackends import SimProcess
+from eval.loadtest.sim import SimOptions
+from eval.loadtest.simbackends import SimProcess
 
 __all__ = ["ServedCascade", "serve_config"]
 

@@ -4,7 +4,7 @@ two :mod:`cascade.simulate` servers on 127.0.0.1, plus fault injection into the 
 The servers run either in threads of this process (``mode="thread"``: they share the GIL and the CPU with the
 load generator and the engine, which inflates the measured engine overhead) or as child processes
 (``mode="process"``, the default: the engine's event loop only pays for its own work and the HTTP clients).
-``mode="local"`` replaces both HTTP hops by :class:`~eval.loadtest_simbackends.LocalSimBackend` (same answers
+``mode="local"`` replaces both HTTP hops by :class:`~eval.loadtest.simbackends.LocalSimBackend` (same answers
 and sleeps, no sockets, no OpenAI SDK): it measures the engine and the harness alone.
 
 Faults (from ``fault_at_s`` seconds into the run):
@@ -25,8 +25,8 @@ from cascade.backends.base import Backend
 from cascade.errors import ConfigError
 from cascade.simulate import SimConfig, SimServer
 from cascade.types import GenerationParams
-from eval.loadtest_simbackends import LocalSimBackend, SimProcess, SwitchBackend, TimedBackend
-from eval.loadtest_targets import CascadeTarget
+from eval.loadtest.simbackends import LocalSimBackend, SimProcess, SwitchBackend, TimedBackend
+from eval.loadtest.targets import CascadeTarget
 
 __all__ = ["FAULTS", "SimOptions", "SimulatedCascade", "beyond_server"]
 
@@ -173,7 +173,7 @@ class SimulatedCascade:
         Args:
             outcomes: the run's outcomes (for the mean tier-call latency).
         """
-        from eval.loadtest_stats import percentiles
+        from eval.loadtest.stats import percentiles
 
         out: dict[str, Any] = {}
         for name, probe in self.probes.items():
@@ -239,12 +239,12 @@ def beyond_server(outcomes: Sequence[Any], options: SimOptions) -> dict[str, Any
     with the normal (not the faulty) server's latency.
 
     Args:
-        outcomes: the run's :class:`~eval.loadtest_stats.Outcome` records.
+        outcomes: the run's :class:`~eval.loadtest.stats.Outcome` records.
 
     Returns:
         ``{tier: {"p50", "p95", "p99", "max"}}`` in milliseconds.
     """
-    from eval.loadtest_stats import percentiles
+    from eval.loadtest.stats import percentiles
 
     configs = {"small": options.small, "large": options.large}
     extra: dict[str, list[float]] = {name: [] for name in configs}

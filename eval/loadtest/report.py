@@ -1,6 +1,6 @@
 """Turn a finished run into the report: a JSON-ready dict, a terminal table and optional PNG plots.
 
-Percentiles are exact, computed by :func:`eval.loadtest_stats.percentile` with linear interpolation
+Percentiles are exact, computed by :func:`eval.loadtest.stats.percentile` with linear interpolation
 (Hyndman & Fan type 7, NumPy's default). Latencies are of answered requests only (degraded answers included).
 Engine overhead = the time from actually sending a request to its answer minus the seconds spent inside
 backends, over requests whose target reports backend time. Latency is counted from when a request was due
@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from eval.loadtest_load import LoadShape, RunResult
-from eval.loadtest_stats import Outcome, percentiles
+from eval.loadtest.load import LoadShape, RunResult
+from eval.loadtest.stats import Outcome, percentiles
 
 __all__ = ["build_report", "format_report", "plot_report"]
 

@@ -32,11 +32,11 @@ from typing import Any
 from cascade.errors import CascadeError, ConfigError
 from cascade.simulate import SimConfig
 from cascade.types import Prompt
-from eval.loadtest_load import Event, LoadShape, RunResult, run_load, warm_up
-from eval.loadtest_prompts import DATASETS, dataset_prompts, generated_prompts, load_prompts, write_prompts
-from eval.loadtest_report import build_report, format_report, plot_report
-from eval.loadtest_sim import FAULTS, SimOptions, SimulatedCascade, beyond_server
-from eval.loadtest_targets import HttpTarget, LoadTarget
+from eval.loadtest.load import Event, LoadShape, RunResult, run_load, warm_up
+from eval.loadtest.prompts import DATASETS, dataset_prompts, generated_prompts, load_prompts, write_prompts
+from eval.loadtest.report import build_report, format_report, plot_report
+from eval.loadtest.sim import FAULTS, SimOptions, SimulatedCascade, beyond_server
+from eval.loadtest.targets import HttpTarget, LoadTarget
 
 __all__ = ["loadtest", "main", "parse_args"]
 
@@ -209,7 +209,7 @@ async def _run(args: argparse.Namespace) -> tuple[dict[str, Any], RunResult]:
     if args.target:
         return await _run_http(args, args.target, prompts, shape)
     if args.serve:
-        from eval.loadtest_serve import ServedCascade
+        from eval.loadtest.serve import ServedCascade
 
         options = _sim_options(args)
         async with ServedCascade(options, max_in_flight=args.serve_max_in_flight,
@@ -274,7 +274,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.plot:
         plot_report(report, result.recorder.outcomes, args.plot)
     return 0 if report["exactly_one_outcome_each"] else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from cascade.errors import CascadeError, ConfigError
 from cascade.types import CascadeResult, Prompt
-from eval.loadtest_stats import TierUse
+from eval.loadtest.stats import TierUse
 
 __all__ = ["CascadeTarget", "HttpTarget", "LoadTarget", "Reply", "RequestFailed", "check_loopback",
            "reply_from_result"]

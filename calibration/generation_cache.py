@@ -47,6 +47,7 @@ __all__ = [
     "prompt_key",
     "raw_key",
     "tier_arrays",
+    "uses_choices",
 ]
 
 log = logging.getLogger(__name__)
@@ -75,24 +76,35 @@ def model_identity(backend: Backend) -> str:
     return f"{backend.name}@{str(dtype).removeprefix('torch.')}" if dtype is not None else backend.name
 
 
-def cache_key(identity: str, params: GenerationParams, scores: bool) -> str:
-    """A file-name-safe key for one (model identity, decoding parameters, scoring flag) combination."""
-    spec = json.dumps({"schema": CACHE_SCHEMA, "model": identity, "params": asdict(params), "scores": scores},
-                      sort_keys=True)
+def cache_key(identity: str, params: GenerationParams, scores: bool, *, choices: bool = False) -> str:
+    """A file-name-safe key for one (model identity, decoding parameters, scoring flag, answer mode) combination.
+
+    Constrained answers (``choices``) get keys of their own, so they never collide with free generations of
+    the same prompts.
+    """
+    spec_d: dict[str, Any] = {"schema": CACHE_SCHEMA, "model": identity, "params": asdict(params), "scores": scores}
+    if choices:
+        spec_d["choices"] = True
+    spec = json.dumps(spec_d, sort_keys=True)
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", identity)[:60]
     return f"{slug}-{hashlib.sha256(spec.encode()).hexdigest()[:16]}"
 
 
-def prompt_key(backend: Backend, prompt: Prompt) -> str:
-    """sha256 of the prompt as the model sees it (rendered by the backend when it can render)."""
+def _with_choices(text: str, choices: Sequence[str] | None) -> str:
+    return text if choices is None else text + "\x00choices:" + json.dumps(list(choices), ensure_ascii=False)
+
+
+def prompt_key(backend: Backend, prompt: Prompt, choices: Sequence[str] | None = None) -> str:
+    """sha256 of the prompt as the model sees it (rendered by the backend when it can render), and its choices."""
     render = getattr(backend, "render", None)
     text = render(prompt) if callable(render) else json.dumps(prompt, sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(str(text).encode("utf-8")).hexdigest()
+    return hashlib.sha256(_with_choices(str(text), choices).encode("utf-8")).hexdigest()
 
 
-def raw_key(prompt: Prompt) -> str:
-    """sha256 of the prompt itself (before any chat template), for lookups without loading the model."""
-    return hashlib.sha256(json.dumps(prompt, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+def raw_key(prompt: Prompt, choices: Sequence[str] | None = None) -> str:
+    """sha256 of the prompt itself (before any chat template) and its choices, for lookups without the model."""
+    text = json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(_with_choices(text, choices).encode("utf-8")).hexdigest()
 
 
 def _to_record(key: str, g: Generation, raw: str | None = None) -> dict[str, Any]:
@@ -103,7 +115,7 @@ def _to_record(key: str, g: Generation, raw: str | None = None) -> dict[str, Any
     return {"key": key, "raw": raw, "text": g.text, "model": g.model, "token_ids": list(g.token_ids),
             "prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens,
             "finish_reason": g.finish_reason, "scores": dict(g.scores), "token_stats": stats,
-            "latency_s": g.latency_s}
+            "latency_s": g.latency_s, **({"choice_logprobs": list(g.choice_logprobs)} if g.choice_logprobs else {})}
 
 
 def _from_record(rec: Mapping[str, Any]) -> Generation:
@@ -117,6 +129,7 @@ def _from_record(rec: Mapping[str, Any]) -> Generation:
         prompt_tokens=int(rec["prompt_tokens"]), completion_tokens=int(rec["completion_tokens"]),
         finish_reason=rec["finish_reason"], scores={k: float(v) for k, v in rec["scores"].items()},
         token_stats=stats, latency_s=float(rec.get("latency_s", 0.0)),
+        choice_logprobs=tuple(float(x) for x in rec.get("choice_logprobs", ())),
     )
 
 
@@ -201,6 +214,20 @@ def _locked(f: Any) -> Iterator[None]:
         fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+def _choice_list(example: Mapping[str, Any]) -> tuple[str, ...]:
+    from cascade.types import validate_choices
+
+    try:
+        return validate_choices([str(c) for c in example["choices"]])
+    except InvalidRequestError as exc:
+        raise InvalidRequestError(f"example {example.get('id', '?')!r}: {exc}") from None
+
+
+def uses_choices(example: Mapping[str, Any], choices: bool) -> bool:
+    """True when the example is answered by scoring its ``choices`` (``choices`` on and the example has some)."""
+    return choices and example.get("choices") is not None
+
+
 async def generate_cached(
     backend: Backend,
     examples: Sequence[Mapping[str, Any]],
@@ -212,6 +239,7 @@ async def generate_cached(
     identity: str | None = None,
     progress: bool = True,
     desc: str | None = None,
+    choices: bool = False,
 ) -> list[Generation]:
     """Generate an answer to every example, reading cached answers and caching new ones.
 
@@ -228,40 +256,70 @@ async def generate_cached(
         identity: model identity for the cache key (default :func:`model_identity`).
         progress: show a tqdm progress bar.
         desc: label of the progress bar (default: the identity).
+        choices: answer the examples that have ``choices`` with the backend's ``choose`` (the most likely
+            allowed answer, no free generation; cached under their own key); the others are generated.
 
     Returns:
         n generations, the i-th answering the i-th example.
 
     Raises:
         InvalidRequestError: a malformed example or ``batch_size < 1``.
+        ChoicesUnsupportedError: choices asked of a backend that cannot score them.
         BackendError: the backend failed (answers of earlier batches stay cached).
     """
     if batch_size < 1:
         raise InvalidRequestError("batch_size must be >= 1")
     prompts = [example_prompt(ex) for ex in examples]
+    lists = [_choice_list(ex) if uses_choices(ex, choices) else None for ex in examples]
     ident = identity or model_identity(backend)
-    key = cache_key(ident, params, scores)
-    cache = GenerationCache(Path(cache_dir) / f"{key}.jsonl",
-                            {"schema": CACHE_SCHEMA, "model": ident, "params": asdict(params), "scores": scores})
-    keys = [prompt_key(backend, p) for p in prompts]
+    out: list[Generation | None] = [None] * len(examples)
+    for mode in (False, True):
+        idx = [i for i, c in enumerate(lists) if (c is not None) == mode]
+        if not idx:
+            continue
+        if mode and not callable(getattr(backend, "choose", None)):
+            from cascade.errors import ChoicesUnsupportedError
+
+            raise ChoicesUnsupportedError(f"{backend.name} cannot score choices (it has no 'choose' method)")
+        gens = await _generate_group(backend, [prompts[i] for i in idx], [lists[i] for i in idx], params,
+                                     Path(cache_dir), scores, batch_size, ident, desc if progress else None)
+        for i, g in zip(idx, gens):
+            out[i] = g
+    return [g for g in out if g is not None]
+
+
+async def _generate_group(backend: Backend, prompts: Sequence[Prompt], lists: Sequence[tuple[str, ...] | None],
+                          params: GenerationParams, cache_dir: Path, scores: bool, batch_size: int, ident: str,
+                          desc: str | None) -> list[Generation]:
+    """:func:`generate_cached` for prompts that are all free-form or all constrained (``lists`` all set)."""
+    choices = lists[0] is not None
+    key = cache_key(ident, params, scores, choices=choices)
+    meta = {"schema": CACHE_SCHEMA, "model": ident, "params": asdict(params), "scores": scores,
+            **({"choices": True} if choices else {})}
+    cache = GenerationCache(cache_dir / f"{key}.jsonl", meta)
+    keys = [prompt_key(backend, p, c) for p, c in zip(prompts, lists)]
     found = cache.load()
-    todo: dict[str, Prompt] = {}
-    for k, p in zip(keys, prompts):
+    todo: dict[str, tuple[Prompt, tuple[str, ...] | None]] = {}
+    for k, p, c in zip(keys, prompts, lists):
         if k not in found and k not in todo:
-            todo[k] = p
+            todo[k] = (p, c)
     if todo:
         render = getattr(backend, "render", None)
-        order = sorted(todo, key=lambda k: len(str(render(todo[k]) if callable(render) else todo[k])))
-        bar = _progress(len(order), desc or ident, progress)
+        order = sorted(todo, key=lambda k: len(str(render(todo[k][0]) if callable(render) else todo[k][0])))
+        bar = _progress(len(order), desc or ident, desc is not None)
         try:
             for start in range(0, len(order), batch_size):
                 chunk = order[start:start + batch_size]
-                gens = await backend.generate([todo[k] for k in chunk], params, scores=scores)
+                batch = [todo[k][0] for k in chunk]
+                if choices:
+                    gens = await backend.choose(batch, [todo[k][1] for k in chunk], scores=scores)  # type: ignore[attr-defined]
+                else:
+                    gens = await backend.generate(batch, params, scores=scores)
                 if len(gens) != len(chunk):
                     from cascade.errors import BackendError
 
                     raise BackendError(f"{backend.name} returned {len(gens)} answers for {len(chunk)} prompts")
-                cache.append(list(zip(chunk, gens)), [raw_key(todo[k]) for k in chunk])
+                cache.append(list(zip(chunk, gens)), [raw_key(*todo[k]) for k in chunk])
                 found.update(zip(chunk, gens))
                 if bar is not None:
                     bar.update(len(chunk))
@@ -278,14 +336,19 @@ def cached_generations(
     cache_dir: str | os.PathLike[str],
     *,
     scores: bool = True,
+    choices: bool = False,
 ) -> list[Generation | None]:
     """The cached answers to ``examples`` without loading the model (None where nothing is cached).
 
     Looks prompts up by :func:`raw_key`, so it finds what :func:`generate_cached` wrote for the same
-    model identity (see :func:`model_identity`), parameters and scoring flag.
+    model identity (see :func:`model_identity`), parameters, scoring flag and ``choices`` flag.
     """
-    found = GenerationCache(Path(cache_dir) / f"{cache_key(identity, params, scores)}.jsonl").load(by="raw")
-    return [found.get(raw_key(example_prompt(ex))) for ex in examples]
+    lists = [_choice_list(ex) if uses_choices(ex, choices) else None for ex in examples]
+    found: dict[bool, dict[str, Generation]] = {}
+    for mode in {c is not None for c in lists}:
+        path = Path(cache_dir) / f"{cache_key(identity, params, scores, choices=mode)}.jsonl"
+        found[mode] = GenerationCache(path).load(by="raw")
+    return [found[c is not None].get(raw_key(example_prompt(ex), c)) for ex, c in zip(examples, lists)]
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:

@@ -16,6 +16,7 @@ __all__ = [
     "BackendTimeoutError",
     "BatchError",
     "CascadeError",
+    "ChoicesUnsupportedError",
     "ConfigError",
     "InvalidRequestError",
     "ModelNotInstalledError",
@@ -103,6 +104,13 @@ class BatchError(BackendError):
         super().__init__(f"{len(failures)} of {len(outcomes)} requests failed; the first: {first}",
                          reason=f"{len(failures)} of {len(outcomes)} requests failed; the first: {reason}")
         self.outcomes = list(outcomes)
+
+class ChoicesUnsupportedError(BackendError):
+    """A request carries allowed answers (``choices``) and a tier cannot score them.
+
+    The message names what the tier lacks (e.g. a server without guided choice and without prompt
+    logprobs); a constrained request is never answered freely instead.
+    """
 
 
 class OverloadedError(CascadeError, RuntimeError):

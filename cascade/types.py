@@ -13,7 +13,9 @@ from typing import Literal, TypedDict
 from cascade.errors import InvalidRequestError
 
 __all__ = [
+    "CHOICE_MEASURES",
     "FIRST_TOKEN_MEASURES",
+    "FREE_MEASURES",
     "MEASURES",
     "CascadeChunk",
     "CascadeResult",
@@ -27,11 +29,12 @@ __all__ = [
     "TierCall",
     "TokenStats",
     "check_text",
+    "validate_choices",
     "validate_prompt",
 ]
 
-#: Every uncertainty measure, by its public name. Higher value = more uncertain for all of them.
-MEASURES: tuple[str, ...] = (
+#: Measures of a generated answer's tokens (free-form or the chosen one of constrained choices).
+FREE_MEASURES: tuple[str, ...] = (
     "margin_first",
     "margin_mean",
     "margin_min",
@@ -40,6 +43,10 @@ MEASURES: tuple[str, ...] = (
     "entropy_max",
     "logprob_mean",
 )
+#: Measures of the distribution over a request's allowed answers (only requests with ``choices`` have them).
+CHOICE_MEASURES: tuple[str, ...] = ("choice_margin", "choice_entropy")
+#: Every uncertainty measure, by its public name. Higher value = more uncertain for all of them.
+MEASURES: tuple[str, ...] = FREE_MEASURES + CHOICE_MEASURES
 #: Measures that only need the first generated token (they allow early exit).
 FIRST_TOKEN_MEASURES: frozenset[str] = frozenset({"margin_first", "entropy_first"})
 
@@ -109,6 +116,36 @@ def validate_prompt(prompt: object, max_chars: int = 200_000) -> Prompt:
     if total > max_chars:
         raise InvalidRequestError(f"messages have {total} characters; the limit is {max_chars}")
     return prompt
+
+
+#: Most allowed answers one request may carry.
+MAX_CHOICES = 64
+_MAX_CHOICE_CHARS = 1000
+
+
+def validate_choices(choices: object) -> tuple[str, ...]:
+    """Check a request's allowed answers and return them as a tuple.
+
+    Args:
+        choices: a list of 1 to 64 distinct, non-empty strings of at most 1,000 characters each.
+
+    Raises:
+        InvalidRequestError: not a list of strings, empty, too many, a blank, duplicate or oversized choice.
+    """
+    if isinstance(choices, (str, bytes)) or not isinstance(choices, Sequence):
+        raise InvalidRequestError("choices must be a list of strings")
+    if not 1 <= len(choices) <= MAX_CHOICES:
+        raise InvalidRequestError(f"choices must have 1 to {MAX_CHOICES} entries, got {len(choices)}")
+    out = []
+    for i, c in enumerate(choices):
+        if not isinstance(c, str) or not c.strip():
+            raise InvalidRequestError(f"choices[{i}] must be a non-empty string")
+        if len(c) > _MAX_CHOICE_CHARS:
+            raise InvalidRequestError(f"choices[{i}] has {len(c)} characters; the limit is {_MAX_CHOICE_CHARS}")
+        out.append(check_text(c, f"choices[{i}]"))
+    if len(set(out)) != len(out):
+        raise InvalidRequestError("choices must be distinct")
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -207,6 +244,8 @@ class Generation:
         scores: every uncertainty measure of :data:`MEASURES` that could be computed, by name.
         token_stats: the per-token statistics the scores came from (None when not requested).
         latency_s: wall-clock seconds of the call that produced it (shared by a batch).
+        choice_logprobs: for a constrained answer, the log-likelihood of every allowed answer, in the
+            request's order (summed over its tokens, or their mean when length-normalised); empty otherwise.
     """
 
     text: str
@@ -218,6 +257,7 @@ class Generation:
     scores: Mapping[str, float] = field(default_factory=dict)
     token_stats: TokenStats | None = None
     latency_s: float = 0.0
+    choice_logprobs: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)

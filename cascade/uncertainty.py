@@ -7,6 +7,9 @@ Two stages, both running wherever the tensors live (CPU or GPU):
 2. :func:`aggregate` turns the per-token values ``(B, T)`` and a validity mask ``(B, T)`` into one score per
    sequence for every measure of :data:`cascade.types.MEASURES`. Higher = more uncertain for all of them.
 
+3. :func:`choice_measures` turns the log-likelihoods of a request's allowed answers ``(B, K)`` into the two
+   measures of the choice distribution, ``choice_margin`` and ``choice_entropy``.
+
 Only ``B`` scalars per measure (and the ``B x T`` reduced values) ever need to leave the device.
 """
 
@@ -20,7 +23,7 @@ from cascade.types import MEASURES
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["aggregate", "check_measure", "reduce_step", "topk_stats"]
+__all__ = ["aggregate", "check_measure", "choice_measures", "reduce_step", "topk_stats"]
 
 
 def check_measure(measure: str) -> str:
@@ -111,3 +114,36 @@ def aggregate(
         "entropy_max": torch.where(m, entropy, -inf).amax(dim=-1),
         "logprob_mean": -torch.where(m, logprob, zero).sum(dim=-1) / n,
     }
+
+
+def choice_measures(logliks: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Uncertainty over a request's allowed answers, from their log-likelihoods.
+
+    The choice distribution is ``softmax(logliks)`` over each row's K choices (renormalised over the
+    choices: the probability mass on any other answer is ignored).
+
+    Args:
+        logliks: ``(B, K)`` log-likelihood of each allowed answer (summed or length-normalised token
+            log-probabilities); ``-inf`` marks a missing choice (rows may have fewer than K). Every row
+            needs at least one finite entry.
+
+    Returns:
+        ``{"choice_margin": (B,), "choice_entropy": (B,)}`` float32 tensors, higher = less sure:
+        ``choice_margin = 1 - (p1 - p2)`` (top choice minus the runner-up; 0 with a single choice) and
+        ``choice_entropy = H(p) / log K_b`` with ``K_b`` the row's number of choices (0 with one choice),
+        both in [0, 1].
+    """
+    import torch
+
+    lp = logliks.float()
+    valid = torch.isfinite(lp)
+    probs = torch.softmax(torch.where(valid, lp, torch.full_like(lp, -torch.inf)), dim=-1)
+    if probs.shape[-1] > 1:
+        top2 = torch.topk(probs, k=2, dim=-1).values
+        margin = top2[:, 0] - top2[:, 1]
+    else:
+        margin = probs[:, 0]
+    k = valid.sum(dim=-1).float()
+    entropy = torch.special.entr(probs).sum(dim=-1)
+    norm = torch.where(k > 1, entropy / torch.log(k.clamp(min=2.0)), torch.zeros_like(entropy))
+    return {"choice_margin": 1.0 - margin, "choice_entropy": norm.clamp(0.0, 1.0)}

@@ -6,7 +6,10 @@ example. Files without an official split are sorted by label, so they are shuffl
 split per label (stratified). Limits take a stratified, seeded subset, so a smaller run is a subset of
 the same distribution.
 
-An example is a dict: ``id``, ``messages`` (system + user chat), ``answer`` (the gold label word),
+Two prompt sets: ``tuned`` (the formats chosen by hand on a few dozen examples per task, see
+:class:`Task`) and ``plain`` (one user message: one instruction sentence naming the labels, as a user would
+write it, then the text; see :data:`PLAIN_INSTRUCTIONS`). An example is a dict: ``id``, ``messages`` (the
+chat prompt), ``answer`` (the gold label word),
 ``choices`` (every label word), ``aliases`` (other words that mean a label), ``label`` (int) and ``text``
 (the raw input, for the trained routers).
 """
@@ -28,6 +31,8 @@ from cascade.scorers import extract_choice
 
 __all__ = [
     "DEFAULT_DATA",
+    "PLAIN_INSTRUCTIONS",
+    "PROMPT_SETS",
     "TASKS",
     "Task",
     "TaskData",
@@ -72,8 +77,12 @@ class Task:
     subject: str = ""
     cue: str | None = None
 
-    def messages(self, text: str) -> list[dict[str, str]]:
-        """The chat prompt for one input."""
+    def messages(self, text: str, prompts: str = "tuned") -> list[dict[str, str]]:
+        """The chat prompt for one input, in the ``tuned`` or the ``plain`` prompt set."""
+        if prompts == "plain":
+            return [{"role": "user", "content": f"{PLAIN_INSTRUCTIONS[self.name]}\n\n{text}"}]
+        if prompts != "tuned":
+            raise ConfigError(f"unknown prompt set {prompts!r}; choose from {list(PROMPT_SETS)}")
         system = f"{self.role} Answer with exactly one of these labels: {', '.join(self.labels)}."
         if self.cue is not None:
             user = f'{self.subject}: "{text}"\n{self.cue}:'
@@ -81,9 +90,9 @@ class Task:
             user = f"{text}\n\n{self.question} Answer with one word."
         return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
-    def example(self, uid: str, label: int, text: str) -> dict[str, Any]:
-        """One example dict for ``text`` with gold class ``label``."""
-        return {"id": uid, "messages": self.messages(text), "answer": self.labels[label],
+    def example(self, uid: str, label: int, text: str, prompts: str = "tuned") -> dict[str, Any]:
+        """One example dict for ``text`` with gold class ``label`` (prompt set ``prompts``)."""
+        return {"id": uid, "messages": self.messages(text, prompts), "answer": self.labels[label],
                 "choices": list(self.labels), "aliases": dict(self.aliases), "label": label, "text": text}
 
 
@@ -112,6 +121,22 @@ TASKS: dict[str, Task] = {
                   {"happiness": "joy", "sad": "sadness", "angry": "anger", "afraid": "fear", "guilty": "guilt",
                    "ashamed": "shame", "disgusted": "disgust"}),
 }
+
+#: The plain prompt set: one instruction sentence naming the labels, then the text, in one user message, the
+#: way the issue describes a user writing it ("<question about the text>? Answer with one word: <labels>.").
+#: Written once, before any model answered them, and never changed after looking at results.
+PLAIN_INSTRUCTIONS: dict[str, str] = {
+    "sst2": "Is this movie review negative or positive? Answer with one word: negative or positive.",
+    "rotten_tomatoes": "Is this movie review negative or positive? Answer with one word: negative or positive.",
+    "cr": "Is this product review negative or positive? Answer with one word: negative or positive.",
+    "trec": "What kind of answer does this question ask for? Answer with one word: description, entity, "
+            "abbreviation, human, location or number.",
+    "ag_news": "What is the topic of this news article? Answer with one word: world, sports, business or science.",
+    "isear": "Which emotion did the person feel in this situation? Answer with one word: joy, fear, anger, "
+             "sadness, disgust, shame or guilt.",
+}
+#: The prompt sets of :func:`load_task`.
+PROMPT_SETS = ("tuned", "plain")
 
 
 @dataclass(frozen=True)
@@ -253,7 +278,7 @@ def _read(name: str, folder: Path, seed: int) -> tuple[list[Row], list[Row], str
 
 
 def load_task(name: str, data_dir: str | Path = DEFAULT_DATA, *, n_cal: int | None = None,
-              n_test: int | None = None, seed: int = 0) -> TaskData:
+              n_test: int | None = None, seed: int = 0, prompts: str = "tuned") -> TaskData:
     """Load one task's calibration and test splits.
 
     Args:
@@ -262,20 +287,24 @@ def load_task(name: str, data_dir: str | Path = DEFAULT_DATA, *, n_cal: int | No
         n_cal: calibration examples (a stratified seeded subset; None = the whole calibration pool).
         n_test: test examples (likewise).
         seed: seed of every shuffle and split.
+        prompts: the prompt set, ``tuned`` or ``plain`` (the same examples and splits either way).
 
     Raises:
-        ConfigError: unknown task, or its files are missing or unreadable.
+        ConfigError: unknown task or prompt set, or its files are missing or unreadable.
     """
     if name not in TASKS:
         raise ConfigError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
+    if prompts not in PROMPT_SETS:
+        raise ConfigError(f"unknown prompt set {prompts!r}; choose from {list(PROMPT_SETS)}")
     task = TASKS[name]
     folder = Path(data_dir) / name
     try:
         cal_rows, test_rows, source = _read(name, folder, seed)
     except (OSError, ValueError, UnicodeDecodeError, StopIteration, csv.Error) as exc:
         raise ConfigError(f"cannot read task {name!r} from {folder}: {exc}") from exc
-    cal = [task.example(f"{name}/cal/{i}", y, t) for i, (y, t) in enumerate(stratified_sample(cal_rows, n_cal, seed))]
-    test = [task.example(f"{name}/test/{i}", y, t)
+    cal = [task.example(f"{name}/cal/{i}", y, t, prompts)
+           for i, (y, t) in enumerate(stratified_sample(cal_rows, n_cal, seed))]
+    test = [task.example(f"{name}/test/{i}", y, t, prompts)
             for i, (y, t) in enumerate(stratified_sample(test_rows, n_test, seed + 1))]
     return TaskData(task, cal, test, source)
 

@@ -12,6 +12,11 @@ Run from the checkout::
     python -m eval.quality --quick                       # a few minutes: one pair, two tasks
     python -m eval.quality --limit-cal 300 --limit-test 500
     python -m eval.quality --cached-only                 # rebuild the tables from the cache only
+    python -m eval.quality --prompts plain --mode choices --out results/eval-plain-choices
+
+Two prompt sets (``--prompts``: ``tuned`` by hand, or ``plain`` as a user writes them, see
+:mod:`eval.datasets`) and two answer modes (``--mode``: ``free`` generation, or ``choices``: the most likely
+label word, scored by the model, no free generation); each combination has its own cache entries.
 """
 
 from __future__ import annotations
@@ -56,6 +61,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="load no model: evaluate the setups whose generations are all cached, skip the rest")
     p.add_argument("--no-embed", action="store_true", help="skip the MiniLM-embedding routers")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--prompts", choices=("tuned", "plain"), default="tuned",
+                   help="prompt set: tuned (hand-tuned formats) or plain (one instruction a user writes; default tuned)")
+    p.add_argument("--mode", choices=("free", "choices"), default="free",
+                   help="free: generate freely and find the label in the answer; choices: answer with the most "
+                        "likely label (scored, not generated) (default free)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (1 is faster when other processes share the cores; default: torch's)")
     args = p.parse_args(argv)
@@ -85,8 +95,8 @@ def load_data(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"unknown task(s) {bad}; choose from {sorted(TASKS)}")
     if not Path(args.data).is_dir():
         raise ConfigError(f"data folder {args.data!r} does not exist (see --data)")
-    return {t: load_task(t, args.data, n_cal=args.limit_cal, n_test=args.limit_test, seed=args.seed)
-            for t in args.tasks}
+    return {t: load_task(t, args.data, n_cal=args.limit_cal, n_test=args.limit_test, seed=args.seed,
+                         prompts=args.prompts) for t in args.tasks}
 
 
 def needed_models(pairs: Sequence[str]) -> list[ModelRef]:
@@ -109,7 +119,8 @@ def generate_all(args: argparse.Namespace, data: dict[str, Any]) -> None:
         todo = []
         for name, td in data.items():
             exs = td.cal + td.test
-            if any(g is None for g in cached_generations(ref.identity, exs, gen_params(td.task), args.cache)):
+            if any(g is None for g in cached_generations(ref.identity, exs, gen_params(td.task), args.cache,
+                                                         choices=args.mode == "choices")):
                 todo.append(name)
         if not todo:
             log.info("%s: everything cached", ref.label)
@@ -123,8 +134,8 @@ def generate_all(args: argparse.Namespace, data: dict[str, Any]) -> None:
                 t1 = time.perf_counter()
                 asyncio.run(generate_cached(backend, td.cal + td.test, gen_params(td.task), args.cache,
                                             batch_size=args.batch_size, identity=ref.identity,
-                                            progress=not args.no_progress,
-                                            desc=f"{ref.label} {name}"))
+                                            progress=not args.no_progress, choices=args.mode == "choices",
+                                            desc=f"{ref.label} {name} ({args.prompts}, {args.mode})"))
                 log.info("%s %s: %d examples in %.1f s", ref.label, name, len(td.cal) + len(td.test),
                          time.perf_counter() - t1)
         finally:

@@ -74,8 +74,9 @@ def evaluate_and_report(args: argparse.Namespace, data: Mapping[str, Any]) -> di
             small, large = (MODELS[m] for m in PAIRS[pair])
             splits = {}
             for split, exs in (("cal", td.cal), ("test", td.test)):
-                gs = cached_generations(small.identity, exs, params, args.cache)
-                gl = cached_generations(large.identity, exs, params, args.cache)
+                choices = getattr(args, "mode", "free") == "choices"
+                gs = cached_generations(small.identity, exs, params, args.cache, choices=choices)
+                gl = cached_generations(large.identity, exs, params, args.cache, choices=choices)
                 if any(g is None for g in gs + gl):
                     break
                 splits[split] = setup_arrays(exs, gs, gl, score_answer)  # type: ignore[arg-type]

@@ -392,6 +392,57 @@ class HFLocalBackend:
             )
         return results
 
+    async def choose(
+        self,
+        prompts: Sequence[Prompt],
+        choices: Sequence[Sequence[str]],
+        *,
+        scores: bool = True,
+        length_normalize: bool = False,
+    ) -> list[Generation]:
+        """Answer each prompt with the most likely of its allowed answers (see :mod:`cascade.backends.hf_choices`).
+
+        Args:
+            prompts: B prompts.
+            choices: B lists of allowed answers (see :func:`cascade.types.validate_choices`).
+            scores: compute ``choice_margin``, ``choice_entropy`` and the token measures of the chosen answer.
+            length_normalize: rank choices by mean instead of summed token log-probability.
+
+        Raises:
+            InvalidRequestError: mismatched lengths, a bad choice list or a too-long prompt.
+            BackendError: the model failed.
+        """
+        from cascade.backends.hf_choices import check_batch
+        from cascade.types import validate_choices
+
+        check_batch(prompts, choices)
+        checked = [validate_choices(c) for c in choices]
+        out: list[Generation] = []
+        for start in range(0, len(prompts), self.max_batch_size):
+            end = start + self.max_batch_size
+            out.extend(await asyncio.to_thread(self.choose_sync, prompts[start:end], checked[start:end], scores,
+                                               length_normalize))
+        return out
+
+    def choose_sync(self, prompts: Sequence[Prompt], choices: Sequence[Sequence[str]], scores: bool = True,
+                    length_normalize: bool = False) -> list[Generation]:
+        """Blocking :meth:`choose` of one batch; thread-safe (one batch at a time per model)."""
+        from cascade.backends.hf_choices import choice_token_ids, score_choices
+
+        if not prompts:
+            return []
+        ids = choice_token_ids(self.tokenizer, choices)
+        longest = max(len(t) for row in ids for t in row)
+        with self._lock:
+            try:
+                enc = self._encode(prompts, GenerationParams(max_tokens=longest)).to(self.device)
+                return score_choices(self.model, self.tokenizer, enc, ids, choices, name=self.name,
+                                     length_normalize=length_normalize, scores=scores)
+            except (InvalidRequestError, BackendError):
+                raise
+            except Exception as exc:  # a model failure must reach the caller typed, never crash the loop
+                raise BackendError(f"{self.name}: choice scoring failed: {type(exc).__name__}: {exc}") from exc
+
     def stream(
         self,
         prompt: Prompt,

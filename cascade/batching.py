@@ -34,7 +34,9 @@ from cascade.types import EarlyExit, Generation, GenerationParams, Prompt, Strea
 
 __all__ = ["MicroBatcher"]
 
-_Key = tuple[GenerationParams, bool, "str | None"]
+_CHOOSE_PARAMS = GenerationParams()  # constrained calls do not decode: one key whatever the request's params
+
+_Key = tuple[GenerationParams, bool, "str | None", "bool | None"]
 
 
 @dataclass(eq=False)
@@ -47,11 +49,14 @@ class _Item:
     early_exit: EarlyExit | None
     future: asyncio.Future[list[Generation]]
     enqueued: float
+    choices: list[Sequence[str]] | None = None  # a ``choose`` call: one list of allowed answers per prompt
+    length_normalize: bool = False
 
     @property
     def key(self) -> _Key:
-        """Calls with equal keys can share one inner call."""
-        return (self.params, self.scores, self.early_exit.measure if self.early_exit else None)
+        """Calls with equal keys can share one inner call (``choose`` calls never share with ``generate``)."""
+        mode = None if self.choices is None else self.length_normalize
+        return (self.params, self.scores, self.early_exit.measure if self.early_exit else None, mode)
 
 
 @dataclass(eq=False)
@@ -149,13 +154,46 @@ class MicroBatcher:
         if early_exit is not None and len(early_exit.thresholds) != len(prompts):
             raise InvalidRequestError("early_exit needs one threshold per prompt")
         st = self._loop_state()
-        n = len(prompts)
+        return await self._enqueue(st, _Item(list(prompts), params, scores, early_exit if scores else None,
+                                             st.loop.create_future(), st.loop.time()))
+
+    async def choose(
+        self,
+        prompts: Sequence[Prompt],
+        choices: Sequence[Sequence[str]],
+        *,
+        scores: bool = True,
+        length_normalize: bool = False,
+    ) -> list[Generation]:
+        """Queue a constrained call (see ``HFLocalBackend.choose``); concurrent ones share one inner call.
+
+        Raises:
+            ChoicesUnsupportedError: the wrapped backend cannot score choices.
+            OverloadedError: the queue is full.
+            InvalidRequestError: one choice list per prompt is missing.
+            BackendError: the inner call failed, or the batcher was closed.
+        """
+        if not callable(getattr(self.backend, "choose", None)):
+            from cascade.errors import ChoicesUnsupportedError
+
+            raise ChoicesUnsupportedError(f"{self.name} cannot score choices (its backend has no 'choose')")
+        if self._closed:
+            raise BackendError(f"{self.name}: the micro-batcher is closed")
+        if len(choices) != len(prompts):
+            raise InvalidRequestError(f"{len(prompts)} prompts need {len(prompts)} choice lists, got {len(choices)}")
+        if not prompts:
+            return []
+        st = self._loop_state()
+        return await self._enqueue(st, _Item(list(prompts), _CHOOSE_PARAMS, scores, None, st.loop.create_future(),
+                                             st.loop.time(), list(choices), length_normalize))
+
+    async def _enqueue(self, st: _LoopState, item: _Item) -> list[Generation]:
+        """Queue one call (or raise OverloadedError) and wait for its generations."""
+        n = len(item.prompts)
         if st.depth > 0 and st.depth + n > self.max_queue:
             retry = max(self.max_wait_s, 0.05) * (1 + st.depth // self.max_batch_size)
             raise OverloadedError(f"{self.name}: {st.depth} prompts queued (limit {self.max_queue})",
                                   retry_after_s=round(min(retry, 60.0), 3))
-        item = _Item(list(prompts), params, scores, early_exit if scores else None,
-                     st.loop.create_future(), st.loop.time())
         st.pending.append(item)
         st.depth += n
         st.wakeup.set()
@@ -336,7 +374,12 @@ class MicroBatcher:
             early = EarlyExit(head.early_exit.measure, thresholds)
         self.batches += 1
         self.batched_prompts += len(prompts)
-        gens = await self.backend.generate(prompts, head.params, scores=head.scores, early_exit=early)
+        if head.choices is not None:
+            lists = [c for it in items for c in (it.choices or ())]
+            gens = await self.backend.choose(prompts, lists, scores=head.scores,  # type: ignore[attr-defined]
+                                             length_normalize=head.length_normalize)
+        else:
+            gens = await self.backend.generate(prompts, head.params, scores=head.scores, early_exit=early)
         if len(gens) != len(prompts):
             raise BackendError(f"{self.name}: returned {len(gens)} answers for {len(prompts)} prompts")
         out, start = [], 0

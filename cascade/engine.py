@@ -21,11 +21,13 @@ from cascade.errors import (
     BackendTimeoutError,
     BatchError,
     CascadeError,
+    ChoicesUnsupportedError,
     InvalidRequestError,
     public_reason,
 )
 from cascade.policy import Policy, Target, escalates
 from cascade.types import (
+    CHOICE_MEASURES,
     FIRST_TOKEN_MEASURES,
     CascadeChunk,
     CascadeResult,
@@ -34,6 +36,7 @@ from cascade.types import (
     GenerationParams,
     Prompt,
     TierCall,
+    validate_choices,
     validate_prompt,
 )
 
@@ -87,6 +90,7 @@ class _Pending:
     target: str | None
     cluster: int | None
     calls: list[TierCall]
+    choices: tuple[str, ...] | None = None
     first_uncertainty: float = math.nan
     answer: Generation | None = None
     answer_tier: int = -1
@@ -118,6 +122,8 @@ class Cascade:
         early_exit: with a first-token measure, stop the small answer after one token when it will be
             escalated anyway (default True).
         max_prompt_chars: longest prompt accepted, in characters (default 200,000).
+        length_normalize: for requests with ``choices``, rank the allowed answers by their mean token
+            log-probability instead of the sum (default False: the sum, the answer's likelihood).
     """
 
     def __init__(
@@ -134,6 +140,7 @@ class Cascade:
         on_error: OnError = "degrade",
         early_exit: bool = True,
         max_prompt_chars: int = 200_000,
+        length_normalize: bool = False,
     ) -> None:
         if tiers is None:
             if small is None or large is None:
@@ -168,6 +175,7 @@ class Cascade:
         self.on_error: OnError = on_error
         self.early_exit = early_exit and policy.measure in FIRST_TOKEN_MEASURES
         self.max_prompt_chars = max_prompt_chars
+        self.length_normalize = length_normalize
 
     @property
     def measure(self) -> str:
@@ -210,9 +218,15 @@ class Cascade:
         params: GenerationParams | Mapping[str, Any] | None = None,
         target: Target | dict[str, float] | None = None,
         cluster: int | None = None,
+        choices: Sequence[str] | None = None,
     ) -> CascadeResult:
-        """Answer one prompt (a string or chat messages). See :meth:`run_batch` for the arguments."""
-        return (await self.run_batch([prompt], params=params, target=target, clusters=[cluster]))[0]
+        """Answer one prompt (a string or chat messages). See :meth:`run_batch` for the arguments.
+
+        With ``choices`` (e.g. ``["positive", "negative"]``) every tier answers with one of them, scored by
+        the model rather than generated, and the ``choice_*`` measures apply.
+        """
+        return (await self.run_batch([prompt], params=params, target=target, clusters=[cluster],
+                                     choices=None if choices is None else [choices]))[0]
 
     async def run_batch(
         self,
@@ -221,6 +235,7 @@ class Cascade:
         params: GenerationParams | Mapping[str, Any] | None = None,
         target: Target | dict[str, float] | None = None,
         clusters: Sequence[int | None] | None = None,
+        choices: Sequence[Sequence[str] | None] | None = None,
     ) -> list[CascadeResult]:
         """Answer a batch: each tier is called once with every request that reached it.
 
@@ -230,6 +245,10 @@ class Cascade:
                 None (the defaults).
             target: a per-request quality level for every prompt of the batch (needs an artifact policy).
             clusters: router cluster per prompt (per-cluster thresholds), or None.
+            choices: per prompt, the answers it allows (a list of distinct strings) or None for a free
+                answer; None for all free. A tier answers a constrained prompt with the most likely of its
+                choices (see ``HFLocalBackend.choose``); a tier that cannot raises
+                :class:`~cascade.errors.ChoicesUnsupportedError`, never a free answer instead.
 
         Returns:
             B results, in order.
@@ -248,6 +267,10 @@ class Cascade:
         parsed_target = Target.parse(target)
         if clusters is not None and len(clusters) != len(prompts):
             raise InvalidRequestError("clusters must have one entry per prompt")
+        if choices is not None and len(choices) != len(prompts):
+            raise InvalidRequestError("choices must have one entry (a list or None) per prompt")
+        allowed = [None if choices is None or choices[i] is None else validate_choices(choices[i])
+                   for i in range(len(prompts))]
         checked = [validate_prompt(p, self.max_prompt_chars) for p in prompts]
         label = parsed_target.label() if parsed_target else None
         started = time.perf_counter()
@@ -255,7 +278,7 @@ class Cascade:
         for i, p in enumerate(checked):
             cluster = clusters[i] if clusters is not None else None
             thresholds = self.policy.thresholds_for(cluster, parsed_target)
-            pending.append(_Pending(i, p, thresholds, label, cluster, []))
+            pending.append(_Pending(i, p, thresholds, label, cluster, [], allowed[i]))
         active = list(pending)
         for level, tier in enumerate(self.tiers):
             if not active:
@@ -270,8 +293,15 @@ class Cascade:
         raise BatchError([p.error if p.error is not None else self._result(p, latency) for p in pending])
 
     async def _call(self, tier: Tier, prompts: Sequence[Prompt], params: GenerationParams, scores: bool,
-                    early_exit: EarlyExit | None) -> list[Generation]:
-        call = tier.backend.generate(prompts, params, scores=scores, early_exit=early_exit)
+                    early_exit: EarlyExit | None, choices: Sequence[Sequence[str]] | None = None) -> list[Generation]:
+        if choices is None:
+            call = tier.backend.generate(prompts, params, scores=scores, early_exit=early_exit)
+        else:
+            choose = getattr(tier.backend, "choose", None)
+            if not callable(choose):
+                raise ChoicesUnsupportedError(f"tier {tier.name!r} ({tier.backend.name}) cannot answer with "
+                                              f"choices: its backend has no 'choose' method")
+            call = choose(prompts, choices, scores=scores, length_normalize=self.length_normalize)
         if tier.timeout_s is None:
             return await call
         try:
@@ -280,10 +310,12 @@ class Cascade:
             raise tier_timeout(tier) from exc
 
     async def _outcomes(self, tier: Tier, prompts: Sequence[Prompt], params: GenerationParams, scores: bool,
-                        early_exit: EarlyExit | None) -> list[Generation | BaseException]:
+                        early_exit: EarlyExit | None, choices: Sequence[Sequence[str]] | None = None
+                        ) -> list[Generation | BaseException]:
         """One tier call: each prompt's generation or the exception that failed it (never raises a failure)."""
         try:
-            gens: Sequence[Generation | BaseException] = await self._call(tier, prompts, params, scores, early_exit)
+            gens: Sequence[Generation | BaseException] = await self._call(tier, prompts, params, scores, early_exit,
+                                                                          choices)
         except BatchError as exc:
             gens = exc.outcomes  # type: ignore[assignment]
         except (CascadeError, asyncio.TimeoutError) as exc:
@@ -301,12 +333,8 @@ class Cascade:
     async def _stage(self, level: int, tier: Tier, active: list[_Pending],
                      params: GenerationParams) -> list[_Pending]:
         """Call one tier for the requests that reached it; return those that go on up."""
-        last = level == len(self.tiers) - 1
-        early = None
-        if not last and self.early_exit:
-            early = EarlyExit(self.measure, tuple(p.thresholds[level] for p in active))
         t0 = time.perf_counter()
-        outcomes = await self._outcomes(tier, [p.prompt for p in active], params, not last, early)
+        outcomes = await self._answers(level, tier, active, params)
         elapsed = time.perf_counter() - t0
         failed = [(p, o) for p, o in zip(active, outcomes) if isinstance(o, BaseException)]
         # Any failure of a higher tier (an error, a timeout, a full queue, a prompt too long for its context)
@@ -318,6 +346,24 @@ class Cascade:
             await self._degrade(level, tier, failed, params, elapsed)
         return [p for p, g in zip(active, outcomes)
                 if not isinstance(g, BaseException) and self._record(level, tier, p, g, elapsed)]
+
+    async def _answers(self, level: int, tier: Tier, active: list[_Pending], params: GenerationParams
+                       ) -> list[Generation | BaseException]:
+        """One tier's outcome for each request that reached it: free ones generated, constrained ones chosen."""
+        last = level == len(self.tiers) - 1
+        out: list[Generation | BaseException | None] = [None] * len(active)
+        for constrained in (False, True):
+            idx = [i for i, p in enumerate(active) if (p.choices is not None) == constrained]
+            if not idx:
+                continue
+            early = None
+            if not last and self.early_exit and not constrained:
+                early = EarlyExit(self.measure, tuple(active[i].thresholds[level] for i in idx))
+            lists = [active[i].choices or () for i in idx] if constrained else None
+            got = await self._outcomes(tier, [active[i].prompt for i in idx], params, not last, early, lists)
+            for i, g in zip(idx, got):
+                out[i] = g
+        return [g for g in out if g is not None]
 
     def _record(self, level: int, tier: Tier, p: _Pending, g: Generation, elapsed: float) -> bool:
         """Book one tier's answer for one request; True when the request goes on up the chain."""
@@ -331,6 +377,11 @@ class Cascade:
         if thr is None:
             p.reason += f"answered by {tier.name!r} (last tier)"
             return False
+        if math.isnan(u):
+            why = "the request has no choices" if p.choices is None and self.measure in CHOICE_MEASURES else \
+                "the tier reported no such score"
+            p.reason += f"{self.measure} undefined ({why}) at {tier.name!r}: escalated; "
+            return True
         if escalates(u, thr):
             p.reason += f"{self.measure}={u:.4f} > {thr:.4f} at {tier.name!r}: escalated; "
             return True
@@ -394,16 +445,18 @@ class Cascade:
         params: GenerationParams | Mapping[str, Any] | None = None,
         target: Target | dict[str, float] | None = None,
         cluster: int | None = None,
+        choices: Sequence[str] | None = None,
     ) -> AsyncIterator[CascadeChunk | CascadeResult]:
         """Stream one answer: :class:`CascadeChunk` pieces as they are generated, then the result.
 
         The answering tier is decided before the first chunk (on the first token with a first-token
-        measure), so every chunk comes from the tier named in the final result. See
+        measure), so every chunk comes from the tier named in the final result. A constrained answer
+        (``choices``) is scored, not generated: it comes in one chunk. See
         :func:`cascade.streaming.stream_cascade`.
         """
         from cascade.streaming import stream_cascade
 
-        return stream_cascade(self, prompt, params=params, target=target, cluster=cluster)
+        return stream_cascade(self, prompt, params=params, target=target, cluster=cluster, choices=choices)
 
     def run_sync(self, prompt: Prompt, **kwargs: Any) -> CascadeResult:
         """Blocking :meth:`run` for scripts (not from inside a running event loop: await :meth:`run`)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from cascade.errors import BackendError, CascadeError
@@ -79,8 +79,11 @@ async def stream_cascade(
     params: GenerationParams | Mapping[str, Any] | None = None,
     target: Target | dict[str, float] | None = None,
     cluster: int | None = None,
+    choices: Sequence[str] | None = None,
 ) -> AsyncIterator[CascadeChunk | CascadeResult]:
     """Yield :class:`CascadeChunk` pieces of the answer, then the :class:`CascadeResult` (always last).
+
+    A constrained answer (``choices``) is decided like :meth:`Cascade.run` decides it and sent in one chunk.
 
     Raises:
         InvalidRequestError: bad prompt, parameters or target (before anything is yielded).
@@ -89,6 +92,11 @@ async def stream_cascade(
     """
     from cascade.engine import _Pending
 
+    if choices is not None:
+        result = await cascade.run(prompt, params=params, target=target, cluster=cluster, choices=choices)
+        yield CascadeChunk(result.text, result.tier)
+        yield result
+        return
     params = cascade.resolve_params(params)
     parsed = Target.parse(target)
     checked = validate_prompt(prompt, cascade.max_prompt_chars)

@@ -62,7 +62,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-embed", action="store_true", help="skip the MiniLM-embedding routers")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--prompts", choices=("tuned", "plain"), default="tuned",
-                   help="prompt set: tuned (hand-tuned formats) or plain (one instruction a user writes; default tuned)")
+                   help="prompt set: tuned (hand-tuned formats) or plain (one instruction as a user writes it; "
+                        "default tuned)")
     p.add_argument("--mode", choices=("free", "choices"), default="free",
                    help="free: generate freely and find the label in the answer; choices: answer with the most "
                         "likely label (scored, not generated) (default free)")

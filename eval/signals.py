@@ -19,7 +19,7 @@ import numpy.typing as npt
 from calibration.metrics import apgr, auc, bootstrap_ci, curve_metrics, share_curve
 from cascade.types import MEASURES, Generation
 
-__all__ = ["SetupData", "choose_measure", "evaluate_setup", "oracle_scores", "paired_apgr_diff",
+__all__ = ["SetupData", "choose_measure", "evaluate_setup", "measures_of", "oracle_scores", "paired_apgr_diff",
            "router_scores", "setup_arrays"]
 
 FloatArray = npt.NDArray[np.float64]
@@ -34,7 +34,8 @@ class SetupData:
 
     Attributes:
         correct: ``(n, 2)`` bool, small and large answer right.
-        scores: measure name -> ``(n,)`` small-model uncertainty (NaN replaced by the split's max + 1).
+        scores: measure name -> ``(n,)`` small-model uncertainty (NaN replaced by the split's max + 1), for
+            every measure the small model reported (the choice measures only for constrained answers).
         texts: the n raw inputs (router features).
         tokens: ``(n, 2)`` prompt + completion tokens of the small and large call.
     """
@@ -51,7 +52,7 @@ def setup_arrays(examples: Sequence[Mapping[str, Any]], small: Sequence[Generati
     correct = np.array([[scorer(s.text, ex), scorer(g.text, ex)] for ex, s, g in zip(examples, small, large)],
                        dtype=bool).reshape(-1, 2)
     scores = {}
-    for m in MEASURES:
+    for m in measures_of(small):
         v = np.array([float(g.scores.get(m, math.nan)) for g in small])
         finite = np.isfinite(v)
         fill = float(v[finite].max()) + 1.0 if finite.any() else 0.0
@@ -59,6 +60,12 @@ def setup_arrays(examples: Sequence[Mapping[str, Any]], small: Sequence[Generati
     tokens = np.array([[s.prompt_tokens + s.completion_tokens, g.prompt_tokens + g.completion_tokens]
                        for s, g in zip(small, large)], dtype=np.int64).reshape(-1, 2)
     return SetupData(correct, scores, [str(ex.get("text", "")) for ex in examples], tokens)
+
+
+def measures_of(generations: Sequence[Generation]) -> list[str]:
+    """The measures of :data:`cascade.types.MEASURES` that any of the generations reports, in that order."""
+    have = {m for g in generations for m in g.scores}
+    return [m for m in MEASURES if m in have]
 
 
 def oracle_scores(correct: BoolArray) -> FloatArray:
@@ -75,8 +82,9 @@ def _apgr_or_auc(scores: FloatArray, correct: BoolArray) -> float:
 
 def choose_measure(cal: SetupData) -> tuple[str, dict[str, float]]:
     """The measure with the best APGR on the calibration split (AUC when there is no gap), and every value."""
-    values = {m: _apgr_or_auc(cal.scores[m], cal.correct) for m in MEASURES}
-    best = max(MEASURES, key=lambda m: (values[m], -MEASURES.index(m)))
+    names = [m for m in MEASURES if m in cal.scores]
+    values = {m: _apgr_or_auc(cal.scores[m], cal.correct) for m in names}
+    best = max(names, key=lambda m: (values[m], -MEASURES.index(m)))
     return best, values
 
 
@@ -149,7 +157,7 @@ def evaluate_setup(cal: SetupData, test: SetupData, features: Mapping[str, Featu
     """
     best, cal_values = choose_measure(cal)
     rng = np.random.default_rng(seed)
-    signals: dict[str, FloatArray] = {m: test.scores[m] for m in MEASURES}
+    signals: dict[str, FloatArray] = {m: test.scores[m] for m in MEASURES if m in cal.scores and m in test.scores}
     signals["random"] = rng.random(len(test.correct))
     signals["oracle"] = oracle_scores(test.correct)
     routed, notes = router_scores(cal, test, features, seed)

@@ -159,7 +159,8 @@ def score_choices(
     for b in range(batch):
         k = best_list[b]
         ids, n = tuple(choice_ids[b][k]), len(choice_ids[b][k])
-        token_stats = TokenStats(*(tuple(s[b][:n]) for s in stats)) if stats else None
+        token_stats = TokenStats(tuple(stats[0][b][:n]), tuple(stats[1][b][:n]), tuple(stats[2][b][:n])) \
+            if stats else None
         others = sum(len(t) for t in choice_ids[b]) - n  # every choice's tokens are read; the answer's are output
         out.append(Generation(
             text=choices[b][k], model=name, token_ids=ids, prompt_tokens=int(prompt_len[b]) + others,

@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of --test-split (default 0)")
     p.add_argument("--max-tokens", type=int, help="new tokens per answer (default: the config's max_tokens)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per model call (default 16)")
+    p.add_argument("--no-choices", action="store_true",
+                   help="generate free answers even for examples with 'choices' (default: such examples are "
+                        "answered with the most likely of their choices, as the cascade answers requests with choices)")
     p.add_argument("--cache-dir", help="generation cache (default: <model cache>/generations)")
     p.add_argument("--plot", help="PNG: accuracy vs large-model share per measure, random and oracle")
     p.add_argument("--report-json", help="every number of the report as JSON")
@@ -201,7 +204,7 @@ def _measure_arrays(a: argparse.Namespace, cfg: CascadeConfig, inputs: _Inputs, 
 
     every = inputs.fit + inputs.test
     gens = asyncio.run(generate_all(cfg, [e.data for e in every], params, cache_dir, batch_size=a.batch_size,
-                                    progress=not a.no_progress))
+                                    progress=not a.no_progress, choices=not a.no_choices))
     prices = [Price(t.price_input_per_mtok, t.price_output_per_mtok) for t in cfg.tiers]
     score = scorer_for(inputs.scorer, every)
     arrays = {m: arr for m in MEASURES
@@ -264,6 +267,7 @@ def _fit(a: argparse.Namespace, cfg: CascadeConfig, inputs: _Inputs, params: Gen
     art = replace(art, thresholds=thresholds, params={
         **dict(fit.params), "fitted_thresholds": rep.jsonable(list(fit.thresholds)), "scorer": inputs.scorer_name,
         "max_tokens": params.max_tokens, "temperature": params.temperature, "data": Path(a.data).name,
+        "choices": not a.no_choices and all(e.data.get("choices") for e in inputs.fit + inputs.test),
         "split": inputs.split,
         **({"delta_overall": kw["delta"], "tested_measures": len(summary)} if fit_kw != kw else {})})
     chosen = simulate(thresholds, fs, fc, fk).stats()
@@ -274,6 +278,8 @@ def _fit(a: argparse.Namespace, cfg: CascadeConfig, inputs: _Inputs, params: Gen
                    "price_output_per_mtok": t.price_output_per_mtok, "accuracy": float(fc[:, j].mean()),
                    "mean_cost": float(fk[:, j].mean())} for j, t in enumerate(cfg.tiers)],
         "generation": {"max_tokens": params.max_tokens, "temperature": params.temperature,
+                       "constrained": 0 if a.no_choices else sum(bool(e.data.get("choices"))
+                                                                  for e in inputs.fit + inputs.test),
                        "cache_dir": str(cache_dir)},
         "measures": summary, "measure": {"chosen": measure, "how": how},
         "reference": rep.reference_curves(fc),

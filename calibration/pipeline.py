@@ -151,9 +151,12 @@ def predicted_identity(cfg: BackendConfig) -> str | None:
 
 
 async def generate_all(cfg: CascadeConfig, examples: Sequence[Mapping[str, Any]], params: GenerationParams,
-                       cache_dir: Path, *, batch_size: int = 16, progress: bool = True) -> list[list[Generation]]:
+                       cache_dir: Path, *, batch_size: int = 16, progress: bool = True,
+                       choices: bool = True) -> list[list[Generation]]:
     """Every tier's answers to every example (tier-major), from the cache where possible.
 
+    With ``choices`` (the default), examples that carry ``choices`` are answered with the most likely of
+    them, scored by each tier (``choose``), as the cascade answers such requests; the others are generated.
     A tier whose answers are all cached is not loaded at all. The last tier is run without scores; answers
     cached with scores (the same model as a lower tier of another config) are reused for it. Each model is
     loaded, run and released before the next one.
@@ -169,7 +172,7 @@ async def generate_all(cfg: CascadeConfig, examples: Sequence[Mapping[str, Any]]
         if ident is not None:
             hits: list[Generation] | None = None
             for flag in (scores, True):
-                got = cached_generations(ident, examples, params, cache_dir, scores=flag)
+                got = cached_generations(ident, examples, params, cache_dir, scores=flag, choices=choices)
                 if all(g is not None for g in got):
                     hits = [g for g in got if g is not None]
                     break
@@ -179,7 +182,7 @@ async def generate_all(cfg: CascadeConfig, examples: Sequence[Mapping[str, Any]]
         backend = build_backend(tier.backend)
         try:
             out.append(await generate_cached(backend, examples, params, cache_dir, scores=scores,
-                                             batch_size=batch_size, identity=model_identity(backend),
+                                             batch_size=batch_size, identity=model_identity(backend), choices=choices,
                                              progress=progress, desc=f"{tier.name} ({tier.backend.model})"))
         finally:
             await backend.aclose()

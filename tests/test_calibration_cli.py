@@ -162,9 +162,13 @@ def test_a_line_separator_inside_a_string_is_not_a_line_break(tmp_path, setup):
 def test_measure_all_with_a_quality_target_tests_each_measure_at_delta_over_m(tmp_path, setup):
     code, report = calibrate(setup, tmp_path / "a.json", "--measure", "all", "--max-quality-loss", "0.2",
                              "--confidence", "0.9")
-    assert code == 0
-    assert report["fit"]["params"]["delta"] == pytest.approx(0.1 / 7) and report["fit"]["target"]["delta"] == 0.1
-    assert "delta/7" in report["measure"]["how"]
+    assert code == 0  # the data has choices: answered by scoring them, so the two choice measures join the seven
+    assert report["fit"]["params"]["delta"] == pytest.approx(0.1 / 9) and report["fit"]["target"]["delta"] == 0.1
+    assert "delta/9" in report["measure"]["how"] and report["generation"]["constrained"] == 120
+    code, report = calibrate(setup, tmp_path / "free.json", "--measure", "all", "--max-quality-loss", "0.2",
+                             "--confidence", "0.9", "--no-choices")
+    assert code == 0 and report["fit"]["params"]["delta"] == pytest.approx(0.1 / 7)
+    assert "delta/7" in report["measure"]["how"] and report["generation"]["constrained"] == 0
     code, report = calibrate(setup, tmp_path / "b.json", "--measure", "margin_first", "--max-quality-loss", "0.2")
     assert code == 0 and report["fit"]["params"]["delta"] == pytest.approx(0.1)
 
@@ -191,7 +195,7 @@ def test_measure_all_picks_the_best_auc(tmp_path, setup):
     code, report = calibrate(setup, out, "--measure", "all", "--min-cost", "--value-per-correct", "0.001")
     assert code == 0
     aucs = {m: v["auc"] for m, v in report["measures"].items()}
-    assert len(aucs) == 7 and report["measure"]["chosen"] == max(aucs, key=aucs.__getitem__)
+    assert len(aucs) == 9 and report["measure"]["chosen"] == max(aucs, key=aucs.__getitem__)
     assert Artifact.load(out).measure == report["measure"]["chosen"]
     assert "best AUC" in report["measure"]["how"]
 
@@ -232,3 +236,18 @@ def test_router_mode_fits_thresholds_per_cluster(tmp_path, setup):
 def test_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "calibration", "--help"], capture_output=True, text=True, check=True)
     assert "--max-quality-loss" in out.stdout
+
+
+def test_data_with_choices_is_answered_with_them_and_the_cascade_decides_alike(tmp_path, setup):
+    """Every tier answers with one of the example's choices; a cascade run with the same choices makes the
+    decisions the report counted (the artifact's measure is a choice measure)."""
+    out = tmp_path / "a.json"
+    code, report = calibrate(setup, out, "--measure", "choice_margin", "--max-large-share", "0.4")
+    assert code == 0 and Artifact.load(out).measure == "choice_margin" and Artifact.load(out).params["choices"]
+    from cascade.config import build_cascade, load_config
+
+    cascade = build_cascade(replace(load_config(setup["two"]), artifact=str(out), measure="choice_margin"))
+    lines = [json.loads(line) for line in DATA.read_text().splitlines()]
+    results = cascade.run_batch_sync([x["prompt"] for x in lines], choices=[x["choices"] for x in lines])
+    assert all(r.text in x["choices"] for r, x in zip(results, lines, strict=True))
+    assert sum(r.escalated for r in results) == round(report["fit"]["large_share"] * 120)

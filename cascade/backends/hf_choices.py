@@ -61,13 +61,60 @@ def _cache_arg(model: Any, cache: Any) -> dict[str, Any]:
     return {"cache" if "cache" in params else "past_key_values": cache}
 
 
-def _continuation(model: Any, enc: Any, cache: Any, owner: torch.Tensor, cont: torch.Tensor,
+def _shared_prefix(ids: torch.Tensor, mask: torch.Tensor) -> int:
+    """Length of the token prefix every (left-padded) row starts with, leaving each row one token of its own."""
+    import torch
+
+    rows = [r[m.bool()] for r, m in zip(ids, mask)]
+    n = min(len(r) for r in rows) - 1
+    if n <= 0:
+        return 0
+    heads = torch.stack([r[:n] for r in rows])  # (B, n)
+    return int((heads == heads[:1]).all(dim=0).long().cumprod(0).sum())
+
+
+def _prompt_pass(model: Any, enc: Any, want_cache: bool, min_prefix: int = 8) -> tuple[torch.Tensor, Any, torch.Tensor]:
+    """Run the prompts: the last position's logits ``(B, V)``, the KV cache (or None) and its attention mask.
+
+    When the rows share a prefix of at least ``min_prefix`` tokens (a system prompt, the chat template's
+    header, an instruction), it is computed once and its cache copied to every row; each row's own suffix
+    follows, left-padded after the prefix (``[prefix][pad...][suffix]``, the pads masked out).
+    """
+    import torch
+    from transformers import DynamicCache
+
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    batch = ids.shape[0]
+    n = _shared_prefix(ids, mask) if batch > 1 else 0
+    if n < min_prefix:
+        cache = DynamicCache(config=model.config) if want_cache else None
+        out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=want_cache,
+                    logits_to_keep=1, **_cache_arg(model, cache))
+        return out.logits[:, -1, :], cache, mask
+    first_row = int((mask[0] == 0).sum())
+    prefix = ids[:1, first_row : first_row + n]
+    cache = DynamicCache(config=model.config)
+    model(input_ids=prefix, position_ids=torch.arange(n, device=ids.device)[None, :], use_cache=True,
+          logits_to_keep=1, **_cache_arg(model, cache))
+    cache.reorder_cache(torch.zeros(batch, dtype=torch.long, device=ids.device))
+    lengths = mask.sum(dim=-1)
+    width = int((lengths - n).max())
+    suffix = ids[:, ids.shape[1] - width :]  # left padding sits before each row's prefix: drop the prefix
+    suffix_mask = (torch.arange(width, device=ids.device)[None, :] >= (width - (lengths - n))[:, None]).long()
+    full_mask = torch.cat([torch.ones((batch, n), dtype=mask.dtype, device=ids.device), suffix_mask], dim=1)
+    positions = (n + suffix_mask.cumsum(-1) - 1).clamp(min=n)
+    out = model(input_ids=suffix, attention_mask=full_mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1, **_cache_arg(model, cache))
+    return out.logits[:, -1, :], cache, full_mask
+
+
+def _continuation(model: Any, prompt_mask_b: torch.Tensor, cache: Any, owner: torch.Tensor, cont: torch.Tensor,
                   cont_mask: torch.Tensor) -> torch.Tensor:
     """Logits ``(R, L - 1, V)`` of every choice token after the first, on the prompts' shared cache."""
     import torch
 
     cache.reorder_cache(owner)  # (B, ...) -> (R, ...): each choice row gets its prompt's keys and values
-    prompt_mask = enc["attention_mask"][owner]
+    prompt_mask = prompt_mask_b[owner]
     lengths = prompt_mask.sum(dim=-1, keepdim=True)
     steps = cont.shape[1] - 1
     positions = lengths + torch.arange(steps, device=cont.device)[None, :]
@@ -118,14 +165,10 @@ def score_choices(
     cont_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in flat], dtype=torch.long,
                              device=device)
     with torch.inference_mode():
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=model.config) if width > 1 else None
-        first = model(**enc, position_ids=_positions(enc["attention_mask"]), use_cache=cache is not None,
-                      logits_to_keep=1, **_cache_arg(model, cache)).logits[:, -1, :]  # (B, V)
+        first, cache, prompt_mask = _prompt_pass(model, enc, width > 1)  # (B, V)
         step_logits = [first[owner]]  # per choice token position: (R, V) logits that predict it
         if width > 1:
-            rest = _continuation(model, enc, cache, owner, cont, cont_mask)  # (R, L - 1, V)
+            rest = _continuation(model, prompt_mask, cache, owner, cont, cont_mask)  # (R, L - 1, V)
             step_logits += [rest[:, j, :] for j in range(width - 1)]
         logits = torch.stack(step_logits, dim=1).float()  # (R, L, V)
         token_lp = torch.log_softmax(logits, dim=-1).gather(-1, cont[:, :, None]).squeeze(-1)  # (R, L)

@@ -110,21 +110,3 @@ def test_choice_measures_are_pure_functions_of_the_logliks():
     one = choice_measures(torch.tensor([[-2.0], [-0.5]]))
     assert one["choice_margin"].tolist() == [0.0, 0.0] and one["choice_entropy"].tolist() == [0.0, 0.0]
 
-
-def test_a_shared_prefix_is_computed_once_and_changes_nothing():
-    """Prompts that share a long system message: the prefix path agrees with each prompt scored alone."""
-    from cascade.backends import hf_choices
-
-    backend = make_backend(2)
-    system = {"role": "system", "content": "answer yes or no one two three four the movie was good or bad"}
-    prompts = [[system, {"role": "user", "content": text}] for text in ("is it good", "a movie", "the capital of "
-                                                                       "france is paris is it", "two")]
-    enc = backend.tokenizer([backend.render(p) for p in prompts], return_tensors="pt", padding=True,
-                            add_special_tokens=False)
-    assert hf_choices._shared_prefix(enc["input_ids"], enc["attention_mask"]) >= 8
-    choices = [["yes", "no"], ["good movie", "bad"], ["paris", "the capital of france"], ["one two three", "four"]]
-    together = choose(backend, prompts, choices)
-    for p, c, g in zip(prompts, choices, together, strict=True):
-        assert g.choice_logprobs == pytest.approx(reference(backend, p, c), abs=1e-4)
-        alone = choose(backend, [p], [c])[0]
-        assert alone.text == g.text and alone.scores == pytest.approx(g.scores, abs=1e-4)

@@ -18,7 +18,8 @@ from cascade.backends.base import Backend
 from cascade.backends.openai_compat import DUMMY_API_KEY, OpenAIBackend, render_messages
 from cascade.errors import BackendError, BackendTimeoutError, ConfigError, InvalidRequestError
 from cascade.simulate import SimConfig, SimServer, simulate_answer
-from cascade.types import MEASURES, EarlyExit, GenerationParams
+from cascade.types import FREE_MEASURES as MEASURES
+from cascade.types import EarlyExit, GenerationParams
 
 MODEL = "sim-model"
 UNSURE = "Name a river. [[sim:confidence=0.0]]"  # first-token margin ~ 0: score ~ 1

@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import make_backend
 
-from cascade.types import MEASURES, EarlyExit, GenerationParams
+from cascade.types import FREE_MEASURES as MEASURES
+from cascade.types import EarlyExit, GenerationParams
 from cascade.uncertainty import aggregate, check_measure, reduce_step, topk_stats
 
 PROMPTS = [

@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from cascade.backends.hf_prefix import cache_arg, prompt_pass
 from cascade.errors import InvalidRequestError
 from cascade.types import Generation, Prompt, TokenStats
 from cascade.uncertainty import aggregate, choice_measures, reduce_step
@@ -48,66 +49,6 @@ def choice_token_ids(tokenizer: Any, choices: Sequence[Sequence[str]]) -> list[l
     return out
 
 
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids of left-padded rows: 0 at each row's first real token."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def _cache_arg(model: Any, cache: Any) -> dict[str, Any]:
-    """The KV-cache keyword of ``model.forward``: ``cache`` in newer transformers, ``past_key_values`` before."""
-    import inspect
-
-    params = inspect.signature(model.forward).parameters
-    return {"cache" if "cache" in params else "past_key_values": cache}
-
-
-def _shared_prefix(ids: torch.Tensor, mask: torch.Tensor) -> int:
-    """Length of the token prefix every (left-padded) row starts with, leaving each row one token of its own."""
-    import torch
-
-    rows = [r[m.bool()] for r, m in zip(ids, mask)]
-    n = min(len(r) for r in rows) - 1
-    if n <= 0:
-        return 0
-    heads = torch.stack([r[:n] for r in rows])  # (B, n)
-    return int((heads == heads[:1]).all(dim=0).long().cumprod(0).sum())
-
-
-def _prompt_pass(model: Any, enc: Any, want_cache: bool, min_prefix: int = 8) -> tuple[torch.Tensor, Any, torch.Tensor]:
-    """Run the prompts: the last position's logits ``(B, V)``, the KV cache (or None) and its attention mask.
-
-    When the rows share a prefix of at least ``min_prefix`` tokens (a system prompt, the chat template's
-    header, an instruction), it is computed once and its cache copied to every row; each row's own suffix
-    follows, left-padded after the prefix (``[prefix][pad...][suffix]``, the pads masked out).
-    """
-    import torch
-    from transformers import DynamicCache
-
-    ids, mask = enc["input_ids"], enc["attention_mask"]
-    batch = ids.shape[0]
-    n = _shared_prefix(ids, mask) if batch > 1 else 0
-    if n < min_prefix:
-        cache = DynamicCache(config=model.config) if want_cache else None
-        out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=want_cache,
-                    logits_to_keep=1, **_cache_arg(model, cache))
-        return out.logits[:, -1, :], cache, mask
-    first_row = int((mask[0] == 0).sum())
-    prefix = ids[:1, first_row : first_row + n]
-    cache = DynamicCache(config=model.config)
-    model(input_ids=prefix, position_ids=torch.arange(n, device=ids.device)[None, :], use_cache=True,
-          logits_to_keep=1, **_cache_arg(model, cache))
-    cache.reorder_cache(torch.zeros(batch, dtype=torch.long, device=ids.device))
-    lengths = mask.sum(dim=-1)
-    width = int((lengths - n).max())
-    suffix = ids[:, ids.shape[1] - width :]  # left padding sits before each row's prefix: drop the prefix
-    suffix_mask = (torch.arange(width, device=ids.device)[None, :] >= (width - (lengths - n))[:, None]).long()
-    full_mask = torch.cat([torch.ones((batch, n), dtype=mask.dtype, device=ids.device), suffix_mask], dim=1)
-    positions = (n + suffix_mask.cumsum(-1) - 1).clamp(min=n)
-    out = model(input_ids=suffix, attention_mask=full_mask, position_ids=positions, use_cache=True,
-                logits_to_keep=1, **_cache_arg(model, cache))
-    return out.logits[:, -1, :], cache, full_mask
-
-
 def _continuation(model: Any, prompt_mask_b: torch.Tensor, cache: Any, owner: torch.Tensor, cont: torch.Tensor,
                   cont_mask: torch.Tensor) -> torch.Tensor:
     """Logits ``(R, L - 1, V)`` of every choice token after the first, on the prompts' shared cache."""
@@ -119,7 +60,7 @@ def _continuation(model: Any, prompt_mask_b: torch.Tensor, cache: Any, owner: to
     steps = cont.shape[1] - 1
     positions = lengths + torch.arange(steps, device=cont.device)[None, :]
     out = model(input_ids=cont[:, :steps], attention_mask=torch.cat([prompt_mask, cont_mask[:, :steps]], dim=1),
-                position_ids=positions, use_cache=True, **_cache_arg(model, cache))
+                position_ids=positions, use_cache=True, **cache_arg(model, cache))
     logits: torch.Tensor = out.logits
     return logits
 
@@ -165,7 +106,7 @@ def score_choices(
     cont_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in flat], dtype=torch.long,
                              device=device)
     with torch.inference_mode():
-        first, cache, prompt_mask = _prompt_pass(model, enc, width > 1)  # (B, V)
+        first, cache, prompt_mask = prompt_pass(model, enc, width > 1)  # (B, V)
         step_logits = [first[owner]]  # per choice token position: (R, V) logits that predict it
         if width > 1:
             rest = _continuation(model, prompt_mask, cache, owner, cont, cont_mask)  # (R, L - 1, V)

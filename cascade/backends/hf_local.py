@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from cascade.backends.hf_prefix import split_prefix
 from cascade.errors import BackendError, InvalidRequestError
 from cascade.types import (
     EarlyExit,
@@ -310,6 +311,12 @@ class HFLocalBackend:
         t0 = time.perf_counter()
         device = self.device
         enc = self._encode(prompts, params).to(device)
+        prompt_tokens = enc["attention_mask"].sum(dim=1).tolist()
+        with torch.inference_mode():  # a prefix every prompt shares is computed once (see hf_prefix)
+            split = split_prefix(self.model, enc["input_ids"], enc["attention_mask"])
+        if split is not None:
+            enc = {"input_ids": split.input_ids, "attention_mask": split.attention_mask,
+                   "past_key_values": split.cache}
         batch, prompt_len = enc["input_ids"].shape
         eos_ids = self._eos_ids()
         recorder = _StepRecorder()
@@ -349,7 +356,6 @@ class HFLocalBackend:
                                   tracker.finished_at)
         lengths = (finished_at + 1).tolist()
         reasons = tracker.reason.tolist()
-        prompt_tokens = enc["attention_mask"].sum(dim=1).tolist()
         score_rows: list[dict[str, float]] = [{} for _ in range(batch)]
         stat_rows: list[TokenStats | None] = [None] * batch
         if want_scores:

@@ -82,7 +82,7 @@ def split_prefix(model: Any, ids: torch.Tensor, mask: torch.Tensor, min_prefix: 
         return None
     start = int((mask[0] == 0).sum())
     prefix = ids[:1, start : start + n]
-    cache = DynamicCache(config=model.config)
+    cache: Any = DynamicCache(config=model.config)
     model(input_ids=prefix, position_ids=torch.arange(n, device=ids.device)[None, :], use_cache=True,
           logits_to_keep=1, **cache_arg(model, cache))
     cache.reorder_cache(torch.zeros(batch, dtype=torch.long, device=ids.device))

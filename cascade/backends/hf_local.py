@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from cascade.backends.hf_prefix import split_prefix
+from cascade.backends.hf_prefix import cache_arg, split_prefix
 from cascade.errors import BackendError, InvalidRequestError
 from cascade.types import (
     EarlyExit,
@@ -316,7 +316,7 @@ class HFLocalBackend:
             split = split_prefix(self.model, enc["input_ids"], enc["attention_mask"])
         if split is not None:
             enc = {"input_ids": split.input_ids, "attention_mask": split.attention_mask,
-                   "past_key_values": split.cache}
+                   **cache_arg(self.model, split.cache)}
         batch, prompt_len = enc["input_ids"].shape
         eos_ids = self._eos_ids()
         recorder = _StepRecorder()

@@ -107,6 +107,7 @@ class OpenAIBackend:
         max_concurrency: int = 64,
         rate_limit_per_s: float | None = None,
         top_logprobs: int = 5,
+        choices: str = "auto",
     ) -> None:
         """Configure the client (no network traffic happens here).
 
@@ -124,6 +125,11 @@ class OpenAIBackend:
             rate_limit_per_s: requests started per second at most; None = unlimited (default None).
             top_logprobs: alternatives per token asked for when scoring, 1..20; the margin needs >= 2, and
                 OpenAI's own ``/completions`` allows at most 5 (default 5).
+            choices: how requests with allowed answers are answered (see :mod:`cascade.backends.openai_choices`):
+                ``"guided"`` (the server's guided choice, ``guided_choice`` / ``structured_outputs.choice``),
+                ``"echo"`` (each choice scored from its prompt logprobs via ``echo`` on ``/completions``),
+                ``"auto"`` (what the server accepts, found on the first constrained request) or ``"none"``
+                (constrained requests fail) (default auto).
 
         Use one backend within one event loop (its connection pool and semaphore belong to that loop).
 
@@ -144,6 +150,12 @@ class OpenAIBackend:
             raise ConfigError(f"rate_limit_per_s must be a positive number or None, got {rate_limit_per_s!r}")
         if not isinstance(top_logprobs, int) or not 1 <= top_logprobs <= 20:
             raise ConfigError(f"top_logprobs must be an integer in 1..20, got {top_logprobs!r}")
+        from cascade.backends.openai_choices import CHOICE_METHODS
+
+        if choices not in CHOICE_METHODS:
+            raise ConfigError(f"choices must be one of {list(CHOICE_METHODS)}, got {choices!r}")
+        self.choices = choices
+        self.choice_methods: dict[str, str] = {}  # method -> why it failed ("" = it works), found as requests go
         from openai import AsyncOpenAI
 
         self.name = model
@@ -241,6 +253,49 @@ class OpenAIBackend:
         if len(answers) < len(outcomes):
             raise BatchError([next(gens) if isinstance(o, _Answer) else o for o in outcomes])
         return list(gens)
+
+    async def choose(
+        self,
+        prompts: Sequence[Prompt],
+        choices: Sequence[Sequence[str]],
+        *,
+        scores: bool = True,
+        length_normalize: bool = False,
+    ) -> list[Generation]:
+        """Answer each prompt with one of its allowed answers, as the server allows (see ``choices`` above).
+
+        Raises:
+            ChoicesUnsupportedError: the server offers neither guided choice nor prompt logprobs (the message
+                says what each attempt got); never a free answer instead.
+            BackendError: HTTP or connection failure; BatchError when some prompts failed.
+        """
+        from cascade.backends.openai_choices import choose_remote
+
+        if self._closed:
+            raise BackendError(f"{self.name}: the backend was closed (aclose)")
+        self._bind()
+        return await choose_remote(self, prompts, choices, scores=scores, length_normalize=length_normalize)
+
+    async def post_json(self, route: str, body: Mapping[str, Any], extra: Mapping[str, Any] | None = None
+                        ) -> dict[str, Any]:
+        """One request to ``/chat/completions`` (``route="chat"``) or ``/completions``, answered as parsed JSON.
+
+        Shares the backend's concurrency slots, rate limit, error mapping and deadline with ``generate``.
+        ``extra`` holds fields the openai client does not know (sent as they are, e.g. ``guided_choice``).
+        """
+        async with self._slots:
+            if self._throttle is not None:
+                await self._throttle.acquire()
+            with self._errors():
+                endpoint = self._client.chat.completions if route == "chat" else self._client.completions
+                call = endpoint.with_raw_response.create(**body, extra_body=dict(extra or {}))
+                try:
+                    raw: Any = await asyncio.wait_for(call, self.timeout_s)
+                except asyncio.TimeoutError:
+                    raise self._late() from None
+                data = json.loads(raw.http_response.content)
+                _raise_for_error(data)
+                return dict(data)
 
     async def aclose(self) -> None:
         """Close the HTTP client and its connections; later ``generate`` calls raise BackendError."""

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from cascade.simulate.choices import choose, echo_logprobs, tokens
 from cascade.simulate.model import MAX_TOP_LOGPROBS, SimAnswer, SimConfig, simulate_answer
 
 if TYPE_CHECKING:
@@ -73,6 +74,8 @@ class _Request:
     stream: bool
     include_usage: bool
     top_n: int | None  # None: no logprobs
+    choices: tuple[str, ...] | None = None  # guided choice
+    echo: bool = False
 
 
 def _number(body: dict[str, Any], name: str, lo: float, hi: float, integer: bool = False) -> float | None:
@@ -118,7 +121,7 @@ def _parse(body: object, chat: bool, config: SimConfig) -> _Request:
         keys = (prompt,) if isinstance(prompt, str) else tuple(prompt) if isinstance(prompt, list) else ()
         if not keys or not all(isinstance(k, str) for k in keys) or len(keys) > 128:
             raise _ApiError(400, "'prompt' must be a string or an array of 1 to 128 strings", "prompt")
-        if body.get("echo"):
+        if body.get("echo") and not config.echo:
             raise _ApiError(400, "'echo' is not supported by this server", "echo")
     if sum(len(k) for k in keys) > _MAX_BODY_BYTES:
         raise _ApiError(400, "the prompt is too long", "prompt")
@@ -153,8 +156,29 @@ def _parse(body: object, chat: bool, config: SimConfig) -> _Request:
         n = _number(body, "logprobs", 0, MAX_TOP_LOGPROBS, integer=True)
         top_n = None if n is None else int(n)
     default = config.max_answer_tokens if chat else 16  # as OpenAI: completions default to 16 tokens
+    guided = _guided_choices(body, config)
+    echo = bool(not chat and body.get("echo"))
+    if (guided is not None or echo) and stream:
+        raise _ApiError(400, "this server does not stream guided choice or echo", "stream")
     return _Request(chat, keys, int(limit or default), stops, bool(stream),
-                    bool((options or {}).get("include_usage")), top_n if config.logprobs else None)
+                    bool((options or {}).get("include_usage")), top_n if config.logprobs else None, guided, echo)
+
+
+def _guided_choices(body: dict[str, Any], config: SimConfig) -> tuple[str, ...] | None:
+    """The request's guided-choice list (``guided_choice`` or ``structured_outputs.choice``), or None."""
+    outputs = body.get("structured_outputs")
+    given = {"guided_choice": body.get("guided_choice"),
+             "structured_outputs": outputs.get("choice") if isinstance(outputs, dict) else outputs}
+    present = {k: v for k, v in given.items() if v is not None}
+    if present and not config.guided_choice:
+        raise _ApiError(400, f"Unrecognized request argument supplied: {next(iter(present))}", next(iter(present)))
+    for field, value in present.items():
+        if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
+            raise _ApiError(400, f"'{field}' must hold a non-empty array of non-empty strings", field)
+    lists = list(present.values())
+    if len(lists) == 2 and lists[0] != lists[1]:
+        raise _ApiError(400, "'guided_choice' and 'structured_outputs.choice' differ", "guided_choice")
+    return tuple(lists[0]) if lists else None
 
 
 def _prompt_tokens(key: str) -> int:
@@ -240,6 +264,29 @@ async def _stream(req: _Request, answers: Sequence[SimAnswer], config: SimConfig
             raise
 
 
+def _guided(config: SimConfig, key: str, choices: Sequence[str]) -> SimAnswer:
+    picked = choose(config, key, choices)
+    return SimAnswer(picked.tokens, picked.logprobs, picked.top, "stop", 0.5)
+
+
+def _with_echo(req: _Request, body: dict[str, Any], config: SimConfig) -> dict[str, Any]:
+    """Completions with ``echo``: each text starts with its prompt, and the prompt tokens' logprobs come first."""
+    for choice, key in zip(body["choices"], req.keys):
+        choice["text"] = key + choice["text"]
+        if req.top_n is None:
+            continue
+        head = echo_logprobs(config, key, req.top_n)
+        tail = choice["logprobs"] or {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        choice["logprobs"] = {name: list(head[name]) + list(tail[name])  # type: ignore[call-overload]
+                              for name in ("tokens", "token_logprobs", "top_logprobs")}
+        choice["logprobs"]["text_offset"] = list(head["text_offset"]) + [  # type: ignore[call-overload]
+            len(key) + off for off in tail["text_offset"]]
+    usage = body["usage"]
+    usage["prompt_tokens"] = sum(len(tokens(k)) for k in req.keys)
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    return body
+
+
 def create_app(config: SimConfig, stats: SimStats | None = None) -> Starlette:
     """Build the ASGI app of the simulated server.
 
@@ -281,7 +328,8 @@ def create_app(config: SimConfig, stats: SimStats | None = None) -> Starlette:
             if hang:
                 counters.hangs += 1
                 await asyncio.sleep(config.hang_s)
-            answers = [simulate_answer(config, key, req.max_tokens, req.stop) for key in req.keys]
+            answers = [_guided(config, key, req.choices) if req.choices else
+                       simulate_answer(config, key, req.max_tokens, req.stop) for key in req.keys]
             if req.stream:
                 events = _stream(req, answers, config, counters)
                 return StreamingResponse(events, media_type="text/event-stream",
@@ -290,7 +338,8 @@ def create_app(config: SimConfig, stats: SimStats | None = None) -> Starlette:
             delay = config.latency_per_request_s + steps * config.latency_per_token_s
             if delay:
                 await asyncio.sleep(delay)
-            return JSONResponse(_full_body(req, answers, config.model))
+            body = _full_body(req, answers, config.model)
+            return JSONResponse(_with_echo(req, body, config) if req.echo else body)
 
     async def chat_endpoint(request: Request) -> Response:
         return await generate(request, chat=True)

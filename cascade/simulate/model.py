@@ -43,6 +43,10 @@ class SimConfig:
             ``logprobs``/``top_logprobs`` and returns ``null`` (default True).
         max_answer_tokens: longest natural answer, in tokens; each prompt's natural length is drawn in
             ``[max_answer_tokens // 4, max_answer_tokens]``, then cut by ``max_tokens`` (default 48).
+        guided_choice: accept vLLM's guided choice (``guided_choice``, ``structured_outputs.choice``); False
+            imitates a server without it: such a request is HTTP 400 (default True).
+        echo: accept ``echo`` (with ``logprobs``, the prompt tokens' logprobs) on ``/completions``; False: HTTP
+            400 (default True).
     """
 
     model: str = "sim-model"
@@ -54,6 +58,8 @@ class SimConfig:
     seed: int = 0
     logprobs: bool = True
     max_answer_tokens: int = 48
+    guided_choice: bool = True
+    echo: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():

@@ -54,6 +54,8 @@ class BackendConfig:
     max_concurrency: int = 64  # openai: requests in flight at once
     rate_limit_per_s: float | None = None  # openai: requests per second at most; None = unlimited
     top_logprobs: int = 5  # openai: top-k log-probabilities asked for when scoring (1..20)
+    choices: str = "auto"  # openai: how requests with allowed answers are answered: "guided" (the server's
+    # guided_choice / structured_outputs.choice), "echo" (prompt logprobs on /completions), "auto" or "none"
 
     def __post_init__(self) -> None:
         if self.kind not in _BUILDERS:
@@ -66,6 +68,8 @@ class BackendConfig:
             raise ConfigError("max_batch_size, max_concurrency and timeout_s must be positive")
         if not 1 <= self.top_logprobs <= 20:
             raise ConfigError("top_logprobs must be in 1..20")
+        if self.choices not in ("auto", "guided", "echo", "none"):
+            raise ConfigError(f"choices must be 'auto', 'guided', 'echo' or 'none', got {self.choices!r}")
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,7 @@ class CascadeConfig:
     max_tokens: int = 64  # default new tokens per answer
     temperature: float = 0.0  # default sampling temperature (0 = greedy)
     max_prompt_chars: int = 200_000  # longest prompt accepted, characters
+    length_normalize: bool = False  # requests with choices: rank them by mean token logprob instead of the sum
     batching: BatchingConfig = field(default_factory=BatchingConfig)  # micro-batching of concurrent calls
     router: str | None = None  # fitted expert-router file (expert-router mode); None = one pool
     extra: Mapping[str, Any] = field(default_factory=dict)  # sections for other components (e.g. "server")
@@ -232,6 +237,7 @@ def _build_openai(cfg: BackendConfig) -> Backend:
         max_concurrency=cfg.max_concurrency,
         rate_limit_per_s=cfg.rate_limit_per_s,
         top_logprobs=cfg.top_logprobs,
+        choices=cfg.choices,
     )
     return backend
 
@@ -283,4 +289,5 @@ def build_cascade(config: CascadeConfig, *, backends: Mapping[str, Backend] | No
         on_error=config.on_error,  # type: ignore[arg-type]
         early_exit=config.early_exit,
         max_prompt_chars=config.max_prompt_chars,
+        length_normalize=config.length_normalize,
     )

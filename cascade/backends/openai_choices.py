@@ -23,13 +23,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from cascade.errors import BackendError, BatchError, ChoicesUnsupportedError, InvalidRequestError
 from cascade.types import Generation, Prompt, TokenStats, validate_choices, validate_prompt
-
-if TYPE_CHECKING:
-    from cascade.backends.openai_compat import OpenAIBackend
 
 __all__ = ["CHOICE_METHODS", "choice_logliks_from_top", "choose_remote", "echo_logliks", "echo_texts"]
 
@@ -38,11 +35,32 @@ CHOICE_METHODS = ("auto", "guided", "echo", "none")
 _REJECTED = {400, 404, 405, 422, 501}  # the server refused the request's form (not a transient failure)
 
 
+class RemoteChooser(Protocol):
+    """What this module needs of ``cascade.backends.openai_compat.OpenAIBackend`` (which imports this module)."""
+
+    name: str
+    api: str
+    top_logprobs: int
+    choices: str
+    choice_methods: dict[str, str]
+
+    @property
+    def where(self) -> str: ...
+
+    async def post_json(self, route: str, body: Mapping[str, Any], extra: Mapping[str, Any] | None = None
+                        ) -> dict[str, Any]: ...
+
+    def completion_prompt(self, prompt: Prompt) -> str: ...
+
+    def token_scores(self, logprobs: Sequence[float], top: Sequence[Sequence[float]]
+                     ) -> tuple[TokenStats, dict[str, float]]: ...
+
+
 class _Unsupported(Exception):
     """This method does not work on this server (the reason is kept for the final error)."""
 
 
-def _order(backend: OpenAIBackend) -> list[str]:
+def _order(backend: RemoteChooser) -> list[str]:
     if backend.choices == "none":
         return []
     if backend.choices != "auto":
@@ -51,7 +69,7 @@ def _order(backend: OpenAIBackend) -> list[str]:
     return [w for w in ways if backend.choice_methods.get(w, "") == ""]
 
 
-async def choose_remote(backend: OpenAIBackend, prompts: Sequence[Prompt], choices: Sequence[Sequence[str]], *,
+async def choose_remote(backend: RemoteChooser, prompts: Sequence[Prompt], choices: Sequence[Sequence[str]], *,
                         scores: bool = True, length_normalize: bool = False) -> list[Generation]:
     """:meth:`OpenAIBackend.choose`: every prompt's best choice, by the first method the server supports."""
     import asyncio
@@ -72,7 +90,7 @@ async def choose_remote(backend: OpenAIBackend, prompts: Sequence[Prompt], choic
     return [o for o in outcomes if isinstance(o, Generation)]
 
 
-async def _one(backend: OpenAIBackend, prompt: Prompt, choices: tuple[str, ...], scores: bool,
+async def _one(backend: RemoteChooser, prompt: Prompt, choices: tuple[str, ...], scores: bool,
                length_normalize: bool) -> Generation:
     tried: list[str] = []
     for way in _order(backend):
@@ -89,13 +107,13 @@ async def _one(backend: OpenAIBackend, prompt: Prompt, choices: tuple[str, ...],
         return gen
     found = "; ".join(tried) or "choices='none' in its configuration"
     raise ChoicesUnsupportedError(
-        f"{backend.name}: the server at {backend._where} cannot answer with choices: it supports neither guided "
+        f"{backend.name}: the server at {backend.where} cannot answer with choices: it supports neither guided "
         f"choice ('guided_choice' / 'structured_outputs.choice' with logprobs) nor prompt logprobs ('echo' with "
         f"'logprobs' on /completions) ({found})", reason="the server supports neither guided choice nor prompt "
         "logprobs")
 
 
-async def _post(backend: OpenAIBackend, route: str, body: dict[str, Any], extra: Mapping[str, Any],
+async def _post(backend: RemoteChooser, route: str, body: dict[str, Any], extra: Mapping[str, Any],
                 what: str) -> dict[str, Any]:
     try:
         return await backend.post_json(route, body, extra)
@@ -111,9 +129,7 @@ def _usage(data: Mapping[str, Any]) -> tuple[int, int]:
     return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
 
 
-async def _guided(backend: OpenAIBackend, prompt: Prompt, choices: tuple[str, ...], scores: bool) -> Generation:
-    from cascade.backends.openai_compat import render_messages
-
+async def _guided(backend: RemoteChooser, prompt: Prompt, choices: tuple[str, ...], scores: bool) -> Generation:
     started = time.perf_counter()
     route = backend.api
     body: dict[str, Any] = {"model": backend.name, "temperature": 0.0,
@@ -122,7 +138,7 @@ async def _guided(backend: OpenAIBackend, prompt: Prompt, choices: tuple[str, ..
         body["messages"] = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         body.update(logprobs=True, top_logprobs=backend.top_logprobs)
     else:
-        body["prompt"] = prompt if isinstance(prompt, str) else render_messages(prompt)
+        body["prompt"] = backend.completion_prompt(prompt)
         body["logprobs"] = backend.top_logprobs
     extra = {"guided_choice": list(choices), "structured_outputs": {"choice": list(choices)}}
     data = await _post(backend, route, body, extra, "guided choice")
@@ -166,14 +182,11 @@ def choice_logliks_from_top(top: Mapping[str, float], choices: Sequence[str]) ->
     return out
 
 
-def echo_texts(backend: OpenAIBackend, prompt: Prompt, choices: Sequence[str]) -> tuple[str, list[str]]:
+def echo_texts(backend: RemoteChooser, prompt: Prompt, choices: Sequence[str]) -> tuple[str, list[str]]:
     """The completions prompt and each ``prompt + choice`` text scored by the echo method."""
-    from cascade.backends.openai_compat import render_messages
-
     if isinstance(prompt, str) and backend.api == "completions":
         return prompt, [prompt + c for c in choices]
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    head = render_messages(messages)
+    head = backend.completion_prompt([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt)
     return head, [head + ("" if c[:1].isspace() else " ") + c for c in choices]
 
 
@@ -193,7 +206,7 @@ def echo_logliks(start: int, end: int, logprobs: Mapping[str, Any]) -> tuple[lis
     return out, complete and bool(out)
 
 
-async def _echo(backend: OpenAIBackend, prompt: Prompt, choices: tuple[str, ...], scores: bool,
+async def _echo(backend: RemoteChooser, prompt: Prompt, choices: tuple[str, ...], scores: bool,
                 length_normalize: bool) -> Generation:
     started = time.perf_counter()
     _, texts = echo_texts(backend, prompt, choices)
@@ -216,7 +229,7 @@ async def _echo(backend: OpenAIBackend, prompt: Prompt, choices: tuple[str, ...]
                        completion_tokens, time.perf_counter() - started)
 
 
-def _generation(backend: OpenAIBackend, text: str, logliks: Sequence[float], chosen: Sequence[float],
+def _generation(backend: RemoteChooser, text: str, logliks: Sequence[float], chosen: Sequence[float],
                 top: Sequence[Mapping[str, float]], scores: bool, prompt_tokens: int, completion_tokens: int,
                 latency: float) -> Generation:
     """The answer with ``choice_*`` measures (and, from the guided path's tokens, the token measures)."""
@@ -229,11 +242,7 @@ def _generation(backend: OpenAIBackend, text: str, logliks: Sequence[float], cho
     if scores:
         measures = {k: float(v[0]) for k, v in choice_measures(torch.tensor([list(logliks)])).items()}
         if top:  # the guided answer's own tokens, as generate scores them
-            from cascade.backends.openai_compat import _Answer
-
-            answer = _Answer(text=text, tokens=[""] * len(chosen), logprobs=list(chosen),
-                             top=[list(t.values()) for t in top], has_logprobs=True)
-            stats, token_measures = backend._score([answer])[0]
+            stats, token_measures = backend.token_scores(chosen, [list(t.values()) for t in top])
             measures.update(token_measures)
         else:
             stats = TokenStats((), (), tuple(chosen), entropy_exact=False)

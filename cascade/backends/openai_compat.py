@@ -276,6 +276,24 @@ class OpenAIBackend:
         self._bind()
         return await choose_remote(self, prompts, choices, scores=scores, length_normalize=length_normalize)
 
+    @property
+    def where(self) -> str:
+        """The server's URL without credentials (for error messages)."""
+        return self._where
+
+    def completion_prompt(self, prompt: Prompt) -> str:
+        """The prompt as ``/completions`` gets it: a string as it is, messages by :func:`render_messages`."""
+        return prompt if isinstance(prompt, str) else render_messages(prompt)
+
+    def token_scores(self, logprobs: Sequence[float], top: Sequence[Sequence[float]]
+                     ) -> tuple[TokenStats, dict[str, float]]:
+        """Token statistics and measures of one answer from its tokens' logprobs and top alternatives."""
+        answer = _Answer(tokens=[""] * len(logprobs), logprobs=list(logprobs), top=[list(t) for t in top],
+                         has_logprobs=True)
+        stats, measures = self._score([answer])[0]
+        assert stats is not None
+        return stats, measures
+
     async def post_json(self, route: str, body: Mapping[str, Any], extra: Mapping[str, Any] | None = None
                         ) -> dict[str, Any]:
         """One request to ``/chat/completions`` (``route="chat"``) or ``/completions``, answered as parsed JSON.

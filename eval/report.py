@@ -91,7 +91,8 @@ def evaluate_and_report(args: argparse.Namespace, data: Mapping[str, Any]) -> di
     report = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": getattr(args, "command", "python -m eval.quality " + " ".join(sys.argv[1:])),
-        "settings": {"limit_cal": args.limit_cal, "limit_test": args.limit_test, "seed": args.seed,
+        "settings": {"prompts": getattr(args, "prompts", "tuned"), "mode": getattr(args, "mode", "free"),
+                     "limit_cal": args.limit_cal, "limit_test": args.limit_test, "seed": args.seed,
                      "n_boot": args.n_boot, "data": args.data, "pairs": args.pairs, "tasks": args.tasks,
                      "models": {k: vars(v) for k, v in MODELS.items()}, "python": platform.python_version()},
         "setups": setups,
@@ -115,11 +116,13 @@ def summary(setups: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     sig_wins = [s for s in compared if math.isfinite(s["diff"][1]) and s["diff"][1] > 0]
     sig_losses = [s for s in compared if math.isfinite(s["diff"][2]) and s["diff"][2] < 0]
     beats_random = [s for s in setups if s["signals"][s["best_measure"]]["apgr"][0] > 0.5]
-    mean_apgr = {name: float(np.nanmean([s["signals"][name]["apgr"][0] for s in setups]))
-                 for name in (setups[0]["signals"] if setups else {})}
+    names = set.intersection(*(set(s["signals"]) for s in setups)) if setups else set()
+    mean_apgr = {name: float(np.nanmean([s["signals"][name]["apgr"][0] for s in setups])) for name in sorted(names)}
+    chosen = [s["signals"][s["best_measure"]]["apgr"][0] for s in setups]
     return {"setups": len(setups), "compared_with_routers": len(compared), "uncertainty_wins": len(wins),
             "significant_wins": len(sig_wins), "significant_losses": len(sig_losses),
-            "best_measure_beats_random": len(beats_random), "mean_test_apgr": mean_apgr}
+            "best_measure_beats_random": len(beats_random), "mean_test_apgr": mean_apgr,
+            "mean_chosen_apgr": float(np.nanmean(chosen)) if chosen else math.nan}
 
 
 def _f(x: float, digits: int = 3) -> str:
@@ -160,7 +163,8 @@ def markdown_report(report: Mapping[str, Any], *, brief: bool = False) -> str:
             f"{_ci(s['diff']) if 'diff' in s else 'n/a'} | {'yes' if s.get('uncertainty_wins') else 'no'} |")
     if brief:
         return "\n".join(lines) + "\n"
-    lines += ["", "Mean test APGR over setups: " + ", ".join(
+    lines += ["", f"Mean test APGR of the calibration-chosen measure: {_f(sm.get('mean_chosen_apgr', math.nan))}.",
+              "", "Mean test APGR over setups: " + ", ".join(
         f"{k} {_f(v)}" for k, v in sorted(sm["mean_test_apgr"].items(), key=lambda kv: -kv[1]
                                            if math.isfinite(kv[1]) else 9)), ""]
     for s in setups:

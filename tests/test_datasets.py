@@ -57,6 +57,28 @@ def test_score_answer_uses_choices_and_aliases() -> None:
     assert not score_answer("positive, not negative", sst)  # the first label mentioned counts
 
 
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_plain_prompts_are_one_instruction_naming_the_labels_then_the_text(name: str) -> None:
+    task = TASKS[name]
+    [msg] = task.messages("some text here", "plain")
+    instruction, text = msg["content"].split("\n\n")
+    assert msg["role"] == "user" and text == "some text here"
+    assert all(label in instruction for label in task.labels) and instruction.endswith(".")
+    tuned = task.messages("some text here")
+    assert tuned[0]["role"] == "system" and tuned != [msg]
+    with pytest.raises(ConfigError):
+        task.messages("x", "fancy")
+
+
+def test_prompt_sets_share_the_examples() -> None:
+    tuned = load_task("sst2", DATA, n_cal=20, n_test=20, seed=0)
+    plain = load_task("sst2", DATA, n_cal=20, n_test=20, seed=0, prompts="plain")
+    for a, b in zip(tuned.cal + tuned.test, plain.cal + plain.test, strict=True):
+        assert (a["id"], a["text"], a["answer"]) == (b["id"], b["text"], b["answer"]) and a["messages"] != b["messages"]
+    with pytest.raises(ConfigError):
+        load_task("sst2", DATA, prompts="fancy")
+
+
 def test_unknown_task_and_missing_folder_are_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         load_task("imdb", tmp_path)

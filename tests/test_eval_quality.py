@@ -14,7 +14,7 @@ from conftest import eval_data
 from calibration.generation_cache import GenerationCache, cache_key, raw_key
 from calibration.metrics import apgr, oracle_curve, random_curve, share_curve
 from cascade.errors import InvalidRequestError
-from cascade.types import MEASURES, Generation, GenerationParams
+from cascade.types import FREE_MEASURES, MEASURES, Generation, GenerationParams
 
 # eval/ runs from the checkout (python -m eval.quality), not installed: make the checkout importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -165,33 +165,52 @@ def test_missing_data_folder_is_a_clean_error(tmp_path: Path, capsys: pytest.Cap
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_cached_only_run_writes_the_report(tmp_path: Path) -> None:
-    """Plant generations in the cache (no model loaded) and rebuild the full report from it."""
+def plant(tmp_path: Path, prompts: str, mode: str) -> None:
+    """Planted generations of the SmolLM2 -> Qwen-0.5B pair on 40 + 60 SST-2 examples, as the runner caches
+    them for the prompt set and mode (choice answers carry the two choice measures too)."""
     from eval.datasets import load_task
 
     pair = "SmolLM2-135M -> Qwen-0.5B"
-    td = load_task("sst2", DATA, n_cal=40, n_test=60, seed=0)
+    td = load_task("sst2", DATA, n_cal=40, n_test=60, seed=0, prompts=prompts)
     rng = np.random.default_rng(0)
     params = GenerationParams(max_tokens=TASKS["sst2"].max_tokens)
+    choices = mode == "choices"
+    names = MEASURES if choices else FREE_MEASURES
     for name, p_ok in zip(PAIRS[pair], (0.6, 0.9)):
         ref = MODELS[name]
-        cache = GenerationCache(tmp_path / "cache" / f"{cache_key(ref.identity, params, True)}.jsonl")
+        cache = GenerationCache(tmp_path / "cache" / f"{cache_key(ref.identity, params, True, choices=choices)}.jsonl")
         items, raws = [], []
         for ex in td.cal + td.test:
             ok = rng.random() < p_ok
             text = ex["answer"] if ok else next(c for c in ex["choices"] if c != ex["answer"])
             u = float(rng.normal(0.3 if ok else 0.7, 0.2))
-            items.append((raw_key(ex["messages"]), Generation(text, ref.source, prompt_tokens=30,
-                                                              completion_tokens=1,
-                                                              scores={m: u for m in MEASURES})))
-            raws.append(raw_key(ex["messages"]))
+            key = raw_key(ex["messages"], tuple(ex["choices"]) if choices else None)
+            items.append((key, Generation(text, ref.source, prompt_tokens=30, completion_tokens=1,
+                                          scores={m: u for m in names})))
+            raws.append(key)
         cache.append(items, raws)
+
+
+@pytest.mark.parametrize(("prompts", "mode"), [("tuned", "free"), ("plain", "choices")])
+def test_cached_only_run_writes_the_report(tmp_path: Path, prompts: str, mode: str) -> None:
+    """Plant generations in the cache (no model loaded) and rebuild the full report from it."""
+    pair = "SmolLM2-135M -> Qwen-0.5B"
+    plant(tmp_path, prompts, mode)
+    plant(tmp_path, "tuned" if prompts == "plain" else "plain", mode)  # the other prompt set: other keys
     out = tmp_path / "out"
     argv = ["--cached-only", "--data", str(DATA), "--tasks", "sst2", "trec", "--pairs", pair,
             "--limit-cal", "40", "--limit-test", "60", "--out", str(out), "--cache", str(tmp_path / "cache"),
-            "--no-embed", "--n-boot", "50"]
+            "--no-embed", "--n-boot", "50", "--prompts", prompts, "--mode", mode]
     assert main(argv) == 0
+    other = ["--mode", "free" if mode == "choices" else "choices"]  # the other mode's cache entries are apart
+    assert main([*argv, *other, "--out", str(tmp_path / "none")]) == 0
+    assert json.loads((tmp_path / "none" / "results.json").read_text())["setups"] == []
     report = json.loads((out / "results.json").read_text())
+    assert report["settings"]["prompts"] == prompts and report["settings"]["mode"] == mode
+    assert set(report["setups"][0]["cal_values"]) == set(MEASURES if mode == "choices" else FREE_MEASURES)
+    from eval.compare import main as compare
+
+    assert compare([str(out), str(out)]) == 0
     assert len(report["setups"]) == 1 and report["skipped"] == [f"trec / {pair}: generations not (all) cached"]
     setup = report["setups"][0]
     assert setup["n_cal"] == 40 and setup["n_test"] == 60

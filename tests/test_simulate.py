@@ -194,7 +194,12 @@ def test_raw_sse_format(server: SimServer, path: str) -> None:
         ("/completions", {"model": MODEL}, 400, "prompt"),
         ("/completions", {"model": MODEL, "prompt": [1, 2]}, 400, "prompt"),
         ("/completions", {"model": MODEL, "prompt": "x", "logprobs": True}, 400, "logprobs"),
-        ("/completions", {"model": MODEL, "prompt": "x", "echo": True}, 400, "echo"),
+        ("/completions", {"model": MODEL, "prompt": "x", "echo": True, "stream": True}, 400, "stream"),
+        ("/chat/completions", {"model": MODEL, "messages": CHAT, "guided_choice": []}, 400, "guided_choice"),
+        ("/chat/completions", {"model": MODEL, "messages": CHAT, "guided_choice": ["a"],
+                               "structured_outputs": {"choice": ["b"]}}, 400, "guided_choice"),
+        ("/chat/completions", {"model": MODEL, "messages": CHAT, "structured_outputs": {"choice": "a"}}, 400,
+         "structured_outputs"),
         ("/completions", ["not", "an", "object"], 400, None),
     ],
 )
@@ -298,3 +303,25 @@ def test_keep_alive_requests_do_not_wait_for_delayed_acks(server: SimServer) -> 
         for _ in range(20):
             client.get("/health")
         assert time.perf_counter() - t0 < 0.5
+
+
+def test_echo_and_guided_choice_can_be_switched_off() -> None:
+    with SimServer(SimConfig(model=MODEL, echo=False, guided_choice=False)) as s:
+        echo = httpx.post(s.base_url + "/completions", json={"model": MODEL, "prompt": "x", "echo": True})
+        assert echo.status_code == 400 and echo.json()["error"]["param"] == "echo"
+        for field, value in (("guided_choice", ["a", "b"]), ("structured_outputs", {"choice": ["a", "b"]})):
+            resp = httpx.post(s.base_url + "/chat/completions", json={"model": MODEL, "messages": CHAT, field: value})
+            assert resp.status_code == 400 and "Unrecognized request argument" in resp.json()["error"]["message"]
+
+
+def test_echo_returns_the_prompt_tokens_logprobs_then_the_answer(server: SimServer) -> None:
+    body = {"model": MODEL, "prompt": ["user: hi\nassistant: yes", "no, thanks"], "echo": True, "logprobs": 2,
+            "max_tokens": 1}
+    data = httpx.post(server.base_url + "/completions", json=body).json()
+    for prompt, choice in zip(body["prompt"], data["choices"], strict=True):
+        lp = choice["logprobs"]
+        assert choice["text"].startswith(prompt) and lp["token_logprobs"][0] is None
+        assert "".join(lp["tokens"]) == choice["text"] and lp["text_offset"][0] == 0
+        assert all(v < 0 for v in lp["token_logprobs"][1:])
+        assert [choice["text"][o:o + len(t)] for t, o in zip(lp["tokens"], lp["text_offset"], strict=True)] == \
+            lp["tokens"]

@@ -2,6 +2,14 @@
 
 Same data, same ``k`` and same seed give the same centroids, bit for bit, on any machine with the same
 numpy: all randomness comes from one ``numpy.random.Generator`` and ties are broken by the lowest index.
+
+Why not a library: determinism needs more than a seed here. A router file must be a function of (prompts,
+``k``, seed) alone, in one call, also when a small corpus repeats prompts. ``scipy.cluster.vq.kmeans2`` (scipy
+is installed) has no restarts, and when an initialisation leaves a cluster empty (always, with fewer distinct
+points than ``k``, where its k-means++ seeding also divides by zero) it warns or raises and asks to be re-run
+with another initialisation. Here an empty cluster is re-seeded at the farthest point, and the best of
+``n_init`` seeded runs is kept. scikit-learn's ``KMeans`` does both but is not a dependency of the library (a
+large one, for about 100 lines).
 """
 
 from __future__ import annotations

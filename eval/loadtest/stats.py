@@ -13,21 +13,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
+
 __all__ = ["Outcome", "Recorder", "Sample", "TierUse", "percentile", "percentiles"]
 
 PercentileMethod = Literal["linear", "nearest"]
+_NUMPY_METHOD = {"linear": "linear", "nearest": "inverted_cdf"}
 
 
 def percentile(values: Sequence[float], q: float, method: PercentileMethod = "linear") -> float:
-    """The q-th percentile of ``values``.
+    """The q-th percentile of ``values`` (:func:`numpy.percentile`).
 
     Methods (both exact, no binning):
 
     * ``"linear"`` (default; Hyndman & Fan type 7, NumPy's default): sort the n values ``x[0..n-1]``, take the
       fractional rank ``h = (n - 1) * q / 100`` and interpolate ``x[floor(h)] + (h - floor(h)) *
       (x[floor(h) + 1] - x[floor(h)])``. p0 is the minimum, p100 the maximum.
-    * ``"nearest"`` (nearest rank): the smallest value such that at least q% of the values are <= it, i.e.
-      ``x[ceil(n * q / 100) - 1]`` (the minimum for q = 0). Always one of the observed values.
+    * ``"nearest"`` (nearest rank, NumPy's ``inverted_cdf``): the smallest value such that at least q% of the
+      values are <= it, i.e. ``x[ceil(n * q / 100) - 1]`` (the minimum for q = 0). Always an observed value.
 
     Args:
         values: n observations (any order; NaN is not allowed).
@@ -40,23 +43,21 @@ def percentile(values: Sequence[float], q: float, method: PercentileMethod = "li
     Raises:
         ValueError: q outside [0, 100], an unknown method, or a NaN among the values.
     """
-    if not 0.0 <= q <= 100.0:
-        raise ValueError(f"percentile q must be in [0, 100], got {q!r}")
-    if method not in ("linear", "nearest"):
+    return _percentiles(values, (q,), method)[0]
+
+
+def _percentiles(values: Sequence[float], qs: Sequence[float], method: PercentileMethod = "linear") -> list[float]:
+    """Several percentiles of ``values`` in one sort (see :func:`percentile`); NaNs when ``values`` is empty."""
+    if not all(0.0 <= q <= 100.0 for q in qs):
+        raise ValueError(f"percentile q must be in [0, 100], got {list(qs)!r}")
+    if method not in _NUMPY_METHOD:
         raise ValueError(f"percentile method must be 'linear' or 'nearest', got {method!r}")
-    xs = sorted(values)
-    n = len(xs)
-    if n == 0:
-        return math.nan
-    if any(math.isnan(x) for x in xs):
+    xs = np.asarray(values, dtype=np.float64)
+    if xs.size == 0:
+        return [math.nan] * len(qs)
+    if np.isnan(xs).any():
         raise ValueError("percentile of values containing NaN")
-    if method == "nearest":
-        rank = max(1, math.ceil(n * q / 100.0))
-        return float(xs[rank - 1])
-    h = (n - 1) * q / 100.0
-    lo = math.floor(h)
-    hi = min(lo + 1, n - 1)
-    return float(xs[lo] + (h - lo) * (xs[hi] - xs[lo]))
+    return [float(v) for v in np.percentile(xs, list(qs), method=_NUMPY_METHOD[method])]
 
 
 def percentiles(values: Sequence[float], qs: Sequence[float] = (50, 95, 99), *, scale: float = 1.0,
@@ -69,12 +70,8 @@ def percentiles(values: Sequence[float], qs: Sequence[float] = (50, 95, 99), *, 
         scale: multiply the results by this (1000 turns seconds into milliseconds).
         method: see :func:`percentile`.
     """
-    out: dict[str, float | None] = {}
-    xs = sorted(values)
-    for q in qs:
-        key = f"p{q:g}"
-        out[key] = None if not xs else round(percentile(xs, q, method) * scale, 3)
-    return out
+    found = _percentiles(values, qs, method) if len(values) else [None] * len(qs)
+    return {f"p{q:g}": None if v is None else round(v * scale, 3) for q, v in zip(qs, found)}
 
 
 @dataclass(frozen=True, slots=True)

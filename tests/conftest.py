@@ -1,9 +1,12 @@
-"""Shared fixtures: tiny random-weight transformers models built from a config (no files, no hub), and the
-data folder of the loader tests."""
+"""Shared fixtures: tiny random-weight transformers models built from a config (no files, no hub), the data
+folder of the loader tests, and waiting for a condition instead of sleeping for a guessed time."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,3 +79,30 @@ def eval_data() -> tuple[Path, bool]:
     given = os.environ.get("CASCADE_EVAL_DATA")
     real = Path(given) if given else Path(__file__).resolve().parents[1].parent / "shared" / "data"
     return (real, True) if real.is_dir() else (BUNDLED_DATA, False)
+
+
+#: How long a test waits for something that must happen before calling it a failure. Only a broken feature
+#: waits this long: the assertion is the condition, not the time it took.
+PATIENCE_S = 120.0
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Yield to the event loop until ``condition()`` holds (also for state another thread changes).
+
+    Raises:
+        AssertionError: naming ``what``, when it still does not hold after :data:`PATIENCE_S`.
+    """
+    give_up = time.monotonic() + PATIENCE_S
+    while not condition():
+        if time.monotonic() > give_up:
+            raise AssertionError(f"never happened: {what}")
+        await asyncio.sleep(0.002)
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    """:func:`until` for synchronous tests (the condition is usually another process's state)."""
+    give_up = time.monotonic() + PATIENCE_S
+    while not condition():
+        if time.monotonic() > give_up:
+            raise AssertionError(f"never happened: {what}")
+        time.sleep(0.02)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pytest
-from conftest import make_backend
+from conftest import make_backend, until
 
 from cascade.backends.base import Backend
 from cascade.batching import MicroBatcher
@@ -158,9 +158,9 @@ async def test_bounded_queue_raises_overloaded() -> None:
     assert echo.gate is not None
     batcher = MicroBatcher(echo, max_batch_size=1, max_wait_ms=0, max_queue=2)
     first = asyncio.create_task(batcher.generate(["a"], GREEDY))
-    await asyncio.sleep(0.01)  # "a" is dispatched and held at the gate
+    await until(lambda: len(echo.calls) == 1, '"a" dispatched and held at the gate')
     queued = [asyncio.create_task(batcher.generate([p], GREEDY)) for p in ("b", "c")]
-    await asyncio.sleep(0.01)
+    await until(lambda: batcher.queue_depth == 2, '"b" and "c" queued')
     assert batcher.queue_depth == 2 and batcher.in_flight == 1
     with pytest.raises(OverloadedError) as info:
         await batcher.generate(["d"], GREEDY)
@@ -174,12 +174,12 @@ async def test_cancelled_caller_is_dropped_before_dispatch() -> None:
     assert echo.gate is not None
     batcher = MicroBatcher(echo, max_batch_size=1, max_wait_ms=0)
     first = asyncio.create_task(batcher.generate(["a"], GREEDY))
-    await asyncio.sleep(0.01)
+    await until(lambda: len(echo.calls) == 1, '"a" dispatched and held at the gate')
     doomed = asyncio.create_task(batcher.generate(["gone"], GREEDY))
     kept = asyncio.create_task(batcher.generate(["b"], GREEDY))
-    await asyncio.sleep(0.01)
+    await until(lambda: batcher.queue_depth == 2, '"gone" and "b" queued')
     doomed.cancel()
-    await asyncio.sleep(0)
+    await until(lambda: doomed.done(), "the cancellation delivered")
     assert batcher.queue_depth == 1
     echo.gate.set()
     assert (await first)[0].text == "echo:a" and (await kept)[0].text == "echo:b"
@@ -233,7 +233,7 @@ async def test_aclose_fails_queued_calls_and_closes_inner() -> None:
     echo = EchoBackend(gate=asyncio.Event())
     batcher = MicroBatcher(echo, max_batch_size=1, max_wait_ms=0)
     tasks = [asyncio.create_task(batcher.generate([p], GREEDY)) for p in ("a", "b")]
-    await asyncio.sleep(0.01)
+    await until(lambda: len(echo.calls) == 1 and batcher.queue_depth == 1, '"a" at the gate and "b" queued')
     await batcher.aclose()
     for t in tasks:
         with pytest.raises(BackendError):

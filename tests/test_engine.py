@@ -165,7 +165,7 @@ def test_failing_small_tier_raises_and_confident_requests_skip_large():
 def test_tier_timeout_is_enforced():
     class Slow(FailingBackend):
         async def generate(self, prompts, params, *, scores=True, early_exit=None):
-            await asyncio.sleep(5)
+            await asyncio.Event().wait()  # never answers: only the tier timeout ends the call
             raise AssertionError("not reached")
 
     tiers = [Tier("small", make_backend(0)), Tier("large", Slow(RuntimeError()), timeout_s=0.05)]

@@ -10,7 +10,6 @@ import json
 import math
 import random
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -115,11 +114,10 @@ def test_non_loopback_targets_are_refused(url):
 
 
 def test_cli_refuses_a_remote_target_before_sending(capsys):
-    started = time.perf_counter()
-    # 10.255.255.1 is unroutable: any attempt to connect would hang for seconds
+    # 10.255.255.1 is unroutable: the address check refuses it before any connection (and no run, no report)
     code = main(["--target", "http://10.255.255.1:8000", "--users", "2", "--duration", "1", "--warmup", "1"])
-    assert code == 2 and time.perf_counter() - started < 2.0
-    assert "only loopback targets are allowed" in capsys.readouterr().err
+    out = capsys.readouterr()
+    assert code == 2 and "only loopback targets are allowed" in out.err and out.out == ""
 
 
 # ------------------------------------------------------------------ load shapes on the simulated cascade
@@ -130,13 +128,11 @@ async def test_closed_loop_counts_add_up_and_stops_at_duration():
                       sample_interval_s=0.1)
     async with SimulatedCascade(replace(FAST, threshold=0.5)) as sim:
         await warm_up(sim.target, PROMPTS, 2)  # imports torch: not part of the timed run
-        started = time.perf_counter()
         report, result = await loadtest(sim.target, PROMPTS, shape, warmup=0)
-        took = time.perf_counter() - started
     assert_counts_add_up(report, result)
-    assert report["failed"] == 0 and report["answered"] > 12
+    assert report["failed"] == 0 and report["answered"] > 12  # every request answered: none waited out the grace
     assert max(o.start_s for o in result.recorder.outcomes) < shape.duration_s  # nothing sent after the end
-    assert took < shape.duration_s + 1.5
+    assert result.stopped_by == "duration"
     assert 0 < report["escalated_share"] < 1 and set(report["tiers"]) == {"small", "large"}
     assert report["tiers"]["small"]["calls"] == report["answered"]
     assert report["tiers"]["large"]["calls"] == round(report["escalated_share"] * report["answered"])
@@ -152,9 +148,8 @@ async def test_max_requests_stops_early():
     shape = LoadShape(users=5, duration_s=20.0, think_time_s=0.0, max_requests=17, grace_s=5.0)
     async with SimulatedCascade(FAST) as sim:
         await warm_up(sim.target, PROMPTS, 1)
-        started = time.perf_counter()
         report, result = await loadtest(sim.target, PROMPTS, shape, warmup=0)
-        assert time.perf_counter() - started < 5.0
+    assert result.stopped_by == "max_requests"  # not by the 20 s duration
     assert report["sent"] == 17 and report["answered"] == 17
     assert_counts_add_up(report, result)
 
@@ -178,11 +173,9 @@ async def test_in_flight_requests_get_a_bounded_grace_then_are_counted():
         target = HttpTarget(server.url, max_tokens=4)
         await target.start()
         shape = LoadShape(users=4, duration_s=0.3, think_time_s=0.0, grace_s=0.4)
-        started = time.perf_counter()
         report, result = await loadtest(target, PROMPTS, shape, warmup=0)
-        took = time.perf_counter() - started
         await target.aclose()
-    assert took < 0.3 + 0.4 + 1.0
+    # cut at the end of the grace, counted, and not waited for (the server hangs 30 s)
     assert report["sent"] == 4 and report["failed"] == 4 and report["failed_by_kind"] == {"unfinished_at_stop": 4}
     assert_counts_add_up(report, result)
 

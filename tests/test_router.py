@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_backend
+from conftest import make_backend, until
 
 from cascade.config import BatchingConfig, CascadeConfig, TierConfig
 from cascade.engine import Cascade
@@ -191,7 +191,7 @@ async def test_replica_pool_sends_work_to_the_least_loaded_replica() -> None:
     free = Cascade(small=ExpertBackend("r1-small"), large=ExpertBackend("r1-large"), threshold=0.9)
     pool = ReplicaPool([busy, free])
     held = asyncio.create_task(pool.run_batch(["a"]))
-    await asyncio.sleep(0.01)
+    await until(lambda: pool.in_flight != [0, 0], '"a" sent')
     assert pool.in_flight == [1, 0]
     quick = [await pool.run_batch([p]) for p in ("b", "c")]
     assert [r[0].text for r in quick] == ["r1-small:b", "r1-small:c"]

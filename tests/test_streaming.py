@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
-from conftest import make_backend
+from conftest import make_backend, until
 from test_engine import FailingBackend
 
 from cascade import BackendError, Cascade, GenerationParams
@@ -79,10 +77,7 @@ async def test_accepted_answer_streams_while_small_model_still_generates():
     assert isinstance(first, CascadeChunk) and first.tier == "small"
     assert small._lock.locked(), "the first chunk arrived only after the whole small answer"
     await stream.aclose()  # the client went away: generation stops at the next token
-    for _ in range(100):
-        if not small._lock.locked():
-            break
-        await asyncio.sleep(0.02)
+    await until(lambda: not small._lock.locked(), "the small model's generation stopped")
     assert not small._lock.locked()
     _chunks, result = await collect(cascade.stream("a movie", params=GenerationParams(max_tokens=3)))
     assert result.tier == "small"

@@ -73,6 +73,7 @@ class RunResult:
         elapsed_s: seconds from the start until the last outcome (the run's measured span).
         events: (seconds after start, description) of injected events such as faults.
         cpu_s: CPU seconds (user + system) this process used during the run.
+        stopped_by: why sending stopped: ``"max_requests"`` (that many were sent) or ``"duration"``.
     """
 
     recorder: Recorder
@@ -80,6 +81,7 @@ class RunResult:
     elapsed_s: float = 0.0
     events: list[tuple[float, str]] = field(default_factory=list)
     cpu_s: float = 0.0
+    stopped_by: str = "duration"
 
 
 class _Run:
@@ -92,6 +94,7 @@ class _Run:
         self.t0 = time.perf_counter()
         self.sending = True
         self.stopped_sending_at: float | None = None
+        self.stopped_by = "duration"
 
     def now(self) -> float:
         return time.perf_counter() - self.t0
@@ -102,6 +105,8 @@ class _Run:
                              (s.max_requests is not None and self.rec.sent >= s.max_requests)):
             self.sending = False
             self.stopped_sending_at = min(self.now(), s.duration_s)
+            if s.max_requests is not None and self.rec.sent >= s.max_requests:
+                self.stopped_by = "max_requests"
         return self.sending
 
     async def one(self, rid: int | None = None, start: float | None = None) -> None:
@@ -219,6 +224,7 @@ async def run_load(target: LoadTarget, prompts: Sequence[Prompt], shape: LoadSha
         run.may_send()
         run.sending = False
         result.sending_s = run.stopped_sending_at if run.stopped_sending_at is not None else run.now()
+        result.stopped_by = run.stopped_by
         if pending:
             grace_end = result.sending_s + shape.grace_s
             _, pending = await asyncio.wait(pending, timeout=max(0.0, grace_end - run.now()))

@@ -1,10 +1,12 @@
-"""Fitting cascade thresholds on labelled held-out data (pure numpy/scipy; arrays as in :mod:`calibration.metrics`).
+"""Fitting cascade thresholds on held-out data (pure numpy/scipy; arrays as in :mod:`calibration.metrics`).
 
 Methods, each returning a :class:`FitResult`:
 
 - :func:`fit_budget` -- at most a share R of requests reach the last tier (RouteLLM-style quantile).
 - :func:`fit_quality` -- fewest escalations such that, with probability >= 1 - delta over the draw of the
-  held-out set, the population accuracy loss against always using the last tier is <= eps (Learn-then-Test).
+  held-out set, the population accuracy loss against always using the last tier is <= eps (Learn-then-Test),
+  or, without labels, the share of answers differing from the last tier's (:mod:`calibration.certify`);
+  :func:`fit_quality_measures` does it for several measures and keeps the one certifying the least escalation.
 - :func:`fit_min_cost` -- maximise ``value_per_correct * accuracy - mean_cost``.
 
 Candidate tables: :func:`common_sweep` evaluates every common threshold exactly (all two-tier thresholds);
@@ -20,11 +22,19 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 
+from calibration.certify import (
+    Bound,
+    Claim,
+    check_agreement,
+    claim_text,
+    default_bound,
+    fixed_sequence,
+    upper_bounds,
+)
 from calibration.metrics import (
     CascadeStats,
     FloatArray,
@@ -43,13 +53,11 @@ __all__ = [
     "fit_budget",
     "fit_min_cost",
     "fit_quality",
+    "fit_quality_measures",
     "grid_search",
     "measured_curve",
     "pareto_index",
 ]
-
-Bound = Literal["discordant", "harm"]
-
 
 @dataclass(frozen=True, eq=False)
 class Candidates:
@@ -208,9 +216,10 @@ def _front(cand: Candidates, last_accuracy: float) -> Curve:
     return _to_curve(cand.subset(pareto_index(cand)), "pareto", last_accuracy)
 
 
-def _describe(st: CascadeStats) -> str:
+def _describe(st: CascadeStats, claim: str = "accuracy") -> str:
     tiers = ", ".join(f"{a:.1%}" for a in st.answered)
-    return (f"accuracy {st.accuracy:.1%}, mean cost {st.mean_cost:.4g}, answered per tier [{tiers}] "
+    what = "agreement with the last tier" if claim == "disagreement" else "accuracy"
+    return (f"{what} {st.accuracy:.1%}, mean cost {st.mean_cost:.4g}, answered per tier [{tiers}] "
             f"on {st.n} held-out examples")
 
 
@@ -248,95 +257,101 @@ def fit_budget(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.ArrayLi
     return FitResult(tuple(cand.thresholds[i].tolist()), "budget", {"max_large_share": r}, st, True, msg, pareto)
 
 
-def _cp_upper(k: IntArray, n: int | IntArray, alpha: float) -> FloatArray:
-    """One-sided Clopper-Pearson upper bounds at level 1 - alpha for k successes of n trials (1 when k == n).
-
-    ``n`` is a scalar or an array like ``k``; the beta quantile is computed once per distinct (k, n) pair.
-    """
-    from scipy.stats import beta
-
-    pairs = np.stack(np.broadcast_arrays(np.asarray(k), np.asarray(n)), axis=-1).reshape(-1, 2)
-    u, inv = np.unique(pairs, axis=0, return_inverse=True)
-    out = np.ones(len(u))
-    m = u[:, 0] < u[:, 1]
-    out[m] = beta.ppf(1.0 - alpha, u[m, 0] + 1, u[m, 1] - u[m, 0])
-    return np.asarray(out[inv.ravel()], dtype=np.float64)
-
-
 def fit_quality(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.ArrayLike | None = None, *,
-                max_quality_loss: float, delta: float = 0.1, bound: Bound = "discordant") -> FitResult:
-    """Fewest escalations with ``P(acc(always last) - acc(cascade) <= eps) >= 1 - delta`` (Learn-then-Test).
+                max_quality_loss: float, delta: float = 0.1, bound: Bound | None = None,
+                claim: Claim = "accuracy") -> FitResult:
+    """Fewest escalations such that, with probability >= 1 - delta, the claim's loss is <= eps (Learn-then-Test).
 
-    **Loss.** Per example, ``L = last_right - cascade_right`` in {-1, 0, 1}. With *harm* = the cascade kept a
-    lower tier's wrong answer where the last tier was right and *help* = it kept a lower tier's right answer
-    where the last tier was wrong, ``L = harm - help`` and the target is ``E[L] = p_harm - p_help <= eps``.
+    The claims, the per-candidate bounds and the testing sequence, with the proof, are in
+    :mod:`calibration.certify`. ``claim="accuracy"``: ``acc(always last) - acc(cascade) <= eps`` from labels.
+    ``claim="disagreement"``: the share of answers differing from the last tier's is <= eps (so is the accuracy
+    loss, for any labels); then ``correct`` is the agreement matrix (tier j's answer is the same as the last
+    tier's; last column all True), and "accuracy" in the result means agreement with the last tier.
 
-    **Upper confidence bound per threshold** (the test rejects the null ``E[L] > eps`` iff bound <= eps):
-
-    - ``"discordant"`` (default): write ``E[L] = q (2 pi - 1)`` with ``q = p_harm + p_help`` (the rate of
-      discordant examples, D of n observed) and ``pi = p_harm / q``. Given D, the harm count is exactly
-      Binomial(D, pi) (a McNemar-type conditional law), so ``pi <= pi_U``, the one-sided Clopper-Pearson bound at
-      level ``delta - gamma`` from (harm, D), fails with probability <= delta - gamma; ``q <= q_U``, the
-      Clopper-Pearson bound at level ``gamma = delta / 4`` from (D, n), fails with probability <= gamma.
-      When both hold, ``E[L] <= max(q_U (2 pi_U - 1), 0)``. It uses both the harm and the help counts and
-      their exclusivity, so it certifies far fewer escalations than the harm bound when the lower tier is
-      often right where the last tier is wrong; when it never is, it costs the delta/4 spent on ``q``.
-    - ``"harm"``: ``UCB_delta(p_harm)`` (Clopper-Pearson), valid because ``L <= harm``; exact and simple, the
-      tightest choice when the lower tiers are almost never right where the last tier is wrong.
-
-    **Family and fixed-sequence testing.** Every stage uses one common threshold ``lam``; candidates run from
-    ``lam = -inf`` (escalate everything: loss exactly 0, accepted without a test) upward through every
-    distinct running-minimum score, so the last-tier share never increases along the sequence. Each is tested
-    at level delta in that order; testing stops at the first failure and the last accepted candidate (fewest
-    escalations) is returned; fixed-sequence testing needs no multiplicity correction. The candidates are
-    data values, but this is fixed-sequence testing over the continuum of ``lam`` (a family fixed before
-    seeing data): the counts are constant between consecutive candidates, so the first failure is the same
-    and the returned candidate lies in the accepted region. Per-stage quantile families would depend on the
-    fit data and void the guarantee, so they are not used. For two tiers the family is every threshold.
+    **Family.** Every stage uses one common threshold ``lam``; candidates run from ``lam = -inf`` (escalate
+    everything: loss exactly 0, accepted without a test) upward through every distinct running-minimum score,
+    so the last-tier share never increases along the sequence, and they are tested in that order
+    (:func:`calibration.certify.fixed_sequence`). Per-stage quantile families would depend on the fit data
+    and void the guarantee, so they are not used. For two tiers the family is every threshold.
 
     If no candidate passes, the always-last-tier fallback (all ``-inf``) is returned with ``feasible=False``.
 
     Args:
-        scores: ``(n, N-1)`` or ``(n,)``; correct: ``(n, N)``; costs: ``(n, N)``, ``(N,)`` or None.
+        scores: ``(n, N-1)`` or ``(n,)``; correct: ``(n, N)`` (agreement for the disagreement claim);
+            costs: ``(n, N)``, ``(N,)`` or None.
         max_quality_loss: eps in [0, 1).
         delta: allowed probability of missing the target, in (0, 1).
-        bound: the per-threshold upper confidence bound (above).
+        bound: the per-candidate upper confidence bound (default: the claim's, see
+            :func:`calibration.certify.default_bound`).
+        claim: ``"accuracy"`` or ``"disagreement"``.
     """
     eps = check_fraction("max_quality_loss", max_quality_loss, 0.0, 1.0)
     dlt = check_fraction("delta", delta, 0.0, 1.0)
-    if eps >= 1.0 or dlt in (0.0, 1.0) or bound not in ("discordant", "harm"):
+    bnd = default_bound(claim) if bound is None else bound
+    if eps >= 1.0 or dlt in (0.0, 1.0) or bnd not in ("discordant", "harm"):
         raise InvalidRequestError("need 0 <= max_quality_loss < 1, 0 < delta < 1, bound 'discordant' or 'harm'")
     s, c, k = check_data(scores, correct, costs)
+    if claim == "disagreement":
+        check_agreement(c)
     cand = common_sweep(s, c, k)
     n = cand.n
-    if bound == "harm":
-        upper = _cp_upper(cand.harmed, n, dlt)
-    else:
-        discordant = cand.harmed + cand.helped
-        pi_u = _cp_upper(cand.harmed, discordant, 0.75 * dlt)
-        upper = np.maximum(_cp_upper(discordant, n, 0.25 * dlt) * (2.0 * pi_u - 1.0), 0.0)
-    passed = upper <= eps
-    passed[0] = True
-    fails = np.flatnonzero(~passed)
-    i = int(fails[0] - 1) if fails.size else len(passed) - 1
+    upper = upper_bounds(cand.harmed, cand.helped, n, dlt, bnd)
+    i = fixed_sequence(upper <= eps)
     params: dict[str, float | int | str] = {
-        "max_quality_loss": eps, "delta": dlt, "bound": bound,
+        "max_quality_loss": eps, "delta": dlt, "bound": bnd, "claim": claim,
         "family": "single threshold" if c.shape[1] == 2 else "common threshold for every stage",
     }
     st = cand.stats(i)
+    what = claim_text(claim)
     measured = float(c[:, -1].mean()) - st.accuracy
     if i == 0:
         first = float(upper[1]) if len(upper) > 1 else float("nan")
-        msg = (f"quality: no threshold is certified to lose at most {eps:.2%} accuracy against the last tier "
-               f"with confidence {1 - dlt:.0%} on {n} examples (the first candidate's upper bound is "
-               f"{first:.2%}); falling back to always escalating. Use more held-out data or a looser target.")
+        msg = (f"quality: no threshold is certified to keep the {what} at most {eps:.2%} with confidence "
+               f"{1 - dlt:.0%} on {n} examples (the first candidate's upper bound is {first:.2%}); falling back "
+               f"to always escalating. Use more {'prompts' if claim == 'disagreement' else 'held-out data'} "
+               f"or a looser target.")
         params["certified_loss_bound"] = 0.0
         return FitResult(tuple(cand.thresholds[0].tolist()), "quality", params, st, False, msg)
     params["certified_loss_bound"] = float(upper[i])
-    msg = (f"quality: with confidence {1 - dlt:.0%}, the accuracy loss against always using the last tier is "
-           f"<= {eps:.2%} (certified upper bound {upper[i]:.2%}, measured {measured:.2%}); "
-           f"{st.large_share:.1%} of requests reach the last tier ({_describe(st)}).")
+    msg = (f"quality: with confidence {1 - dlt:.0%}, the {what} is <= {eps:.2%} (certified upper bound "
+           f"{upper[i]:.2%}, measured {measured:.2%}); {st.large_share:.1%} of requests reach the last tier "
+           f"({_describe(st, claim)}).")
     return FitResult(tuple(cand.thresholds[i].tolist()), "quality", params, st, True, msg)
+
+
+def fit_quality_measures(scores: Mapping[str, npt.ArrayLike], correct: npt.ArrayLike,
+                         costs: npt.ArrayLike | None = None, *, max_quality_loss: float, delta: float = 0.1,
+                         bound: Bound | None = None, claim: Claim = "accuracy") -> tuple[str, FitResult]:
+    """A quality fit for each of M measures at level ``delta / M``; the one certifying the least escalation.
+
+    *Validity* (Bonferroni): each measure's fit misses its target with probability <= delta / M, so all of them
+    hold at once with probability >= 1 - delta, and so does the one kept, whatever rule picks it. Choosing the
+    measure by AUC on the same data needed the same ``delta / M``; keeping the measure whose own sequence
+    certifies the smallest last-tier share therefore certifies no more escalation at the same confidence.
+    Ties go to the lower mean cost, then to the earlier measure in ``scores``; when none is feasible, the first
+    measure's fallback (always escalate) is returned.
+
+    Args:
+        scores: measure name -> ``(n, N-1)`` scores of the same examples (M >= 1 measures).
+        correct, costs, max_quality_loss, delta, bound, claim: as in :func:`fit_quality`.
+
+    Returns:
+        ``(measure, fit)``; ``fit.params`` adds ``delta_overall``, ``tested_measures`` and each measure's
+        certified last-tier share (``share_<measure>``, 1.0 where it fell back).
+    """
+    dlt = check_fraction("delta", delta, 0.0, 1.0)
+    if not scores:
+        raise InvalidRequestError("fit_quality_measures needs at least one measure")
+    fits = {m: fit_quality(s, correct, costs, max_quality_loss=max_quality_loss, delta=dlt / len(scores),
+                           bound=bound, claim=claim) for m, s in scores.items()}
+    order = list(fits)
+    best = min(order, key=lambda m: (not fits[m].feasible, fits[m].stats.large_share if fits[m].feasible else 0.0,
+                                     fits[m].stats.mean_cost if fits[m].feasible else 0.0, order.index(m)))
+    chosen = fits[best]
+    params = {**dict(chosen.params), "delta_overall": dlt, "tested_measures": len(fits),
+              **{f"share_{m}": f.stats.large_share for m, f in fits.items()}}
+    return best, FitResult(chosen.thresholds, chosen.method, params, chosen.stats, chosen.feasible, chosen.message,
+                           chosen.pareto)
 
 
 def fit_min_cost(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.ArrayLike | None = None, *,

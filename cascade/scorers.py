@@ -2,6 +2,13 @@
 
 Built in: ``exact``, ``choice`` (first label among the example's choices found in the answer), ``numeric``
 (last number in the answer, GSM8K style), ``contains``; or a user callable given as ``module:function``.
+
+Each built-in scorer also decides when two answers are *the same* (:func:`get_same`,
+``(answer_a, answer_b, example) -> bool``): answers it calls the same are scored alike under every gold
+answer, which is what label-free calibration needs (:mod:`calibration.certify`). ``choice``: the same choice
+found first (or none in either); ``exact`` and ``contains``: the same text after normalisation (case,
+punctuation, spacing); ``numeric``: the same last number (or none in either). A user function of two answers
+is given as ``module:function``.
 """
 
 from __future__ import annotations
@@ -13,9 +20,10 @@ from typing import Any
 
 from cascade.errors import InvalidRequestError
 
-__all__ = ["Scorer", "extract_choice", "get_scorer", "last_number"]
+__all__ = ["Same", "Scorer", "extract_choice", "get_same", "get_scorer", "last_number"]
 
 Scorer = Callable[[str, Mapping[str, Any]], bool]
+Same = Callable[[str, str, Mapping[str, Any]], bool]
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
@@ -72,6 +80,25 @@ def _numeric(answer: str, example: Mapping[str, Any]) -> bool:
 _BUILTIN: dict[str, Scorer] = {"exact": _exact, "choice": _choice, "numeric": _numeric, "contains": _contains}
 
 
+def _same_text(a: str, b: str, example: Mapping[str, Any]) -> bool:
+    return _norm(a) == _norm(b)
+
+
+def _same_choice(a: str, b: str, example: Mapping[str, Any]) -> bool:
+    choices = example.get("choices")
+    if not choices:
+        raise InvalidRequestError("the choice scorer needs a 'choices' list in every example")
+    return extract_choice(a, choices) == extract_choice(b, choices)
+
+
+def _same_number(a: str, b: str, example: Mapping[str, Any]) -> bool:
+    return last_number(a) == last_number(b)  # exact: a tolerance could put one answer on each side of the gold
+
+
+_SAME: dict[str, Same] = {"exact": _same_text, "choice": _same_choice, "numeric": _same_number,
+                          "contains": _same_text}
+
+
 def get_scorer(name: str) -> Scorer:
     """A built-in scorer by name, or ``module:function`` imported from the Python path.
 
@@ -80,13 +107,29 @@ def get_scorer(name: str) -> Scorer:
     """
     if name in _BUILTIN:
         return _BUILTIN[name]
+    return _import(name, "scorer")  # type: ignore[no-any-return]
+
+
+def get_same(name: str) -> Same:
+    """When two answers are the same for scorer ``name`` (a built-in), or a ``module:function`` of
+    ``(answer_a, answer_b, example) -> bool``.
+
+    Raises:
+        InvalidRequestError: unknown name, or a ``module:function`` that cannot be imported or called.
+    """
+    if name in _SAME:
+        return _SAME[name]
+    return _import(name, "same-answer function")  # type: ignore[no-any-return]
+
+
+def _import(name: str, what: str) -> Any:
     if ":" not in name:
-        raise InvalidRequestError(f"unknown scorer {name!r}; use one of {sorted(_BUILTIN)} or module:function")
+        raise InvalidRequestError(f"unknown {what} {name!r}; use one of {sorted(_BUILTIN)} or module:function")
     module, _, func = name.partition(":")
     try:
         fn = getattr(importlib.import_module(module), func)
     except Exception as exc:  # missing, empty name, a syntax error or an error raised while importing
-        raise InvalidRequestError(f"cannot import scorer {name!r}: {type(exc).__name__}: {exc}") from exc
+        raise InvalidRequestError(f"cannot import {what} {name!r}: {type(exc).__name__}: {exc}") from exc
     if not callable(fn):
-        raise InvalidRequestError(f"scorer {name!r} is not callable")
-    return fn  # type: ignore[no-any-return]
+        raise InvalidRequestError(f"{what} {name!r} is not callable")
+    return fn

@@ -1,4 +1,4 @@
-"""``cascade-calibrate`` (also ``python -m calibration``): fit escalation thresholds on labelled held-out data.
+"""``cascade-calibrate`` (also ``python -m calibration``): fit escalation thresholds on held-out data.
 
 Every tier of the config answers every example once through the generation cache (the last tier without
 scores), so a rerun, or a refit with another target, reads the cache and takes seconds; an interrupted run
@@ -8,6 +8,13 @@ goes to the terminal and optionally to JSON and a PNG plot. Example::
 
     cascade-calibrate --data dev.jsonl --out thresholds.json --max-quality-loss 0.02 --confidence 0.9 \\
         --test-data test.jsonl --measure all --plot curve.png --report-json report.json
+
+Without labels, ``--label-free`` certifies how often the cascade's answer differs from the last tier's (which
+bounds the accuracy loss for any labels; :mod:`calibration.certify`); ``--plan`` predicts, from a pilot run,
+what a quality fit would certify with 100 to 10,000 examples (:mod:`calibration.plan`)::
+
+    cascade-calibrate --label-free --data prompts.jsonl --test-data labelled.jsonl --out t.json --max-quality-loss 0.05
+    cascade-calibrate --plan --data pilot.jsonl --max-quality-loss 0.05 [--label-free]
 """
 
 from __future__ import annotations
@@ -17,27 +24,18 @@ import asyncio
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from calibration.pipeline import (
-    Example,
-    check_scorer,
-    fit_thresholds,
-    generate_all,
-    load_examples,
-    split_examples,
-    widen_curve,
-    widen_thresholds,
-)
+from calibration.inputs import Arrays, Inputs, measure_arrays, read_inputs
+from calibration.pipeline import fit_thresholds, widen_curve, widen_thresholds
 from cascade.errors import CascadeError, InvalidRequestError
 
 if TYPE_CHECKING:
-    from calibration.generation_cache import TierArrays
+    from calibration.certify import Claim
     from cascade.artifact import Artifact
     from cascade.config import CascadeConfig
-    from cascade.scorers import Scorer
     from cascade.types import GenerationParams
 
 __all__ = ["main"]
@@ -46,10 +44,11 @@ __all__ = ["main"]
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cascade-calibrate",
-        description="Fit the escalation thresholds of a cascade on labelled held-out data and write an artifact.")
+        description="Fit the escalation thresholds of a cascade on held-out data and write an artifact.")
     p.add_argument("--data", required=True,
-                   help='JSONL, one example per line: {"id", "prompt" or "messages", "answer", optional "choices"}')
-    p.add_argument("--out", required=True, help="artifact to write (JSON, written atomically)")
+                   help='JSONL, one example per line: {"id", "prompt" or "messages", "answer", optional "choices"} '
+                        '("answer" optional with --label-free)')
+    p.add_argument("--out", help="artifact to write (JSON, written atomically; required unless --plan)")
     p.add_argument("--scorer", default="auto",
                    help="exact | choice | numeric | contains | module:function (default: choice when every "
                         "example has choices, else exact)")
@@ -79,6 +78,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="PNG: accuracy vs large-model share per measure, random and oracle")
     p.add_argument("--report-json", help="every number of the report as JSON")
     p.add_argument("--router", help="fitted expert-router file: also fit one threshold set per cluster")
+    p.add_argument("--label-free", action="store_true",
+                   help="certify the share of answers that differ from the last tier's (no labels needed: lines may "
+                        "omit 'answer'; labels present are used only for the report); with --max-quality-loss")
+    p.add_argument("--same", help="when two answers are the same, for --label-free: exact | choice | numeric | "
+                                  "contains | module:function(answer_a, answer_b, example) (default: the scorer's)")
+    p.add_argument("--plan", action="store_true",
+                   help="predict from this pilot data what a --max-quality-loss fit would certify with more data "
+                        "(no artifact)")
+    p.add_argument("--plan-sizes", type=int, nargs="+", metavar="N",
+                   help="calibration-set sizes to plan for (default 100 300 1000 3000 10000)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -101,6 +110,14 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error(f"--measure must be 'all' or one of {', '.join(MEASURES)}")
     if a.seed < 0:
         p.error("--seed must be >= 0")
+    if (a.label_free or a.plan) and a.max_quality_loss is None:
+        p.error("--label-free and --plan go with a quality target (--max-quality-loss)")
+    if a.same is not None and not (a.label_free or a.plan):
+        p.error("--same applies to --label-free (and --plan)")
+    if a.plan == (a.out is not None):
+        p.error("--plan writes no artifact: leave out --out" if a.plan else "--out is required (unless --plan)")
+    if a.plan_sizes is not None and (not a.plan or min(a.plan_sizes) < 1):
+        p.error("--plan-sizes go with --plan and must be >= 1")
     for flag, path in (("--out", a.out), ("--report-json", a.report_json), ("--plot", a.plot)):
         if path is not None and not Path(path).resolve().parent.is_dir():
             p.error(f"{flag}: the folder of {path!r} does not exist")  # checked before any model runs
@@ -114,168 +131,98 @@ def _target(a: argparse.Namespace) -> tuple[str, dict[str, float]]:
     return "min_cost", {"value_per_correct": a.value_per_correct}
 
 
-def _verdict(method: str, kw: dict[str, float], test: dict[str, Any]) -> tuple[str, str]:
-    if method == "budget":
-        r = kw["max_large_share"]
-        return f"large share <= {r:.1%}", f"{'held' if test['large_share'] <= r + 1e-12 else 'MISSED'} " \
-                                          f"(large share {test['large_share']:.1%})"
-    if method == "quality":
-        eps, loss = kw["max_quality_loss"], test["large_accuracy"] - test["accuracy"]
-        return f"accuracy loss vs last tier <= {eps:.2%}", f"{'held' if loss <= eps + 1e-12 else 'MISSED'} " \
-                                                          f"(loss {loss:+.2%})"
-    return f"value {kw['value_per_correct']:g} per correct answer", \
-        f"net value {kw['value_per_correct'] * test['accuracy'] - test['mean_cost']:.4g} per request (no pass/fail)"
-
-
-def _held_out(method: str, kw: dict[str, float], names: Sequence[str], thresholds: Sequence[float],
-              per_cluster: dict[int, tuple[float, ...]] | None, ids: Sequence[int], scores: Any, correct: Any,
-              costs: Any, source: str) -> dict[str, Any]:
-    """The fitted cascade on the held-out examples: accuracies, large share, cost, and whether the target held."""
-    import numpy as np
-
-    from calibration import report as rep
-    from calibration.metrics import CascadeStats
-    from calibration.pipeline import answering_tiers
-
-    n = len(scores)
-    per = np.tile(np.asarray(thresholds, dtype=np.float64), (n, 1))
-    for i, cid in enumerate(ids):
-        if per_cluster and cid in per_cluster:
-            per[i] = per_cluster[cid]
-    tier = answering_tiers(per, scores)
-    rows = np.arange(n)
-    st = CascadeStats.from_counts(n, correct[rows, tier].mean(), np.cumsum(costs, 1)[rows, tier].mean(),
-                                  np.bincount(tier, minlength=len(names)))
-    test = {"n": n, "source": source, "small_accuracy": float(correct[:, 0].mean()),
-            "large_accuracy": float(correct[:, -1].mean()), **rep.stats_dict(st, thresholds)}
-    test["target"], test["verdict"] = _verdict(method, kw, test)
-    test["held"] = test["verdict"].startswith("held") if method != "min_cost" else None
-    test["points"] = [
-        *({"label": f"{name} alone", "accuracy": float(correct[:, j].mean()), "mean_cost": float(costs[:, j].mean()),
-           "large_share": float(j == len(names) - 1)} for j, name in enumerate(names)),
-        {"label": "cascade (fitted)", "chosen": True, **rep.stats_dict(st, thresholds)}]
-    return test
-
-
-@dataclass(frozen=True)
-class _Inputs:
-    """The labelled examples of one run.
-
-    Attributes:
-        data: every example of ``--data``.
-        fit: the examples the thresholds are fitted on.
-        test: the held-out examples (``--test-data`` or a ``--test-split`` of ``--data``), possibly none.
-        split: how the held-out examples were chosen, in words.
-        scorer_name: the scorer's name (``auto`` resolved).
-        scorer: the scorer.
-    """
-
-    data: list[Example]
-    fit: list[Example]
-    test: list[Example]
-    split: str
-    scorer_name: str
-    scorer: Scorer
-
-
-def _inputs(a: argparse.Namespace) -> _Inputs:
-    """Read ``--data`` (and ``--test-data``), check the scorer on them, and split off the held-out examples."""
-    data = load_examples(a.data)
-    scorer_name, scorer = check_scorer(a.scorer, data)
-    fit_ex, test_ex, split = data, [], "no held-out check"
-    if a.test_data:
-        test_ex = load_examples(a.test_data)
-        check_scorer(scorer_name, test_ex)
-        split = f"held-out check on {a.test_data}"
-    elif a.test_split:
-        fit_ex, test_ex = split_examples(data, a.test_split, a.seed)
-        split = f"seeded split (seed {a.seed}), {len(test_ex)} held out"
-    return _Inputs(data, fit_ex, test_ex, split, scorer_name, scorer)
-
-
-def _measure_arrays(a: argparse.Namespace, cfg: CascadeConfig, inputs: _Inputs, params: GenerationParams,
-                    cache_dir: Path) -> dict[str, TierArrays]:
-    """Every tier on every example (cached), as arrays per measure with finite scores (fit examples first)."""
-    import numpy as np
-
-    from calibration.generation_cache import tier_arrays
-    from cascade.engine import Price
-    from cascade.types import MEASURES
-
-    every = inputs.fit + inputs.test
-    gens = asyncio.run(generate_all(cfg, [e.data for e in every], params, cache_dir, batch_size=a.batch_size,
-                                    progress=not a.no_progress, choices=not a.no_choices))
-    prices = [Price(t.price_input_per_mtok, t.price_output_per_mtok) for t in cfg.tiers]
-    score = scorer_for(inputs.scorer, every)
-    arrays = {m: arr for m in MEASURES
-              if np.isfinite((arr := tier_arrays([e.data for e in every], gens, score, m, prices)).scores).all()}
-    if not arrays:
-        raise InvalidRequestError("the lower tiers returned no finite uncertainty scores for any measure")
-    return arrays
-
-
-def _choose_measure(a: argparse.Namespace, cfg: CascadeConfig, arrays: dict[str, TierArrays],
-                    n_fit: int) -> tuple[str, str, dict[str, Any]]:
-    """The measure to fit (``--measure``, ``all``: the best AUC on the fit data, or the config's), how it was
-    chosen, and the summary of every measure on the fit data."""
+def _choose_measure(a: argparse.Namespace, cfg: CascadeConfig, arrays: Arrays,
+                    n_fit: int) -> tuple[str | None, str, dict[str, Any]]:
+    """The measure to fit (``--measure``, or the config's; ``all``: the best AUC on the fit data, or None with a
+    quality target, whose fit picks it), how it was chosen, and the summary of every measure on the fit data."""
     from calibration import report as rep
 
     wanted = a.measure or cfg.measure
-    if wanted != "all" and wanted not in arrays:
-        raise InvalidRequestError(f"measure {wanted!r} is not available from these tiers; have {sorted(arrays)}")
-    first = next(iter(arrays.values()))
-    summary = rep.measure_summary({m: arr.scores[:n_fit] for m, arr in arrays.items()}, first.correct[:n_fit],
-                                  first.costs[:n_fit])
+    if wanted != "all" and wanted not in arrays.by_measure:
+        raise InvalidRequestError(f"measure {wanted!r} is not available from these tiers; have "
+                                  f"{sorted(arrays.by_measure)}")
+    first = next(iter(arrays.by_measure.values()))
+    summary = rep.measure_summary({m: arr.scores[:n_fit] for m, arr in arrays.by_measure.items()},
+                                  first.correct[:n_fit], first.costs[:n_fit])
+    if wanted == "all" and a.max_quality_loss is not None:
+        return None, (f"of {len(summary)} measures each tested at delta/{len(summary)} (Bonferroni), the one whose "
+                      "sequence certifies the least escalation, picked by --measure all"), summary
     if wanted == "all":
         measure = max(summary, key=lambda m: summary[m]["auc"])
         return measure, f"best AUC of {len(summary)} measures on the fit data, picked by --measure all", summary
     return wanted, "given by --measure" if a.measure else "the config's measure", summary
 
 
-def _fit(a: argparse.Namespace, cfg: CascadeConfig, inputs: _Inputs, params: GenerationParams, cache_dir: Path,
-         arrays: dict[str, TierArrays], measure: str, how: str,
+def _fit(a: argparse.Namespace, cfg: CascadeConfig, inputs: Inputs, params: GenerationParams, cache_dir: Path,
+         arrays: Arrays, wanted: str | None, how: str,
          summary: dict[str, Any]) -> tuple[Artifact, dict[str, Any]]:
     """Fit the chosen measure's thresholds (and per cluster with ``--router``): the artifact and the report."""
+    import numpy as np
+
     from calibration import report as rep
     from calibration.artifact import artifact_from_fit, data_fingerprint
-    from calibration.fit import measured_curve
+    from calibration.certify import claim_text
+    from calibration.fit import fit_quality_measures, measured_curve
     from calibration.metrics import simulate
+    from calibration.pipeline import answering_tiers
 
-    n_fit, names = len(inputs.fit), [t.name for t in cfg.tiers]
-    correct, costs = arrays[measure].correct, arrays[measure].costs
-    fs, fc, fk = arrays[measure].scores[:n_fit], correct[:n_fit], costs[:n_fit]
+    n_fit, names, claim = len(inputs.fit), [t.name for t in cfg.tiers], arrays.claim
     method, kw = _target(a)
     fit_kw = dict(kw)
-    if method == "quality" and (a.measure or cfg.measure) == "all":  # picked on the fit data: test at delta / M
+    first = next(iter(arrays.by_measure.values()))
+    fc, fk = first.correct[:n_fit], first.costs[:n_fit]
+    if wanted is None:  # --measure all with a quality target: the level split between the measures' sequences
+        measure, fit = fit_quality_measures({m: arr.scores[:n_fit] for m, arr in arrays.by_measure.items()}, fc, fk,
+                                            max_quality_loss=kw["max_quality_loss"], delta=kw["delta"], claim=claim)
         fit_kw["delta"] = kw["delta"] / len(summary)
-        how += f"; the guarantee is tested at delta/{len(summary)} (Bonferroni over the measures compared)"
-    fit = fit_thresholds(method, fs, fc, fk, **fit_kw)
+    else:
+        measure = wanted
+        fit = fit_thresholds(method, arrays.by_measure[measure].scores[:n_fit], fc, fk, claim, **fit_kw)
+    fs = arrays.by_measure[measure].scores[:n_fit]
     thresholds = widen_thresholds(fit.thresholds, fs)
     fp = data_fingerprint("\n".join(json.dumps(e.data, sort_keys=True, ensure_ascii=False) for e in inputs.fit))
     clusters: dict[int, tuple[float, ...]] | None = None
     ids: list[int] = []
-    report: dict[str, Any] = {"clusters": None}
+    report: dict[str, Any] = {"clusters": None, "claim": claim if method == "quality" else None}
     if a.router:
         from calibration.pipeline import cluster_ids, fit_clusters
 
         every = [e.data for e in inputs.fit + inputs.test]
         ids, embedder = asyncio.run(cluster_ids(a.router, cfg, every, cache_dir))
-        clusters, report["clusters"] = fit_clusters(ids[:n_fit], method, fit_kw, fs, fc, fk)
+        clusters, report["clusters"] = fit_clusters(ids[:n_fit], method, fit_kw, fs, fc, fk, claim)
         report["clusters"].update(router=a.router, embedder=embedder)
     art = artifact_from_fit(fit, models=[t.backend.model for t in cfg.tiers], measure=measure, data_fingerprint=fp,
                             curve=widen_curve(measured_curve(fs, fc, fk), fs), cluster_thresholds=clusters)
+    n_lab = int(arrays.labelled[:n_fit].sum())
+    free = {"guarantee": claim_text(claim), "same": inputs.same_name, "labelled_fit_lines": n_lab,
+            "curve_accuracy": "agreement with the last tier"} if claim == "disagreement" else {}
     art = replace(art, thresholds=thresholds, params={
         **dict(fit.params), "fitted_thresholds": rep.jsonable(list(fit.thresholds)), "scorer": inputs.scorer_name,
         "max_tokens": params.max_tokens, "temperature": params.temperature, "data": Path(a.data).name,
         "choices": not a.no_choices and all(e.data.get("choices") for e in inputs.fit + inputs.test),
-        "split": inputs.split,
+        "split": inputs.split, **free,
         **({"delta_overall": kw["delta"], "tested_measures": len(summary)} if fit_kw != kw else {})})
     chosen = simulate(thresholds, fs, fc, fk).stats()
+    lab = arrays.labelled[:n_fit]
+    labels = arrays.labels[:n_fit]
+    test = None
+    if inputs.test:
+        ts = arrays.by_measure[measure].scores[n_fit:]
+        per = np.tile(np.asarray(thresholds, dtype=np.float64), (len(ts), 1))
+        for i, cid in enumerate(ids[n_fit:]):
+            if clusters and cid in clusters:
+                per[i] = clusters[cid]
+        test = rep.held_out_check(
+            method, kw, names, answering_tiers(per, ts), arrays.labels[n_fit:], first.costs[n_fit:], thresholds,
+            inputs.split, claim=claim, labelled=arrays.labelled[n_fit:],
+            agreement=None if arrays.agreement is None else arrays.agreement[n_fit:])
     report.update({
         "data": {"path": a.data, "n": len(inputs.data), "n_fit": n_fit, "n_test": len(inputs.test),
-                 "split": inputs.split, "fingerprint": fp, "scorer": inputs.scorer_name},
+                 "split": inputs.split, "fingerprint": fp, "scorer": inputs.scorer_name,
+                 "same": inputs.same_name, "n_fit_labelled": n_lab},
         "tiers": [{"name": t.name, "model": t.backend.model, "price_input_per_mtok": t.price_input_per_mtok,
                    "price_output_per_mtok": t.price_output_per_mtok, "accuracy": float(fc[:, j].mean()),
+                   "labelled_accuracy": float(labels[lab, j].mean()) if lab.any() else None,
                    "mean_cost": float(fk[:, j].mean())} for j, t in enumerate(cfg.tiers)],
         "generation": {"max_tokens": params.max_tokens, "temperature": params.temperature,
                        "constrained": 0 if a.no_choices else sum(bool(e.data.get("choices"))
@@ -288,12 +235,42 @@ def _fit(a: argparse.Namespace, cfg: CascadeConfig, inputs: _Inputs, params: Gen
                 **rep.stats_dict(chosen)},
         "points": rep.operating_points(fs, fc, fk, thresholds, names),
         "pareto": rep.pareto_section(fs, fc, fk, chosen),
-        "test": None if not inputs.test else _held_out(
-            method, kw, names, thresholds, clusters, ids[n_fit:], arrays[measure].scores[n_fit:],
-            correct[n_fit:], costs[n_fit:], inputs.split),
+        "test": test,
         "artifact": a.out,
     })
     return art, report
+
+
+def _plan(a: argparse.Namespace, inputs: Inputs, arrays: Arrays, wanted: str | None) -> dict[str, Any]:
+    """The planner's predictions for the claim(s) this pilot can plan: labelled (with labels) and label-free."""
+    from calibration.certify import claim_text
+    from calibration.fit import fit_quality, fit_quality_measures
+    from calibration.plan import DEFAULT_SIZES, plan_quality, render_plan
+
+    n = len(inputs.fit)
+    eps, delta = a.max_quality_loss, round(1.0 - a.confidence, 12)
+    first = next(iter(arrays.by_measure.values()))
+    fk = first.costs[:n]
+    targets: list[tuple[Claim, Any]] = []
+    if not a.label_free:
+        targets.append(("accuracy", arrays.labels[:n]))
+    if arrays.agreement is not None:
+        targets.append(("disagreement", arrays.agreement[:n]))
+    out: dict[str, Any] = {"n_pilot": n, "target": {"max_quality_loss": eps, "delta": delta}, "plans": {}}
+    for claim, target in targets:
+        scores: Any = ({m: arr.scores[:n] for m, arr in arrays.by_measure.items()} if wanted is None
+                       else arrays.by_measure[wanted].scores[:n])
+        if wanted is None:
+            _, own = fit_quality_measures(scores, target, fk, max_quality_loss=eps, delta=delta, claim=claim)
+        else:
+            own = fit_quality(scores, target, fk, max_quality_loss=eps, delta=delta, claim=claim)
+        rows = plan_quality(scores, target, fk, max_quality_loss=eps, delta=delta, claim=claim,
+                            sizes=a.plan_sizes or DEFAULT_SIZES, seed=a.seed)
+        what = f"{claim_text(claim)} <= {eps:.2%} at {a.confidence:.0%} confidence"
+        print(render_plan(rows, what=what, n_pilot=n, pilot_share=own.stats.large_share) + "\n")
+        out["plans"][claim] = {"what": what, "pilot_share": own.stats.large_share,
+                               "rows": [vars(r) for r in rows]}
+    return out
 
 
 def _run(a: argparse.Namespace) -> int:
@@ -307,12 +284,20 @@ def _run(a: argparse.Namespace) -> int:
         except ImportError as exc:
             raise InvalidRequestError(f"--plot needs matplotlib (the 'plot' extra): {exc}") from None
     cfg = load_config(a.config) if a.config else default_config()
-    inputs = _inputs(a)
+    inputs = read_inputs(a.data, scorer=a.scorer, test_data=a.test_data, test_split=a.test_split, seed=a.seed,
+                         same=a.same, label_free=a.label_free)
     params = GenerationParams(max_tokens=a.max_tokens or cfg.max_tokens, temperature=cfg.temperature)
     cache_dir = Path(a.cache_dir) if a.cache_dir else _default_cache()
-    arrays = _measure_arrays(a, cfg, inputs, params, cache_dir)
-    measure, how, summary = _choose_measure(a, cfg, arrays, len(inputs.fit))
-    art, report = _fit(a, cfg, inputs, params, cache_dir, arrays, measure, how, summary)
+    arrays = measure_arrays(cfg, inputs, params, cache_dir, batch_size=a.batch_size, progress=not a.no_progress,
+                            choices=not a.no_choices, label_free=a.label_free)
+    wanted, how, summary = _choose_measure(a, cfg, arrays, len(inputs.fit))
+    if a.plan:
+        planned = _plan(a, inputs, arrays, wanted)
+        if a.report_json:
+            _write_text(a.report_json, json.dumps(rep.jsonable(planned), indent=1, allow_nan=False) + "\n")
+        return 0
+    art, report = _fit(a, cfg, inputs, params, cache_dir, arrays, wanted, how, summary)
+    measure = art.measure
     if measure != cfg.measure:
         report["hint"] = (f"note: the artifact is for measure {measure!r}, the config uses {cfg.measure!r}; run the "
                           f"cascade with --measure {measure} (or set measure: {measure} in the config)")
@@ -324,21 +309,6 @@ def _run(a: argparse.Namespace) -> int:
         rep.plot(report, a.plot)
     print(f"\nartifact written to {a.out}", file=sys.stderr)
     return 0
-
-
-def scorer_for(scorer: Any, examples: Sequence[Example]) -> Any:
-    """Wrap a scorer so that its failure names the input line of the example."""
-    where = {id(e.data): e for e in examples}
-
-    def score(text: str, ex: Any) -> bool:
-        try:
-            return bool(scorer(text, ex))
-        except Exception as exc:
-            e = where.get(id(ex))
-            at = f"{e.source}:{e.line}" if e else "an example"
-            raise InvalidRequestError(f"{at}: the scorer failed: {type(exc).__name__}: {exc}") from exc
-
-    return score
 
 
 def _default_cache() -> Path:

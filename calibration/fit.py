@@ -220,7 +220,7 @@ def _describe(st: CascadeStats, claim: str = "accuracy") -> str:
     tiers = ", ".join(f"{a:.1%}" for a in st.answered)
     what = "agreement with the last tier" if claim == "disagreement" else "accuracy"
     return (f"{what} {st.accuracy:.1%}, mean cost {st.mean_cost:.4g}, answered per tier [{tiers}] "
-            f"on {st.n} held-out examples")
+            f"on {st.n} calibration examples")
 
 
 def fit_budget(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.ArrayLike | None = None, *,
@@ -350,8 +350,9 @@ def fit_quality_measures(scores: Mapping[str, npt.ArrayLike], correct: npt.Array
     chosen = fits[best]
     params = {**dict(chosen.params), "delta_overall": dlt, "tested_measures": len(fits),
               **{f"share_{m}": f.stats.large_share for m, f in fits.items()}}
-    return best, FitResult(chosen.thresholds, chosen.method, params, chosen.stats, chosen.feasible, chosen.message,
-                           chosen.pareto)
+    msg = (f"{chosen.message} Measure {best!r} of {len(fits)} compared, each tested at confidence "
+           f"{1 - dlt / len(fits):.2%}, so all of them hold together with confidence {1 - dlt:.0%}.")
+    return best, FitResult(chosen.thresholds, chosen.method, params, chosen.stats, chosen.feasible, msg, chosen.pareto)
 
 
 def fit_min_cost(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.ArrayLike | None = None, *,

@@ -1,8 +1,10 @@
 """The steps of ``cascade-calibrate`` between the command line and the report.
 
-Reading and checking labelled JSONL (every error names its line), the seeded held-out split, running every
+Reading and checking JSONL, labelled or (for label-free calibration) not (every error names its line), the
+seeded held-out split, running every
 tier of a config through the generation cache (models are loaded only when something is not cached yet),
-fitting with one of the three methods, per-cluster fits for expert-router mode, and moving fitted thresholds
+comparing every tier's answers with the last tier's (label-free), fitting with one of the three methods,
+per-cluster fits for expert-router mode, and moving fitted thresholds
 off the data values they come from.
 """
 
@@ -21,9 +23,10 @@ import numpy as np
 import numpy.typing as npt
 
 from cascade.errors import InvalidRequestError
-from cascade.scorers import Scorer, get_scorer
+from cascade.scorers import Same, Scorer, get_scorer
 
 if TYPE_CHECKING:
+    from calibration.certify import Claim
     from calibration.fit import FitResult
     from cascade.config import BackendConfig, CascadeConfig
     from cascade.curve import Curve
@@ -31,6 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Example",
+    "agreement_matrix",
     "answering_tiers",
     "check_scorer",
     "cluster_ids",
@@ -47,10 +51,11 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Example:
-    """One labelled example and where it came from.
+    """One example and where it came from.
 
     Attributes:
-        data: the parsed line (``id``, ``prompt`` or ``messages``, ``answer``, optional ``choices``).
+        data: the parsed line (``id``, ``prompt`` or ``messages``, ``answer`` (absent on an unlabeled line of
+            label-free data), optional ``choices``).
         line: 1-based line number in ``source``.
         source: the file it was read from.
     """
@@ -59,8 +64,13 @@ class Example:
     line: int
     source: str
 
+    @property
+    def labelled(self) -> bool:
+        """Whether the line has an answer."""
+        return "answer" in self.data
 
-def _parse(raw: str, at: str) -> dict[str, Any]:
+
+def _parse(raw: str, at: str, labelled: bool) -> dict[str, Any]:
     from cascade.types import validate_prompt
 
     try:
@@ -76,24 +86,36 @@ def _parse(raw: str, at: str) -> dict[str, Any]:
     except InvalidRequestError as exc:
         raise InvalidRequestError(f"{at}: {exc}") from None
     answer = obj.get("answer")
-    if answer is None or isinstance(answer, (dict, list, bool)) or str(answer).strip() == "":
-        raise InvalidRequestError(f"{at}: missing or empty 'answer' (a string or number)")
+    if answer is None and not labelled:
+        obj.pop("answer", None)
+    elif answer is None:
+        raise InvalidRequestError(f"{at}: missing 'answer' (a string or number); to calibrate on prompts without "
+                                  "answers, use --label-free (it certifies how often the cascade's answer differs "
+                                  "from the last tier's)")
+    elif isinstance(answer, (dict, list, bool)) or str(answer).strip() == "":
+        raise InvalidRequestError(f"{at}: empty or malformed 'answer' (a string or number)")
     choices = obj.get("choices")
     if choices is not None:
         if not isinstance(choices, list) or not choices or not all(isinstance(c, (str, int, float)) for c in choices):
             raise InvalidRequestError(f"{at}: 'choices' must be a non-empty list of strings")
-        if str(answer) not in [str(c) for c in choices]:
+        if answer is not None and str(answer) not in [str(c) for c in choices]:
             raise InvalidRequestError(f"{at}: answer {answer!r} is not among its choices {choices!r}")
     return obj
 
 
-def load_examples(path: str | Path) -> list[Example]:
-    """Read labelled JSONL; blank lines are skipped.
+def load_examples(path: str | Path, *, labelled: bool = True) -> list[Example]:
+    """Read JSONL examples; blank lines are skipped.
+
+    Args:
+        path: the file.
+        labelled: every line needs an ``answer`` (False: label-free data, where an answer is optional and
+            checked when present).
 
     Raises:
         InvalidRequestError: unreadable file, no examples, or a bad line (named ``file:line``): invalid
-            JSON, not an object, neither or both of prompt/messages, a malformed prompt, a missing answer,
-            an answer not among its choices, or a duplicate id.
+            JSON, not an object, neither or both of prompt/messages, a malformed prompt, a missing answer
+            (labelled data; the message points to ``--label-free``), an empty answer, an answer not among
+            its choices, or a duplicate id.
     """
     p = Path(path)
     try:
@@ -105,7 +127,7 @@ def load_examples(path: str | Path) -> list[Example]:
     for lineno, raw in enumerate(text.split("\n"), start=1):  # not splitlines: U+2028 may be in a string
         if not raw.strip():
             continue
-        obj = _parse(raw, f"{p}:{lineno}")
+        obj = _parse(raw, f"{p}:{lineno}", labelled)
         uid = str(obj.setdefault("id", f"line-{lineno}"))
         if uid in seen:
             raise InvalidRequestError(f"{p}:{lineno}: duplicate id {uid!r} (also on line {seen[uid]})")
@@ -192,19 +214,43 @@ async def generate_all(cfg: CascadeConfig, examples: Sequence[Mapping[str, Any]]
 
 
 def fit_thresholds(method: str, scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.ArrayLike,
-                   **target: float) -> FitResult:
-    """Run one fitting method: ``budget`` (max_large_share), ``quality`` (max_quality_loss, delta) or
-    ``min_cost`` (value_per_correct)."""
+                   claim: Claim = "accuracy", **target: float) -> FitResult:
+    """Run one fitting method: ``budget`` (max_large_share), ``quality`` (max_quality_loss, delta; ``claim``:
+    ``accuracy``, or ``disagreement`` with ``correct`` the agreement matrix) or ``min_cost`` (value_per_correct)."""
     from calibration.fit import fit_budget, fit_min_cost, fit_quality
 
     if method == "budget":
         return fit_budget(scores, correct, costs, max_large_share=target["max_large_share"])
     if method == "quality":
         return fit_quality(scores, correct, costs, max_quality_loss=target["max_quality_loss"],
-                           delta=target["delta"])
+                           delta=target["delta"], claim=claim)
     if method == "min_cost":
         return fit_min_cost(scores, correct, costs, value_per_correct=target["value_per_correct"])
     raise InvalidRequestError(f"unknown fitting method {method!r}")
+
+
+def agreement_matrix(examples: Sequence[Example], generations: Sequence[Sequence[Generation]],
+                     same: Same) -> npt.NDArray[np.bool_]:
+    """Whether each tier's answer is the same as the last tier's: ``(n, N)`` bool, the last column all True.
+
+    Args:
+        examples: n examples (``same`` may read their ``choices``).
+        generations: N lists (cheapest tier first) of n generations each.
+        same: ``(answer_a, answer_b, example) -> bool`` (:func:`cascade.scorers.get_same`).
+
+    Raises:
+        InvalidRequestError: ``same`` failed on an example (its line is named).
+    """
+    last = generations[-1]
+    out = np.ones((len(examples), len(generations)), dtype=np.bool_)
+    for j, gens in enumerate(generations[:-1]):
+        for i, (e, g) in enumerate(zip(examples, gens)):
+            try:
+                out[i, j] = bool(same(g.text, last[i].text, e.data))
+            except Exception as exc:
+                raise InvalidRequestError(f"{e.source}:{e.line}: comparing answers failed: "
+                                          f"{type(exc).__name__}: {exc}") from exc
+    return out
 
 
 def widen_thresholds(thresholds: Sequence[float], scores: npt.ArrayLike) -> tuple[float, ...]:
@@ -276,7 +322,8 @@ async def cluster_ids(router_path: str, cfg: CascadeConfig, examples: Sequence[M
 
 
 def fit_clusters(ids: Sequence[int], method: str, target: Mapping[str, float], scores: npt.ArrayLike,
-                 correct: npt.ArrayLike, costs: npt.ArrayLike) -> tuple[dict[int, tuple[float, ...]], dict[str, Any]]:
+                 correct: npt.ArrayLike, costs: npt.ArrayLike,
+                 claim: Claim = "accuracy") -> tuple[dict[int, tuple[float, ...]], dict[str, Any]]:
     """One fit per router cluster present in the fit data (the same method and target on its examples).
 
     A quality target is tested at ``delta / K`` in each of the K clusters (Bonferroni), so that every cluster
@@ -297,7 +344,7 @@ def fit_clusters(ids: Sequence[int], method: str, target: Mapping[str, float], s
         per["delta"] = target["delta"] / len(present)
     for cl in present:
         m = cid == cl
-        fit = fit_thresholds(method, s[m], c[m], k[m], **per)
+        fit = fit_thresholds(method, s[m], c[m], k[m], claim, **per)
         thresholds[cl] = widen_thresholds(fit.thresholds, s[m])
         fits[str(cl)] = {"n": int(m.sum()), "thresholds": list(thresholds[cl]), "feasible": fit.feasible,
                          "accuracy": fit.stats.accuracy, "large_share": fit.stats.large_share,

@@ -23,6 +23,7 @@ from calibration.metrics import CascadeStats, apgr, auc, oracle_curve, random_cu
 from calibration.pipeline import widen_thresholds
 
 __all__ = [
+    "held_out_check",
     "jsonable",
     "measure_summary",
     "operating_points",
@@ -141,6 +142,69 @@ def pareto_section(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.Arr
             "points": points, "chosen_index": hit[0] if hit else None, "note": note}
 
 
+def _verdict(method: str, target: Mapping[str, float], test: Mapping[str, Any]) -> tuple[str, str]:
+    if method == "budget":
+        r = target["max_large_share"]
+        return f"large share <= {r:.1%}", f"{'held' if test['large_share'] <= r + 1e-12 else 'MISSED'} " \
+                                          f"(large share {test['large_share']:.1%})"
+    if method == "quality":
+        eps = target["max_quality_loss"]
+        if test["claim"] == "disagreement":
+            d = test["disagreement"]
+            return (f"answers differing from the last tier's <= {eps:.2%}",
+                    f"{'held' if d <= eps + 1e-12 else 'MISSED'} (differ {d:.2%})")
+        loss = test["large_accuracy"] - test["accuracy"]
+        return f"accuracy loss vs last tier <= {eps:.2%}", f"{'held' if loss <= eps + 1e-12 else 'MISSED'} " \
+                                                          f"(loss {loss:+.2%})"
+    return f"value {target['value_per_correct']:g} per correct answer", \
+        f"net value {target['value_per_correct'] * test['accuracy'] - test['mean_cost']:.4g} per request (no pass/fail)"
+
+
+def held_out_check(method: str, target: Mapping[str, float], names: Sequence[str], tier: npt.ArrayLike,
+                   correct: npt.ArrayLike, costs: npt.ArrayLike, thresholds: Sequence[float], source: str, *,
+                   claim: str = "accuracy", agreement: npt.ArrayLike | None = None,
+                   labelled: npt.ArrayLike | None = None) -> dict[str, Any]:
+    """The fitted cascade on held-out examples: accuracies, large share, cost, and whether the target held.
+
+    Args:
+        method, target: the fit's method and target (as given on the command line).
+        names: tier names.
+        tier: ``(n,)`` the tier answering each held-out example (its cluster's thresholds in router mode).
+        correct: ``(n, N)`` correctness (rows of unlabeled examples are ignored).
+        costs: ``(n, N)``.
+        thresholds: the global thresholds (reported).
+        source: how the held-out examples were chosen.
+        claim: ``"disagreement"`` for a label-free fit: the verdict is on the share of answers differing from
+            the last tier's, and the accuracy loss is reported on the labelled examples as well.
+        agreement: ``(n, N)`` agreement with the last tier (the disagreement claim).
+        labelled: ``(n,)`` which examples have labels (default: all).
+    """
+    t = np.asarray(tier, dtype=np.int64)
+    c, k = np.asarray(correct, dtype=np.bool_), np.asarray(costs, dtype=np.float64)
+    n = len(t)
+    lab = np.ones(n, dtype=np.bool_) if labelled is None else np.asarray(labelled, dtype=np.bool_)
+    rows = np.arange(n)
+    acc = float(c[rows, t][lab].mean()) if lab.any() else float("nan")
+    st = CascadeStats.from_counts(n, acc, np.cumsum(k, 1)[rows, t].mean(), np.bincount(t, minlength=len(names)))
+    test: dict[str, Any] = {
+        "n": n, "n_labelled": int(lab.sum()), "source": source, "claim": claim,
+        "small_accuracy": float(c[lab, 0].mean()) if lab.any() else float("nan"),
+        "large_accuracy": float(c[lab, -1].mean()) if lab.any() else float("nan"), **stats_dict(st, thresholds)}
+    if agreement is not None:
+        test["disagreement"] = float(1.0 - np.asarray(agreement, dtype=np.bool_)[rows, t].mean())
+    test["target"], test["verdict"] = _verdict(method, target, test)
+    test["held"] = test["verdict"].startswith("held") if method != "min_cost" else None
+    if claim == "disagreement" and method == "quality" and lab.any():
+        eps, loss = target["max_quality_loss"], test["large_accuracy"] - test["accuracy"]
+        test["accuracy_loss"], test["accuracy_held"] = loss, bool(loss <= eps + 1e-12)
+    test["points"] = [
+        *({"label": f"{name} alone", "accuracy": float(c[lab, j].mean()) if lab.any() else float("nan"),
+           "mean_cost": float(k[:, j].mean()), "large_share": float(j == len(names) - 1)}
+          for j, name in enumerate(names)),
+        {"label": "cascade (fitted)", "chosen": True, **stats_dict(st, thresholds)}]
+    return test
+
+
 def jsonable(obj: Any) -> Any:
     """Nested data with numpy values as Python ones and non-finite floats as "inf"/"-inf"/None."""
     if isinstance(obj, Mapping):
@@ -165,7 +229,9 @@ def _row(label: str, p: Mapping[str, Any], mark: str = " ") -> str:
     cost = p.get("mean_cost")
     cost_s = f"{cost:>11.4g}" if isinstance(cost, (int, float)) and math.isfinite(cost) else f"{'-':>11}"
     ts = _fmt_t(p["thresholds"]) if "thresholds" in p else ""
-    return f"{mark} {label:<26} {p['accuracy']:>8.4f} {p['large_share']:>11.1%} {cost_s}  {ts}"
+    a = p["accuracy"]
+    acc_s = f"{a:>9.4f}" if isinstance(a, (int, float)) and math.isfinite(a) else f"{'-':>9}"
+    return f"{mark} {label:<26} {acc_s} {p['large_share']:>11.1%} {cost_s}  {ts}"
 
 
 def render_text(report: Mapping[str, Any]) -> str:
@@ -173,8 +239,14 @@ def render_text(report: Mapping[str, Any]) -> str:
     d, fit = report["data"], report["fit"]
     lines = [f"data: {d['path']} ({d['n']} examples; fit on {d['n_fit']}, {d['split']}); scorer {d['scorer']!r}"]
     lines.append("tiers: " + " -> ".join(f"{t['name']}={t['model']}" for t in report["tiers"]))
+    free = report.get("claim") == "disagreement"
+    quality = "agreement" if free else "accuracy"
+    if free:
+        lines.append(f"label-free: answers compared with the last tier's ({d.get('same')!r} decides 'same'); "
+                     f"'agreement' below is agreement with the last tier, not accuracy; "
+                     f"{d.get('n_fit_labelled', 0)} fit lines have labels (reported, not used by the fit)")
     m = report["measure"]
-    lines.append(f"\nmeasures (AUC of accuracy vs large share on the fit data; oracle "
+    lines.append(f"\nmeasures (AUC of {quality} vs large share on the fit data; oracle "
                  f"{report['reference']['oracle_auc']:.4f}, random {report['reference']['random_auc']:.4f}):")
     for name, v in sorted(report["measures"].items(), key=lambda kv: -kv[1]["auc"]):
         ap = v["apgr"]
@@ -183,13 +255,13 @@ def render_text(report: Mapping[str, Any]) -> str:
     lines.append(f"  measure: {m['chosen']} ({m['how']})")
     lines.append(f"\nfit: {fit['message']}")
     lines.append(f"thresholds: {_fmt_t(fit['thresholds'])}" + ("" if fit["feasible"] else "  (target NOT met)"))
-    lines.append(f"\n  {'operating point (fit data)':<26} {'accuracy':>8} {'large share':>11} {'mean cost':>11}  "
+    lines.append(f"\n  {'operating point (fit data)':<26} {quality:>9} {'large share':>11} {'mean cost':>11}  "
                  "thresholds")
     for p in report["points"]:
         lines.append(_row(p["label"], p, "*" if p.get("chosen") else " "))
     par = report["pareto"]
     pts = par["points"]
-    lines.append(f"\nPareto front ({par['x'].replace('_', ' ')} vs accuracy; {len(pts)} of {par['searched']} "
+    lines.append(f"\nPareto front ({par['x'].replace('_', ' ')} vs {quality}; {len(pts)} of {par['searched']} "
                  f"candidates, {par['search']}; * = chosen):")
     keep = set(thin(len(pts), _FRONT_ROWS).tolist())
     if par["chosen_index"] is not None:
@@ -204,6 +276,9 @@ def render_text(report: Mapping[str, Any]) -> str:
         for p in test["points"]:
             lines.append(_row(p["label"], p, "*" if p.get("chosen") else " "))
         lines.append(f"  target: {test['target']} -> {test['verdict']}")
+        if "accuracy_loss" in test:
+            lines.append(f"  accuracy loss vs last tier on the {test['n_labelled']} labelled held-out examples: "
+                         f"{test['accuracy_loss']:+.2%} ({'within' if test['accuracy_held'] else 'ABOVE'} the target)")
     clusters = report.get("clusters")
     if clusters:
         lines.append(f"\nper-cluster thresholds (router {clusters['router']}, embedder {clusters['embedder']}):")

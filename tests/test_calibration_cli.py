@@ -19,11 +19,17 @@ from cascade.policy import Policy
 
 DATA = Path(__file__).parent / "data" / "sst2_dev_sample.jsonl"
 SCORER = "test_calibration_cli:id_scorer"
+SAME = "test_calibration_cli:id_same"
 
 
 def id_scorer(answer: str, example: dict[str, Any]) -> bool:
     """A deterministic scorer for random-weight models: right unless (id number + answer length) % 3 == 0."""
     return (int(str(example["id"]).rsplit("-", 1)[1]) + len(answer)) % 3 != 0
+
+
+def id_same(a: str, b: str, example: dict[str, Any]) -> bool:
+    """A deterministic same-answer function for random-weight models: the same unless (id number + length) % 4 == 0."""
+    return a == b or (int(str(example["id"]).rsplit("-", 1)[1]) + len(a)) % 4 != 0
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +106,8 @@ def test_second_run_reads_the_cache_without_loading_any_model(tmp_path, setup, c
 
 BAD = [
     ('{"id": "a", "prompt": "x", "answer": "positive"}\n\n{"id": "b", "prompt": ', ":3: invalid JSON"),
-    ('{"id": "a", "prompt": "x", "answer": "positive"}\n{"id": "b", "prompt": "y"}', ":2: missing or empty 'answer'"),
+    ('{"id": "a", "prompt": "x", "answer": "positive"}\n{"id": "b", "prompt": "y"}', ":2: missing 'answer'"),
+    ('{"id": "a", "prompt": "x", "answer": " "}', ":1: empty or malformed 'answer'"),
     ('{"id": "a", "prompt": "x", "answer": "maybe", "choices": ["negative", "positive"]}', ":1: answer 'maybe' is not"),
     ('{"id": "a", "messages": [{"role": "robot", "content": "x"}], "answer": "1"}', ":1: messages[0].role"),
     ('{"id": "a", "prompt": "x", "answer": "1"}\n{"id": "a", "prompt": "y", "answer": "1"}', ":2: duplicate id 'a'"),
@@ -251,3 +258,66 @@ def test_data_with_choices_is_answered_with_them_and_the_cascade_decides_alike(t
     results = cascade.run_batch_sync([x["prompt"] for x in lines], choices=[x["choices"] for x in lines])
     assert all(r.text in x["choices"] for r, x in zip(results, lines, strict=True))
     assert sum(r.escalated for r in results) == round(report["fit"]["large_share"] * 120)
+
+
+def _unlabeled(tmp_path: Path, keep_every: int = 0) -> Path:
+    """The sample without answers (every ``keep_every``-th line keeps its answer)."""
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()]
+    for i, r in enumerate(rows):
+        if not keep_every or i % keep_every:
+            del r["answer"]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_unlabeled_lines_need_label_free(tmp_path, setup, capsys):
+    data, out = _unlabeled(tmp_path), tmp_path / "a.json"
+    code, _ = calibrate(setup, out, "--max-quality-loss", "0.3", data=data)
+    err = capsys.readouterr().err
+    assert code == 2 and "prompts.jsonl:1: missing 'answer'" in err and "--label-free" in err and not out.exists()
+    code, report = calibrate(setup, out, "--max-quality-loss", "0.3", "--label-free", "--same", SAME,
+                             data=data)
+    assert code == 0, capsys.readouterr().err
+    art = Artifact.load(out)
+    assert art.params["claim"] == "disagreement" and art.params["bound"] == "harm"
+    assert "differ from the last tier" in art.params["guarantee"] and "differ from the last tier" in art.message
+    assert art.params["labelled_fit_lines"] == 0 and art.curve is not None and art.curve.last_accuracy == 1.0
+    assert report["claim"] == "disagreement" and "label-free" in capsys.readouterr().out
+    # without --same, a user scorer cannot say when two answers are the same
+    assert calibrate(setup, tmp_path / "b.json", "--max-quality-loss", "0.3", "--label-free", data=data)[0] == 2
+    assert "needs --same" in capsys.readouterr().err
+    assert main(["--data", str(data), "--out", str(out), "--label-free", "--max-large-share", "0.3"]) == 2
+
+
+def test_label_free_ignores_labels_for_the_fit_and_checks_on_them(tmp_path, setup, capsys):
+    same = ("--label-free", "--same", SAME, "--max-quality-loss", "0.3")
+    code, labelled = calibrate(setup, tmp_path / "a.json", *same, "--test-split", "0.25")
+    assert code == 0
+    code, stripped = calibrate(setup, tmp_path / "b.json", *same, "--test-split", "0.25", data=_unlabeled(tmp_path, 2))
+    assert code == 0
+    assert labelled["fit"]["thresholds"] == stripped["fit"]["thresholds"]  # the fit never reads a label
+    assert labelled["fit"]["large_share"] == stripped["fit"]["large_share"]
+    test = labelled["test"]
+    assert test["claim"] == "disagreement" and test["n_labelled"] == test["n"] == 30
+    assert test["held"] == (test["disagreement"] <= 0.3 + 1e-12)
+    assert test["accuracy_loss"] == pytest.approx(test["large_accuracy"] - test["accuracy"])
+    assert stripped["test"]["n_labelled"] < 30 and labelled["data"]["n_fit_labelled"] == 90
+    assert "labelled held-out examples" in capsys.readouterr().out
+
+
+def test_plan_predicts_both_claims_from_a_labelled_pilot(tmp_path, setup, capsys):
+    report = tmp_path / "plan.json"
+    base = ["--data", str(DATA), "--config", str(setup["two"]), "--scorer", SCORER, "--cache-dir", str(setup["cache"]),
+            "--no-progress", "--max-quality-loss", "0.3", "--plan", "--plan-sizes", "50", "2000"]
+    assert main([*base, "--same", SAME, "--report-json", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy loss against always using the last tier <= 30.00%" in out and "differ from the last tier" in out
+    plans = json.loads(report.read_text())["plans"]
+    for claim in ("accuracy", "disagreement"):
+        rows = plans[claim]["rows"]
+        assert [r["n"] for r in rows] == [50, 2000] and all(0.0 <= r["low"] <= r["share"] <= r["high"] <= 1.0
+                                                              for r in rows)
+    assert plans["disagreement"]["rows"][1]["share"] <= plans["disagreement"]["rows"][0]["share"]
+    assert main([*base, "--out", str(tmp_path / "a.json")]) == 2 and not (tmp_path / "a.json").exists()
+    assert main([*base[:-5], "--max-large-share", "0.3", "--plan"]) == 2

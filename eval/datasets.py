@@ -36,7 +36,10 @@ __all__ = [
     "TASKS",
     "Task",
     "TaskData",
+    "answer_label",
+    "load_pool",
     "load_task",
+    "same_answer",
     "score_answer",
     "stratified_sample",
     "stratified_split",
@@ -156,14 +159,24 @@ class TaskData:
     source: str
 
 
-def score_answer(answer: str, example: Mapping[str, Any]) -> bool:
-    """True when the label word (or an alias of it) mentioned first in ``answer`` is the gold label."""
+def answer_label(answer: str, example: Mapping[str, Any]) -> str | None:
+    """The label word (an alias mapped to its label) mentioned first in ``answer``, or None."""
     aliases: Mapping[str, str] = example.get("aliases") or {}
     words = list(example["choices"]) + [a for a in aliases if a not in example["choices"]]
     found = extract_choice(answer, words)
-    if found is None:
-        return False
-    return aliases.get(found, found) == str(example["answer"])
+    return None if found is None else aliases.get(found, found)
+
+
+def score_answer(answer: str, example: Mapping[str, Any]) -> bool:
+    """True when the label word (or an alias of it) mentioned first in ``answer`` is the gold label."""
+    found = answer_label(answer, example)
+    return found is not None and found == str(example["answer"])
+
+
+def same_answer(a: str, b: str, example: Mapping[str, Any]) -> bool:
+    """Whether two answers name the same label (or neither names one): :func:`score_answer` scores them alike
+    under every gold label, as label-free calibration needs."""
+    return answer_label(a, example) == answer_label(b, example)
 
 
 def stratified_split(labels: Sequence[int], n_first: int, seed: int) -> tuple[list[int], list[int]]:
@@ -307,6 +320,41 @@ def load_task(name: str, data_dir: str | Path = DEFAULT_DATA, *, n_cal: int | No
     test = [task.example(f"{name}/test/{i}", y, t, prompts)
             for i, (y, t) in enumerate(stratified_sample(test_rows, n_test, seed + 1))]
     return TaskData(task, cal, test, source)
+
+
+def load_pool(name: str, data_dir: str | Path = DEFAULT_DATA, *, n: int | None = None, n_cal: int | None = None,
+              n_test: int | None = None, seed: int = 0, prompts: str = "tuned") -> list[dict[str, Any]]:
+    """The task's examples that :func:`load_task` with the same arguments leaves unused: unlabeled traffic.
+
+    Both pools' rows outside the calibration and test splits, without a text that is in either split or seen
+    before, in a seeded random order (``random.Random(seed + 2)``), so the first ``n`` of a larger pool are the
+    pool of ``n``. Their labels are kept (``answer``, ``label``) for checks; a label-free fit must not read them.
+
+    Args:
+        name, data_dir, n_cal, n_test, seed, prompts: as for :func:`load_task`.
+        n: examples to return (None or more than there are: all of them).
+
+    Raises:
+        ConfigError: as :func:`load_task`.
+    """
+    task = TASKS.get(name)
+    if task is None:
+        raise ConfigError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
+    if prompts not in PROMPT_SETS:
+        raise ConfigError(f"unknown prompt set {prompts!r}; choose from {list(PROMPT_SETS)}")
+    folder = Path(data_dir) / name
+    try:
+        cal_rows, test_rows, _ = _read(name, folder, seed)
+    except (OSError, ValueError, UnicodeDecodeError, StopIteration, csv.Error) as exc:
+        raise ConfigError(f"cannot read task {name!r} from {folder}: {exc}") from exc
+    unused, used = [], []
+    for rows, k, sd in ((cal_rows, n_cal, seed), (test_rows, n_test, seed + 1)):
+        first, rest = stratified_split([y for y, _ in rows], len(rows) if k is None else min(k, len(rows)), sd)
+        used += [rows[i] for i in first]
+        unused += [rows[i] for i in sorted(rest)]
+    pool = _dedupe(unused, exclude=used)
+    random.Random(seed + 2).shuffle(pool)
+    return [task.example(f"{name}/pool/{i}", y, t, prompts) for i, (y, t) in enumerate(pool[:n])]
 
 
 def dump_examples(examples: Sequence[Mapping[str, Any]], path: str | Path) -> None:

@@ -13,7 +13,15 @@ from cascade.errors import ConfigError
 
 # eval/ runs from the checkout (python -m eval.quality), not installed: make the checkout importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from eval.datasets import TASKS, load_task, score_answer, stratified_sample, stratified_split
+from eval.datasets import (
+    TASKS,
+    load_pool,
+    load_task,
+    same_answer,
+    score_answer,
+    stratified_sample,
+    stratified_split,
+)
 
 DATA, REAL = eval_data()  # the real files next to the checkout, else the bundled excerpts of them
 N_CAL, N_TEST = (300, 500) if REAL else (10, 20)
@@ -55,6 +63,31 @@ def test_score_answer_uses_choices_and_aliases() -> None:
     sst = TASKS["sst2"].example("y", 0, "dull")
     assert score_answer("This review is negative.", sst)
     assert not score_answer("positive, not negative", sst)  # the first label mentioned counts
+
+
+def test_same_answer_is_same_score_under_every_label() -> None:
+    ex = TASKS["ag_news"].example("x", 3, "new chip")
+    pairs = [("Science", "technology"), ("sports", "Sports!"), ("I do not know", "no idea"), ("world", "business")]
+    assert [same_answer(a, b, ex) for a, b in pairs] == [True, True, True, False]
+    for label in range(4):
+        gold = TASKS["ag_news"].example("x", label, "new chip")
+        for a, b in pairs:
+            if same_answer(a, b, gold):
+                assert score_answer(a, gold) == score_answer(b, gold)
+
+
+@pytest.mark.parametrize("name", ["sst2", "trec", "cr"])
+def test_the_pool_is_what_the_splits_leave_unused(name: str) -> None:
+    td = load_task(name, DATA, n_cal=N_CAL, n_test=N_TEST, seed=0, prompts="plain")
+    pool = load_pool(name, DATA, n_cal=N_CAL, n_test=N_TEST, seed=0, prompts="plain")
+    used = {e["text"] for e in td.cal + td.test}
+    assert pool and not {e["text"] for e in pool} & used
+    assert len({e["text"] for e in pool}) == len(pool) and all(e["id"].startswith(f"{name}/pool/") for e in pool)
+    head = load_pool(name, DATA, n=5, n_cal=N_CAL, n_test=N_TEST, seed=0, prompts="plain")
+    assert [e["text"] for e in head] == [e["text"] for e in pool[:5]]  # a smaller pool is a prefix
+    assert pool[0]["messages"] == td.task.messages(pool[0]["text"], "plain") and "answer" in pool[0]
+    with pytest.raises(ConfigError):
+        load_pool("nope", DATA)
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))

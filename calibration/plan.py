@@ -8,8 +8,9 @@ before paying for it.
 
 **Method** (a bootstrap of the fit itself): the pilot's examples stand for the population. For each n, the
 pilot is resampled with replacement to n examples ``replicates`` times; each resample is fitted exactly as
-``cascade-calibrate`` would fit it (same target, confidence, claim, bound, sequence and level split), and the
-fitted thresholds are applied to the pilot, whose last-tier share estimates the population share they give.
+``cascade-calibrate`` would fit it (same target, confidence, claim, bound, sequence and level split; computed
+on the resampling weights for all replicates at once), and the fitted thresholds are applied to the pilot,
+whose last-tier share estimates the population share they give.
 The prediction is the median over the replicates, with the 10th and 90th percentiles as its spread, and the
 share of replicates in which no threshold was certified (always escalate).
 
@@ -26,9 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from calibration.certify import Bound, Claim
-from calibration.fit import fit_quality, fit_quality_measures
-from calibration.metrics import check_data, simulate
+from calibration.certify import Bound, Claim, check_agreement, default_bound, upper_bounds
+from calibration.metrics import check_data
+from cascade.curve import check_fraction
 from cascade.errors import InvalidRequestError
 
 __all__ = ["DEFAULT_SIZES", "PlanRow", "plan_quality", "render_plan"]
@@ -58,11 +59,76 @@ class PlanRow:
     replicates: int
 
 
+@dataclass(frozen=True, eq=False)
+class _Events:
+    """The common-threshold candidates of a pilot, ready to be counted under resampling weights.
+
+    Every example contributes N-1 events (its running-minimum scores); when the threshold passes an event, the
+    example's answering tier moves down one tier and its features change by ``delta``. Events are sorted by
+    value; ``ends`` are the last events of each distinct value (one candidate each, after ``-inf``).
+    """
+
+    row: npt.NDArray[np.int64]  # (E,) example of each event, in sorted order
+    delta: npt.NDArray[np.float64]  # (E, 4) change of [harm, help, cost, answered by the last tier]
+    ends: npt.NDArray[np.int64]  # (P-1,) last event index of each candidate
+    base: npt.NDArray[np.float64]  # (n0, 4) features with every example answered by the last tier
+    pilot_share: npt.NDArray[np.float64]  # (P,) last-tier share of each candidate on the pilot itself
+
+    @classmethod
+    def of(cls, s: npt.NDArray[np.float64], c: npt.NDArray[np.bool_], k: npt.NDArray[np.float64]) -> _Events:
+        n, tiers = c.shape
+        last = c[:, -1:]
+        feats = np.stack([~c & last, c & ~last, np.cumsum(k, axis=1),
+                          np.broadcast_to(np.arange(tiers) == tiers - 1, (n, tiers))], axis=2).astype(np.float64)
+        delta = (feats[:, :-1, :] - feats[:, 1:, :]).reshape(-1, 4)
+        values = np.minimum.accumulate(s, axis=1).ravel()
+        order = np.argsort(values, kind="stable")
+        ends = np.flatnonzero(np.r_[values[order][1:] != values[order][:-1], True])
+        rows = np.repeat(np.arange(n), tiers - 1)[order]
+        share = np.r_[n, n + np.cumsum(delta[order, 3])[ends]] / n
+        return cls(rows, delta[order], ends, feats[:, -1, :], share)
+
+    def counts(self, w: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
+        """Feature sums ``(B, P, 4)`` of every candidate under weights ``w`` ``(B, n0)``, and which candidates
+        exist in each resample ``(B, P)`` (an event value of an example drawn at least once; ``-inf`` always)."""
+        we = w[:, self.row]  # (B, E)
+        run = np.cumsum(we[:, :, None] * self.delta[None, :, :], axis=1)[:, self.ends, :]
+        sums = (w @ self.base)[:, None, :] + np.concatenate([np.zeros((len(w), 1, 4)), run], axis=1)
+        drawn = np.cumsum(we > 0, axis=1)[:, self.ends]
+        present = np.concatenate([np.ones((len(w), 1), dtype=np.bool_),
+                                  np.diff(np.concatenate([np.zeros((len(w), 1)), drawn], axis=1), axis=1) > 0], axis=1)
+        return sums, present
+
+
+def _fits(ev: _Events, w: npt.NDArray[np.float64], n: int, eps: float, delta: float,
+          bound: Bound) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """:func:`calibration.fit.fit_quality` on B resamples at once: the chosen candidate, its share and mean cost
+    on each resample. The same bounds and sequence (:mod:`calibration.certify`); the candidate accepted is the
+    last one present in the resample before the first failure, as the fit on the resample itself would return."""
+    sums, present = ev.counts(w)
+    b, p = present.shape
+    upper = upper_bounds(np.rint(sums[:, :, 0]), np.rint(sums[:, :, 1]), n, delta, bound).reshape(b, p)
+    passed = upper <= eps
+    passed[:, 0] = True
+    failed = ~passed
+    first = np.where(failed.any(axis=1), np.argmax(failed, axis=1), p)
+    last_present = np.maximum.accumulate(np.where(present, np.arange(p), 0), axis=1)
+    chosen = last_present[np.arange(b), first - 1]
+    at = sums[np.arange(b), chosen]
+    return chosen.astype(np.int64), at[:, 3] / n, at[:, 2] / n
+
+
 def plan_quality(scores: npt.ArrayLike | Mapping[str, npt.ArrayLike], correct: npt.ArrayLike,
                  costs: npt.ArrayLike | None = None, *, max_quality_loss: float, delta: float = 0.1,
                  claim: Claim = "accuracy", bound: Bound | None = None, sizes: Sequence[int] = DEFAULT_SIZES,
                  replicates: int = 200, seed: int = 0) -> list[PlanRow]:
     """Predict the certified last-tier share at each calibration-set size (see the module docstring).
+
+    The resamples are multinomial weights over the pilot's examples, and every resample's fit is computed on
+    those weights (vectorised over the replicates); it returns what :func:`calibration.fit.fit_quality` (or
+    :func:`calibration.fit.fit_quality_measures`, for several measures: each at ``delta / M``, the least
+    escalation on the resample kept, ties to the lower mean cost, then the earlier measure) returns on the
+    resample itself.
 
     Args:
         scores: the pilot's ``(n0, N-1)`` scores, or measure name -> scores to plan the several-measures fit.
@@ -79,37 +145,43 @@ def plan_quality(scores: npt.ArrayLike | Mapping[str, npt.ArrayLike], correct: n
     Raises:
         InvalidRequestError: bad data, target, sizes or replicates.
     """
-    multi = isinstance(scores, Mapping)
-    by_measure = {str(k): v for k, v in scores.items()} if isinstance(scores, Mapping) else {"": scores}
+    by_measure = dict(scores.items()) if isinstance(scores, Mapping) else {"": scores}
     if not by_measure:
         raise InvalidRequestError("plan_quality needs at least one measure")
-    checked = {m: check_data(s, correct, costs) for m, s in by_measure.items()}
-    _, c, k = next(iter(checked.values()))
-    s_all = {m: v[0] for m, v in checked.items()}
-    if not isinstance(replicates, int) or replicates < 1:
+    eps = check_fraction("max_quality_loss", max_quality_loss, 0.0, 1.0)
+    dlt = check_fraction("delta", delta, 0.0, 1.0)
+    bnd = default_bound(claim) if bound is None else bound
+    if eps >= 1.0 or dlt in (0.0, 1.0) or bnd not in ("discordant", "harm"):
+        raise InvalidRequestError("need 0 <= max_quality_loss < 1, 0 < delta < 1, bound 'discordant' or 'harm'")
+    if not isinstance(replicates, int) or isinstance(replicates, bool) or replicates < 1:
         raise InvalidRequestError(f"replicates must be an integer >= 1, got {replicates!r}")
     if not sizes or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in sizes):
         raise InvalidRequestError(f"sizes must be integers >= 1, got {list(sizes)!r}")
+    events = []
+    for v in by_measure.values():
+        s, c, k = check_data(v, correct, costs)
+        if claim == "disagreement":
+            check_agreement(c)
+        events.append(_Events.of(s, c, k))
+    level = dlt / len(events) if isinstance(scores, Mapping) else dlt
     n0 = len(c)
     rng = np.random.default_rng(seed)
     rows = []
     for n in sizes:
-        shares = np.empty(replicates)
-        fell_back = 0
-        for r in range(replicates):
-            idx = rng.integers(0, n0, size=n)
-            if multi:
-                m, fit = fit_quality_measures({m: s[idx] for m, s in s_all.items()}, c[idx], k[idx],
-                                              max_quality_loss=max_quality_loss, delta=delta, bound=bound,
-                                              claim=claim)
-            else:
-                m = ""
-                fit = fit_quality(s_all[m][idx], c[idx], k[idx], max_quality_loss=max_quality_loss, delta=delta,
-                                  bound=bound, claim=claim)
-            fell_back += not fit.feasible
-            shares[r] = simulate(fit.thresholds, s_all[m], c).stats().large_share
-        low, mid, high = np.percentile(shares, [10.0, 50.0, 90.0])
-        rows.append(PlanRow(int(n), float(mid), float(low), float(high), fell_back / replicates, replicates))
+        w = rng.multinomial(n, np.full(n0, 1.0 / n0), size=replicates).astype(np.float64)
+        per = [_fits(ev, w, n, eps, level, bnd) for ev in events]
+        chosen = np.stack([p[0] for p in per])  # (M, B)
+        feasible = chosen > 0
+        share = np.where(feasible, np.stack([p[1] for p in per]), np.inf)
+        cost = np.where(feasible, np.stack([p[2] for p in per]), np.inf)
+        order = np.arange(len(events))[:, None] * np.ones_like(share)
+        best = np.lexsort((order, cost, share), axis=0)[0]  # (B,): least share, then cost, then measure order
+        best = np.where(feasible.any(axis=0), best, 0)
+        cols = np.arange(replicates)
+        pilot = np.array([events[m].pilot_share[chosen[m, r]] for r, m in zip(cols, best)])
+        low, mid, high = np.percentile(pilot, [10.0, 50.0, 90.0])
+        rows.append(PlanRow(int(n), float(mid), float(low), float(high),
+                            float((~feasible.any(axis=0)).mean()), replicates))
     return rows
 
 

@@ -53,3 +53,43 @@ def test_disagreement_plan_needs_an_agreement_matrix_and_valid_sizes() -> None:
     with pytest.raises(InvalidRequestError):
         plan_quality({}, c, max_quality_loss=0.05)
     assert isinstance(plan_quality(s, c, max_quality_loss=0.05, sizes=[20], replicates=3)[0], PlanRow)
+
+
+@pytest.mark.parametrize("tiers", [2, 3])
+@pytest.mark.parametrize("claim", ["accuracy", "disagreement"])
+def test_each_replicate_is_the_fit_on_the_resample_itself(tiers: int, claim: str) -> None:
+    """The vectorised fits on resampling weights choose what fit_quality chooses on the materialised resample
+    (ties and scores repeated many times included); several measures: what fit_quality_measures chooses."""
+    from calibration.fit import fit_quality_measures
+    from calibration.metrics import simulate
+    from calibration.plan import _Events, _fits
+
+    rng = np.random.default_rng(tiers)
+    n0 = 120
+    s = np.round(rng.uniform(size=(n0, tiers - 1)), 1)  # heavy ties
+    c = rng.uniform(size=(n0, tiers)) < np.column_stack([0.95 - 0.5 * s, np.full(n0, 0.85)])
+    if claim == "disagreement":
+        c[:, -1] = True
+    costs = np.arange(1.0, tiers + 1.0)
+    ev = _Events.of(s, c, np.broadcast_to(costs, c.shape).copy())
+    for n in (40, 400, 3000):
+        idx = rng.integers(0, n0, size=(6, n))
+        w = np.stack([np.bincount(i, minlength=n0) for i in idx]).astype(float)
+        chosen, share, _ = _fits(ev, w, n, 0.05, 0.1, "discordant" if claim == "accuracy" else "harm")
+        for r, i in enumerate(idx):
+            fit = fit_quality(s[i], c[i], costs, max_quality_loss=0.05, delta=0.1, claim=claim)  # type: ignore[arg-type]
+            assert share[r] == pytest.approx(fit.stats.large_share)
+            assert ev.pilot_share[chosen[r]] == pytest.approx(simulate(fit.thresholds, s, c).stats().large_share)
+    other = np.round(rng.uniform(size=(n0, tiers - 1)), 2)
+    idx = rng.integers(0, n0, size=400)
+    m, fit = fit_quality_measures({"a": s[idx], "b": other[idx]}, c[idx], costs, max_quality_loss=0.1, delta=0.1,
+                                  claim=claim)  # type: ignore[arg-type]
+    want = simulate(fit.thresholds, {"a": s, "b": other}[m], c).stats().large_share
+    w = np.bincount(idx, minlength=n0).astype(float)[None, :]
+    per = {k: _fits(_Events.of(v, c, np.broadcast_to(costs, c.shape).copy()), w, 400, 0.1, 0.05,
+                    "discordant" if claim == "accuracy" else "harm") for k, v in (("a", s), ("b", other))}
+    assert per[m][0][0] > 0 or not fit.feasible
+    if fit.feasible:
+        assert per[m][1][0] == min(p[1][0] for p in per.values() if p[0][0] > 0)
+        assert _Events.of({"a": s, "b": other}[m], c, np.broadcast_to(costs, c.shape).copy()).pilot_share[
+            per[m][0][0]] == pytest.approx(want)

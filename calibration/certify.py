@@ -1,9 +1,10 @@
 """Certifying a quality target: what a certificate bounds, each candidate's upper bound, and the test sequence.
 
 Every quality fit shares these pieces (:func:`calibration.fit.fit_quality`, and any family of threshold
-candidates for N tiers): it evaluates a table of candidates on the fit data (harm and help counts per
-candidate, see :class:`calibration.fit.Candidates`), bounds each candidate's loss with :func:`upper_bounds`,
-and accepts candidates in a sequence fixed before the data were seen with :func:`fixed_sequence`.
+candidates for N tiers): what counts as a loss comes in as :class:`LossIndicators` (:func:`accuracy_loss`
+from labels, :func:`disagreement_loss` without); a fit evaluates a table of candidates on the fit data (harm
+and help counts per candidate), bounds each candidate's loss with :func:`upper_bounds`, and accepts
+candidates in a sequence fixed before the data were seen with :func:`fixed_sequence`.
 
 **Claims (what is certified).** Per example, the cascade's answer is compared with the last tier's:
 
@@ -21,7 +22,8 @@ and accepts candidates in a sequence fixed before the data were seen with :func:
 
 Both are counted by the same code: the disagreement claim is the accuracy claim with the last tier's answers
 as the labels. Pass an ``agreement`` matrix (``(n, N)`` bool, tier j's answer is the same as the last
-tier's; the last column is all True) where ``correct`` is expected: then help is 0 and harm is disagreement.
+tier's; the last column is all True) where ``correct`` is expected: then help is 0 and harm is disagreement
+(:func:`disagreement_loss` is :func:`accuracy_loss` of it).
 
 **Upper confidence bounds per candidate** (:func:`upper_bounds`; the test rejects the null ``E[L] > eps``
 iff the bound is <= eps):
@@ -66,6 +68,7 @@ tested at the same split level anyway.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -77,10 +80,14 @@ __all__ = [
     "CLAIMS",
     "Bound",
     "Claim",
+    "LossIndicators",
+    "accepted_prefix",
+    "accuracy_loss",
     "check_agreement",
     "claim_text",
     "cp_upper",
     "default_bound",
+    "disagreement_loss",
     "fixed_sequence",
     "upper_bounds",
 ]
@@ -96,6 +103,60 @@ CLAIMS: dict[str, str] = {
 }
 
 FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
+
+
+@dataclass(frozen=True, eq=False)
+class LossIndicators:
+    """What counts as a loss or a gain when tier j answers example i, against always using the last tier.
+
+    Attributes:
+        harm: ``(n, N)`` bool, the answer costs quality (last column False).
+        help: ``(n, N)`` bool, the answer gains quality (last column False; never together with ``harm``).
+        name: the claim the loss belongs to (``"accuracy"`` or ``"disagreement"``).
+    """
+
+    harm: BoolArray
+    help: BoolArray
+    name: str = "accuracy"
+
+    def __post_init__(self) -> None:
+        h, g = np.asarray(self.harm), np.asarray(self.help)
+        if h.ndim != 2 or h.shape != g.shape or h.dtype != np.bool_ or g.dtype != np.bool_:
+            raise InvalidRequestError(f"harm and help must be boolean (n, N) arrays, got {h.shape}, {g.shape}")
+        if (h & g).any() or h[:, -1].any() or g[:, -1].any():
+            raise InvalidRequestError("harm and help must be exclusive and False for the last tier")
+
+    def subset(self, idx: npt.ArrayLike) -> LossIndicators:
+        """The indicators of the examples at ``idx``."""
+        i = np.asarray(idx, dtype=np.int64)
+        return LossIndicators(self.harm[i], self.help[i], self.name)
+
+
+def accuracy_loss(correct: npt.ArrayLike) -> LossIndicators:
+    """The labelled loss: harm = wrong where the last tier is right, help = right where it is wrong.
+
+    Args:
+        correct: ``(n, N)`` bool, whether tier j's answer to example i is right.
+    """
+    c = np.asarray(correct, dtype=np.bool_)
+    last = c[:, -1:]
+    return LossIndicators(~c & last, c & ~last, "accuracy")
+
+
+def disagreement_loss(agreement: npt.ArrayLike) -> LossIndicators:
+    """The label-free loss: harm = the answer differs from the last tier's, help never.
+
+    Args:
+        agreement: ``(n, N)`` bool, whether tier j's answer to example i is the same as the last tier's (the
+            last column all True).
+
+    Raises:
+        InvalidRequestError: the last column is not all True.
+    """
+    a = np.asarray(agreement, dtype=np.bool_)
+    check_agreement(a)
+    return LossIndicators(~a, np.zeros_like(a), "disagreement")
 
 
 def default_bound(claim: str) -> Bound:
@@ -121,7 +182,8 @@ def check_agreement(agreement: npt.NDArray[np.bool_]) -> None:
 def cp_upper(k: npt.ArrayLike, n: npt.ArrayLike, alpha: float) -> FloatArray:
     """One-sided Clopper-Pearson upper bounds at level 1 - alpha for k successes of n trials (1 when k == n).
 
-    ``k`` and ``n`` broadcast against each other; the beta quantile is computed once per distinct (k, n) pair.
+    ``k`` and ``n`` broadcast against each other (the result is flat); the beta quantile is computed once per
+    distinct (k, n) pair.
     """
     from scipy.stats import beta
 
@@ -133,17 +195,21 @@ def cp_upper(k: npt.ArrayLike, n: npt.ArrayLike, alpha: float) -> FloatArray:
     return np.asarray(out[inv.ravel()], dtype=np.float64)
 
 
-def upper_bounds(harmed: npt.ArrayLike, helped: npt.ArrayLike, n: int, delta: float, bound: Bound) -> FloatArray:
-    """Upper confidence bound of each candidate's loss at level 1 - delta (see the module docstring).
+def upper_bounds(harmed: npt.ArrayLike, helped: npt.ArrayLike, n: int, delta: float,
+                 bound: Bound = "discordant") -> FloatArray:
+    """Upper confidence bound of each candidate's loss ``E[L] = p_harm - p_help`` at level 1 - delta.
+
+    The bounds (``"discordant"``, ``"harm"``) and why they hold are in the module docstring.
 
     Args:
-        harmed: ``(P,)`` harm counts; helped: ``(P,)`` help counts (0 for the disagreement claim).
-        n: examples per candidate.
-        delta: the level of each test, in (0, 1).
+        harmed: ``(P,)`` int, harm counts of P candidates on the same n examples (or any shape: flattened).
+        helped: ``(P,)`` int, their help counts (0 for the disagreement claim).
+        n: number of examples.
+        delta: allowed probability of a bound below the true loss, per candidate, in (0, 1).
         bound: ``"discordant"`` or ``"harm"``.
 
     Returns:
-        ``(P,)`` upper bounds of ``E[L]``.
+        ``(P,)`` upper bounds (0 for a candidate whose bound is negative).
     """
     h = np.asarray(harmed, dtype=np.int64)
     if bound == "harm":
@@ -155,16 +221,31 @@ def upper_bounds(harmed: npt.ArrayLike, helped: npt.ArrayLike, n: int, delta: fl
     return np.asarray(np.maximum(cp_upper(discordant, n, 0.25 * delta) * (2.0 * pi_u - 1.0), 0.0), dtype=np.float64)
 
 
-def fixed_sequence(passed: npt.ArrayLike) -> int:
-    """Index of the last candidate accepted by fixed-sequence testing: the one before the first failure.
+def fixed_sequence(upper: npt.ArrayLike, eps: float) -> int:
+    """Fixed-sequence testing: the index of the last candidate accepted before the first failure.
 
     Args:
-        passed: ``(P,)`` bool, whether each candidate's test passed, in test order. Candidate 0 is the safe
-            start (escalate everything) and is accepted whatever its entry says.
+        upper: ``(P,)`` upper bounds in testing order; index 0 is always the last tier (accepted untested).
+        eps: the target, accepted where ``upper <= eps``.
     """
-    p = np.asarray(passed, dtype=np.bool_).copy()
-    if p.ndim != 1 or p.size < 1:
-        raise InvalidRequestError("fixed_sequence needs a 1-D sequence of at least one test result")
-    p[0] = True
-    fails = np.flatnonzero(~p)
-    return int(fails[0] - 1) if fails.size else len(p) - 1
+    passed = np.asarray(upper, dtype=np.float64) <= eps
+    if passed.ndim != 1 or passed.size < 1:
+        raise InvalidRequestError("fixed_sequence needs a 1-D sequence of at least one bound")
+    passed[0] = True
+    fails = np.flatnonzero(~passed)
+    return int(fails[0] - 1) if fails.size else len(passed) - 1
+
+
+def accepted_prefix(harmed: npt.ArrayLike, helped: npt.ArrayLike, n: int, eps: float, delta: float,
+                    bound: Bound = "discordant") -> tuple[int, FloatArray]:
+    """Fixed-sequence test of one target: how far along the sequence every candidate is certified.
+
+    On the event that the bound holds at the first candidate whose true loss exceeds eps (probability >=
+    1 - delta), that candidate fails its test, so *every* candidate of the returned prefix has loss <= eps at
+    once: any of them may be chosen afterwards, by any rule (the cheapest, say), without losing the guarantee.
+
+    Returns:
+        ``(stop, upper)``: candidates ``0..stop`` are certified; the ``(P,)`` bounds at level delta.
+    """
+    upper = upper_bounds(harmed, helped, n, delta, bound)
+    return fixed_sequence(upper, eps), upper

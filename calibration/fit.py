@@ -29,11 +29,10 @@ import numpy.typing as npt
 from calibration.certify import (
     Bound,
     Claim,
+    accepted_prefix,
     check_agreement,
     claim_text,
     default_bound,
-    fixed_sequence,
-    upper_bounds,
 )
 from calibration.metrics import (
     CascadeStats,
@@ -295,8 +294,7 @@ def fit_quality(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.ArrayL
         check_agreement(c)
     cand = common_sweep(s, c, k)
     n = cand.n
-    upper = upper_bounds(cand.harmed, cand.helped, n, dlt, bnd)
-    i = fixed_sequence(upper <= eps)
+    i, upper = accepted_prefix(cand.harmed, cand.helped, n, eps, dlt, bnd)
     params: dict[str, float | int | str] = {
         "max_quality_loss": eps, "delta": dlt, "bound": bnd, "claim": claim,
         "family": "single threshold" if c.shape[1] == 2 else "common threshold for every stage",

@@ -82,14 +82,14 @@ def procedures(eps: float, delta: float) -> dict[str, Callable[..., float]]:
 
     def seq(s: FloatArray, c: Any, lams: FloatArray, dlt: float, safe_start: bool) -> float | None:
         h, p = _counts(lams, s, c)
-        passed = upper_bounds(h, p, len(s), dlt, "discordant") <= eps
-        if not safe_start and not passed[0]:
+        upper = upper_bounds(h, p, len(s), dlt, "discordant")
+        if not safe_start and not upper[0] <= eps:
             return None
-        return float(lams[fixed_sequence(passed)])
+        return float(lams[fixed_sequence(upper, eps)])
 
     def fixed(s: FloatArray, c: Any, _: FloatArray, dlt: float = delta) -> float:
         sw = common_sweep(s, c)
-        return float(sw.thresholds[fixed_sequence(upper_bounds(sw.harmed, sw.helped, sw.n, dlt, "discordant") <= eps),
+        return float(sw.thresholds[fixed_sequence(upper_bounds(sw.harmed, sw.helped, sw.n, dlt, "discordant"), eps),
                                    0])
 
     def best_point(s: FloatArray, c: Any, _: FloatArray) -> float:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from calibration.certify import cp_upper, fixed_sequence, upper_bounds
+from calibration.certify import accuracy_loss, cp_upper, disagreement_loss, fixed_sequence, upper_bounds
 from calibration.fit import common_sweep, fit_quality, fit_quality_measures
 from calibration.metrics import simulate
 from cascade.errors import InvalidRequestError
@@ -129,11 +129,14 @@ def test_disagreement_fit_says_which_guarantee_it_gives() -> None:
 
 
 def test_fixed_sequence_and_bounds_by_hand() -> None:
-    assert fixed_sequence([False, True, True, False, True]) == 2
-    assert fixed_sequence([True, True]) == 1
-    assert fixed_sequence([False, False]) == 0
+    assert fixed_sequence([0.9, 0.01, 0.02, 0.5, 0.0], 0.05) == 2
+    assert fixed_sequence([0.0, 0.05], 0.05) == 1
+    assert fixed_sequence([0.0, 0.06], 0.05) == 0
     with pytest.raises(InvalidRequestError):
-        fixed_sequence([])
+        fixed_sequence([], 0.05)
+    loss = disagreement_loss(np.array([[True, True], [False, True]]))
+    assert loss.name == "disagreement" and loss.harm[:, 0].tolist() == [False, True] and not loss.help.any()
+    assert (accuracy_loss(np.array([[True, True], [False, True]])).harm == loss.harm).all()
     # the harm bound is Clopper-Pearson; with no help the discordant bound is the harm count's bound at delta/4
     assert upper_bounds([3], [0], 100, 0.1, "harm")[0] == pytest.approx(cp_upper(3, 100, 0.1)[0])
     assert upper_bounds([3], [0], 100, 0.1, "discordant")[0] == pytest.approx(cp_upper(3, 100, 0.025)[0])

@@ -67,6 +67,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--mode", choices=("free", "choices"), default="free",
                    help="free: generate freely and find the label in the answer; choices: answer with the most "
                         "likely label (scored, not generated) (default free)")
+    p.add_argument("--choice-prior", action="store_true",
+                   help="with --mode choices: correct each model's answers for its prior over the labels, fitted "
+                        "on the calibration split without labels (cascade.choice_prior)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (1 is faster when other processes share the cores; default: torch's)")
     args = p.parse_args(argv)
@@ -82,6 +85,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = [x for x in args.pairs if x not in PAIRS]
     if unknown:
         p.error(f"unknown pair(s) {unknown}; choose from {list(PAIRS)}")
+    if args.choice_prior and args.mode != "choices":
+        p.error("--choice-prior needs --mode choices")
     if args.limit_cal < 10 or args.limit_test < 10:
         p.error("--limit-cal and --limit-test must be >= 10")
     return args

@@ -72,14 +72,18 @@ def evaluate_and_report(args: argparse.Namespace, data: Mapping[str, Any]) -> di
         params = gen_params(td.task)
         for pair in args.pairs:
             small, large = (MODELS[m] for m in PAIRS[pair])
-            splits = {}
+            gens = {}
+            choices = getattr(args, "mode", "free") == "choices"
             for split, exs in (("cal", td.cal), ("test", td.test)):
-                choices = getattr(args, "mode", "free") == "choices"
                 gs = cached_generations(small.identity, exs, params, args.cache, choices=choices)
                 gl = cached_generations(large.identity, exs, params, args.cache, choices=choices)
                 if any(g is None for g in gs + gl):
                     break
-                splits[split] = setup_arrays(exs, gs, gl, score_answer)  # type: ignore[arg-type]
+                gens[split] = (exs, gs, gl)
+            if getattr(args, "choice_prior", False) and len(gens) == 2:
+                gens = with_choice_prior(gens)
+            splits = {split: setup_arrays(exs, gs, gl, score_answer)  # type: ignore[arg-type]
+                      for split, (exs, gs, gl) in gens.items()}
             if len(splits) < 2:
                 skipped.append(f"{task_name} / {pair}: generations not (all) cached")
                 continue
@@ -91,7 +95,8 @@ def evaluate_and_report(args: argparse.Namespace, data: Mapping[str, Any]) -> di
     report = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": getattr(args, "command", "python -m eval.quality " + " ".join(sys.argv[1:])),
-        "settings": {"prompts": getattr(args, "prompts", "tuned"), "mode": getattr(args, "mode", "free"),
+        "settings": {"prompts": getattr(args, "prompts", "tuned"),
+                     "mode": getattr(args, "mode", "free") + ("+prior" if getattr(args, "choice_prior", False) else ""),
                      "limit_cal": args.limit_cal, "limit_test": args.limit_test, "seed": args.seed,
                      "n_boot": args.n_boot, "data": args.data, "pairs": args.pairs, "tasks": args.tasks,
                      "models": {k: vars(v) for k, v in MODELS.items()}, "python": platform.python_version()},
@@ -107,6 +112,19 @@ def evaluate_and_report(args: argparse.Namespace, data: Mapping[str, Any]) -> di
     print(markdown_report(report, brief=True))
     print(f"report written to {out}/results.md, results.json and curves_*.png")
     return report
+
+
+def with_choice_prior(gens: Mapping[str, tuple[Any, Any, Any]]) -> dict[str, tuple[Any, Any, Any]]:
+    """Both tiers' constrained answers corrected for each model's prior over the task's labels
+    (:mod:`cascade.choice_prior`), the prior fitted on the calibration split's answers (no labels used)."""
+    from cascade.choice_prior import apply_prior, fit_prior
+
+    cal_exs, cal_small, cal_large = gens["cal"]
+    choices = list(cal_exs[0]["choices"])
+    priors = [fit_prior([g.choice_logprobs for g in tier]) for tier in (cal_small, cal_large)]
+    return {split: (exs, *([apply_prior(g, choices, prior) for g in tier]
+                           for tier, prior in zip((gs, gl), priors)))
+            for split, (exs, gs, gl) in gens.items()}
 
 
 def summary(setups: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

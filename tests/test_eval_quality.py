@@ -185,14 +185,16 @@ def plant(tmp_path: Path, prompts: str, mode: str) -> None:
             text = ex["answer"] if ok else next(c for c in ex["choices"] if c != ex["answer"])
             u = float(rng.normal(0.3 if ok else 0.7, 0.2))
             key = raw_key(ex["messages"], tuple(ex["choices"]) if choices else None)
+            lp = tuple(-0.1 if c == text else -2.0 for c in ex["choices"]) if choices else ()
             items.append((key, Generation(text, ref.source, prompt_tokens=30, completion_tokens=1,
-                                          scores={m: u for m in names})))
+                                          scores={m: u for m in names}, choice_logprobs=lp)))
             raws.append(key)
         cache.append(items, raws)
 
 
-@pytest.mark.parametrize(("prompts", "mode"), [("tuned", "free"), ("plain", "choices")])
-def test_cached_only_run_writes_the_report(tmp_path: Path, prompts: str, mode: str) -> None:
+@pytest.mark.parametrize(("prompts", "mode", "prior"), [("tuned", "free", False), ("plain", "choices", False),
+                                                      ("plain", "choices", True)])
+def test_cached_only_run_writes_the_report(tmp_path: Path, prompts: str, mode: str, prior: bool) -> None:
     """Plant generations in the cache (no model loaded) and rebuild the full report from it."""
     pair = "SmolLM2-135M -> Qwen-0.5B"
     plant(tmp_path, prompts, mode)
@@ -201,12 +203,12 @@ def test_cached_only_run_writes_the_report(tmp_path: Path, prompts: str, mode: s
     argv = ["--cached-only", "--data", str(DATA), "--tasks", "sst2", "trec", "--pairs", pair,
             "--limit-cal", "40", "--limit-test", "60", "--out", str(out), "--cache", str(tmp_path / "cache"),
             "--no-embed", "--n-boot", "50", "--prompts", prompts, "--mode", mode]
-    assert main(argv) == 0
+    assert main(argv + (["--choice-prior"] if prior else [])) == 0
     other = ["--mode", "free" if mode == "choices" else "choices"]  # the other mode's cache entries are apart
     assert main([*argv, *other, "--out", str(tmp_path / "none")]) == 0
     assert json.loads((tmp_path / "none" / "results.json").read_text())["setups"] == []
     report = json.loads((out / "results.json").read_text())
-    assert report["settings"]["prompts"] == prompts and report["settings"]["mode"] == mode
+    assert report["settings"]["prompts"] == prompts and report["settings"]["mode"] == mode + ("+prior" if prior else "")
     assert set(report["setups"][0]["cal_values"]) == set(MEASURES if mode == "choices" else FREE_MEASURES)
     from eval.compare import main as compare
 

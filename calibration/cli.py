@@ -71,6 +71,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of --test-split (default 0)")
     p.add_argument("--max-tokens", type=int, help="new tokens per answer (default: the config's max_tokens)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per model call (default 16)")
+    p.add_argument("--choice-prior", action="store_true",
+                   help="correct each tier's constrained answers for its prior over the choices, fitted without "
+                        "labels on --prior-data or on a --prior-share of --data set aside for it; stored in the "
+                        "artifact (see calibration/priors.py)")
+    p.add_argument("--prior-data", help="JSONL of requests with 'choices' (answers not needed) for --choice-prior")
+    p.add_argument("--prior-share", type=float, default=0.3, metavar="F",
+                   help="without --prior-data: the share of --data set aside for the prior (default 0.3)")
     p.add_argument("--no-choices", action="store_true",
                    help="generate free answers even for examples with 'choices' (default: such examples are "
                         "answered with the most likely of their choices, as the cascade answers requests with choices)")
@@ -118,6 +125,12 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("--plan writes no artifact: leave out --out" if a.plan else "--out is required (unless --plan)")
     if a.plan_sizes is not None and (not a.plan or min(a.plan_sizes) < 1):
         p.error("--plan-sizes go with --plan and must be >= 1")
+    if (a.prior_data or a.prior_share != 0.3) and not a.choice_prior:
+        p.error("--prior-data and --prior-share go with --choice-prior")
+    if not 0.0 < a.prior_share < 1.0:
+        p.error("--prior-share must be in (0, 1)")
+    if a.choice_prior and a.no_choices:
+        p.error("--choice-prior needs constrained answers (not --no-choices)")
     for flag, path in (("--out", a.out), ("--report-json", a.report_json), ("--plot", a.plot)):
         if path is not None and not Path(path).resolve().parent.is_dir():
             p.error(f"{flag}: the folder of {path!r} does not exist")  # checked before any model runs
@@ -193,6 +206,10 @@ def _fit(a: argparse.Namespace, cfg: CascadeConfig, inputs: Inputs, params: Gene
         report["clusters"].update(router=a.router, embedder=embedder)
     art = artifact_from_fit(fit, models=[t.backend.model for t in cfg.tiers], measure=measure, data_fingerprint=fp,
                             curve=widen_curve(measured_curve(fs, fc, fk), fs), cluster_thresholds=clusters)
+    if arrays.priors is not None:
+        art = replace(art, choice_priors=arrays.priors)
+        report["choice_priors"] = {"n": len(inputs.prior), "from": inputs.prior_source,
+                                   "priors": {str(k): v for k, v in arrays.priors.items()}}
     n_lab = int(arrays.labelled[:n_fit].sum())
     free = {"guarantee": claim_text(claim), "same": inputs.same_name, "labelled_fit_lines": n_lab,
             "curve_accuracy": "agreement with the last tier"} if claim == "disagreement" else {}
@@ -285,7 +302,8 @@ def _run(a: argparse.Namespace) -> int:
             raise InvalidRequestError(f"--plot needs matplotlib (the 'plot' extra): {exc}") from None
     cfg = load_config(a.config) if a.config else default_config()
     inputs = read_inputs(a.data, scorer=a.scorer, test_data=a.test_data, test_split=a.test_split, seed=a.seed,
-                         same=a.same, label_free=a.label_free)
+                         same=a.same, label_free=a.label_free, prior_data=a.prior_data if a.choice_prior else None,
+                         prior_share=a.prior_share if a.choice_prior and not a.prior_data else None)
     params = GenerationParams(max_tokens=a.max_tokens or cfg.max_tokens, temperature=cfg.temperature)
     cache_dir = Path(a.cache_dir) if a.cache_dir else _default_cache()
     arrays = measure_arrays(cfg, inputs, params, cache_dir, batch_size=a.batch_size, progress=not a.no_progress,

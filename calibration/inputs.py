@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +47,8 @@ class Inputs:
         scorer: the scorer.
         same_name: what decides that two answers are the same (label-free and planning), or None.
         same: that function, or None.
+        prior: the requests each tier's choice prior is fitted on (``--choice-prior``; answers unused), or none.
+        prior_source: where they came from, in words.
     """
 
     data: list[Example]
@@ -57,10 +59,13 @@ class Inputs:
     scorer: Scorer
     same_name: str | None = None
     same: Same | None = None
+    prior: list[Example] = field(default_factory=list)
+    prior_source: str = ""
 
 
 def read_inputs(data: str, *, scorer: str = "auto", test_data: str | None = None, test_split: float | None = None,
-                seed: int = 0, same: str | None = None, label_free: bool = False) -> Inputs:
+                seed: int = 0, same: str | None = None, label_free: bool = False, prior_data: str | None = None,
+                prior_share: float | None = None) -> Inputs:
     """Read ``data`` (and ``test_data``), check the scorer on them, and split off the held-out examples.
 
     Args:
@@ -71,6 +76,9 @@ def read_inputs(data: str, *, scorer: str = "auto", test_data: str | None = None
         seed: seed of ``test_split``.
         same: what decides that two answers are the same (default: the scorer's, for a built-in scorer).
         label_free: lines may omit ``answer``; a same-answer function is then required.
+        prior_data: a JSONL of requests (answers unused) to fit the choice priors on, or None.
+        prior_share: else set this share of the fit examples aside for the choice priors (seeded by
+            ``seed + 1``), or None: no priors.
 
     Raises:
         InvalidRequestError: a bad line, an unknown scorer or same-answer function, or a label-free run with a
@@ -95,7 +103,14 @@ def read_inputs(data: str, *, scorer: str = "auto", test_data: str | None = None
                                   "a function (answer_a, answer_b, example) -> bool saying when two answers are the "
                                   "same")
     same_fn = get_same(same_name) if same_name is not None else None
-    return Inputs(examples, fit_ex, test_ex, split, scorer_name, score, same_name, same_fn)
+    prior: list[Example] = []
+    source = ""
+    if prior_data:
+        prior, source = load_examples(prior_data, labelled=False), prior_data
+    elif prior_share:
+        fit_ex, prior = split_examples(fit_ex, prior_share, seed + 1)
+        source = f"a {prior_share:g} share of the fit data set aside (seed {seed + 1})"
+    return Inputs(examples, fit_ex, test_ex, split, scorer_name, score, same_name, same_fn, prior, source)
 
 
 @dataclass(frozen=True)
@@ -109,6 +124,8 @@ class Arrays:
         labelled: ``(n,)`` which examples have labels.
         agreement: ``(n, N)`` agreement with the last tier, or None without a same-answer function.
         claim: ``"disagreement"`` with ``--label-free``, else ``"accuracy"``.
+        priors: each tier's choice priors (tier -> choice set -> offsets), already subtracted from its
+            answers, or None (:mod:`calibration.priors`).
     """
 
     by_measure: dict[str, TierArrays]
@@ -116,6 +133,7 @@ class Arrays:
     labelled: Any
     agreement: Any
     claim: Claim
+    priors: dict[int, dict[str, tuple[float, ...]]] | None = None
 
 
 def measure_arrays(cfg: CascadeConfig, inputs: Inputs, params: GenerationParams, cache_dir: Path, *,
@@ -135,8 +153,16 @@ def measure_arrays(cfg: CascadeConfig, inputs: Inputs, params: GenerationParams,
     from cascade.types import MEASURES
 
     every = inputs.fit + inputs.test
-    gens = asyncio.run(generate_all(cfg, [e.data for e in every], params, cache_dir, batch_size=batch_size,
-                                    progress=progress, choices=choices))
+    rows = [e.data for e in inputs.prior + every]
+    gens = asyncio.run(generate_all(cfg, rows, params, cache_dir, batch_size=batch_size, progress=progress,
+                                    choices=choices))
+    priors = None
+    if inputs.prior:  # fitted on the requests set aside, subtracted from every other answer
+        from calibration.priors import apply_priors, fit_priors
+
+        k = len(inputs.prior)
+        priors = fit_priors(rows[:k], [g[:k] for g in gens])
+        gens = apply_priors(rows[k:], [g[k:] for g in gens], priors)
     prices = [Price(t.price_input_per_mtok, t.price_output_per_mtok) for t in cfg.tiers]
     score = scorer_for(inputs.scorer, every)
     arrays = {m: arr for m in MEASURES
@@ -150,7 +176,7 @@ def measure_arrays(cfg: CascadeConfig, inputs: Inputs, params: GenerationParams,
         if agreement is None:
             raise InvalidRequestError("label-free arrays need a same-answer function")
         arrays = {m: TierArrays(arr.scores, agreement, arr.costs, m) for m, arr in arrays.items()}
-    return Arrays(arrays, labels, labelled, agreement, "disagreement" if label_free else "accuracy")
+    return Arrays(arrays, labels, labelled, agreement, "disagreement" if label_free else "accuracy", priors)
 
 
 def scorer_for(scorer: Any, examples: Sequence[Example]) -> Any:

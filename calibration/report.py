@@ -245,6 +245,11 @@ def render_text(report: Mapping[str, Any]) -> str:
         lines.append(f"label-free: answers compared with the last tier's ({d.get('same')!r} decides 'same'); "
                      f"'agreement' below is agreement with the last tier, not accuracy; "
                      f"{d.get('n_fit_labelled', 0)} fit lines have labels (reported, not used by the fit)")
+    cp = report.get("choice_priors")
+    if cp:
+        sets = sorted({key for table in cp["priors"].values() for key in table})
+        lines.append(f"choice priors: fitted on {cp['n']} requests ({cp['from']}), not on the fit data; "
+                     f"{len(sets)} choice set(s), subtracted from every constrained answer")
     m = report["measure"]
     lines.append(f"\nmeasures (AUC of {quality} vs large share on the fit data; oracle "
                  f"{report['reference']['oracle_auc']:.4f}, random {report['reference']['random_auc']:.4f}):")

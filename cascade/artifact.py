@@ -10,6 +10,7 @@ JSON layout (``schema_version`` 1)::
      "measure": "margin_first",                         # one of cascade.types.MEASURES
      "thresholds": [0.42],                              # N-1 floats
      "cluster_thresholds": {"3": [0.5]},                # optional, router mode: cluster id -> N-1 floats
+     "choice_priors": {"0": {"[\"neg\", \"pos\"]": [0.4, -0.4]}},  # optional: tier -> choice set -> offsets
      "method": "quality", "params": {...},              # fitting method and its parameters (finite JSON)
      "data_fingerprint": "<sha256 hex>", "n": 872,      # held-out data identity and size
      "curve": {...} | null,                             # measured points, see cascade.curve.Curve
@@ -64,6 +65,8 @@ class Artifact:
         cluster_thresholds: router mode: cluster id -> N-1 thresholds, or None.
         created: ISO-8601 creation time (UTC, now by default).
         schema_version: always :data:`SCHEMA_VERSION` for artifacts this code writes.
+        choice_priors: tier index -> choice set (:func:`cascade.choice_prior.choice_set_key`) -> one offset
+            per choice, the tier's prior over those answers (:mod:`cascade.choice_prior`); None: no correction.
     """
 
     models: tuple[str, ...]
@@ -79,6 +82,7 @@ class Artifact:
     cluster_thresholds: Mapping[int, tuple[float, ...]] | None = None
     created: str = field(default_factory=_now)
     schema_version: int = SCHEMA_VERSION
+    choice_priors: Mapping[int, Mapping[str, tuple[float, ...]]] | None = None
 
     def __post_init__(self) -> None:
         if self.schema_version != SCHEMA_VERSION:
@@ -104,6 +108,8 @@ class Artifact:
                     raise ArtifactError(f"cluster id {key!r} is not an integer") from None
                 clusters[cid] = decode_floats(ts, f"cluster_thresholds[{cid}]", stages)
             object.__setattr__(self, "cluster_thresholds", clusters)
+        if self.choice_priors is not None:
+            object.__setattr__(self, "choice_priors", _check_priors(self.choice_priors, len(models)))
         if not isinstance(self.method, str) or not self.method:
             raise ArtifactError("method must be a non-empty string")
         if not isinstance(self.params, Mapping):
@@ -142,6 +148,9 @@ class Artifact:
             "method": self.method, "params": dict(self.params), "data_fingerprint": self.data_fingerprint,
             "n": self.n, "curve": None if self.curve is None else self.curve.to_dict(),
             "feasible": self.feasible, "message": self.message,
+            **({} if self.choice_priors is None else {"choice_priors": {
+                str(tier): {key: list(v) for key, v in sorted(table.items())}
+                for tier, table in sorted(self.choice_priors.items())}}),
         }
 
     def to_json(self) -> str:
@@ -168,7 +177,7 @@ class Artifact:
         missing = [k for k in _REQUIRED if k not in d]
         if missing:
             raise ArtifactError(f"artifact is missing field(s) {missing}")
-        unknown = set(d) - {*_REQUIRED, "curve", "cluster_thresholds"}
+        unknown = set(d) - {*_REQUIRED, "curve", "cluster_thresholds", "choice_priors"}
         if unknown:
             raise ArtifactError(f"artifact has unknown field(s) {sorted(unknown)}")
         curve = None if d.get("curve") is None else Curve.from_dict(d["curve"])
@@ -177,7 +186,7 @@ class Artifact:
             raise ArtifactError(f"models must be a list, got {models!r}")
         return cls(tuple(models), d["measure"], d["thresholds"], d["method"], d["params"], d["data_fingerprint"],
                    d["n"], d["feasible"], d["message"], curve, d.get("cluster_thresholds"), d["created"],
-                   d["schema_version"])
+                   d["schema_version"], d.get("choice_priors"))
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write atomically: a temporary file in the same directory, fsync, then ``os.replace``.
@@ -239,6 +248,36 @@ class Artifact:
         if expect_measure is not None and expect_measure != self.measure:
             raise ArtifactError(f"{source} was fitted for measure {self.measure!r}, "
                                 f"but the cascade uses {expect_measure!r}")
+
+
+def _check_priors(raw: object, tiers: int) -> dict[int, dict[str, tuple[float, ...]]]:
+    """Validate ``choice_priors``: tier index -> JSON list of choices -> one finite offset per choice."""
+    import math
+
+    if not isinstance(raw, Mapping):
+        raise ArtifactError("choice_priors must map tier indexes to tables of choice sets")
+    out: dict[int, dict[str, tuple[float, ...]]] = {}
+    for tier, table in raw.items():
+        try:
+            index = int(tier)
+        except (TypeError, ValueError):
+            raise ArtifactError(f"choice_priors: tier {tier!r} is not an integer") from None
+        if not 0 <= index < tiers or not isinstance(table, Mapping):
+            raise ArtifactError(f"choice_priors: tier {tier!r} must be in 0..{tiers - 1} and map choice sets")
+        rows: dict[str, tuple[float, ...]] = {}
+        for key, offsets in table.items():
+            try:
+                choices = json.loads(key)
+            except (TypeError, ValueError):
+                choices = None
+            ok = isinstance(choices, list) and choices and all(isinstance(c, str) for c in choices)
+            if not ok or not isinstance(offsets, Sequence) or len(offsets) != len(choices) or not all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in offsets):
+                raise ArtifactError(f"choice_priors[{tier}]: {key!r} must be a JSON list of choices with one "
+                                    f"finite offset each")
+            rows[key] = tuple(float(x) for x in offsets)
+        out[index] = rows
+    return out
 
 
 def load(path: str | os.PathLike[str], *, expect_models: Sequence[str] | None = None,

@@ -368,6 +368,12 @@ class Cascade:
     def _record(self, level: int, tier: Tier, p: _Pending, g: Generation, elapsed: float) -> bool:
         """Book one tier's answer for one request; True when the request goes on up the chain."""
         last = level == len(self.tiers) - 1
+        if p.choices is not None and g.choice_logprobs:
+            offsets = self.policy.prior_for(level, p.choices)
+            if offsets is not None:  # the tier's calibrated prior over these answers (cascade.choice_prior)
+                from cascade.choice_prior import apply_prior
+
+                g = apply_prior(g, p.choices, offsets)
         u = math.nan if last else float(g.scores.get(self.measure, math.nan))
         thr = None if last else p.thresholds[level]
         p.calls.append(self._tier_call(tier, g, elapsed, None if last else u, thr))

@@ -71,6 +71,8 @@ class Policy:
         cluster_thresholds: per router cluster thresholds overriding ``thresholds``.
         models: tier model identities the thresholds were fitted for (empty for hand-set thresholds).
         artifact: the calibration artifact this policy came from (enables per-request targets), or None.
+        choice_priors: tier index -> choice set key -> offsets: each tier's prior over a set of allowed
+            answers, subtracted from its constrained answers (:mod:`cascade.choice_prior`); empty = none.
     """
 
     measure: str
@@ -78,6 +80,7 @@ class Policy:
     cluster_thresholds: Mapping[int, tuple[float, ...]] = field(default_factory=dict)
     models: tuple[str, ...] = ()
     artifact: Artifact | None = None
+    choice_priors: Mapping[int, Mapping[str, tuple[float, ...]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_measure(self.measure)
@@ -117,7 +120,15 @@ class Policy:
                 raise ArtifactError(f"artifact fitted for measure {art.measure!r}, cascade uses {measure!r}")
         clusters = {int(k): tuple(float(x) for x in v) for k, v in (art.cluster_thresholds or {}).items()}
         return cls(measure=art.measure, thresholds=tuple(float(t) for t in art.thresholds),
-                   cluster_thresholds=clusters, models=tuple(art.models), artifact=art)
+                   cluster_thresholds=clusters, models=tuple(art.models), artifact=art,
+                   choice_priors=dict(art.choice_priors or {}))
+
+    def prior_for(self, tier: int, choices: Sequence[str]) -> tuple[float, ...] | None:
+        """The offsets of tier ``tier`` for this choice set (in this order), or None when it has none."""
+        from cascade.choice_prior import choice_set_key
+
+        table = self.choice_priors.get(tier)
+        return None if table is None else table.get(choice_set_key(choices))
 
     def thresholds_for(self, cluster: int | None = None, target: Target | None = None) -> tuple[float, ...]:
         """The thresholds that apply to one request.

@@ -321,3 +321,37 @@ def test_plan_predicts_both_claims_from_a_labelled_pilot(tmp_path, setup, capsys
     assert plans["disagreement"]["rows"][1]["share"] <= plans["disagreement"]["rows"][0]["share"]
     assert main([*base, "--out", str(tmp_path / "a.json")]) == 2 and not (tmp_path / "a.json").exists()
     assert main([*base[:-5], "--max-large-share", "0.3", "--plan"]) == 2
+
+
+def test_choice_prior_is_fitted_apart_stored_and_applied_by_the_cascade(tmp_path, setup, capsys):
+    """--choice-prior sets a share of the data aside for the prior, stores it in the artifact, and the cascade
+    built from that artifact corrects its answers with it."""
+    out = tmp_path / "a.json"
+    code, report = calibrate(setup, out, "--measure", "choice_margin", "--max-large-share", "0.4",
+                             "--choice-prior", "--prior-share", "0.25", "--test-split", "0.2")
+    assert code == 0, capsys.readouterr().err
+    art = Artifact.load(out)
+    key = json.dumps(["negative", "positive"])
+    assert set(art.choice_priors) == {0, 1} and len(art.choice_priors[0][key]) == 2
+    assert report["choice_priors"]["n"] == 24 and report["data"]["n_fit"] == 72
+    assert abs(sum(art.choice_priors[0][key])) < 1e-9
+    assert "choice priors: fitted on 24 requests" in capsys.readouterr().out
+    assert Artifact.from_json(art.to_json()) == art
+    from cascade.config import build_cascade, load_config
+
+    cascade = build_cascade(replace(load_config(setup["two"]), artifact=str(out), measure="choice_margin"))
+    lines = [json.loads(line) for line in DATA.read_text().splitlines()]
+    results = cascade.run_batch_sync([x["prompt"] for x in lines], choices=[x["choices"] for x in lines])
+    raw = cascade_without_prior(setup, out).run_batch_sync([x["prompt"] for x in lines],
+                                                            choices=[x["choices"] for x in lines])
+    assert [r.uncertainty for r in results] != [r.uncertainty for r in raw]  # the prior changed the scores
+    assert main(["--data", str(DATA), "--out", str(out), "--max-large-share", "0.3", "--prior-share", "0.5"]) == 2
+
+
+def cascade_without_prior(setup: dict[str, Path], artifact: Path) -> Any:
+    from cascade.config import build_cascade, load_config
+
+    art = replace(Artifact.load(artifact), choice_priors=None)
+    plain = artifact.with_name("plain.json")
+    art.save(plain)
+    return build_cascade(replace(load_config(setup["two"]), artifact=str(plain), measure="choice_margin"))

@@ -102,3 +102,23 @@ def test_micro_batcher_merges_concurrent_choose_calls():
     assert free[0].choice_logprobs == () and batcher.batches == 2  # constrained and free calls never share
     with pytest.raises(ChoicesUnsupportedError):
         asyncio.run(MicroBatcher(FailingBackend(RuntimeError("x"))).choose(["a"], [["b"]]))  # type: ignore[arg-type]
+
+
+def test_a_policy_prior_corrects_each_tiers_constrained_answers():
+    from cascade.choice_prior import apply_prior, choice_set_key
+    from cascade.policy import Policy
+
+    small, large = make_backend(0), make_backend(1)
+    prompts, choices = PROMPTS[:4], [["yes", "no"]] * 4
+    own = asyncio.run(small.choose(prompts, choices))
+    offsets = (own[0].choice_logprobs[0] - own[0].choice_logprobs[1] + 0.5, 0.0)  # pushes away from "yes"
+    policy = Policy("choice_margin", (0.5,), choice_priors={0: {choice_set_key(["yes", "no"]): offsets}})
+    results = Cascade(small=small, large=large, policy=policy).run_batch_sync(prompts, choices=choices)
+    for r, g in zip(results, own, strict=True):
+        fixed = apply_prior(g, ["yes", "no"], offsets)
+        assert r.uncertainty == pytest.approx(fixed.scores["choice_margin"], abs=1e-6)
+        if not r.escalated:
+            assert r.text == fixed.text
+    assert results[0].escalated or results[0].text == "no"
+    other = Cascade(small=small, large=large, policy=policy).run_sync(prompts[0], choices=["no", "yes"])
+    assert other.uncertainty == pytest.approx(own[0].scores["choice_margin"], abs=1e-5)  # another order: no prior

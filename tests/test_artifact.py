@@ -202,3 +202,16 @@ def test_a_cascade_takes_the_measure_from_its_artifact(tmp_path: Path) -> None:
     assert cascade.measure == "entropy_mean" and cascade.policy.thresholds == _artifact().thresholds
     with pytest.raises(ArtifactError, match="measure"):
         Cascade(small=small, large=large, artifact=str(path), measure="margin_first")
+
+
+def test_choice_priors_round_trip_and_are_checked(tmp_path: Path) -> None:
+    key = json.dumps(["negative", "positive"])
+    art = _artifact(choice_priors={"0": {key: [0.5, -0.5]}, 1: {key: (0.1, -0.1)}})
+    assert art.choice_priors == {0: {key: (0.5, -0.5)}, 1: {key: (0.1, -0.1)}}
+    path = art.save(tmp_path / "a.json")
+    assert load(path) == art and json.loads(path.read_text())["choice_priors"]["0"][key] == [0.5, -0.5]
+    assert "choice_priors" not in _artifact().to_dict()  # no priors: no field (older readers keep working)
+    for bad in ({"2": {key: [0.0, 0.0]}}, {"0": {key: [0.0]}}, {"0": {"not json": [0.0]}}, {"x": {}},
+                {"0": {key: [0.0, float("nan")]}}, {"0": {key: [True, 0.0]}}, [1]):
+        with pytest.raises(ArtifactError):
+            _artifact(choice_priors=bad)

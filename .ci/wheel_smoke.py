@@ -108,7 +108,7 @@ def check_demo(work: Path, config: Path) -> None:
 
     out = _call(_script("cascade"), "demo", "--config", str(config), "--limit", "6", "--no-compare", cwd=work)
     threshold = json.loads(DEFAULT_ARTIFACT.read_text(encoding="utf-8"))["thresholds"][0]
-    assert "cascade: accuracy" in out, f"cascade demo printed no summary:\n{out}"
+    assert "cascade on these 6 requests: accuracy" in out, f"cascade demo printed no summary:\n{out}"
     assert f"{threshold:>7.4f}" in out, f"cascade demo did not use the shipped threshold {threshold}:\n{out}"
 
 

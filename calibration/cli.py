@@ -233,6 +233,9 @@ def _fit(a: argparse.Namespace, cfg: CascadeConfig, inputs: Inputs, params: Gene
             method, kw, names, answering_tiers(per, ts), arrays.labels[n_fit:], first.costs[n_fit:], thresholds,
             inputs.split, claim=claim, labelled=arrays.labelled[n_fit:],
             agreement=None if arrays.agreement is None else arrays.agreement[n_fit:])
+        art = replace(art, params={**dict(art.params), "held_out": {  # what the thresholds did on unseen data
+            k: rep.jsonable(test.get(k)) for k in ("n", "accuracy", "large_share", "small_accuracy",
+                                                   "large_accuracy", "held", "mean_cost")}})
     report.update({
         "data": {"path": a.data, "n": len(inputs.data), "n_fit": n_fit, "n_test": len(inputs.test),
                  "split": inputs.split, "fingerprint": fp, "scorer": inputs.scorer_name,

@@ -8,7 +8,6 @@ import json
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, replace
-from importlib import resources
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -54,58 +53,22 @@ def _progress(total: int, desc: str) -> Any:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from cascade.config import build_cascade
+    from cascade.demo import demo_examples, run_demo
     from cascade.scorers import get_scorer
 
-    examples = [json.loads(line) for line in
-                resources.files("cascade").joinpath("data/demo_sst2.jsonl").read_text("utf-8").splitlines()]
-    examples = examples[: args.limit] if args.limit else examples
+    examples = demo_examples(args.limit)
     cfg = _config(args)
     if args.max_tokens is None:
         cfg = replace(cfg, max_tokens=8)
-    scorer = get_scorer("choice")
     print(f"Loading tiers: {', '.join(f'{t.name}={t.backend.model}' for t in cfg.tiers)} "
           "(first run assembles and converts the models: about a minute)", file=sys.stderr)
-    from cascade.config import build_cascade
-
     cascade = build_cascade(cfg)
-    return asyncio.run(_demo_async(cascade, examples, scorer, args.compare))
-
-
-async def _demo_async(cascade: Any, examples: list[dict[str, Any]], scorer: Any, compare: bool) -> int:
-    prompts = [e.get("messages") or e["prompt"] for e in examples]
-    results: list[CascadeResult] = []
-    async with cascade:
-        bar = _progress(len(prompts), "cascade")
-        for start in range(0, len(prompts), 8):
-            results.extend(await cascade.run_batch(prompts[start : start + 8]))
-            bar.update(len(prompts[start : start + 8]))
+    bar = _progress(len(examples), "cascade")
+    try:
+        asyncio.run(run_demo(cascade, examples, get_scorer("choice"), compare=args.compare, progress=bar.update))
+    finally:
         bar.close()
-        print(f"\n{'id':<16} {'label':<9} {'tier':<6} {cascade.measure:>13} {'thresh':>7}  ok  answer")
-        for e, r in zip(examples, results):
-            ok = scorer(r.text, e)
-            print(f"{e['id']:<16} {e['answer']:<9} {r.tier:<6} {r.uncertainty:>13.4f} {r.threshold:>7.4f}  "
-                  f"{'✓' if ok else '✗'}   {r.text[:40]!r}")
-        n = len(examples)
-        acc = sum(scorer(r.text, e) for e, r in zip(examples, results)) / n
-        share = sum(r.escalated for r in results) / n
-        cost = sum(r.cost for r in results)
-        print(f"\ncascade: accuracy {acc:.3f}, sent to large {share:.1%}, cost {cost:.3e}")
-        if compare:
-            large, small = cascade.tiers[-1], cascade.tiers[0]
-            params = cascade.params
-            bar = _progress(2 * n, "baselines (small alone, large alone)")
-            gens_small = await small.backend.generate(prompts, params, scores=False)
-            bar.update(n)
-            gens_large = await large.backend.generate(prompts, params, scores=False)
-            bar.update(n)
-            bar.close()
-            acc_s = sum(scorer(g.text, e) for g, e in zip(gens_small, examples)) / n
-            acc_l = sum(scorer(g.text, e) for g, e in zip(gens_large, examples)) / n
-            cost_l = sum(large.price.cost(g.prompt_tokens, g.completion_tokens) for g in gens_large)
-            print(f"small alone: accuracy {acc_s:.3f}; large alone: accuracy {acc_l:.3f}, cost {cost_l:.3e}")
-            if cost_l > 0:
-                print(f"cascade cost = {cost / cost_l:.1%} of always-large; "
-                      f"accuracy {acc - acc_l:+.3f} vs always-large")
     return 0
 
 

@@ -335,6 +335,7 @@ def test_choice_prior_is_fitted_apart_stored_and_applied_by_the_cascade(tmp_path
     assert set(art.choice_priors) == {0, 1} and len(art.choice_priors[0][key]) == 2
     assert report["choice_priors"]["n"] == 24 and report["data"]["n_fit"] == 72
     assert abs(sum(art.choice_priors[0][key])) < 1e-9
+    assert art.params["held_out"]["n"] == 24 and art.params["held_out"]["large_share"] == report["test"]["large_share"]
     assert "choice priors: fitted on 24 requests" in capsys.readouterr().out
     assert Artifact.from_json(art.to_json()) == art
     from cascade.config import build_cascade, load_config

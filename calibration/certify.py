@@ -51,6 +51,19 @@ candidates is testing the continuum). Hence ``P(accept some lam in T) <= P(accep
 test at level delta, no multiplicity correction. The same holds for any order fixed independently of the
 fit data (e.g. by another split).
 
+*Every accepted candidate holds at once.* On the event that the bound holds at the first candidate whose loss
+exceeds eps (probability >= 1 - delta), that candidate fails, so every candidate accepted before it has loss
+<= eps: the fit may choose among the accepted ones by any rule afterwards (the cheapest, say) without losing
+the guarantee (:func:`accepted_prefix`). Orders other than ``lam`` ascending, e.g. the per-stage sequences of
+:mod:`calibration.family`, fixed on a separate part of the data, are covered by the same argument.
+
+**Several targets at once** (certified per-request levels, :func:`calibration.fit.fit_levels`): L targets
+``eps_l``, each with its own sequence (fixed before the data that tests it), each tested at ``delta / L``
+(Bonferroni). Level l fails only if the first candidate of its sequence with loss above ``eps_l`` was
+accepted, probability <= ``delta / L``; the union of the L failure events has probability <= delta. So with
+probability >= 1 - delta every level holds at the same time, which is what a deployment serving requests at
+several levels needs (each level alone holds with probability >= 1 - delta / L).
+
 *What the order leaves on the table* (``python -m eval.sequences``, synthetic two-tier draws, 5% at 90%): with
 a bound that grows monotonically along the sequence (harm; disagreement with two tiers) nothing: the first
 failure is the last possible accept. With the discordant bound the bound is a noisy walk, and fixed-sequence

@@ -62,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     target.add_argument("--min-cost", action="store_true",
                         help="maximise value-per-correct * accuracy - mean cost (needs --value-per-correct)")
     p.add_argument("--confidence", type=float, help="confidence of the quality guarantee (default 0.9)")
+    p.add_argument("--family", choices=("auto", "common", "per_stage"),
+                   help="quality: the candidate thresholds (default auto: every threshold for two tiers; for N >= 3 "
+                        "tiers per-stage thresholds fixed on part of the fit data and certified on the rest, split "
+                        "by --seed)")
     p.add_argument("--value-per-correct", type=float, metavar="V",
                    help="what one correct answer is worth, in the tiers' price unit")
     held = p.add_mutually_exclusive_group()
@@ -100,8 +104,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
-    if a.max_quality_loss is None and a.confidence is not None:
-        p.error("--confidence applies to --max-quality-loss only")
+    if a.max_quality_loss is None and (a.confidence is not None or a.family is not None):
+        p.error("--confidence and --family apply to --max-quality-loss only")
     if a.min_cost != (a.value_per_correct is not None):
         p.error("--min-cost and --value-per-correct go together")
     a.confidence = 0.9 if a.confidence is None else a.confidence
@@ -181,12 +185,15 @@ def _fit(a: argparse.Namespace, cfg: CascadeConfig, inputs: Inputs, params: Gene
 
     n_fit, names, claim = len(inputs.fit), [t.name for t in cfg.tiers], arrays.claim
     method, kw = _target(a)
-    fit_kw = dict(kw)
+    fit_kw: dict[str, Any] = dict(kw)
+    if method == "quality":
+        fit_kw.update(family=a.family or "auto", seed=a.seed)
     first = next(iter(arrays.by_measure.values()))
     fc, fk = first.correct[:n_fit], first.costs[:n_fit]
     if wanted is None:  # --measure all with a quality target: the level split between the measures' sequences
         measure, fit = fit_quality_measures({m: arr.scores[:n_fit] for m, arr in arrays.by_measure.items()}, fc, fk,
-                                            max_quality_loss=kw["max_quality_loss"], delta=kw["delta"], claim=claim)
+                                            max_quality_loss=kw["max_quality_loss"], delta=kw["delta"], claim=claim,
+                                            family=fit_kw["family"], seed=a.seed)
         fit_kw["delta"] = kw["delta"] / len(summary)
     else:
         measure = wanted
@@ -218,7 +225,8 @@ def _fit(a: argparse.Namespace, cfg: CascadeConfig, inputs: Inputs, params: Gene
         "max_tokens": params.max_tokens, "temperature": params.temperature, "data": Path(a.data).name,
         "choices": not a.no_choices and all(e.data.get("choices") for e in inputs.fit + inputs.test),
         "split": inputs.split, **free,
-        **({"delta_overall": kw["delta"], "tested_measures": len(summary)} if fit_kw != kw else {})})
+        **({"delta_overall": kw["delta"], "tested_measures": len(summary)}
+           if fit_kw.get("delta") != kw.get("delta") else {})})
     chosen = simulate(thresholds, fs, fc, fk).stats()
     lab = arrays.labelled[:n_fit]
     labels = arrays.labels[:n_fit]

@@ -3,15 +3,18 @@
 Methods, each returning a :class:`FitResult`:
 
 - :func:`fit_budget` -- at most a share R of requests reach the last tier (RouteLLM-style quantile).
-- :func:`fit_quality` -- fewest escalations such that, with probability >= 1 - delta over the draw of the
+- :func:`fit_quality` -- the cheapest thresholds such that, with probability >= 1 - delta over the draw of the
   held-out set, the population accuracy loss against always using the last tier is <= eps (Learn-then-Test),
   or, without labels, the share of answers differing from the last tier's (:mod:`calibration.certify`);
-  :func:`fit_quality_measures` does it for several measures and keeps the one certifying the least escalation.
+  :func:`fit_quality_measures` does it for several measures and keeps the one certifying the least escalation;
+  :func:`fit_levels` certifies several targets at once, for per-request levels.
 - :func:`fit_min_cost` -- maximise ``value_per_correct * accuracy - mean_cost``.
 
-Candidate tables: :func:`common_sweep` evaluates every common threshold exactly (all two-tier thresholds);
-:func:`grid_search` is the bounded joint search over per-stage combinations for N tiers, whose (mean cost,
-accuracy) Pareto front the grid-based methods report.
+Candidate tables (:mod:`calibration.candidates`, re-exported here): :func:`common_sweep` evaluates every
+common threshold exactly (all two-tier thresholds); :func:`grid_search` is the bounded joint search over
+per-stage combinations for N tiers, whose (mean cost, accuracy) Pareto front the budget and minimum-cost fits
+report. The quality fit's candidates come from a family (:mod:`calibration.family`) and are certified by
+:mod:`calibration.certify`.
 
 :func:`measured_curve` builds the :class:`~cascade.curve.Curve` stored in an artifact, from which
 :func:`cascade.curve.threshold_for_target` picks thresholds for a per-request target.
@@ -20,28 +23,16 @@ accuracy) Pareto front the grid-based methods report.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
-from calibration.certify import (
-    Bound,
-    Claim,
-    accepted_prefix,
-    check_agreement,
-    claim_text,
-    default_bound,
-)
-from calibration.metrics import (
-    CascadeStats,
-    FloatArray,
-    IntArray,
-    answering_tier,
-    check_data,
-    pareto_front,
-)
+from calibration.candidates import Candidates, common_sweep, cost_axis, evaluate, grid_search, pareto_index
+from calibration.certify import Bound, Claim, accepted_prefix, accuracy_loss, check_agreement, claim_text, default_bound
+from calibration.family import CandidateSequence, Family, Order, candidate_sequence
+from calibration.metrics import CascadeStats, check_data, pareto_front, simulate
 from cascade.curve import Curve, check_fraction
 from cascade.errors import InvalidRequestError
 
@@ -50,6 +41,7 @@ __all__ = [
     "FitResult",
     "common_sweep",
     "fit_budget",
+    "fit_levels",
     "fit_min_cost",
     "fit_quality",
     "fit_quality_measures",
@@ -57,112 +49,6 @@ __all__ = [
     "measured_curve",
     "pareto_index",
 ]
-
-@dataclass(frozen=True, eq=False)
-class Candidates:
-    """A table of P candidate threshold combinations evaluated on the same data.
-
-    Attributes:
-        thresholds: ``(P, N-1)`` thresholds of each candidate.
-        accuracy: ``(P,)`` accuracy.
-        mean_cost: ``(P,)`` mean cost per request.
-        counts: ``(P, N)`` int, number of requests answered by each tier.
-        harmed: ``(P,)`` int, examples where the cascade is wrong and the last tier right.
-        helped: ``(P,)`` int, examples where the cascade is right and the last tier wrong.
-        n: number of examples.
-    """
-
-    thresholds: FloatArray
-    accuracy: FloatArray
-    mean_cost: FloatArray
-    counts: IntArray
-    harmed: IntArray
-    helped: IntArray
-    n: int
-
-    @property
-    def large_share(self) -> FloatArray:
-        """``(P,)`` share of requests answered by the last tier."""
-        return self.counts[:, -1] / self.n
-
-    def stats(self, i: int) -> CascadeStats:
-        """The summary of candidate ``i``."""
-        return CascadeStats.from_counts(self.n, self.accuracy[i], self.mean_cost[i], self.counts[i])
-
-    def subset(self, idx: npt.ArrayLike) -> Candidates:
-        """The candidates at indices ``idx``, in that order."""
-        i = np.asarray(idx, dtype=np.int64)
-        return Candidates(self.thresholds[i], self.accuracy[i], self.mean_cost[i], self.counts[i],
-                          self.harmed[i], self.helped[i], self.n)
-
-
-def common_sweep(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.ArrayLike | None = None) -> Candidates:
-    """Evaluate every distinct common threshold ``lam`` (the same for all stages) in one sorted pass.
-
-    Example i is answered by the first tier j with ``min(scores[i, :j+1]) <= lam``, so its contribution
-    changes only at those running minima: each is an event carrying the change of the example's values.
-    Candidates are ``-inf`` (escalate everything) followed by every distinct running minimum, ascending, so
-    the last-tier share never increases along the table; for two tiers this is every distinct score.
-
-    Returns:
-        :class:`Candidates` with ``P = 1 + number of distinct running-minimum values``; O(n N log(n N)).
-    """
-    s, c, k = check_data(scores, correct, costs)
-    n, tiers = c.shape
-    last = c[:, -1:]
-    feats = np.concatenate(
-        [np.stack([c, np.cumsum(k, axis=1), ~c & last, c & ~last], axis=2),
-         np.broadcast_to(np.eye(tiers), (n, tiers, tiers))], axis=2,
-    ).astype(np.float64)  # (n, N, F): value of each feature if tier j answers example i
-    delta = (feats[:, :-1, :] - feats[:, 1:, :]).reshape(-1, feats.shape[2])
-    events = np.minimum.accumulate(s, axis=1).ravel()
-    order = np.argsort(events, kind="stable")
-    events = events[order]
-    ends = np.flatnonzero(np.r_[events[1:] != events[:-1], True])
-    sums = feats[:, -1, :].sum(axis=0) + np.vstack([np.zeros(feats.shape[2]), np.cumsum(delta[order], 0)[ends]])
-    lam = np.r_[-np.inf, events[ends]]
-    whole = np.rint(sums).astype(np.int64)
-    return Candidates(np.repeat(lam[:, None], tiers - 1, axis=1), sums[:, 0] / n, sums[:, 1] / n,
-                      whole[:, 4:], whole[:, 2], whole[:, 3], n)
-
-
-def grid_search(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.ArrayLike | None = None, *,
-                max_grid: int = 4096) -> Candidates:
-    """Evaluate a grid of per-stage threshold combinations (joint search for N tiers).
-
-    Each stage gets ``-inf`` plus up to ``floor(max_grid ** (1/(N-1))) - 1`` of its own score values at evenly
-    spaced quantile levels (all distinct values when there are fewer); the grid is their Cartesian product.
-
-    Returns:
-        :class:`Candidates` with ``P <= max(max_grid, 2 ** (N-1))`` rows.
-    """
-    s, c, k = check_data(scores, correct, costs)
-    if not isinstance(max_grid, int) or max_grid < 2:
-        raise InvalidRequestError(f"max_grid must be an integer >= 2, got {max_grid!r}")
-    n, tiers = c.shape
-    per = max(2, int(max_grid ** (1.0 / (tiers - 1)) + 1e-9))
-    axes = []
-    for j in range(tiers - 1):
-        u = np.unique(s[:, j])
-        if u.size > per - 1:
-            u = np.unique(np.quantile(s[:, j], np.linspace(0.0, 1.0, per - 1), method="inverted_cdf"))
-        axes.append(np.r_[-np.inf, u])
-    grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, tiers - 1)
-    rows, cum_cost = np.arange(n), np.cumsum(k, axis=1)
-    acc, cost = np.empty(len(grid)), np.empty(len(grid))
-    counts = np.empty((len(grid), tiers), dtype=np.int64)
-    harmed, helped = np.empty(len(grid), dtype=np.int64), np.empty(len(grid), dtype=np.int64)
-    chunk = max(1, 2_000_000 // (n * (tiers - 1)))
-    for a in range(0, len(grid), chunk):
-        tier = answering_tier(grid[a:a + chunk], s)  # (g, n)
-        ok = c[rows, tier]
-        acc[a:a + chunk], cost[a:a + chunk] = ok.mean(axis=1), cum_cost[rows, tier].mean(axis=1)
-        g = len(tier)
-        counts[a:a + g] = np.bincount((tier + tiers * np.arange(g)[:, None]).ravel(),
-                                      minlength=g * tiers).reshape(g, tiers)
-        harmed[a:a + chunk] = (~ok & c[:, -1]).sum(axis=1)
-        helped[a:a + chunk] = (ok & ~c[:, -1]).sum(axis=1)
-    return Candidates(grid, acc, cost, counts, harmed, helped, n)
 
 
 @dataclass(frozen=True)
@@ -193,22 +79,6 @@ def _to_curve(cand: Candidates, kind: str, last_accuracy: float) -> Curve:
     return Curve(kind, tuple(tuple(float(x) for x in t) for t in cand.thresholds),
                  tuple(cand.large_share.tolist()), tuple(cand.accuracy.tolist()),
                  tuple(cand.mean_cost.tolist()), float(last_accuracy))
-
-
-def _cost_axis(cand: Candidates) -> FloatArray:
-    """What "cheaper" means: the mean cost, or the last-tier share when nothing is priced (all costs 0)."""
-    return cand.mean_cost if bool(np.any(cand.mean_cost != 0)) else cand.large_share
-
-
-def pareto_index(cand: Candidates) -> IntArray:
-    """Indices of the candidates on the (cost, accuracy) Pareto front, cost ascending.
-
-    The cost is the mean cost, or the last-tier share when nothing is priced; among equal points the one with
-    the smaller last-tier share is kept.
-    """
-    x = _cost_axis(cand)
-    order = np.lexsort((cand.large_share, -cand.accuracy, x))  # equal points: smallest share first (kept)
-    return np.asarray(order[pareto_front(x[order], cand.accuracy[order])], dtype=np.int64)
 
 
 def _front(cand: Candidates, last_accuracy: float) -> Curve:
@@ -249,7 +119,7 @@ def fit_budget(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.ArrayLi
         ok = grid.subset(np.flatnonzero(grid.large_share <= r))  # never empty: max thresholds escalate none
         pareto = _front(ok, last_acc)
         # The most accurate, then the cheapest, then the smallest last-tier share: a point of that front.
-        cand, i = ok, int(np.lexsort((ok.large_share, _cost_axis(ok), -ok.accuracy))[0])
+        cand, i = ok, int(np.lexsort((ok.large_share, cost_axis(ok), -ok.accuracy))[0])
     st = cand.stats(i)
     msg = (f"budget: at most {r:.1%} of requests may reach the last tier; the fitted thresholds send "
            f"{st.large_share:.1%} there ({_describe(st)}).")
@@ -257,21 +127,25 @@ def fit_budget(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.ArrayLi
 
 
 def fit_quality(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.ArrayLike | None = None, *,
-                max_quality_loss: float, delta: float = 0.1, bound: Bound | None = None,
-                claim: Claim = "accuracy") -> FitResult:
-    """Fewest escalations such that, with probability >= 1 - delta, the claim's loss is <= eps (Learn-then-Test).
+                max_quality_loss: float, delta: float = 0.1, bound: Bound | None = None, claim: Claim = "accuracy",
+                family: Family = "auto", fix_share: float = 0.25, seed: int = 0,
+                order: Order | None = None) -> FitResult:
+    """The cheapest thresholds such that, with probability >= 1 - delta, the claim's loss is <= eps
+    (Learn-then-Test).
 
-    The claims, the per-candidate bounds and the testing sequence, with the proof, are in
+    The claims, the per-candidate bounds and fixed-sequence testing, with the proof, are in
     :mod:`calibration.certify`. ``claim="accuracy"``: ``acc(always last) - acc(cascade) <= eps`` from labels.
     ``claim="disagreement"``: the share of answers differing from the last tier's is <= eps (so is the accuracy
     loss, for any labels); then ``correct`` is the agreement matrix (tier j's answer is the same as the last
     tier's; last column all True), and "accuracy" in the result means agreement with the last tier.
 
-    **Family.** Every stage uses one common threshold ``lam``; candidates run from ``lam = -inf`` (escalate
-    everything: loss exactly 0, accepted without a test) upward through every distinct running-minimum score,
-    so the last-tier share never increases along the sequence, and they are tested in that order
-    (:func:`calibration.certify.fixed_sequence`). Per-stage quantile families would depend on the fit data
-    and void the guarantee, so they are not used. For two tiers the family is every threshold.
+    **Family.** The candidates and their testing order come from :func:`calibration.family.candidate_sequence`:
+    for two tiers every threshold (one common threshold, all examples certify); for N >= 3 tiers per-stage
+    thresholds, the sequence fixed on one part of the data and certified on the other (why that keeps the
+    guarantee is in :mod:`calibration.family`). The sequence starts at always-last-tier; each candidate is
+    tested at level delta until the first failure. Every candidate accepted before it is certified at once,
+    so the cheapest of them on all the calibration data is returned (the fewest last-tier calls when nothing
+    is priced; always-last itself when the certified cascades cost more, since skipped tiers cost nothing).
 
     If no candidate passes, the always-last-tier fallback (all ``-inf``) is returned with ``feasible=False``.
 
@@ -283,43 +157,92 @@ def fit_quality(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.ArrayL
         bound: the per-candidate upper confidence bound (default: the claim's, see
             :func:`calibration.certify.default_bound`).
         claim: ``"accuracy"`` or ``"disagreement"``.
+        family: ``"auto"``, ``"common"`` or ``"per_stage"``.
+        fix_share: per-stage family: share of the examples that fixes the testing sequence.
+        seed: per-stage family: seed of the split.
+        order: per-stage family: the testing order (default :func:`calibration.family.predicted_order`).
     """
-    eps = check_fraction("max_quality_loss", max_quality_loss, 0.0, 1.0)
+    return fit_levels(scores, correct, costs, levels=[max_quality_loss], delta=delta, bound=bound, claim=claim,
+                      family=family, fix_share=fix_share, seed=seed, order=order)[0]
+
+
+def fit_levels(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.ArrayLike | None = None, *,
+               levels: Sequence[float], delta: float = 0.1, bound: Bound | None = None, claim: Claim = "accuracy",
+               family: Family = "auto", fix_share: float = 0.25, seed: int = 0,
+               order: Order | None = None) -> list[FitResult]:
+    """Certify several quality targets at once: every returned level holds with probability >= 1 - delta.
+
+    Each level is fitted as by :func:`fit_quality` (the same family and split; a per-stage sequence may differ
+    per level), at ``delta / L`` (Bonferroni over the L levels; the proof is in :mod:`calibration.certify`), so
+    that a deployment serving requests at any of the levels meets all of them at once. One level is exactly
+    :func:`fit_quality`.
+
+    Returns:
+        One :class:`FitResult` per level, in the order given (``params["delta_per_level"]`` is ``delta / L``
+        when L > 1).
+    """
+    eps = [check_fraction("max_quality_loss", x, 0.0, 1.0) for x in levels]
     dlt = check_fraction("delta", delta, 0.0, 1.0)
     bnd = default_bound(claim) if bound is None else bound
-    if eps >= 1.0 or dlt in (0.0, 1.0) or bnd not in ("discordant", "harm"):
-        raise InvalidRequestError("need 0 <= max_quality_loss < 1, 0 < delta < 1, bound 'discordant' or 'harm'")
+    if not eps or max(eps) >= 1.0 or dlt in (0.0, 1.0) or bnd not in ("discordant", "harm"):
+        raise InvalidRequestError("need levels 0 <= max_quality_loss < 1, 0 < delta < 1, bound 'discordant' or 'harm'")
+    if len(set(eps)) != len(eps):
+        raise InvalidRequestError(f"quality levels must be distinct, got {list(levels)}")
     s, c, k = check_data(scores, correct, costs)
     if claim == "disagreement":
         check_agreement(c)
-    cand = common_sweep(s, c, k)
-    n = cand.n
-    i, upper = accepted_prefix(cand.harmed, cand.helped, n, eps, dlt, bnd)
+    loss = accuracy_loss(c)  # the disagreement claim: the agreement matrix in place of the labels
+    dl = dlt / len(eps)
+    out = []
+    for e in eps:
+        seq = candidate_sequence(s, c, k, eps=e, delta=dl, bound=bnd, family=family, loss=loss,
+                                 fix_share=fix_share, seed=seed, order=order)
+        stop, upper = accepted_prefix(seq.cert.harmed, seq.cert.helped, seq.cert.n, e, dl, bnd)
+        ok = evaluate(seq.cert.thresholds[: stop + 1], s, c, k)
+        i = int(np.lexsort((-np.arange(stop + 1), ok.large_share, cost_axis(ok)))[0])  # cheapest; ties: later
+        out.append(_quality_result(seq, i, stop, upper, e, dlt, len(eps), bnd, claim, s, c, k))
+    return out
+
+
+def _quality_result(seq: CandidateSequence, i: int, stop: int, upper: npt.NDArray[np.float64], eps: float,
+                    delta: float, n_levels: int, bound: str, claim: str, s: npt.NDArray[np.float64],
+                    c: npt.NDArray[np.bool_], k: npt.NDArray[np.float64]) -> FitResult:
+    """The FitResult of candidate ``i`` of ``seq`` (accepted prefix ``0..stop``) certified for ``eps``."""
+    thresholds = tuple(float(t) for t in seq.cert.thresholds[i])
+    st = simulate(thresholds, s, c, k).stats()
+    dl = delta / n_levels
     params: dict[str, float | int | str] = {
-        "max_quality_loss": eps, "delta": dlt, "bound": bnd, "claim": claim,
-        "family": "single threshold" if c.shape[1] == 2 else "common threshold for every stage",
+        "max_quality_loss": eps, "delta": delta, "bound": bound, "claim": claim, "family": seq.family,
+        "family_why": seq.why, "n_fix": len(seq.fix_index), "n_certify": seq.cert.n,
+        "candidates_certified": stop, "certified_loss_bound": float(upper[i]) if i else 0.0,
+        **({"levels": n_levels, "delta_per_level": dl} if n_levels > 1 else {}),
     }
-    st = cand.stats(i)
     what = claim_text(claim)
-    measured = float(c[:, -1].mean()) - st.accuracy
-    if i == 0:
+    on = f"{seq.cert.n} certifying examples, family {seq.family}: {seq.why}"
+    if stop == 0:
         first = float(upper[1]) if len(upper) > 1 else float("nan")
-        msg = (f"quality: no threshold is certified to keep the {what} at most {eps:.2%} with confidence "
-               f"{1 - dlt:.0%} on {n} examples (the first candidate's upper bound is {first:.2%}); falling back "
-               f"to always escalating. Use more {'prompts' if claim == 'disagreement' else 'held-out data'} "
-               f"or a looser target.")
-        params["certified_loss_bound"] = 0.0
-        return FitResult(tuple(cand.thresholds[0].tolist()), "quality", params, st, False, msg)
-    params["certified_loss_bound"] = float(upper[i])
-    msg = (f"quality: with confidence {1 - dlt:.0%}, the {what} is <= {eps:.2%} (certified upper bound "
-           f"{upper[i]:.2%}, measured {measured:.2%}); {st.large_share:.1%} of requests reach the last tier "
-           f"({_describe(st, claim)}).")
-    return FitResult(tuple(cand.thresholds[i].tolist()), "quality", params, st, True, msg)
+        msg = (f"quality: no thresholds are certified to keep the {what} at most {eps:.2%} with confidence "
+               f"{1 - dl:.0%} on {on} (the first candidate's upper bound is {first:.2%}); falling back to always "
+               f"escalating. Use more {'prompts' if claim == 'disagreement' else 'held-out data'} or a looser "
+               "target.")
+        return FitResult(thresholds, "quality", params, st, False, msg)
+    if i == 0:
+        msg = (f"quality: {stop} cascade(s) are certified to keep the {what} at most {eps:.2%} with confidence "
+               f"{1 - dl:.0%} on {on}, but always using the last tier costs less than each of them (the lower "
+               "tiers' calls cost more than the escalations they save), so the thresholds escalate everything "
+               "and the lower tiers are skipped.")
+        return FitResult(thresholds, "quality", params, st, True, msg)
+    measured = float(c[:, -1].mean()) - st.accuracy
+    msg = (f"quality: with confidence {1 - dl:.0%}, the {what} is <= {eps:.2%} (certified upper bound "
+           f"{upper[i]:.2%}, the cheapest of {stop} certified candidates on {on}; measured {measured:.2%} on all "
+           f"{st.n}); {st.large_share:.1%} of requests reach the last tier ({_describe(st, claim)}).")
+    return FitResult(thresholds, "quality", params, st, True, msg)
 
 
 def fit_quality_measures(scores: Mapping[str, npt.ArrayLike], correct: npt.ArrayLike,
                          costs: npt.ArrayLike | None = None, *, max_quality_loss: float, delta: float = 0.1,
-                         bound: Bound | None = None, claim: Claim = "accuracy") -> tuple[str, FitResult]:
+                         bound: Bound | None = None, claim: Claim = "accuracy", family: Family = "auto",
+                         seed: int = 0) -> tuple[str, FitResult]:
     """A quality fit for each of M measures at level ``delta / M``; the one certifying the least escalation.
 
     *Validity* (Bonferroni): each measure's fit misses its target with probability <= delta / M, so all of them
@@ -331,7 +254,7 @@ def fit_quality_measures(scores: Mapping[str, npt.ArrayLike], correct: npt.Array
 
     Args:
         scores: measure name -> ``(n, N-1)`` scores of the same examples (M >= 1 measures).
-        correct, costs, max_quality_loss, delta, bound, claim: as in :func:`fit_quality`.
+        correct, costs, max_quality_loss, delta, bound, claim, family, seed: as in :func:`fit_quality`.
 
     Returns:
         ``(measure, fit)``; ``fit.params`` adds ``delta_overall``, ``tested_measures`` and each measure's
@@ -341,7 +264,7 @@ def fit_quality_measures(scores: Mapping[str, npt.ArrayLike], correct: npt.Array
     if not scores:
         raise InvalidRequestError("fit_quality_measures needs at least one measure")
     fits = {m: fit_quality(s, correct, costs, max_quality_loss=max_quality_loss, delta=dlt / len(scores),
-                           bound=bound, claim=claim) for m, s in scores.items()}
+                           bound=bound, claim=claim, family=family, seed=seed) for m, s in scores.items()}
     order = list(fits)
     best = min(order, key=lambda m: (not fits[m].feasible, fits[m].stats.large_share if fits[m].feasible else 0.0,
                                      fits[m].stats.mean_cost if fits[m].feasible else 0.0, order.index(m)))
@@ -395,7 +318,7 @@ def measured_curve(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.Arr
     if c.shape[1] > 2:  # the cost front and the last-tier-share front, so budget targets resolve finely too
         grid = grid_search(s, c, k, max_grid=max_grid)
         idx = np.union1d(pareto_index(grid), pareto_front(grid.large_share, grid.accuracy))
-        idx = idx[np.lexsort((grid.large_share[idx], _cost_axis(grid)[idx]))]
+        idx = idx[np.lexsort((grid.large_share[idx], cost_axis(grid)[idx]))]
         return _to_curve(grid.subset(idx), "pareto", last_acc)
     cand = common_sweep(s, c, k)
     p = len(cand.accuracy)

@@ -9,7 +9,8 @@ Data model (N tiers, cheapest first, N >= 2; shapes use n = number of examples):
 
 A cascade with thresholds ``t`` ``(N-1,)`` answers example i with the first tier j whose score is within its
 threshold (``scores[i, j] <= t[j]``; escalate iff strictly above), the last tier otherwise. Its cost is the
-sum of the costs of the tiers it called. ``t[j] = -inf`` always escalates, ``+inf`` never does.
+sum of the costs of the tiers it called. ``t[j] = -inf`` always escalates, ``+inf`` never does; a tier whose
+threshold is ``-inf`` is skipped (not called: its answer would never be kept), as the engine does.
 
 The two-tier curve metrics (AUC, APGR, CPT) follow RouteLLM: the x axis is the share of requests sent to the
 large (last) tier, from 0 to 1.
@@ -42,6 +43,7 @@ __all__ = [
     "oracle_curve",
     "pareto_front",
     "random_curve",
+    "reach_costs",
     "share_curve",
     "simulate",
 ]
@@ -117,6 +119,22 @@ def answering_tier(t: FloatArray, s: FloatArray) -> IntArray:
     return np.asarray(np.argmax(np.concatenate([accept, ones], axis=-1), axis=-1), dtype=np.int64)
 
 
+def reach_costs(thresholds: npt.ArrayLike, costs: FloatArray) -> FloatArray:
+    """What a request costs when tier j answers it, tiers with a ``-inf`` threshold skipped.
+
+    Args:
+        thresholds: ``(..., N-1)``.
+        costs: ``(n, N)``.
+
+    Returns:
+        ``(..., n, N)``: the sum of the costs of the tiers called up to and including tier j (a tier with a
+        ``-inf`` threshold never answers, so its own column is only reached by skipping it).
+    """
+    t = np.asarray(thresholds, dtype=np.float64)
+    called = np.concatenate([t > -np.inf, np.ones((*t.shape[:-1], 1), dtype=np.bool_)], axis=-1)
+    return np.asarray(np.cumsum(costs * called[..., None, :], axis=-1), dtype=np.float64)
+
+
 @dataclass(frozen=True)
 class CascadeStats:
     """Summary of a cascade on a data set.
@@ -179,9 +197,10 @@ def simulate(
         A :class:`Simulation` with the answering tier, correctness and cost of every example.
     """
     s, c, k = check_data(scores, correct, costs)
-    tier = answering_tier(check_thresholds(thresholds, s.shape[1]), s)
+    t = check_thresholds(thresholds, s.shape[1])
+    tier = answering_tier(t, s)
     rows = np.arange(len(s))
-    return Simulation(tier, c[rows, tier], np.cumsum(k, axis=1)[rows, tier], c.shape[1])
+    return Simulation(tier, c[rows, tier], reach_costs(t, k)[rows, tier], c.shape[1])
 
 
 def pareto_front(cost: npt.ArrayLike, accuracy: npt.ArrayLike) -> IntArray:

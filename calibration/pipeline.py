@@ -214,16 +214,18 @@ async def generate_all(cfg: CascadeConfig, examples: Sequence[Mapping[str, Any]]
 
 
 def fit_thresholds(method: str, scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.ArrayLike,
-                   claim: Claim = "accuracy", **target: float) -> FitResult:
-    """Run one fitting method: ``budget`` (max_large_share), ``quality`` (max_quality_loss, delta; ``claim``:
-    ``accuracy``, or ``disagreement`` with ``correct`` the agreement matrix) or ``min_cost`` (value_per_correct)."""
+                   claim: Claim = "accuracy", **target: Any) -> FitResult:
+    """Run one fitting method: ``budget`` (max_large_share), ``quality`` (max_quality_loss, delta, optional
+    family and seed: :func:`calibration.fit.fit_quality`; ``claim``: ``accuracy``, or ``disagreement`` with
+    ``correct`` the agreement matrix) or ``min_cost`` (value_per_correct)."""
     from calibration.fit import fit_budget, fit_min_cost, fit_quality
 
     if method == "budget":
         return fit_budget(scores, correct, costs, max_large_share=target["max_large_share"])
     if method == "quality":
         return fit_quality(scores, correct, costs, max_quality_loss=target["max_quality_loss"],
-                           delta=target["delta"], claim=claim)
+                           delta=target["delta"], claim=claim, family=target.get("family", "auto"),
+                           seed=target.get("seed", 0))
     if method == "min_cost":
         return fit_min_cost(scores, correct, costs, value_per_correct=target["value_per_correct"])
     raise InvalidRequestError(f"unknown fitting method {method!r}")
@@ -321,7 +323,7 @@ async def cluster_ids(router_path: str, cfg: CascadeConfig, examples: Sequence[M
     return fitted.assign(x), fitted.embedder
 
 
-def fit_clusters(ids: Sequence[int], method: str, target: Mapping[str, float], scores: npt.ArrayLike,
+def fit_clusters(ids: Sequence[int], method: str, target: Mapping[str, Any], scores: npt.ArrayLike,
                  correct: npt.ArrayLike, costs: npt.ArrayLike,
                  claim: Claim = "accuracy") -> tuple[dict[int, tuple[float, ...]], dict[str, Any]]:
     """One fit per router cluster present in the fit data (the same method and target on its examples).

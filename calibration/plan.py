@@ -14,6 +14,10 @@ whose last-tier share estimates the population share they give.
 The prediction is the median over the replicates, with the 10th and 90th percentiles as its spread, and the
 share of replicates in which no threshold was certified (always escalate).
 
+It replays the common-threshold family (every threshold for two tiers). For N >= 3 tiers ``cascade-calibrate``
+fits the per-stage family by default (:mod:`calibration.family`), whose split and ray choice it does not
+replay: for those chains the prediction is what ``--family common`` would certify.
+
 What it cannot know: how the pilot differs from the population. A small pilot's loss curve is itself noisy,
 so predictions for large n (where the fit's own noise vanishes) carry the pilot's noise; the spread does not
 include it. ``eval/RESULTS.md`` checks the predictions against real fits.
@@ -73,6 +77,7 @@ class _Events:
     ends: npt.NDArray[np.int64]  # (P-1,) last event index of each candidate
     base: npt.NDArray[np.float64]  # (n0, 4) features with every example answered by the last tier
     pilot_share: npt.NDArray[np.float64]  # (P,) last-tier share of each candidate on the pilot itself
+    last_cost: npt.NDArray[np.float64]  # (n0,) cost of always-last (lower tiers skipped), candidate 0's cost
 
     @classmethod
     def of(cls, s: npt.NDArray[np.float64], c: npt.NDArray[np.bool_], k: npt.NDArray[np.float64]) -> _Events:
@@ -86,7 +91,7 @@ class _Events:
         ends = np.flatnonzero(np.r_[values[order][1:] != values[order][:-1], True])
         rows = np.repeat(np.arange(n), tiers - 1)[order]
         share = np.r_[n, n + np.cumsum(delta[order, 3])[ends]] / n
-        return cls(rows, delta[order], ends, feats[:, -1, :], share)
+        return cls(rows, delta[order], ends, feats[:, -1, :], share, k[:, -1].astype(np.float64))
 
     def counts(self, w: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
         """Feature sums ``(B, P, 4)`` of every candidate under weights ``w`` ``(B, n0)``, and which candidates
@@ -94,6 +99,7 @@ class _Events:
         we = w[:, self.row]  # (B, E)
         run = np.cumsum(we[:, :, None] * self.delta[None, :, :], axis=1)[:, self.ends, :]
         sums = (w @ self.base)[:, None, :] + np.concatenate([np.zeros((len(w), 1, 4)), run], axis=1)
+        sums[:, 0, 2] = w @ self.last_cost  # -inf skips every lower tier
         drawn = np.cumsum(we > 0, axis=1)[:, self.ends]
         present = np.concatenate([np.ones((len(w), 1), dtype=np.bool_),
                                   np.diff(np.concatenate([np.zeros((len(w), 1)), drawn], axis=1), axis=1) > 0], axis=1)
@@ -104,7 +110,8 @@ def _fits(ev: _Events, w: npt.NDArray[np.float64], n: int, eps: float, delta: fl
           bound: Bound) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """:func:`calibration.fit.fit_quality` on B resamples at once: the chosen candidate, its share and mean cost
     on each resample. The same bounds and sequence (:mod:`calibration.certify`); the candidate accepted is the
-    last one present in the resample before the first failure, as the fit on the resample itself would return."""
+    last one present in the resample before the first failure, or always-last (candidate 0, lower tiers skipped)
+    when that is cheaper, as the fit on the resample itself would return (common-threshold family)."""
     sums, present = ev.counts(w)
     b, p = present.shape
     upper = upper_bounds(np.rint(sums[:, :, 0]), np.rint(sums[:, :, 1]), n, delta, bound).reshape(b, p)
@@ -114,6 +121,8 @@ def _fits(ev: _Events, w: npt.NDArray[np.float64], n: int, eps: float, delta: fl
     first = np.where(failed.any(axis=1), np.argmax(failed, axis=1), p)
     last_present = np.maximum.accumulate(np.where(present, np.arange(p), 0), axis=1)
     chosen = last_present[np.arange(b), first - 1]
+    cost = sums[np.arange(b), chosen, 2]
+    chosen = np.where(sums[:, 0, 2] < cost, 0, chosen)  # the fit keeps the cheapest accepted: always-last may be
     at = sums[np.arange(b), chosen]
     return chosen.astype(np.int64), at[:, 3] / n, at[:, 2] / n
 

@@ -259,6 +259,8 @@ def render_text(report: Mapping[str, Any]) -> str:
         lines.append(f"  {'*' if name == m['chosen'] else ' '} {name:<14} AUC {v['auc']:.4f}  APGR {ap_s}")
     lines.append(f"  measure: {m['chosen']} ({m['how']})")
     lines.append(f"\nfit: {fit['message']}")
+    if fit["params"].get("family"):
+        lines.append(f"family: {fit['params']['family']} ({fit['params']['family_why']})")
     lines.append(f"thresholds: {_fmt_t(fit['thresholds'])}" + ("" if fit["feasible"] else "  (target NOT met)"))
     lines.append(f"\n  {'operating point (fit data)':<26} {quality:>9} {'large share':>11} {'mean cost':>11}  "
                  "thresholds")

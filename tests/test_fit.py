@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from populations import THREE_TIER, TWO_TIER_HELPFUL, TWO_TIER_NESTED, Population
 from scipy.stats import binom
 
 from calibration.fit import (
@@ -22,45 +23,16 @@ from calibration.metrics import simulate
 from cascade.curve import point_for_target, threshold_for_target
 from cascade.errors import InvalidRequestError
 
-# ---------------------------------------------------------------------------------------------------------
-# Synthetic populations with known risk. Scores are independent U(0, 1) per stage; tier j is right with a
-# probability linear in its own score (the last tier: a constant). For a common threshold lam in [0, 1]:
-#   2 tiers: R(lam) = int_0^lam (pL - p0(s)) ds
-#   3 tiers: R(lam) = int_0^lam (pL - p0(s)) ds + (1 - lam) * int_0^lam (pL - p1(s)) ds
-# with p(s) = a - b s, so int_0^lam (pL - p(s)) ds = lam (pL - a) + b lam^2 / 2. The risk does not depend on
-# how the tiers' errors are coupled; the coupling ("independent" or "nested": one uniform per example, so a
-# tier is never right where a more accurate one is wrong) only changes how tight the bounds are.
-# ---------------------------------------------------------------------------------------------------------
-
-Population = tuple[list[tuple[float, float]], float]  # [(a_j, b_j) per lower tier], last-tier accuracy
-
-
-def _part(lam: float, a: float, b: float, p_last: float) -> float:
-    return lam * (p_last - a) + b * lam**2 / 2
-
-
-def true_risk(pop: Population, lam: float) -> float:
-    """Exact population accuracy loss vs always-last of the common-threshold cascade."""
-    lower, p_last = pop
-    lam = min(max(lam, 0.0), 1.0)
-    risk, reach = 0.0, 1.0
-    for a, b in lower:
-        risk += reach * _part(lam, a, b, p_last)
-        reach *= 1.0 - lam
-    return risk
+# Synthetic populations with known risk: see tests/populations.py. The common-threshold family is tested here;
+# the per-stage family and the certified levels in tests/test_family.py.
 
 
 def draw(pop: Population, n: int, rng: np.random.Generator, coupling: str) -> tuple[np.ndarray, np.ndarray]:
-    lower, p_last = pop
-    scores = rng.uniform(size=(n, len(lower)))
-    probs = np.column_stack([a - b * scores[:, j] for j, (a, b) in enumerate(lower)] + [np.full(n, p_last)])
-    u = rng.uniform(size=(n, 1)) if coupling == "nested" else rng.uniform(size=probs.shape)
-    return scores, u < probs
+    return pop.draw(n, rng, coupling)
 
 
-TWO_TIER_HELPFUL: Population = ([(0.98, 0.6)], 0.8)  # the small tier beats the large one on easy inputs
-TWO_TIER_NESTED: Population = ([(0.95, 0.6)], 0.95)  # never better than the large tier
-THREE_TIER: Population = ([(0.9, 0.7), (0.97, 0.4)], 0.85)
+def true_risk(pop: Population, lam: float) -> float:
+    return pop.true_risk([lam] * len(pop.stages))
 
 
 @pytest.mark.parametrize("pop", [TWO_TIER_HELPFUL, THREE_TIER])
@@ -80,7 +52,8 @@ def _violations(pop: Population, coupling: str, bound: str, *, eps: float, delta
     for _ in range(draws):
         s, c = draw(pop, n, rng, coupling)
         if fit is None:
-            r = fit_quality(s, c, max_quality_loss=eps, delta=delta, bound=bound)  # type: ignore[arg-type]
+            r = fit_quality(s, c, max_quality_loss=eps, delta=delta, bound=bound,  # type: ignore[arg-type]
+                            family="common")
             thresholds, share = r.thresholds, r.stats.large_share
         else:
             thresholds = fit(s, c, eps)

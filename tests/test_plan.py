@@ -77,19 +77,20 @@ def test_each_replicate_is_the_fit_on_the_resample_itself(tiers: int, claim: str
         w = np.stack([np.bincount(i, minlength=n0) for i in idx]).astype(float)
         chosen, share, _ = _fits(ev, w, n, 0.05, 0.1, "discordant" if claim == "accuracy" else "harm")
         for r, i in enumerate(idx):
-            fit = fit_quality(s[i], c[i], costs, max_quality_loss=0.05, delta=0.1, claim=claim)  # type: ignore[arg-type]
+            fit = fit_quality(s[i], c[i], costs, max_quality_loss=0.05, delta=0.1, claim=claim,  # type: ignore[arg-type]
+                              family="common")
             assert share[r] == pytest.approx(fit.stats.large_share)
             assert ev.pilot_share[chosen[r]] == pytest.approx(simulate(fit.thresholds, s, c).stats().large_share)
     other = np.round(rng.uniform(size=(n0, tiers - 1)), 2)
     idx = rng.integers(0, n0, size=400)
     m, fit = fit_quality_measures({"a": s[idx], "b": other[idx]}, c[idx], costs, max_quality_loss=0.1, delta=0.1,
-                                  claim=claim)  # type: ignore[arg-type]
+                                  claim=claim, family="common")  # type: ignore[arg-type]
     want = simulate(fit.thresholds, {"a": s, "b": other}[m], c).stats().large_share
     w = np.bincount(idx, minlength=n0).astype(float)[None, :]
     per = {k: _fits(_Events.of(v, c, np.broadcast_to(costs, c.shape).copy()), w, 400, 0.1, 0.05,
                     "discordant" if claim == "accuracy" else "harm") for k, v in (("a", s), ("b", other))}
-    assert per[m][0][0] > 0 or not fit.feasible
+    assert per[m][0][0] > 0 or fit.stats.large_share == 1.0  # always-last: infeasible, or the cheapest certified
     if fit.feasible:
-        assert per[m][1][0] == min(p[1][0] for p in per.values() if p[0][0] > 0)
+        assert per[m][1][0] == min(p[1][0] for p in per.values())
         assert _Events.of({"a": s, "b": other}[m], c, np.broadcast_to(costs, c.shape).copy()).pilot_share[
             per[m][0][0]] == pytest.approx(want)

@@ -34,6 +34,7 @@ from cascade.errors import CascadeError, InvalidRequestError
 
 if TYPE_CHECKING:
     from calibration.certify import Claim
+    from calibration.fit import FitResult
     from cascade.artifact import Artifact
     from cascade.config import CascadeConfig
     from cascade.types import GenerationParams
@@ -57,8 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--max-large-share", type=float, metavar="R",
                         help="budget: at most this share of requests reaches the last tier")
-    target.add_argument("--max-quality-loss", type=float, metavar="EPS",
-                        help="quality: accuracy loss vs always-last-tier <= EPS with probability >= --confidence")
+    target.add_argument("--max-quality-loss", type=float, nargs="+", metavar="EPS",
+                        help="quality: accuracy loss vs always-last-tier <= EPS with probability >= --confidence; "
+                             "several levels (e.g. 0.02 0.05 0.1) are each certified (all holding at once: "
+                             "Bonferroni) and stored for per-request targets, the first one the default")
     target.add_argument("--min-cost", action="store_true",
                         help="maximise value-per-correct * accuracy - mean cost (needs --value-per-correct)")
     p.add_argument("--confidence", type=float, help="confidence of the quality guarantee (default 0.9)")
@@ -108,6 +111,11 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("--confidence and --family apply to --max-quality-loss only")
     if a.min_cost != (a.value_per_correct is not None):
         p.error("--min-cost and --value-per-correct go together")
+    a.levels = list(a.max_quality_loss or [])
+    if a.levels:
+        if len(set(a.levels)) != len(a.levels) or not all(0.0 <= e < 1.0 for e in a.levels):
+            p.error("--max-quality-loss levels must be distinct numbers in [0, 1)")
+        a.max_quality_loss = a.levels[0]
     a.confidence = 0.9 if a.confidence is None else a.confidence
     if not 0.0 < a.confidence < 1.0:
         p.error("--confidence must be in (0, 1)")
@@ -177,11 +185,10 @@ def _fit(a: argparse.Namespace, cfg: CascadeConfig, inputs: Inputs, params: Gene
     import numpy as np
 
     from calibration import report as rep
-    from calibration.artifact import artifact_from_fit, data_fingerprint
+    from calibration.artifact import artifact_from_fit, data_fingerprint, levels_from_fits
     from calibration.certify import claim_text
-    from calibration.fit import fit_quality_measures, measured_curve
+    from calibration.fit import measured_curve
     from calibration.metrics import simulate
-    from calibration.pipeline import answering_tiers
 
     n_fit, names, claim = len(inputs.fit), [t.name for t in cfg.tiers], arrays.claim
     method, kw = _target(a)
@@ -190,16 +197,12 @@ def _fit(a: argparse.Namespace, cfg: CascadeConfig, inputs: Inputs, params: Gene
         fit_kw.update(family=a.family or "auto", seed=a.seed)
     first = next(iter(arrays.by_measure.values()))
     fc, fk = first.correct[:n_fit], first.costs[:n_fit]
+    measure, fit, level_fits = _fits(a, method, fit_kw, arrays, wanted, n_fit)
     if wanted is None:  # --measure all with a quality target: the level split between the measures' sequences
-        measure, fit = fit_quality_measures({m: arr.scores[:n_fit] for m, arr in arrays.by_measure.items()}, fc, fk,
-                                            max_quality_loss=kw["max_quality_loss"], delta=kw["delta"], claim=claim,
-                                            family=fit_kw["family"], seed=a.seed)
         fit_kw["delta"] = kw["delta"] / len(summary)
-    else:
-        measure = wanted
-        fit = fit_thresholds(method, arrays.by_measure[measure].scores[:n_fit], fc, fk, claim, **fit_kw)
     fs = arrays.by_measure[measure].scores[:n_fit]
     thresholds = widen_thresholds(fit.thresholds, fs)
+    level_ts = [widen_thresholds(f.thresholds, fs) for f in level_fits]
     fp = data_fingerprint("\n".join(json.dumps(e.data, sort_keys=True, ensure_ascii=False) for e in inputs.fit))
     clusters: dict[int, tuple[float, ...]] | None = None
     ids: list[int] = []
@@ -213,6 +216,8 @@ def _fit(a: argparse.Namespace, cfg: CascadeConfig, inputs: Inputs, params: Gene
         report["clusters"].update(router=a.router, embedder=embedder)
     art = artifact_from_fit(fit, models=[t.backend.model for t in cfg.tiers], measure=measure, data_fingerprint=fp,
                             curve=widen_curve(measured_curve(fs, fc, fk), fs), cluster_thresholds=clusters)
+    if level_fits:
+        art = replace(art, levels=levels_from_fits(level_fits, level_ts, confidence=a.confidence))
     if arrays.priors is not None:
         art = replace(art, choice_priors=arrays.priors)
         report["choice_priors"] = {"n": len(inputs.prior), "from": inputs.prior_source,
@@ -230,20 +235,21 @@ def _fit(a: argparse.Namespace, cfg: CascadeConfig, inputs: Inputs, params: Gene
     chosen = simulate(thresholds, fs, fc, fk).stats()
     lab = arrays.labelled[:n_fit]
     labels = arrays.labels[:n_fit]
+    held = None if not inputs.test else {  # the held-out examples, for the checks
+        "scores": arrays.by_measure[measure].scores[n_fit:], "correct": arrays.labels[n_fit:],
+        "costs": first.costs[n_fit:], "source": inputs.split, "claim": claim, "labelled": arrays.labelled[n_fit:],
+        "agreement": None if arrays.agreement is None else arrays.agreement[n_fit:]}
     test = None
-    if inputs.test:
-        ts = arrays.by_measure[measure].scores[n_fit:]
-        per = np.tile(np.asarray(thresholds, dtype=np.float64), (len(ts), 1))
+    if held is not None:
+        per = np.tile(np.asarray(thresholds, dtype=np.float64), (len(held["scores"]), 1))
         for i, cid in enumerate(ids[n_fit:]):
             if clusters and cid in clusters:
                 per[i] = clusters[cid]
-        test = rep.held_out_check(
-            method, kw, names, answering_tiers(per, ts), arrays.labels[n_fit:], first.costs[n_fit:], thresholds,
-            inputs.split, claim=claim, labelled=arrays.labelled[n_fit:],
-            agreement=None if arrays.agreement is None else arrays.agreement[n_fit:])
+        test = rep.held_out_check(method, kw, names, per, thresholds=thresholds, **held)
         art = replace(art, params={**dict(art.params), "held_out": {  # what the thresholds did on unseen data
             k: rep.jsonable(test.get(k)) for k in ("n", "accuracy", "large_share", "small_accuracy",
                                                    "large_accuracy", "held", "mean_cost")}})
+    report["levels"] = rep.levels_section(level_fits, level_ts, names, held) if level_fits else None
     report.update({
         "data": {"path": a.data, "n": len(inputs.data), "n_fit": n_fit, "n_test": len(inputs.test),
                  "split": inputs.split, "fingerprint": fp, "scorer": inputs.scorer_name,
@@ -267,6 +273,27 @@ def _fit(a: argparse.Namespace, cfg: CascadeConfig, inputs: Inputs, params: Gene
         "artifact": a.out,
     })
     return art, report
+
+
+def _fits(a: argparse.Namespace, method: str, fit_kw: dict[str, Any], arrays: Arrays, wanted: str | None,
+          n_fit: int) -> tuple[str, FitResult, list[FitResult]]:
+    """The measure, the main fit and, with a quality target, every certified level's fit (the first level's is
+    the main fit). ``wanted`` None: the measure is chosen among all (``--measure all``, Bonferroni over them)."""
+    from calibration.fit import fit_levels, fit_levels_measures
+
+    first = next(iter(arrays.by_measure.values()))
+    fc, fk = first.correct[:n_fit], first.costs[:n_fit]
+    if method != "quality":
+        assert wanted is not None
+        return wanted, fit_thresholds(method, arrays.by_measure[wanted].scores[:n_fit], fc, fk, **fit_kw), []
+    common = {"levels": a.levels, "delta": fit_kw["delta"], "claim": arrays.claim, "family": fit_kw["family"],
+              "seed": fit_kw["seed"]}
+    if wanted is None:
+        measure, fits = fit_levels_measures({m: arr.scores[:n_fit] for m, arr in arrays.by_measure.items()}, fc, fk,
+                                            **common)
+    else:
+        measure, fits = wanted, fit_levels(arrays.by_measure[wanted].scores[:n_fit], fc, fk, **common)
+    return measure, fits[0], fits
 
 
 def _plan(a: argparse.Namespace, inputs: Inputs, arrays: Arrays, wanted: str | None) -> dict[str, Any]:

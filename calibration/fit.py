@@ -42,6 +42,7 @@ __all__ = [
     "common_sweep",
     "fit_budget",
     "fit_levels",
+    "fit_levels_measures",
     "fit_min_cost",
     "fit_quality",
     "fit_quality_measures",
@@ -260,20 +261,47 @@ def fit_quality_measures(scores: Mapping[str, npt.ArrayLike], correct: npt.Array
         ``(measure, fit)``; ``fit.params`` adds ``delta_overall``, ``tested_measures`` and each measure's
         certified last-tier share (``share_<measure>``, 1.0 where it fell back).
     """
+    measure, fits = fit_levels_measures(scores, correct, costs, levels=[max_quality_loss], delta=delta, bound=bound,
+                                        claim=claim, family=family, seed=seed)
+    return measure, fits[0]
+
+
+def fit_levels_measures(scores: Mapping[str, npt.ArrayLike], correct: npt.ArrayLike,
+                        costs: npt.ArrayLike | None = None, *, levels: Sequence[float], delta: float = 0.1,
+                        bound: Bound | None = None, claim: Claim = "accuracy", family: Family = "auto",
+                        seed: int = 0) -> tuple[str, list[FitResult]]:
+    """:func:`fit_levels` for each of M measures at ``delta / M``; the measure whose *first* level certifies the
+    least escalation (as :func:`fit_quality_measures` picks it) and its levels.
+
+    *Validity:* each (measure, level) pair is tested at ``delta / (M L)``, so every level of every measure holds
+    at once with probability >= 1 - delta (Bonferroni over the M L pairs), and so do the levels of the measure
+    kept, whatever picked it.
+
+    Returns:
+        ``(measure, fits)``, one fit per level in the order given; each ``params`` adds ``delta_overall``,
+        ``tested_measures`` and the first level's certified last-tier share per measure (``share_<measure>``).
+    """
     dlt = check_fraction("delta", delta, 0.0, 1.0)
     if not scores:
-        raise InvalidRequestError("fit_quality_measures needs at least one measure")
-    fits = {m: fit_quality(s, correct, costs, max_quality_loss=max_quality_loss, delta=dlt / len(scores),
-                           bound=bound, claim=claim, family=family, seed=seed) for m, s in scores.items()}
+        raise InvalidRequestError("fitting several measures needs at least one measure")
+    fits = {m: fit_levels(s, correct, costs, levels=levels, delta=dlt / len(scores), bound=bound, claim=claim,
+                          family=family, seed=seed) for m, s in scores.items()}
     order = list(fits)
-    best = min(order, key=lambda m: (not fits[m].feasible, fits[m].stats.large_share if fits[m].feasible else 0.0,
-                                     fits[m].stats.mean_cost if fits[m].feasible else 0.0, order.index(m)))
-    chosen = fits[best]
-    params = {**dict(chosen.params), "delta_overall": dlt, "tested_measures": len(fits),
-              **{f"share_{m}": f.stats.large_share for m, f in fits.items()}}
-    msg = (f"{chosen.message} Measure {best!r} of {len(fits)} compared, each tested at confidence "
-           f"{1 - dlt / len(fits):.2%}, so all of them hold together with confidence {1 - dlt:.0%}.")
-    return best, FitResult(chosen.thresholds, chosen.method, params, chosen.stats, chosen.feasible, msg, chosen.pareto)
+
+    def rank(m: str) -> tuple[bool, float, float, int]:
+        f = fits[m][0]
+        return (not f.feasible, f.stats.large_share if f.feasible else 0.0, f.stats.mean_cost if f.feasible else 0.0,
+                order.index(m))
+
+    best = min(order, key=rank)
+    shares = {f"share_{m}": f[0].stats.large_share for m, f in fits.items()}
+    out = []
+    for f in fits[best]:
+        msg = (f"{f.message} Measure {best!r} of {len(fits)} compared, each tested at confidence "
+               f"{1 - dlt / len(fits):.2%}, so all of them hold together with confidence {1 - dlt:.0%}.")
+        params = {**dict(f.params), "delta_overall": dlt, "tested_measures": len(fits), **shares}
+        out.append(FitResult(f.thresholds, f.method, params, f.stats, f.feasible, msg, f.pareto))
+    return best, out
 
 
 def fit_min_cost(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.ArrayLike | None = None, *,

@@ -20,11 +20,12 @@ import numpy.typing as npt
 
 from calibration.fit import common_sweep, grid_search, pareto_index
 from calibration.metrics import CascadeStats, apgr, auc, oracle_curve, random_curve, simulate
-from calibration.pipeline import widen_thresholds
+from calibration.pipeline import answering_tiers, widen_thresholds
 
 __all__ = [
     "held_out_check",
     "jsonable",
+    "levels_section",
     "measure_summary",
     "operating_points",
     "pareto_section",
@@ -160,16 +161,18 @@ def _verdict(method: str, target: Mapping[str, float], test: Mapping[str, Any]) 
         f"net value {target['value_per_correct'] * test['accuracy'] - test['mean_cost']:.4g} per request (no pass/fail)"
 
 
-def held_out_check(method: str, target: Mapping[str, float], names: Sequence[str], tier: npt.ArrayLike,
-                   correct: npt.ArrayLike, costs: npt.ArrayLike, thresholds: Sequence[float], source: str, *,
-                   claim: str = "accuracy", agreement: npt.ArrayLike | None = None,
+def held_out_check(method: str, target: Mapping[str, float], names: Sequence[str], per_example: npt.ArrayLike,
+                   scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.ArrayLike, thresholds: Sequence[float],
+                   source: str, *, claim: str = "accuracy", agreement: npt.ArrayLike | None = None,
                    labelled: npt.ArrayLike | None = None) -> dict[str, Any]:
     """The fitted cascade on held-out examples: accuracies, large share, cost, and whether the target held.
 
     Args:
         method, target: the fit's method and target (as given on the command line).
         names: tier names.
-        tier: ``(n,)`` the tier answering each held-out example (its cluster's thresholds in router mode).
+        per_example: ``(n, N-1)`` the thresholds of each held-out example (its cluster's in router mode); a
+            ``-inf`` stage is skipped and costs nothing.
+        scores: ``(n, N-1)`` its scores.
         correct: ``(n, N)`` correctness (rows of unlabeled examples are ignored).
         costs: ``(n, N)``.
         thresholds: the global thresholds (reported).
@@ -179,13 +182,16 @@ def held_out_check(method: str, target: Mapping[str, float], names: Sequence[str
         agreement: ``(n, N)`` agreement with the last tier (the disagreement claim).
         labelled: ``(n,)`` which examples have labels (default: all).
     """
-    t = np.asarray(tier, dtype=np.int64)
+    per = np.asarray(per_example, dtype=np.float64)
+    t = answering_tiers(per, scores)
     c, k = np.asarray(correct, dtype=np.bool_), np.asarray(costs, dtype=np.float64)
     n = len(t)
     lab = np.ones(n, dtype=np.bool_) if labelled is None else np.asarray(labelled, dtype=np.bool_)
     rows = np.arange(n)
     acc = float(c[rows, t][lab].mean()) if lab.any() else float("nan")
-    st = CascadeStats.from_counts(n, acc, np.cumsum(k, 1)[rows, t].mean(), np.bincount(t, minlength=len(names)))
+    called = np.c_[per > -np.inf, np.ones(n, dtype=np.bool_)]  # skipped stages cost nothing
+    spent = np.cumsum(k * called, 1)[rows, t]
+    st = CascadeStats.from_counts(n, acc, spent.mean(), np.bincount(t, minlength=len(names)))
     test: dict[str, Any] = {
         "n": n, "n_labelled": int(lab.sum()), "source": source, "claim": claim,
         "small_accuracy": float(c[lab, 0].mean()) if lab.any() else float("nan"),
@@ -203,6 +209,33 @@ def held_out_check(method: str, target: Mapping[str, float], names: Sequence[str
           for j, name in enumerate(names)),
         {"label": "cascade (fitted)", "chosen": True, **stats_dict(st, thresholds)}]
     return test
+
+
+def levels_section(fits: Sequence[Any], thresholds: Sequence[Sequence[float]], names: Sequence[str],
+                   test: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """One row per certified level (ascending): its thresholds, bound and calibration numbers, and with held-out
+    data (``test``: the keyword arguments of :func:`held_out_check` but the thresholds) whether it held there.
+
+    Args:
+        fits: the levels' :class:`calibration.fit.FitResult`.
+        thresholds: their stored (widened) thresholds.
+        names: tier names.
+        test: ``{"scores", "correct", "costs", "source", "claim", "agreement", "labelled"}`` or None.
+    """
+    rows = []
+    for f, ts in sorted(zip(fits, thresholds), key=lambda ft: float(ft[0].params["max_quality_loss"])):
+        row: dict[str, Any] = {"max_quality_loss": f.params["max_quality_loss"], "feasible": f.feasible,
+                               "certified_loss_bound": f.params["certified_loss_bound"],
+                               "delta_per_level": f.params.get("delta_per_level", f.params["delta"]),
+                               **stats_dict(f.stats, ts)}
+        if test is not None:
+            per = np.tile(np.asarray(ts, dtype=np.float64), (len(test["scores"]), 1))
+            got = held_out_check("quality", {"max_quality_loss": float(f.params["max_quality_loss"])}, names, per,
+                                 thresholds=ts, **test)
+            row["test"] = {k: got.get(k) for k in ("n", "accuracy", "large_share", "mean_cost", "large_accuracy",
+                                                   "disagreement", "held", "verdict")}
+        rows.append(row)
+    return rows
 
 
 def jsonable(obj: Any) -> Any:
@@ -286,6 +319,14 @@ def render_text(report: Mapping[str, Any]) -> str:
         if "accuracy_loss" in test:
             lines.append(f"  accuracy loss vs last tier on the {test['n_labelled']} labelled held-out examples: "
                          f"{test['accuracy_loss']:+.2%} ({'within' if test['accuracy_held'] else 'ABOVE'} the target)")
+    if report.get("levels"):
+        lines.append("\ncertified levels (for per-request max_quality_loss targets; all hold at once):")
+        for lv in report["levels"]:
+            t = lv.get("test")
+            held = f"  held-out: share {t['large_share']:.1%}, {t['verdict']}" if t else ""
+            lines.append(f"  <= {lv['max_quality_loss']:.2%}: bound {lv['certified_loss_bound']:.2%} at delta "
+                         f"{lv['delta_per_level']:.4g}, share {lv['large_share']:.1%}, thresholds "
+                         f"{_fmt_t(lv['thresholds'])}{'' if lv['feasible'] else ' (always last)'}{held}")
     clusters = report.get("clusters")
     if clusters:
         lines.append(f"\nper-cluster thresholds (router {clusters['router']}, embedder {clusters['embedder']}):")

@@ -3,9 +3,9 @@
 The engine reads it (:meth:`Artifact.load`, then :class:`cascade.policy.Policy`); ``cascade-calibrate`` writes
 it (:func:`calibration.artifact.artifact_from_fit`, then :meth:`Artifact.save`).
 
-JSON layout (``schema_version`` 1)::
+JSON layout (``schema_version`` 2)::
 
-    {"schema_version": 1, "created": "2025-01-01T12:00:00+00:00",
+    {"schema_version": 2, "created": "2025-01-01T12:00:00+00:00",
      "models": ["small-model", "large-model"],          # tier identities, cheapest first (N >= 2)
      "measure": "margin_first",                         # one of cascade.types.MEASURES
      "thresholds": [0.42],                              # N-1 floats
@@ -14,7 +14,13 @@ JSON layout (``schema_version`` 1)::
      "method": "quality", "params": {...},              # fitting method and its parameters (finite JSON)
      "data_fingerprint": "<sha256 hex>", "n": 872,      # held-out data identity and size
      "curve": {...} | null,                             # measured points, see cascade.curve.Curve
+     "levels": {...} | null,                            # certified per-request levels, see cascade.levels.Levels
      "feasible": true, "message": "..."}
+
+Versions: 2 added ``levels`` (required, ``null`` when the fit certified none). Files of version 1 (no
+``levels``) still load, as artifacts without certified levels; a version-2 file without ``levels``, or any
+file without another required field, is an :class:`ArtifactError` naming the missing field(s). Saving always
+writes the current version.
 
 Non-finite floats: JSON has no infinity, so in ``thresholds``, ``cluster_thresholds`` and ``curve`` the value
 ``+inf`` (never escalate) is written as the string ``"inf"`` and ``-inf`` (always escalate) as ``"-inf"``
@@ -34,13 +40,18 @@ from typing import Any
 
 from cascade.curve import Curve, decode_floats, encode_float
 from cascade.errors import ArtifactError
+from cascade.levels import Levels
 from cascade.types import MEASURES
 
-__all__ = ["SCHEMA_VERSION", "Artifact", "load"]
+__all__ = ["READABLE_VERSIONS", "SCHEMA_VERSION", "Artifact", "load"]
 
-SCHEMA_VERSION = 1
-_REQUIRED = ("schema_version", "created", "models", "measure", "thresholds", "method", "params",
-             "data_fingerprint", "n", "feasible", "message")
+SCHEMA_VERSION = 2
+#: the schema versions :meth:`Artifact.from_json` reads, each with the fields it requires.
+READABLE_VERSIONS: dict[int, tuple[str, ...]] = {
+    1: ("schema_version", "created", "models", "measure", "thresholds", "method", "params", "data_fingerprint", "n",
+        "feasible", "message"),
+}
+READABLE_VERSIONS[2] = (*READABLE_VERSIONS[1], "levels")
 
 
 def _now() -> str:
@@ -64,9 +75,10 @@ class Artifact:
         curve: measured operating points for per-request targets, or None.
         cluster_thresholds: router mode: cluster id -> N-1 thresholds, or None.
         created: ISO-8601 creation time (UTC, now by default).
-        schema_version: always :data:`SCHEMA_VERSION` for artifacts this code writes.
+        schema_version: always :data:`SCHEMA_VERSION` (older files are read into the current form).
         choice_priors: tier index -> choice set (:func:`cascade.choice_prior.choice_set_key`) -> one offset
             per choice, the tier's prior over those answers (:mod:`cascade.choice_prior`); None: no correction.
+        levels: certified per-request quality levels (:class:`cascade.levels.Levels`), or None.
     """
 
     models: tuple[str, ...]
@@ -83,6 +95,7 @@ class Artifact:
     created: str = field(default_factory=_now)
     schema_version: int = SCHEMA_VERSION
     choice_priors: Mapping[int, Mapping[str, tuple[float, ...]]] | None = None
+    levels: Levels | None = None
 
     def __post_init__(self) -> None:
         if self.schema_version != SCHEMA_VERSION:
@@ -127,6 +140,9 @@ class Artifact:
             raise ArtifactError("feasible must be a boolean and message a string")
         if self.curve is not None and (not isinstance(self.curve, Curve) or len(self.curve.thresholds[0]) != stages):
             raise ArtifactError(f"curve must be a Curve whose points have {stages} threshold(s)")
+        if self.levels is not None and (not isinstance(self.levels, Levels) or any(
+                len(lv.thresholds) != stages for lv in self.levels.items)):
+            raise ArtifactError(f"levels must be Levels whose thresholds have {stages} value(s) each")
         try:
             dt.datetime.fromisoformat(self.created)
         except (TypeError, ValueError):
@@ -147,6 +163,7 @@ class Artifact:
                 str(k): [encode_float(t) for t in v] for k, v in sorted(self.cluster_thresholds.items())},
             "method": self.method, "params": dict(self.params), "data_fingerprint": self.data_fingerprint,
             "n": self.n, "curve": None if self.curve is None else self.curve.to_dict(),
+            "levels": None if self.levels is None else self.levels.to_dict(),
             "feasible": self.feasible, "message": self.message,
             **({} if self.choice_priors is None else {"choice_priors": {
                 str(tier): {key: list(v) for key, v in sorted(table.items())}
@@ -171,22 +188,25 @@ class Artifact:
             raise ArtifactError(f"artifact is not valid JSON: {e}") from e
         if not isinstance(d, dict):
             raise ArtifactError("artifact JSON must be an object")
-        if "schema_version" in d and d["schema_version"] != SCHEMA_VERSION:
-            raise ArtifactError(f"unknown artifact schema_version {d['schema_version']!r}; "
-                                f"this version reads {SCHEMA_VERSION}")
-        missing = [k for k in _REQUIRED if k not in d]
+        version = d.get("schema_version")
+        if "schema_version" in d and (isinstance(version, bool) or version not in READABLE_VERSIONS):
+            raise ArtifactError(f"unknown artifact schema_version {version!r}; this version reads "
+                                f"{', '.join(map(str, READABLE_VERSIONS))}")
+        required = READABLE_VERSIONS[version] if version in READABLE_VERSIONS else READABLE_VERSIONS[SCHEMA_VERSION]
+        missing = [k for k in required if k not in d]
         if missing:
-            raise ArtifactError(f"artifact is missing field(s) {missing}")
-        unknown = set(d) - {*_REQUIRED, "curve", "cluster_thresholds", "choice_priors"}
+            raise ArtifactError(f"artifact (schema_version {version!r}) is missing field(s) {missing}")
+        unknown = set(d) - {*required, "curve", "cluster_thresholds", "choice_priors"}
         if unknown:
-            raise ArtifactError(f"artifact has unknown field(s) {sorted(unknown)}")
+            raise ArtifactError(f"artifact (schema_version {version}) has unknown field(s) {sorted(unknown)}")
         curve = None if d.get("curve") is None else Curve.from_dict(d["curve"])
         models = d["models"]
         if not isinstance(models, list):
             raise ArtifactError(f"models must be a list, got {models!r}")
+        levels = None if d.get("levels") is None else Levels.from_dict(d["levels"], len(models) - 1)
         return cls(tuple(models), d["measure"], d["thresholds"], d["method"], d["params"], d["data_fingerprint"],
                    d["n"], d["feasible"], d["message"], curve, d.get("cluster_thresholds"), d["created"],
-                   d["schema_version"], d.get("choice_priors"))
+                   SCHEMA_VERSION, d.get("choice_priors"), levels)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write atomically: a temporary file in the same directory, fsync, then ``os.replace``.

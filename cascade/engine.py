@@ -25,6 +25,7 @@ from cascade.errors import (
     InvalidRequestError,
     public_reason,
 )
+from cascade.pending import Pending
 from cascade.policy import Policy, Target, escalates
 from cascade.types import (
     CHOICE_MEASURES,
@@ -78,25 +79,6 @@ class Tier:
     backend: Backend
     price: Price = Price()
     timeout_s: float | None = None
-
-
-@dataclass
-class _Pending:
-    """One request moving up the chain."""
-
-    index: int
-    prompt: Prompt
-    thresholds: tuple[float, ...]
-    target: str | None
-    cluster: int | None
-    calls: list[TierCall]
-    choices: tuple[str, ...] | None = None
-    first_uncertainty: float = math.nan
-    answer: Generation | None = None
-    answer_tier: int = -1
-    reason: str = ""
-    degraded: bool = False
-    error: BaseException | None = None  # why the request failed (it then has no result)
 
 
 class Cascade:
@@ -272,18 +254,19 @@ class Cascade:
         allowed = [None if choices is None or choices[i] is None else validate_choices(choices[i])
                    for i in range(len(prompts))]
         checked = [validate_prompt(p, self.max_prompt_chars) for p in prompts]
-        label = parsed_target.label() if parsed_target else None
         started = time.perf_counter()
-        pending = []
-        for i, p in enumerate(checked):
-            cluster = clusters[i] if clusters is not None else None
-            thresholds = self.policy.thresholds_for(cluster, parsed_target)
-            pending.append(_Pending(i, p, thresholds, label, cluster, [], allowed[i]))
+        pending = [Pending.start(i, p, self.policy, clusters[i] if clusters is not None else None, parsed_target,
+                                 allowed[i]) for i, p in enumerate(checked)]
         active = list(pending)
         for level, tier in enumerate(self.tiers):
             if not active:
                 break
-            active = await self._stage(level, tier, active, params)
+            skipped = [p for p in active if p.skips(level)]  # the stage escalates everything: no call
+            for p in skipped:
+                p.skip(tier.name)
+            called = [p for p in active if not p.skips(level)]
+            up = await self._stage(level, tier, called, params) if called else []
+            active = sorted(up + skipped, key=lambda p: p.index)
         latency = time.perf_counter() - started
         failed = [p.error for p in pending if p.error is not None]
         if not failed:
@@ -330,24 +313,24 @@ class Cascade:
             log.warning("tier %r failed for %d of %d request(s): %s", tier.name, n, len(gens), failure)
         return list(gens)
 
-    async def _stage(self, level: int, tier: Tier, active: list[_Pending],
-                     params: GenerationParams) -> list[_Pending]:
+    async def _stage(self, level: int, tier: Tier, active: list[Pending],
+                     params: GenerationParams) -> list[Pending]:
         """Call one tier for the requests that reached it; return those that go on up."""
         t0 = time.perf_counter()
         outcomes = await self._answers(level, tier, active, params)
         elapsed = time.perf_counter() - t0
         failed = [(p, o) for p, o in zip(active, outcomes) if isinstance(o, BaseException)]
         # Any failure of a higher tier (an error, a timeout, a full queue, a prompt too long for its context)
-        # follows on_error; the first tier has no lower answer to fall back on.
-        if failed and (level == 0 or self.on_error == "raise"):
-            for p, exc in failed:
+        # follows on_error; a request with no lower answer (the first tier, or lower tiers skipped) fails.
+        for p, exc in failed:
+            if p.answer is None or self.on_error == "raise":
                 p.error = exc
-        elif failed:
-            await self._degrade(level, tier, failed, params, elapsed)
+        if any(p.error is None for p, _ in failed):
+            await self._degrade(level, tier, [(p, e) for p, e in failed if p.error is None], params, elapsed)
         return [p for p, g in zip(active, outcomes)
                 if not isinstance(g, BaseException) and self._record(level, tier, p, g, elapsed)]
 
-    async def _answers(self, level: int, tier: Tier, active: list[_Pending], params: GenerationParams
+    async def _answers(self, level: int, tier: Tier, active: list[Pending], params: GenerationParams
                        ) -> list[Generation | BaseException]:
         """One tier's outcome for each request that reached it: free ones generated, constrained ones chosen."""
         last = level == len(self.tiers) - 1
@@ -365,7 +348,7 @@ class Cascade:
                 out[i] = g
         return [g for g in out if g is not None]
 
-    def _record(self, level: int, tier: Tier, p: _Pending, g: Generation, elapsed: float) -> bool:
+    def _record(self, level: int, tier: Tier, p: Pending, g: Generation, elapsed: float) -> bool:
         """Book one tier's answer for one request; True when the request goes on up the chain."""
         last = level == len(self.tiers) - 1
         if p.choices is not None and g.choice_logprobs:
@@ -394,7 +377,7 @@ class Cascade:
         p.reason += f"{self.measure}={u:.4f} <= {thr:.4f}: {tier.name!r} answer accepted"
         return False
 
-    async def _degrade(self, level: int, tier: Tier, failed: Sequence[tuple[_Pending, BaseException]],
+    async def _degrade(self, level: int, tier: Tier, failed: Sequence[tuple[Pending, BaseException]],
                        params: GenerationParams, elapsed: float) -> None:
         """A higher tier failed for these requests: return each one's lower-tier answer, marked degraded.
 
@@ -403,11 +386,12 @@ class Cascade:
         """
         active = [p for p, _ in failed]
         cut_short = [p for p in active if p.answer is not None and p.answer.finish_reason == "early_exit"]
-        if cut_short:  # early exit kept one token only: finish those answers without early exit
-            below = self.tiers[level - 1]
+        for below_level in sorted({p.answer_tier for p in cut_short}):  # early exit kept one token only: finish
+            below = self.tiers[below_level]  # those answers without early exit (the tier below, or lower: skips)
+            redo_for = [p for p in cut_short if p.answer_tier == below_level]
             t0 = time.perf_counter()
-            redo = await self._outcomes(below, [p.prompt for p in cut_short], params, True, None)
-            for p, g in zip(cut_short, redo):
+            redo = await self._outcomes(below, [p.prompt for p in redo_for], params, True, None)
+            for p, g in zip(redo_for, redo):
                 if isinstance(g, BaseException):  # keep the one-token answer
                     p.reason += f"finishing {below.name!r}'s answer failed ({type(g).__name__}); "
                 else:
@@ -424,25 +408,8 @@ class Cascade:
         return TierCall(tier.name, g.model, g.prompt_tokens, g.completion_tokens, cost, elapsed, u, thr,
                         g.finish_reason)
 
-    def _result(self, p: _Pending, latency: float) -> CascadeResult:
-        assert p.answer is not None
-        tier = self.tiers[p.answer_tier]
-        return CascadeResult(
-            text=p.answer.text,
-            tier=tier.name,
-            tier_index=p.answer_tier,
-            escalated=len(p.calls) > 1,
-            uncertainty=p.first_uncertainty,
-            measure=self.measure,
-            threshold=p.thresholds[0],
-            reason=p.reason.strip(),
-            calls=tuple(p.calls),
-            cost=sum(c.cost for c in p.calls),
-            latency_s=latency,
-            degraded=p.degraded,
-            target=p.target,
-            cluster=p.cluster,
-        )
+    def _result(self, p: Pending, latency: float) -> CascadeResult:
+        return p.result([t.name for t in self.tiers], self.measure, latency)
 
     def stream(
         self,

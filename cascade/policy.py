@@ -17,7 +17,7 @@ from cascade.curve import threshold_for_target
 from cascade.errors import ArtifactError, InvalidRequestError
 from cascade.uncertainty import check_measure
 
-__all__ = ["Policy", "Target", "escalates"]
+__all__ = ["Policy", "Resolved", "Target", "escalates"]
 
 
 def escalates(uncertainty: float, threshold: float) -> bool:
@@ -131,27 +131,52 @@ class Policy:
         return None if table is None else table.get(choice_set_key(choices))
 
     def thresholds_for(self, cluster: int | None = None, target: Target | None = None) -> tuple[float, ...]:
-        """The thresholds that apply to one request.
+        """The thresholds that apply to one request (see :meth:`resolve`, which also says where they came from)."""
+        return self.resolve(cluster, target).thresholds
+
+    def resolve(self, cluster: int | None = None, target: Target | None = None) -> Resolved:
+        """The thresholds that apply to one request, and where they come from.
+
+        A ``max_quality_loss`` target on an artifact with certified levels gets the loosest stored level at or
+        below it (:meth:`cascade.levels.Levels.for_target`, source ``"certified"``); otherwise a target reads
+        the measured curve (source ``"curve"``, a point estimate). Without a target: the cluster's thresholds
+        (``"cluster"``), else the artifact's (``"artifact"``) or the hand-set ones (``"fixed"``).
 
         Args:
             cluster: router cluster id, or None.
             target: a per-request quality level; needs a policy loaded from an artifact.
 
         Raises:
-            InvalidRequestError: a target on a policy without a measured curve, or a target the curve
-                cannot meet.
+            InvalidRequestError: a target on a policy without an artifact, a target below every certified level,
+                or one the curve cannot meet.
         """
         if target is not None:
             if self.artifact is None:
                 raise InvalidRequestError("per-request targets need thresholds from a calibration artifact")
-            return tuple(
-                float(t)
-                for t in threshold_for_target(
-                    self.artifact.curve,
-                    max_large_share=target.max_large_share,
-                    max_quality_loss=target.max_quality_loss,
-                )
-            )
+            levels = self.artifact.levels
+            if target.max_quality_loss is not None and levels is not None:
+                level = levels.for_target(target.max_quality_loss)
+                return Resolved(level.thresholds, "certified", level.max_quality_loss)
+            point = threshold_for_target(self.artifact.curve, max_large_share=target.max_large_share,
+                                         max_quality_loss=target.max_quality_loss)
+            return Resolved(tuple(float(t) for t in point), "curve")
         if cluster is not None and cluster in self.cluster_thresholds:
-            return self.cluster_thresholds[cluster]
-        return self.thresholds
+            return Resolved(self.cluster_thresholds[cluster], "cluster")
+        return Resolved(self.thresholds, "fixed" if self.artifact is None else "artifact")
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The thresholds one request uses, and where they come from.
+
+    Attributes:
+        thresholds: one per stage.
+        source: ``"certified"`` (a certified per-request level), ``"curve"`` (read off the measured curve: a
+            point estimate), ``"cluster"`` (router cluster), ``"artifact"`` (the artifact's own) or ``"fixed"``
+            (hand-set).
+        level: the certified level's ``max_quality_loss`` (source ``"certified"``), else None.
+    """
+
+    thresholds: tuple[float, ...]
+    source: str
+    level: float | None = None

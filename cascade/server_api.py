@@ -226,7 +226,9 @@ def decision(r: CascadeResult) -> dict[str, Any]:
     return {"tier": r.tier, "model": _answer_call(r).model if r.calls else None,
             "uncertainty": _finite(r.uncertainty), "measure": r.measure, "threshold": _finite(r.threshold),
             "escalated": r.escalated, "cost": r.cost, "reason": r.reason, "degraded": r.degraded,
-            "target": r.target, "cluster": r.cluster, "latency_s": r.latency_s, "calls": calls}
+            "target": r.target, "cluster": r.cluster, "threshold_source": r.threshold_source,
+            "certified_level": r.certified_level, "skipped": list(r.skipped), "latency_s": r.latency_s,
+            "calls": calls}
 
 
 def _answer_call(r: CascadeResult) -> Any:
@@ -277,10 +279,10 @@ def render_response(kind: str, parsed: ParsedRequest, results: Sequence[CascadeR
     if len(results) == 1:
         d = decisions[0]
         for key in ("tier", "model", "uncertainty", "measure", "threshold", "escalated", "degraded", "cost",
-                    "cluster", "target"):
+                    "cluster", "target", "threshold_source", "certified_level"):
             if d[key] is not None:
                 value = str(d[key]).lower() if isinstance(d[key], bool) else d[key]
-                headers[f"x-cascade-{key}"] = _ascii(value)
+                headers[f"x-cascade-{key.replace('_', '-')}"] = _ascii(value)
     return payload, headers
 
 

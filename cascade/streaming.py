@@ -19,7 +19,8 @@ from cascade.policy import Target, escalates
 from cascade.types import CascadeChunk, CascadeResult, EarlyExit, Generation, GenerationParams, Prompt, validate_prompt
 
 if TYPE_CHECKING:
-    from cascade.engine import Cascade, Tier, _Pending
+    from cascade.engine import Cascade, Tier
+    from cascade.pending import Pending
 
 __all__ = ["stream_cascade"]
 
@@ -38,7 +39,7 @@ async def _next(events: AsyncIterator[object], deadline: float | None, tier: Tie
 
 
 async def _stream_tier(
-    cascade: Cascade, level: int, tier: Tier, p: _Pending, params: GenerationParams
+    cascade: Cascade, level: int, tier: Tier, p: Pending, params: GenerationParams
 ) -> AsyncIterator[CascadeChunk | Generation]:
     """Yield this tier's chunks if it answers (decided on the first token), then its Generation."""
     from cascade.types import StreamEvent
@@ -90,7 +91,7 @@ async def stream_cascade(
         BackendError: the first tier failed; or a higher tier failed with ``on_error="raise"``, or after
             part of its answer was already sent (a streamed answer cannot be taken back).
     """
-    from cascade.engine import _Pending
+    from cascade.pending import Pending
 
     if choices is not None:
         result = await cascade.run(prompt, params=params, target=target, cluster=cluster, choices=choices)
@@ -100,11 +101,13 @@ async def stream_cascade(
     params = cascade.resolve_params(params)
     parsed = Target.parse(target)
     checked = validate_prompt(prompt, cascade.max_prompt_chars)
-    p = _Pending(0, checked, cascade.policy.thresholds_for(cluster, parsed), parsed.label() if parsed else None,
-                 cluster, [])
+    p = Pending.start(0, checked, cascade.policy, cluster, parsed)
     started = time.perf_counter()
     for level, tier in enumerate(cascade.tiers):
         last = level == len(cascade.tiers) - 1
+        if p.skips(level):  # the stage escalates everything: the tier is not called
+            p.skip(tier.name)
+            continue
         streams = hasattr(tier.backend, "stream") and (last or cascade.early_exit)
         t0 = time.perf_counter()
         gen: Generation | None = None
@@ -123,7 +126,7 @@ async def stream_cascade(
             if isinstance(exc, BackendError) and exc.tier is None:
                 exc.tier = tier.name
             log.warning("tier %r failed for a streamed request: %s", tier.name, exc)
-            if level == 0 or cascade.on_error == "raise" or chunks:
+            if p.answer is None or cascade.on_error == "raise" or chunks:
                 raise
             await cascade._degrade(level, tier, [(p, exc)], params, time.perf_counter() - t0)
             assert p.answer is not None

@@ -298,9 +298,9 @@ class CascadeResult:
         tier: name of the tier that answered.
         tier_index: its position in the chain (0 = cheapest).
         escalated: True when any tier above the first was called.
-        uncertainty: the first tier's uncertainty under ``measure``.
+        uncertainty: the first tier's uncertainty under ``measure`` (NaN when it was skipped).
         measure: the uncertainty measure used.
-        threshold: the first tier's threshold.
+        threshold: the first tier's threshold (``-inf``: it was skipped).
         reason: a one-line human explanation of the decision.
         calls: one :class:`TierCall` per tier that was called, cheapest first.
         cost: total cost of all calls.
@@ -308,6 +308,11 @@ class CascadeResult:
         degraded: True when a higher tier failed and a lower tier's answer was returned instead.
         target: the per-request quality target the thresholds came from, if any (e.g. ``"max_large_share=0.3"``).
         cluster: the router cluster in expert-router mode, else None.
+        threshold_source: where the thresholds came from: ``"certified"`` (a certified per-request level of the
+            artifact), ``"curve"`` (read off its measured curve: a point estimate, no guarantee), ``"cluster"``,
+            ``"artifact"`` or ``"fixed"`` (see :class:`cascade.policy.Resolved`).
+        certified_level: the certified level used (its ``max_quality_loss``), else None.
+        skipped: the tiers not called because their threshold was ``-inf`` (their answer would never be kept).
     """
 
     text: str
@@ -324,6 +329,9 @@ class CascadeResult:
     degraded: bool = False
     target: str | None = None
     cluster: int | None = None
+    threshold_source: str = "fixed"
+    certified_level: float | None = None
+    skipped: tuple[str, ...] = ()
 
     @property
     def prompt_tokens(self) -> int:

@@ -48,7 +48,7 @@ def test_round_trip_with_infinite_thresholds(tmp_path: Path) -> None:
     text = path.read_text()
     raw = json.loads(text, parse_constant=_no_constants)  # strict JSON: no Infinity/NaN tokens
     assert raw["thresholds"] == ["-inf"] and raw["cluster_thresholds"] == {"0": [0.2], "3": ["inf"]}
-    assert raw["schema_version"] == 1 and raw["curve"]["thresholds"][-1] == ["-inf"]
+    assert raw["schema_version"] == 2 and raw["levels"] is None and raw["curve"]["thresholds"][-1] == ["-inf"]
     back = load(path, expect_models=list(MODELS), expect_measure="margin_first")
     assert back == art
     assert back.thresholds == (float("-inf"),) and back.cluster_thresholds == {0: (0.2,), 3: (float("inf"),)}
@@ -132,7 +132,9 @@ def _write(tmp_path: Path, edit: Any) -> Path:
 
 
 @pytest.mark.parametrize(("edit", "match"), [
-    (lambda d: d.update(schema_version=2), "unknown artifact schema_version 2"),
+    (lambda d: d.update(schema_version=3), "unknown artifact schema_version 3"),
+    (lambda d: d.pop("levels"), r"schema_version 2\) is missing field\(s\) \[.levels.\]"),
+    (lambda d: d.update(levels={"items": []}), "levels is missing"),
     (lambda d: d.pop("measure"), r"missing field\(s\) \['measure'\]"),
     (lambda d: d.update(extra=1), "unknown field"),
     (lambda d: d.update(thresholds=[0.1, 0.2]), "thresholds must have 1 values"),

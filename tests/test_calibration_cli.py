@@ -356,3 +356,33 @@ def cascade_without_prior(setup: dict[str, Path], artifact: Path) -> Any:
     plain = artifact.with_name("plain.json")
     art.save(plain)
     return build_cascade(replace(load_config(setup["two"]), artifact=str(plain), measure="choice_margin"))
+
+
+def test_several_quality_levels_are_certified_stored_and_used_per_request(tmp_path, setup, capsys):
+    out = tmp_path / "levels.json"
+    code, report = calibrate(setup, out, "--max-quality-loss", "0.2", "0.1", "0.3", "--test-split", "0.25",
+                             config="three")
+    assert code == 0
+    art = Artifact.load(out)
+    assert art.levels is not None and art.levels.targets == (0.1, 0.2, 0.3)
+    assert art.levels.delta_per_level == pytest.approx(0.1 / 3) and art.levels.correction == "bonferroni"
+    assert art.levels.confidence == pytest.approx(0.9) and art.levels.family == "per_stage"
+    assert art.thresholds == art.levels.items[1].thresholds  # the first level given is the default
+    assert report["fit"]["params"]["max_quality_loss"] == 0.2 and report["fit"]["params"]["family"] == "per_stage"
+    rows = report["levels"]
+    assert [r["max_quality_loss"] for r in rows] == [0.1, 0.2, 0.3]
+    for r in rows:
+        assert r["test"]["n"] == 30 and r["test"]["held"] == r["test"]["verdict"].startswith("held")
+        assert r["delta_per_level"] == pytest.approx(0.1 / 3)
+    assert "certified levels" in capsys.readouterr().out
+    from cascade.config import build_cascade, load_config
+
+    cascade = build_cascade(replace(load_config(setup["three"]), artifact=str(out)))
+    got = cascade.run_batch_sync(prompts()[:5], target={"max_quality_loss": 0.25})
+    assert {(r.threshold_source, r.certified_level) for r in got} == {("certified", 0.2)}
+    assert all(r.threshold == art.levels.items[1].thresholds[0] for r in got)
+    with pytest.raises(Exception, match="below every certified level"):
+        cascade.run_batch_sync(prompts()[:1], target={"max_quality_loss": 0.05})
+    code, report = calibrate(setup, tmp_path / "m.json", "--measure", "all", "--max-quality-loss", "0.2", "0.3")
+    assert code == 0 and report["levels"][0]["delta_per_level"] == pytest.approx(0.1 / 18)  # 9 measures x 2
+    assert calibrate(setup, tmp_path / "d.json", "--max-quality-loss", "0.1", "0.1")[0] == 2

@@ -223,8 +223,9 @@ def _fit(a: argparse.Namespace, cfg: CascadeConfig, inputs: Inputs, params: Gene
         report["choice_priors"] = {"n": len(inputs.prior), "from": inputs.prior_source,
                                    "priors": {str(k): v for k, v in arrays.priors.items()}}
     n_lab = int(arrays.labelled[:n_fit].sum())
-    free = {"guarantee": claim_text(claim), "same": inputs.same_name, "labelled_fit_lines": n_lab,
-            "curve_accuracy": "agreement with the last tier"} if claim == "disagreement" else {}
+    free: dict[str, Any] = {"guarantee": claim_text(claim)} if method == "quality" else {}
+    if claim == "disagreement":
+        free.update(same=inputs.same_name, labelled_fit_lines=n_lab, curve_accuracy="agreement with the last tier")
     art = replace(art, thresholds=thresholds, params={
         **dict(fit.params), "fitted_thresholds": rep.jsonable(list(fit.thresholds)), "scorer": inputs.scorer_name,
         "max_tokens": params.max_tokens, "temperature": params.temperature, "data": Path(a.data).name,

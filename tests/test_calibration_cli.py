@@ -178,6 +178,8 @@ def test_measure_all_with_a_quality_target_tests_each_measure_at_delta_over_m(tm
     assert "delta/7" in report["measure"]["how"] and report["generation"]["constrained"] == 0
     code, report = calibrate(setup, tmp_path / "b.json", "--measure", "margin_first", "--max-quality-loss", "0.2")
     assert code == 0 and report["fit"]["params"]["delta"] == pytest.approx(0.1)
+    params = Artifact.load(tmp_path / "b.json").params
+    assert params["claim"] == "accuracy" and params["guarantee"].startswith("accuracy loss against always")
 
 
 def test_test_split_reports_whether_the_target_held(tmp_path, setup, capsys):

@@ -89,6 +89,8 @@ def evaluate_setup(cal: Split, test: Split, pool: Split, *, eps: float, delta: f
     out["labelled"] = _check(*fit(cal, "accuracy"), test)
     out["label_free"] = _check(*fit(pool, "disagreement"), test)
     p1000 = pool.head(1000)
+    out["label_free_by_n"] = {str(k): _check(*fit(pool.head(k), "disagreement"), test)
+                              for k in (300, 1000) if k < len(pool)}
     real_free = fit(p1000, "disagreement")[1].stats.large_share
     real_lab = fit(p1000, "accuracy")[1].stats.large_share
     out["planner"] = {"n_real": len(p1000),
@@ -150,12 +152,15 @@ def render(report: Mapping[str, Any]) -> str:
     eps = st["eps"]
     lines = [f"prompts {st['prompts']}, mode {st['mode']}; target: accuracy loss <= {eps:.0%} at "
              f"{st['confidence']:.0%} confidence; every measure at delta/M, the least escalation kept", "",
-             "| task | pair | acc small / large (test) | labelled 300: share fit / test, test loss | label-free n: "
-             "share fit / test, test loss, test differ | label-free escalates less |", "|---|---|---|---|---|---|"]
+             "| task | pair | acc small / large (test) | labelled 300: share fit / test, test loss | label-free 300 | "
+             "label-free 1,000 | label-free, all n: share fit / test, test loss, test differ | label-free escalates "
+             "less |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lab, free = r["labelled"], r["label_free"]
+        lab, free, by_n = r["labelled"], r["label_free"], r.get("label_free_by_n", {})
+        small = " | ".join(f"{_pct(by_n[k]['fit_share'])} / {_pct(by_n[k]['test_share'])}, {by_n[k]['test_loss']:+.1%}"
+                           if k in by_n else "-" for k in ("300", "1000"))
         lines.append(f"| {r['task']} | {r['pair']} | {r['small_accuracy']:.3f} / {r['large_accuracy']:.3f} | "
-                     f"{_pct(lab['fit_share'])} / {_pct(lab['test_share'])}, {lab['test_loss']:+.1%} | "
+                     f"{_pct(lab['fit_share'])} / {_pct(lab['test_share'])}, {lab['test_loss']:+.1%} | {small} | "
                      f"n={r['n_pool']}: {_pct(free['fit_share'])} / {_pct(free['test_share'])}, "
                      f"{free['test_loss']:+.1%}, {_pct(free['test_disagreement'])} | "
                      f"{'yes' if free['test_share'] < lab['test_share'] else 'no'} |")

@@ -21,6 +21,7 @@ __all__ = [
     "InvalidRequestError",
     "ModelNotInstalledError",
     "OverloadedError",
+    "TruncatedAnswerError",
     "public_reason",
     "redact",
 ]
@@ -110,6 +111,15 @@ class ChoicesUnsupportedError(BackendError):
 
     The message names what the tier lacks (e.g. a server without guided choice and without prompt
     logprobs); a constrained request is never answered freely instead.
+    """
+
+
+class TruncatedAnswerError(BackendError):
+    """A server's answer ended without a finish reason (or with one the OpenAI protocol does not define).
+
+    E.g. a stream closed by a bare ``data: [DONE]`` (llama.cpp's ``interrupt_requests`` does so when another
+    request waits), or a non-streamed answer with ``finish_reason: null``. The answer was cut off, so it is a
+    failure that is retried and then follows ``on_error``, never an accepted answer.
     """
 
 

@@ -32,14 +32,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import os
+import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from cascade.errors import BackendError, BackendTimeoutError, BatchError, ConfigError, InvalidRequestError, redact
+from cascade.errors import (
+    BackendError,
+    BackendTimeoutError,
+    BatchError,
+    ConfigError,
+    InvalidRequestError,
+    TruncatedAnswerError,
+    redact,
+)
 from cascade.types import (
     EarlyExit,
     FinishReason,
@@ -61,6 +71,11 @@ __all__ = ["DUMMY_API_KEY", "OpenAIBackend", "render_messages"]
 #: The key sent when none is configured (local servers such as vLLM or llama.cpp ignore it).
 DUMMY_API_KEY = "sk-no-key-required"
 _T = TypeVar("_T")
+log = logging.getLogger("cascade.backends.openai")
+#: The finish reasons the OpenAI protocol defines. Any other (vLLM's ``"abort"``), or none at all, means the
+#: answer was cut off: :class:`~cascade.errors.TruncatedAnswerError`.
+_FINISH_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length", "content_filter": "stop",
+                                            "tool_calls": "stop", "function_call": "stop"}
 
 
 def render_messages(messages: Sequence[Any]) -> str:
@@ -160,6 +175,7 @@ class OpenAIBackend:
 
         self.name = model
         self.api = api
+        self.max_retries = max_retries
         self.timeout_s = float(timeout_s)
         self.top_logprobs = top_logprobs
         key = api_key if api_key is not None else os.environ.get(api_key_env) or DUMMY_API_KEY
@@ -329,13 +345,39 @@ class OpenAIBackend:
             if self._throttle is not None:
                 await self._throttle.acquire()
             with self._errors():
-                streamed = scores and measure and threshold != math.inf  # -inf exits early on any first token
-                answer = (self._streamed(prompt, params, measure, threshold) if streamed
-                          else self._plain(prompt, params, scores))
                 try:
-                    return await asyncio.wait_for(answer, self.timeout_s)
+                    return await asyncio.wait_for(self._attempts(prompt, params, scores, measure, threshold),
+                                                  self.timeout_s)
                 except asyncio.TimeoutError:
                     raise self._late() from None
+
+    async def _attempts(self, prompt: Prompt, params: GenerationParams, scores: bool, measure: str,
+                        threshold: float) -> _Answer:
+        """One answer; a cut-off answer is logged and asked again, up to ``max_retries`` times, with backoff.
+
+        (The openai client retries HTTP and connection failures itself; a cut-off answer arrives as HTTP 200.)
+        """
+        streamed = scores and measure and threshold != math.inf  # -inf exits early on any first token
+        attempt = 0
+        while True:
+            try:
+                return await (self._streamed(prompt, params, measure, threshold) if streamed
+                              else self._plain(prompt, params, scores))
+            except TruncatedAnswerError as exc:
+                attempt += 1
+                log.warning("%s (attempt %d of %d)", exc, attempt, self.max_retries + 1)
+                if attempt > self.max_retries:
+                    raise
+                await asyncio.sleep(min(0.5 * 2 ** (attempt - 1), 8.0) * (1.0 - 0.25 * random.random()))
+
+    def _finish(self, raw: Any, answer: _Answer) -> FinishReason:
+        """The finish reason of an answer, or TruncatedAnswerError when it has none the protocol defines."""
+        if isinstance(raw, str) and raw in _FINISH_REASONS:
+            return _FINISH_REASONS[raw]
+        why = "no finish_reason" if raw is None else f"finish_reason {str(raw)[:40]!r}, which the protocol lacks"
+        raise TruncatedAnswerError(
+            f"{self.name}: the answer from {self._where} was cut off ({why}) after {len(answer.tokens)} "
+            f"tokens, {len(answer.text)} characters", reason=f"the answer was cut off ({why})")
 
     def _late(self) -> BackendTimeoutError:
         """The error of a request past its deadline (``timeout_s`` for the whole request, retries included)."""
@@ -401,7 +443,7 @@ class OpenAIBackend:
         answer = _Answer()
         choice = data["choices"][0]
         self._add_choice(answer, choice, "message")
-        answer.finish_reason = "length" if choice.get("finish_reason") == "length" else "stop"
+        answer.finish_reason = self._finish(choice.get("finish_reason"), answer)
         _add_usage(answer, data.get("usage"))
         if scores:
             self._check_logprobs(answer)
@@ -439,6 +481,7 @@ class OpenAIBackend:
         body.update(stream=True, stream_options={"include_usage": True})
         answer = _Answer()
         scored = not scores
+        finished = False
         async with self._endpoint().with_streaming_response.create(**body) as resp:
             async for line in resp.iter_lines():
                 if not line.startswith("data:"):
@@ -454,7 +497,8 @@ class OpenAIBackend:
                 choice = chunk["choices"][0]
                 delta = self._add_choice(answer, choice, "delta")
                 if choice.get("finish_reason") is not None:
-                    answer.finish_reason = "length" if choice["finish_reason"] == "length" else "stop"
+                    answer.finish_reason = self._finish(choice["finish_reason"], answer)
+                    finished = True
                 if not scored and answer.top:
                     scored = True
                     self._check_logprobs(answer)
@@ -470,6 +514,8 @@ class OpenAIBackend:
                         return
                 if delta:
                     yield "delta", delta
+        if not finished:  # a bare [DONE] or a closed connection: the server cut the answer off
+            self._finish(None, answer)
         if scores:
             self._check_logprobs(answer)
         yield "answer", answer
@@ -511,6 +557,9 @@ class OpenAIBackend:
                             break
                         except asyncio.TimeoutError:
                             raise self._late() from None
+                        except TruncatedAnswerError as exc:  # text may be sent already: no retry here
+                            log.warning("%s", exc)
+                            raise
                         if kind == "first":
                             yield StreamEvent("first", scores=value)
                         elif kind == "delta":

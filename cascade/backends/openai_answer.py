@@ -1,0 +1,198 @@
+"""What an OpenAI-compatible server answered: choices, streamed chunks, usage and finish reasons parsed
+from raw JSON into an :class:`Answer`, and answers scored from their ``top_logprobs``.
+
+Used by :class:`~cascade.backends.openai_compat.OpenAIBackend`; no I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cascade.errors import BackendError, TruncatedAnswerError
+from cascade.types import FinishReason, TokenStats
+from cascade.uncertainty import aggregate, topk_stats
+
+__all__ = ["Answer", "Reader", "add_usage", "first_token_score", "raise_for_error", "score_answers", "sse_chunks"]
+
+#: The finish reasons the OpenAI protocol defines. Any other (vLLM's ``"abort"``), or none at all, means the
+#: answer was cut off: :class:`~cascade.errors.TruncatedAnswerError`.
+_FINISH_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length", "content_filter": "stop",
+                                            "tool_calls": "stop", "function_call": "stop"}
+
+
+@dataclass
+class Answer:
+    """One parsed server answer (mutable while a stream is read)."""
+
+    text: str = ""
+    tokens: list[str] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # chosen token's logprob, per step
+    top: list[list[float]] = field(default_factory=list)  # top-k logprobs, per step
+    finish_reason: FinishReason = "stop"
+    prompt_tokens: int = 0
+    completion_tokens: int | None = None
+    has_logprobs: bool = False
+
+    @property
+    def billed_tokens(self) -> int:
+        """Generated tokens as the server billed them (counted from the logprobs when it did not say)."""
+        return len(self.tokens) if self.completion_tokens is None else self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Reader:
+    """How one server's answers are read: ``name`` (the model) and ``where`` (its URL without credentials) for
+    error messages, ``chat`` (``/chat/completions``, else ``/completions``) and ``k`` (``top_logprobs`` asked)."""
+
+    name: str
+    where: str
+    chat: bool
+    k: int
+
+    def finish(self, raw: Any, answer: Answer) -> FinishReason:
+        """The finish reason of an answer, or TruncatedAnswerError when it has none the protocol defines."""
+        if isinstance(raw, str) and raw in _FINISH_REASONS:
+            return _FINISH_REASONS[raw]
+        why = "no finish_reason" if raw is None else f"finish_reason {str(raw)[:40]!r}, which the protocol lacks"
+        raise TruncatedAnswerError(
+            f"{self.name}: the answer from {self.where} was cut off ({why}) after {len(answer.tokens)} "
+            f"tokens, {len(answer.text)} characters", reason=f"the answer was cut off ({why})")
+
+    def add_choice(self, answer: Answer, choice: Mapping[str, Any], key: str) -> str:
+        """Add one choice's text and logprobs (``key``: ``"message"``, or ``"delta"`` in a chat stream); return
+        the text."""
+        if self.chat:
+            text = str((choice.get(key) or {}).get("content") or "")
+            lp = choice.get("logprobs")
+            if lp and lp.get("content") is not None:
+                _add_chat_logprobs(answer, lp["content"])
+        else:
+            text = str(choice.get("text") or "")
+            _add_text_logprobs(answer, choice.get("logprobs"))
+        answer.text += text
+        return text
+
+    def whole(self, data: Any, scores: bool) -> Answer:
+        """A non-streamed answer from its JSON body."""
+        raise_for_error(data)
+        answer = Answer()
+        choice = data["choices"][0]
+        self.add_choice(answer, choice, "message")
+        answer.finish_reason = self.finish(choice.get("finish_reason"), answer)
+        add_usage(answer, data.get("usage"))
+        if scores:
+            self.check_logprobs(answer)
+        return answer
+
+    def check_logprobs(self, answer: Answer) -> None:
+        """Raise when a non-empty answer came without the per-token logprobs scoring needs."""
+        if answer.text and not answer.has_logprobs:
+            route = "/chat/completions" if self.chat else "/completions"
+            raise BackendError(f"{self.name}: the server at {self.where} returned no logprobs; scoring "
+                               f"needs a server that supports 'logprobs' and 'top_logprobs' on {route}",
+                               reason="the server returned no logprobs")
+        if any(not step for step in answer.top):
+            raise BackendError(f"{self.name}: the server at {self.where} returned logprobs without "
+                               f"'top_logprobs' alternatives; scoring needs top_logprobs >= 1",
+                               reason="the server returned no top_logprobs")
+
+
+def _add_chat_logprobs(answer: Answer, content: Sequence[Mapping[str, Any]]) -> None:
+    for entry in content:
+        answer.has_logprobs = True
+        answer.tokens.append(str(entry["token"]))
+        answer.logprobs.append(float(entry["logprob"]))
+        answer.top.append([float(t["logprob"]) for t in entry.get("top_logprobs") or ()])
+
+
+def _add_text_logprobs(answer: Answer, logprobs: Mapping[str, Any] | None) -> None:
+    if not logprobs or logprobs.get("tokens") is None or logprobs.get("token_logprobs") is None:
+        return
+    tops = logprobs.get("top_logprobs") or [None] * len(logprobs["tokens"])
+    for token, lp, top in zip(logprobs["tokens"], logprobs["token_logprobs"], tops, strict=True):
+        answer.has_logprobs = True
+        answer.tokens.append(str(token))
+        answer.logprobs.append(float(lp))
+        answer.top.append([float(v) for v in (top or {}).values()])
+
+
+def add_usage(answer: Answer, usage: Mapping[str, Any] | None) -> None:
+    """Take the token counts of a ``usage`` object, when there is one."""
+    if usage:
+        answer.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        answer.completion_tokens = int(usage["completion_tokens"])
+
+
+def raise_for_error(data: Any) -> None:
+    """Raise BackendError for an error object sent with HTTP 200 (some servers do so mid-stream)."""
+    if not isinstance(data, dict):
+        raise TypeError(f"expected a JSON object, got {type(data).__name__}")
+    error = data.get("error")
+    if error:
+        message = error.get("message") if isinstance(error, dict) else None
+        raise BackendError(f"error in the answer: {message or error}", reason="error in the answer")
+
+
+async def sse_chunks(lines: AsyncIterator[str]) -> AsyncIterator[dict[str, Any]]:
+    """The JSON chunks of a server-sent event stream, up to ``data: [DONE]`` (error objects raise)."""
+    async for line in lines:
+        if not line.startswith("data:"):
+            continue  # blank separators, comments, "event:" lines
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+            return
+        chunk = json.loads(payload)
+        raise_for_error(chunk)
+        yield chunk
+
+
+# -- scores ------------------------------------------------------------------------------------------
+
+
+def score_answers(answers: Sequence[Answer], k: int) -> list[tuple[TokenStats, dict[str, float]]]:
+    """Token statistics and every measure for a batch, in one padded ``(B, T, k + 1)`` computation.
+
+    ``k`` is the ``top_logprobs`` asked for (a server may return the chosen token beside the top-k).
+    """
+    import torch
+
+    width = k + 1
+    steps = max(1, *(len(a.tokens) for a in answers))
+    uniform = -math.log(width)
+    top, chosen, mask = [], [], []
+    for a in answers:
+        n = len(a.tokens)
+        rows = [_row(t, width) for t in a.top] if n else [[uniform] * (width - 1) + [-math.inf]]
+        top.append(rows + [[-math.inf] * width] * (steps - len(rows)))
+        chosen.append((a.logprobs if n else [uniform]) + [0.0] * (steps - max(n, 1)))
+        mask.append([True] * max(n, 1) + [False] * (steps - max(n, 1)))
+    margin, entropy = topk_stats(torch.tensor(top, dtype=torch.float32))
+    logprob = torch.tensor(chosen, dtype=torch.float32)
+    measures = aggregate(margin, entropy, logprob, torch.tensor(mask))
+    columns = {name: values.tolist() for name, values in measures.items()}
+    margins, entropies = margin.tolist(), entropy.tolist()
+    out: list[tuple[TokenStats, dict[str, float]]] = []
+    for b, a in enumerate(answers):
+        n = len(a.tokens)
+        ts = TokenStats(tuple(margins[b][:n]), tuple(entropies[b][:n]), tuple(a.logprobs), entropy_exact=False)
+        out.append((ts, {name: float(col[b]) for name, col in columns.items()}))
+    return out
+
+
+def _row(logprobs: Sequence[float], width: int) -> list[float]:
+    """The ``width`` largest log-probabilities, largest first, padded with ``-inf``."""
+    best = sorted(logprobs, reverse=True)[:width]
+    return best + [-math.inf] * (width - len(best))
+
+
+def first_token_score(measure: str, top: Sequence[float], k: int) -> float:
+    """The first-token measure of one answer, computed exactly as :func:`score_answers` does."""
+    import torch
+
+    margin, entropy = topk_stats(torch.tensor([[_row(top, k + 1)]], dtype=torch.float32))
+    value: torch.Tensor = (1.0 - margin[:, 0]) if measure == "margin_first" else entropy[:, 0]
+    return float(value.item())

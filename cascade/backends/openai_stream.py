@@ -1,0 +1,64 @@
+"""Streamed answers of an OpenAI-compatible server, read chunk by chunk with a first-token early exit.
+
+Used by :class:`~cascade.backends.openai_compat.OpenAIBackend`. The server-sent events are read as raw lines
+and decoded with :func:`json.loads` (the openai client still sends the request, retries and maps HTTP errors;
+it does not build a model per chunk).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Mapping
+from typing import Any
+
+from cascade.backends.openai_answer import Answer, Reader, add_usage, first_token_score, sse_chunks
+
+__all__ = ["stream_events"]
+
+
+async def stream_events(endpoint: Any, body: Mapping[str, Any], reader: Reader, *, scores: bool, measure: str,
+                        threshold: float) -> AsyncGenerator[tuple[str, Any], None]:
+    """Stream one answer: ``("first", scores)`` once the first token is scored, ``("delta", text)``, and
+    ``("answer", Answer)`` last. Above ``threshold`` on the first token (under ``measure``) the stream is
+    closed at once and the answer is that token, finish reason ``"early_exit"``.
+
+    Args:
+        endpoint: the openai client's ``chat.completions`` or ``completions``.
+        body: the request body (``stream`` and ``stream_options`` are added).
+        reader: how this server's answers are read.
+
+    Raises:
+        TruncatedAnswerError: the stream ended without a finish reason the protocol defines.
+        BackendError: an error object in the stream, or no logprobs when ``scores`` asked for them.
+    """
+    answer = Answer()
+    scored = not scores
+    finished = False
+    async with endpoint.with_streaming_response.create(
+            **body, stream=True, stream_options={"include_usage": True}) as resp:
+        async for chunk in sse_chunks(resp.iter_lines()):
+            add_usage(answer, chunk.get("usage"))
+            if not chunk.get("choices"):
+                continue
+            choice = chunk["choices"][0]
+            delta = reader.add_choice(answer, choice, "delta")
+            if choice.get("finish_reason") is not None:
+                answer.finish_reason = reader.finish(choice["finish_reason"], answer)
+                finished = True
+            if not scored and answer.top:
+                scored = True
+                reader.check_logprobs(answer)
+                first = {m: first_token_score(m, answer.top[0], reader.k) for m in ("margin_first", "entropy_first")}
+                yield "first", first
+                if measure and first[measure] > threshold:
+                    await resp.close()  # stop generation now: the server sees the disconnect
+                    yield "answer", Answer(text=answer.tokens[0], tokens=answer.tokens[:1],
+                                           logprobs=answer.logprobs[:1], top=answer.top[:1],
+                                           finish_reason="early_exit", completion_tokens=1, has_logprobs=True)
+                    return
+            if delta:
+                yield "delta", delta
+    if not finished:  # a bare [DONE] or a closed connection: the server cut the answer off
+        reader.finish(None, answer)
+    if scores:
+        reader.check_logprobs(answer)
+    yield "answer", answer

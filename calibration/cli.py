@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from calibration.inputs import Arrays, Inputs, measure_arrays, read_inputs
 from calibration.pipeline import fit_thresholds, widen_curve, widen_thresholds
+from cascade.atomic_files import write_text_atomic
 from cascade.errors import CascadeError, InvalidRequestError
 
 if TYPE_CHECKING:
@@ -351,7 +352,7 @@ def _run(a: argparse.Namespace) -> int:
     if a.plan:
         planned = _plan(a, inputs, arrays, wanted)
         if a.report_json:
-            _write_text(a.report_json, json.dumps(rep.jsonable(planned), indent=1, allow_nan=False) + "\n")
+            write_text_atomic(a.report_json, json.dumps(rep.jsonable(planned), indent=1, allow_nan=False) + "\n")
         return 0
     art, report = _fit(a, cfg, inputs, params, cache_dir, arrays, wanted, how, summary)
     measure = art.measure
@@ -361,7 +362,7 @@ def _run(a: argparse.Namespace) -> int:
     print(rep.render_text(report))
     art.save(a.out)  # the artifact first: the report and plot describe it
     if a.report_json:
-        _write_text(a.report_json, json.dumps(rep.jsonable(report), indent=1, allow_nan=False) + "\n")
+        write_text_atomic(a.report_json, json.dumps(rep.jsonable(report), indent=1, allow_nan=False) + "\n")
     if a.plot:
         rep.plot(report, a.plot)
     print(f"\nartifact written to {a.out}", file=sys.stderr)
@@ -372,20 +373,6 @@ def _default_cache() -> Path:
     from cascade.embedded_models import default_cache_dir
 
     return default_cache_dir() / "generations"
-
-
-def _write_text(path: str, text: str) -> None:
-    import os
-    import tempfile
-
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import numpy.typing as npt
 from calibration.fit import common_sweep, grid_search, pareto_index
 from calibration.metrics import CascadeStats, apgr, auc, oracle_curve, random_curve, simulate
 from calibration.pipeline import answering_tiers, widen_thresholds
+from cascade.atomic_files import replacing
 
 __all__ = [
     "held_out_check",
@@ -370,12 +370,6 @@ def plot(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
     ax.set_title(" -> ".join(t["model"].rsplit("/", 1)[-1] for t in report["tiers"])
                  + f" (n={report['data']['n_fit']})", fontsize=9)
     fig.tight_layout()
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".png", dir=target.parent)
-    os.close(fd)
-    try:
+    with replacing(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return target
+    return Path(path)

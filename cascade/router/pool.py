@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
-import tempfile
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from cascade.atomic_files import write_text_atomic
 from cascade.engine import Cascade
 from cascade.errors import ArtifactError, CascadeError, ConfigError, InvalidRequestError
 from cascade.router.embed import Embedder, aembed, make_embedder
@@ -109,17 +108,7 @@ class FittedRouter:
 
     def save(self, path: str | Path) -> Path:
         """Write atomically (temporary file in the same folder, then rename); returns the path."""
-        target = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent or Path("."))
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.to_json(), f, indent=1)
-                f.write("\n")
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return target
+        return write_text_atomic(path, json.dumps(self.to_json(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> FittedRouter:

@@ -163,7 +163,7 @@ def _choose_measure(a: argparse.Namespace, cfg: CascadeConfig, arrays: Arrays,
     quality target, whose fit picks it), how it was chosen, and the summary of every measure on the fit data."""
     from calibration import report as rep
 
-    wanted = a.measure or cfg.measure
+    wanted = a.measure or cfg.measure or ("choice_margin" if "choice_margin" in arrays.by_measure else "margin_first")
     if wanted != "all" and wanted not in arrays.by_measure:
         raise InvalidRequestError(f"measure {wanted!r} is not available from these tiers; have "
                                   f"{sorted(arrays.by_measure)}")
@@ -176,7 +176,9 @@ def _choose_measure(a: argparse.Namespace, cfg: CascadeConfig, arrays: Arrays,
     if wanted == "all":
         measure = max(summary, key=lambda m: summary[m]["auc"])
         return measure, f"best AUC of {len(summary)} measures on the fit data, picked by --measure all", summary
-    return wanted, "given by --measure" if a.measure else "the config's measure", summary
+    how = "given by --measure" if a.measure else "the config's measure" if cfg.measure else \
+        "the default: choice_margin when every example has choices, else margin_first"
+    return wanted, how, summary
 
 
 def _fit(a: argparse.Namespace, cfg: CascadeConfig, inputs: Inputs, params: GenerationParams, cache_dir: Path,
@@ -356,7 +358,7 @@ def _run(a: argparse.Namespace) -> int:
         return 0
     art, report = _fit(a, cfg, inputs, params, cache_dir, arrays, wanted, how, summary)
     measure = art.measure
-    if measure != cfg.measure:
+    if cfg.measure is not None and measure != cfg.measure:
         report["hint"] = (f"note: the artifact is for measure {measure!r}, the config uses {cfg.measure!r}; run the "
                           f"cascade with --measure {measure} (or set measure: {measure} in the config)")
     print(rep.render_text(report))

@@ -106,7 +106,7 @@ class CascadeConfig:
     """A whole cascade: tiers, decision rule, decoding defaults and batching."""
 
     tiers: tuple[TierConfig, ...] = field(default_factory=_default_tiers)  # cheapest first, at least two
-    measure: str = "margin_first"  # uncertainty measure (see cascade.types.MEASURES)
+    measure: str | None = None  # uncertainty measure (cascade.types.MEASURES); None: the artifact's, or margin_first
     thresholds: tuple[float, ...] | None = None  # one per stage; None = take them from `artifact`
     artifact: str | None = None  # calibration artifact path; None with no thresholds = the shipped default
     on_error: str = "degrade"  # a failing higher tier: "degrade" (lower answer, marked) or "raise"
@@ -122,7 +122,7 @@ class CascadeConfig:
     def __post_init__(self) -> None:
         if len(self.tiers) < 2:
             raise ConfigError("a cascade needs at least two tiers")
-        if self.measure not in MEASURES:
+        if self.measure is not None and self.measure not in MEASURES:
             raise ConfigError(f"measure must be one of {list(MEASURES)}, got {self.measure!r}")
         if self.thresholds is not None and len(self.thresholds) != len(self.tiers) - 1:
             raise ConfigError(f"{len(self.tiers)} tiers need {len(self.tiers) - 1} thresholds")

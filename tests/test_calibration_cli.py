@@ -388,3 +388,23 @@ def test_several_quality_levels_are_certified_stored_and_used_per_request(tmp_pa
     code, report = calibrate(setup, tmp_path / "m.json", "--measure", "all", "--max-quality-loss", "0.2", "0.3")
     assert code == 0 and report["levels"][0]["delta_per_level"] == pytest.approx(0.1 / 18)  # 9 measures x 2
     assert calibrate(setup, tmp_path / "d.json", "--max-quality-loss", "0.1", "0.1")[0] == 2
+
+
+def test_without_a_measure_calibration_picks_by_the_data_and_the_cascade_takes_the_artifacts(tmp_path, setup):
+    """No ``measure`` in the config: data with choices is fitted on choice_margin, free data on margin_first, and
+    a cascade built from that config uses whatever its artifact was fitted for."""
+    from cascade.config import build_cascade, load_config
+
+    config = tmp_path / "nomeasure.yaml"
+    config.write_text(setup["two"].read_text().replace("measure: margin_first\n", ""))
+    assert load_config(config).measure is None
+    out = tmp_path / "a.json"
+    with_it = {**setup, "nomeasure": config}
+    code, _ = calibrate(with_it, out, "--max-large-share", "0.4", config="nomeasure")
+    assert code == 0 and Artifact.load(out).measure == "choice_margin"
+    assert build_cascade(replace(load_config(config), artifact=str(out))).measure == "choice_margin"
+    code, _ = calibrate(with_it, tmp_path / "free.json", "--max-large-share", "0.4", "--no-choices", config="nomeasure")
+    assert code == 0 and Artifact.load(tmp_path / "free.json").measure == "margin_first"
+    by_hand = replace(load_config(config), thresholds=(0.5,))
+    assert build_cascade(by_hand).measure == "margin_first"
+

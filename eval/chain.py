@@ -8,6 +8,10 @@ split: accuracy, loss against always-1.5B, mean cost (notional prices proportion
 and the share of requests reaching each tier. ::
 
     python -m eval.chain --tasks sst2 trec --limit-cal 300 --limit-test 500 [--report-json PATH]
+    python -m eval.chain --prompts plain --mode choices --max-quality-loss 0.02 0.05 0.1
+
+``--prompts`` and ``--mode`` pick the cached generations as in :mod:`eval.quality` (the default measure is then
+``choice_margin``); several ``--max-quality-loss`` targets are each fitted and reported on their own.
 """
 
 from __future__ import annotations
@@ -30,8 +34,12 @@ CHAINS: dict[str, tuple[str, ...]] = {
 PRICE_PER_MTOK = {"SmolLM2-135M": 0.135, "Qwen-0.5B": 0.5, "Qwen-1.5B": 1.5}
 
 
-def evaluate_task(td: Any, cache: str, measure: str, eps: float, confidence: float) -> list[dict[str, Any]] | None:
-    """Fit and test every chain on one task; None when some generations are not cached."""
+def evaluate_task(td: Any, cache: str, measure: str, eps: float, confidence: float, *, choices: bool = False
+                  ) -> list[dict[str, Any]] | None:
+    """Fit and test every chain on one task; None when some generations are not cached.
+
+    ``choices``: read the constrained answers (``eval.quality --mode choices``) instead of free generations.
+    """
     from calibration.fit import fit_quality
     from calibration.generation_cache import cached_generations, tier_arrays
     from calibration.metrics import simulate
@@ -42,7 +50,7 @@ def evaluate_task(td: Any, cache: str, measure: str, eps: float, confidence: flo
     gens: dict[str, dict[str, list[Any]]] = {}
     for label, ref in MODELS.items():
         for split in ("cal", "test"):
-            found = cached_generations(ref.identity, getattr(td, split), gen_params(td.task), cache)
+            found = cached_generations(ref.identity, getattr(td, split), gen_params(td.task), cache, choices=choices)
             if any(g is None for g in found):
                 return None
             gens.setdefault(label, {})[split] = found
@@ -69,6 +77,17 @@ def evaluate_task(td: Any, cache: str, measure: str, eps: float, confidence: flo
     return rows
 
 
+def _print_rows(task: str, td: Any, eps: float, confidence: float, measure: str, rows: Sequence[dict[str, Any]]
+                ) -> None:
+    print(f"\n{task} (cal {len(td.cal)}, test {len(td.test)}; target: loss <= {eps} vs own "
+          f"last tier with prob >= {confidence}, {measure})")
+    print(f"{'chain':<40} {'acc':>6} {'loss vs 1.5B':>12} {'cost/req':>10}  reached per tier")
+    for r in rows:
+        flag = "" if r["feasible"] else "  (infeasible: always last tier)"
+        print(f"{r['chain']:<40} {r['accuracy']:>6.3f} {r['loss_vs_qwen_1.5b']:>12.3f} {r['mean_cost']:>10.2e}  "
+              f"{', '.join(f'{x:.2f}' for x in r['reached'])}{flag}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m eval.chain", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default="../shared/data")
@@ -77,29 +96,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--limit-cal", type=int, default=300)
     p.add_argument("--limit-test", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--measure", default="margin_first")
-    p.add_argument("--max-quality-loss", type=float, default=0.02)
+    p.add_argument("--measure", default=None, help="default: margin_first, or choice_margin with --mode choices")
+    p.add_argument("--max-quality-loss", type=float, nargs="+", default=[0.02],
+                   help="one or more targets, each fitted on its own")
+    p.add_argument("--prompts", choices=("tuned", "plain"), default="tuned", help="prompt set (as eval.quality)")
+    p.add_argument("--mode", choices=("free", "choices"), default="free", help="answer mode (as eval.quality)")
     p.add_argument("--confidence", type=float, default=0.9)
     p.add_argument("--report-json", type=Path)
     args = p.parse_args(argv)
     from eval.datasets import load_task
 
-    report: dict[str, Any] = {"target": {"max_quality_loss": args.max_quality_loss, "confidence": args.confidence},
-                              "measure": args.measure, "tasks": {}}
+    choices = args.mode == "choices"
+    measure = args.measure or ("choice_margin" if choices else "margin_first")
+    report: dict[str, Any] = {"targets": args.max_quality_loss, "confidence": args.confidence, "measure": measure,
+                              "prompts": args.prompts, "mode": args.mode, "tasks": {}}
     for task in args.tasks:
-        td = load_task(task, args.data, n_cal=args.limit_cal, n_test=args.limit_test, seed=args.seed)
-        rows = evaluate_task(td, args.cache, args.measure, args.max_quality_loss, args.confidence)
-        if rows is None:
-            print(f"{task}: generations not all cached; run eval.quality --generate-only first", file=sys.stderr)
-            continue
-        report["tasks"][task] = {"n_cal": len(td.cal), "n_test": len(td.test), "rows": rows}
-        print(f"\n{task} (cal {len(td.cal)}, test {len(td.test)}; target: loss <= {args.max_quality_loss} vs own "
-              f"last tier with prob >= {args.confidence}, {args.measure})")
-        print(f"{'chain':<40} {'acc':>6} {'loss vs 1.5B':>12} {'cost/req':>10}  reached per tier")
-        for r in rows:
-            flag = "" if r["feasible"] else "  (infeasible: always last tier)"
-            print(f"{r['chain']:<40} {r['accuracy']:>6.3f} {r['loss_vs_qwen_1.5b']:>12.3f} {r['mean_cost']:>10.2e}  "
-                  f"{', '.join(f'{x:.2f}' for x in r['reached'])}{flag}")
+        td = load_task(task, args.data, n_cal=args.limit_cal, n_test=args.limit_test, seed=args.seed,
+                       prompts=args.prompts)
+        for eps in args.max_quality_loss:
+            rows = evaluate_task(td, args.cache, measure, eps, args.confidence, choices=choices)
+            if rows is None:
+                print(f"{task}: generations not all cached; run eval.quality --generate-only first", file=sys.stderr)
+                break
+            report["tasks"].setdefault(task, {"n_cal": len(td.cal), "n_test": len(td.test), "targets": {}})
+            report["tasks"][task]["targets"][str(eps)] = rows
+            _print_rows(task, td, eps, args.confidence, measure, rows)
     if args.report_json:
         args.report_json.write_text(json.dumps(report, indent=2) + "\n")
     return 0 if report["tasks"] else 1

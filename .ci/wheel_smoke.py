@@ -29,7 +29,7 @@ from importlib import resources
 from pathlib import Path
 
 PACKAGES = ("cascade", "calibration")
-SMALL, LARGE = "smollm2-135m", "qwen2.5-coder-0.5b"  # the models of the shipped default artifact
+SMALL, LARGE = "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"  # the models of the shipped default artifact
 
 
 def _script(name: str) -> str:
@@ -133,7 +133,7 @@ def check_calibrate(work: Path, config: Path) -> None:
     data.write_text(demo, encoding="utf-8")
     _call(_script("cascade-calibrate"), "--config", str(config), "--data", str(data), "--out", str(out),
           "--max-large-share", "0.5", "--cache-dir", str(work / "cache"), "--no-progress", cwd=work)
-    policy = Policy.from_artifact(out, models=[SMALL, LARGE], measure="margin_first")
+    policy = Policy.from_artifact(out, models=[SMALL, LARGE], measure="choice_margin")  # the demo data has choices
     assert len(policy) == 1, policy
 
 

@@ -30,7 +30,7 @@ __all__ = [
     "load_config",
 ]
 
-#: Thresholds calibrated for the embedded default pair (SmolLM2-135M -> Qwen2.5-Coder-0.5B), shipped.
+#: Thresholds calibrated for the embedded default pair (Qwen2.5-Coder-0.5B -> Qwen2.5-Coder-1.5B), shipped.
 DEFAULT_ARTIFACT = Path(__file__).parent / "data" / "default_artifact.json"
 
 
@@ -96,8 +96,8 @@ class BatchingConfig:
 def _default_tiers() -> tuple[TierConfig, ...]:
     # Notional prices proportional to parameter count (per million tokens): the demo's "cost".
     return (
-        TierConfig("small", BackendConfig(model="smollm2-135m"), 0.135, 0.135),
-        TierConfig("large", BackendConfig(model="qwen2.5-coder-0.5b", dtype="bfloat16"), 0.5, 0.5),
+        TierConfig("small", BackendConfig(model="qwen2.5-coder-0.5b", dtype="bfloat16"), 0.5, 0.5),
+        TierConfig("large", BackendConfig(model="qwen2.5-coder-1.5b", dtype="bfloat16"), 1.5, 1.5),
     )
 
 
@@ -133,7 +133,11 @@ class CascadeConfig:
 
 
 def default_config() -> CascadeConfig:
-    """The embedded default pair: SmolLM2-135M-Instruct -> Qwen2.5-Coder-0.5B-Instruct, shipped thresholds."""
+    """The embedded default pair: Qwen2.5-Coder-0.5B-Instruct -> Qwen2.5-Coder-1.5B-Instruct, shipped thresholds.
+
+    The shipped thresholds (``cascade/data/default_artifact.json``) are for requests with ``choices``
+    (``choice_margin``); a free request under them has no choice measure and is answered by the large tier.
+    """
     return CascadeConfig()
 
 

@@ -83,7 +83,7 @@ def test_missing_and_unknown_format(tmp_path):
 
 def test_default_is_embedded_pair():
     cfg = default_config()
-    assert [t.backend.model for t in cfg.tiers] == ["smollm2-135m", "qwen2.5-coder-0.5b"]
+    assert [t.backend.model for t in cfg.tiers] == ["qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
     assert cfg.thresholds is None  # the shipped artifact applies
 
 
@@ -109,6 +109,6 @@ def test_file_paths_are_relative_to_the_config_file(tmp_path, monkeypatch):
     assert cfg.artifact == str(folder / "cal" / "thresholds.json") and cfg.router == str(folder / "router.json")
     assert cfg.extra["experts"]["0"]["config"] == str(folder / "experts" / "code.yaml")
     assert cfg.extra["experts"]["1"] == {"thresholds": [0.2]}
-    assert cfg.tiers[0].backend.model == "smollm2-135m"  # model names are not paths
+    assert cfg.tiers[0].backend.model == "qwen2.5-coder-0.5b"  # model names are not paths
     (folder / "abs.yaml").write_text(f"artifact: {tmp_path / 'x.json'}\n")
     assert load_config(folder / "abs.yaml").artifact == str(tmp_path / "x.json")

@@ -209,7 +209,7 @@ class _Service:
             self.check_auth(request)
             body = await self.read_json(request)
             parsed = parse_request(kind, body, self.engine.params, self.config)
-            if parsed.stream and len(parsed.prompts) == 1 and hasattr(self.engine, "stream"):
+            if parsed.stream and len(parsed.prompts) == 1 and parsed.choices is None and hasattr(self.engine, "stream"):
                 response = await self._live_stream(request, kind, parsed, started)
                 status = 0  # the stream records its own outcome when it ends
                 return response
@@ -244,7 +244,9 @@ class _Service:
 
         async def guarded() -> list[Any]:
             async with self.admission.slot():
-                work = self.engine.run_batch(parsed.prompts, params=parsed.overrides, target=parsed.target)
+                choices = None if parsed.choices is None else [parsed.choices] * len(parsed.prompts)
+                work = self.engine.run_batch(parsed.prompts, params=parsed.overrides, target=parsed.target,
+                                             choices=choices)
                 try:
                     return list(await asyncio.wait_for(work, self.config.request_timeout_s))
                 except asyncio.TimeoutError as exc:

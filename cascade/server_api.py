@@ -17,14 +17,14 @@ from typing import Any
 
 from cascade.errors import CascadeError
 from cascade.policy import Target
-from cascade.types import CascadeChunk, CascadeResult, GenerationParams, Message, Prompt
+from cascade.types import CascadeChunk, CascadeResult, GenerationParams, Message, Prompt, validate_choices
 
 __all__ = ["HTTPError", "ParsedRequest", "decision", "parse_request", "render_response", "sse_events",
            "sse_stream"]
 
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream", "stream_options",
            "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "user",
-           "metadata", "store", "service_tier", "cascade"}
+           "metadata", "store", "service_tier", "cascade", "guided_choice", "structured_outputs"}
 _KEYS = {"chat": _COMMON | {"messages", "max_completion_tokens"},
          "completions": _COMMON | {"prompt", "echo", "best_of", "suffix"}}
 _UNSUPPORTED = {"tools", "tool_choice", "functions", "function_call", "response_format", "audio", "modalities",
@@ -62,6 +62,8 @@ class ParsedRequest:
         include_usage: streaming only: send a final usage chunk.
         overrides: the decoding parameters the request set itself; the engine applies them over its own
             defaults (in expert-router mode, over each expert's).
+        choices: the answers the request allows (``cascade.choices``, or vLLM's ``guided_choice`` /
+            ``structured_outputs.choice``), the same for every prompt of the request; None for free answers.
     """
 
     prompts: tuple[Prompt, ...]
@@ -70,6 +72,7 @@ class ParsedRequest:
     stream: bool
     include_usage: bool
     overrides: Mapping[str, Any] = field(default_factory=dict)
+    choices: tuple[str, ...] | None = None
 
 
 def _is_num(v: object) -> bool:
@@ -147,6 +150,29 @@ def _check_unsupported(body: Mapping[str, Any]) -> None:
         raise _bad("user", "must be a string")
 
 
+def _choices(body: Mapping[str, Any], ext: Mapping[str, Any] | None) -> tuple[str, ...] | None:
+    """The allowed answers, from the cascade extension or vLLM's structured-output fields (they must agree)."""
+    found: dict[str, object] = {}
+    if ext is not None and ext.get("choices") is not None:
+        found["cascade.choices"] = ext["choices"]
+    if body.get("guided_choice") is not None:
+        found["guided_choice"] = body["guided_choice"]
+    structured = body.get("structured_outputs")
+    if structured is not None:
+        if not isinstance(structured, dict) or set(structured) != {"choice"}:
+            raise _bad("structured_outputs", "only {\"choice\": [...]} is supported by the cascade server")
+        found["structured_outputs.choice"] = structured["choice"]
+    checked: dict[str, tuple[str, ...]] = {}
+    for param, raw in found.items():
+        try:
+            checked[param] = validate_choices(raw)
+        except CascadeError as exc:
+            raise _bad(param, str(exc)) from None
+    if len(set(checked.values())) > 1:
+        raise _bad(next(iter(checked)), f"{' and '.join(checked)} allow different answers; give one of them")
+    return next(iter(checked.values()), None)
+
+
 def parse_request(kind: str, body: object, defaults: GenerationParams, config: Any) -> ParsedRequest:
     """Validate an OpenAI request body.
 
@@ -198,8 +224,9 @@ def parse_request(kind: str, body: object, defaults: GenerationParams, config: A
                                 or not isinstance(options.get("include_usage", False), bool)):
         raise _bad("stream_options", "must be {\"include_usage\": bool}, and only with stream=true")
     ext = body.get("cascade")
-    if ext is not None and (not isinstance(ext, dict) or set(ext) - {"target"}):
-        raise _bad("cascade", "must be an object with an optional 'target'")
+    if ext is not None and (not isinstance(ext, dict) or set(ext) - {"target", "choices"}):
+        raise _bad("cascade", "must be an object with an optional 'target' and optional 'choices'")
+    choices = _choices(body, ext)
     try:
         target = Target.parse(ext.get("target") if ext else None)
         changes: dict[str, Any] = {k: v for k, v in (("max_tokens", max_tokens), ("temperature", temperature),
@@ -210,7 +237,7 @@ def parse_request(kind: str, body: object, defaults: GenerationParams, config: A
     except (CascadeError, TypeError, ValueError) as exc:
         raise HTTPError(400, str(exc)) from None
     return ParsedRequest(tuple(prompts), params, target, bool(stream), bool((options or {}).get("include_usage")),
-                         changes)
+                         changes, choices)
 
 
 def _finite(x: float | None) -> float | None:

@@ -154,6 +154,14 @@ def test_chat_answer_is_openai_shaped_with_the_decision(client: openai.OpenAI) -
     assert raw.headers["x-cascade-escalated"] == str(decision["escalated"]).lower()
 
 
+def test_vllm_clients_choice_fields_work_unchanged(client: openai.OpenAI) -> None:
+    """An openai client sending vLLM's structured-output fields over real HTTP, in expert-router mode."""
+    for extra in ({"guided_choice": ["yes", "no"]}, {"structured_outputs": {"choice": ["yes", "no"]}}):
+        done = client.chat.completions.create(model="tiny-cascade", messages=CHAT, extra_body=extra)  # type: ignore[arg-type]
+        assert done.choices[0].message.content in ("yes", "no")
+        assert (done.model_extra or {})["cascade"]["cluster"] in (0, 1)
+
+
 def test_completions_with_several_prompts(client: openai.OpenAI) -> None:
     done = client.completions.create(model="tiny-cascade", prompt=["a bad movie", "answer yes or no"], max_tokens=4)
     assert [c.index for c in done.choices] == [0, 1]

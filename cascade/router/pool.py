@@ -168,13 +168,15 @@ class ReplicaPool:
         return min(range(len(self.replicas)), key=lambda i: (self.in_flight[i], self.served[i], i))
 
     async def run_batch(self, prompts: Sequence[Prompt], *, params: GenerationParams | Mapping[str, Any] | None = None,
-                        target: Any = None, clusters: Sequence[int | None] | None = None) -> list[CascadeResult]:
+                        target: Any = None, clusters: Sequence[int | None] | None = None,
+                        choices: Sequence[Sequence[str] | None] | None = None) -> list[CascadeResult]:
         """Answer ``prompts`` on the least-loaded replica (see :meth:`Cascade.run_batch`)."""
         i = self.pick()
         self.in_flight[i] += len(prompts)
         self.served[i] += len(prompts)
         try:
-            return await self.replicas[i].run_batch(prompts, params=params, target=target, clusters=clusters)
+            return await self.replicas[i].run_batch(prompts, params=params, target=target, clusters=clusters,
+                                                    choices=choices)
         finally:
             self.in_flight[i] -= len(prompts)
 
@@ -248,7 +250,8 @@ class ExpertRouter:
         return (await self.run_batch([prompt], params=params, target=target))[0]
 
     async def run_batch(self, prompts: Sequence[Prompt], *, params: GenerationParams | Mapping[str, Any] | None = None,
-                        target: Any = None) -> list[CascadeResult]:
+                        target: Any = None, choices: Sequence[Sequence[str] | None] | None = None
+                        ) -> list[CascadeResult]:
         """Answer a batch: one call per cluster's expert, concurrently; results in input order.
 
         Raises:
@@ -263,7 +266,9 @@ class ExpertRouter:
         for i, c in enumerate(clusters):
             groups.setdefault(c, []).append(i)
         calls = [self.experts[c].run_batch([checked[i] for i in idx], params=params, target=target,
-                                           clusters=[c] * len(idx)) for c, idx in groups.items()]
+                                           clusters=[c] * len(idx),
+                                           choices=None if choices is None else [choices[i] for i in idx])
+                 for c, idx in groups.items()]
         answers = await asyncio.gather(*calls, return_exceptions=True)
         out: list[CascadeResult | None] = [None] * len(checked)
         for (c, idx), got in zip(groups.items(), answers):

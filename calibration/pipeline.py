@@ -70,13 +70,9 @@ class Example:
         return "answer" in self.data
 
 
-def _parse(raw: str, at: str, labelled: bool) -> dict[str, Any]:
+def _parse(obj: Any, at: str, labelled: bool) -> dict[str, Any]:
     from cascade.types import validate_prompt
 
-    try:
-        obj = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise InvalidRequestError(f"{at}: invalid JSON: {exc.msg} (column {exc.colno})") from None
     if not isinstance(obj, dict):
         raise InvalidRequestError(f"{at}: expected a JSON object, got {type(obj).__name__}")
     if ("prompt" in obj) == ("messages" in obj):
@@ -117,17 +113,23 @@ def load_examples(path: str | Path, *, labelled: bool = True) -> list[Example]:
             (labelled data; the message points to ``--label-free``), an empty answer, an answer not among
             its choices, or a duplicate id.
     """
+    from cascade.run_lines import LineError, decode_line, read_lines
+
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8-sig")  # a byte-order mark is dropped
-    except (OSError, UnicodeDecodeError) as exc:
+        lines = read_lines(p)  # bytes, split on newlines only (U+2028 may be in a string), BOM dropped
+    except OSError as exc:
         raise InvalidRequestError(f"cannot read {p}: {exc}") from None
     out: list[Example] = []
     seen: dict[str, int] = {}
-    for lineno, raw in enumerate(text.split("\n"), start=1):  # not splitlines: U+2028 may be in a string
+    for lineno, raw in lines:
         if not raw.strip():
             continue
-        obj = _parse(raw, f"{p}:{lineno}", labelled)
+        try:
+            value = decode_line(raw, lineno)  # not UTF-8, bad JSON, a huge number, deep nesting: named
+        except LineError as exc:
+            raise InvalidRequestError(f"{p}:{lineno}: {str(exc).removeprefix(f'line {lineno}: ')}") from None
+        obj = _parse(value, f"{p}:{lineno}", labelled)
         uid = str(obj.setdefault("id", f"line-{lineno}"))
         if uid in seen:
             raise InvalidRequestError(f"{p}:{lineno}: duplicate id {uid!r} (also on line {seen[uid]})")

@@ -11,9 +11,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from cascade.errors import CascadeError, InvalidRequestError
-from cascade.policy import Target
-from cascade.types import CascadeResult, GenerationParams
+from cascade.errors import BatchError, CascadeError, InvalidRequestError, public_reason
+from cascade.run_lines import LineError, RunLine, finite_json, parse_line, read_lines
+from cascade.types import CascadeResult
 
 __all__ = ["main", "result_record"]
 
@@ -75,86 +75,68 @@ def _demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- run
 
 
-_LINE_PARAMS = ("max_tokens", "temperature", "top_p", "stop", "seed")
-
-
-def _parse_line(line: str, lineno: int) -> tuple[Any, Any, dict[str, Any]]:
-    """Return (id, prompt, options) for one input line, or raise InvalidRequestError naming the line.
-
-    Options are the line's own decoding parameters (``max_tokens``, ``temperature``, ``top_p``, ``stop``,
-    ``seed``) and ``target``, all checked here; other keys (an ``answer``, say) are ignored.
-    """
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise InvalidRequestError(f"line {lineno}: invalid JSON: {exc.msg}") from exc
-    if not isinstance(obj, dict):
-        raise InvalidRequestError(f"line {lineno}: expected a JSON object")
-    rid = obj.get("id", lineno)
-    try:
-        if ("prompt" in obj) == ("messages" in obj):
-            raise InvalidRequestError("give exactly one of 'prompt' or 'messages'")
-        opts = {k: obj[k] for k in (*_LINE_PARAMS, "target") if k in obj}
-        replace(GenerationParams(), **_overrides(opts))  # raises on a bad value
-        Target.parse(opts.get("target"))
-    except (InvalidRequestError, TypeError) as exc:
-        raise _LineError(rid, f"line {lineno}: {exc}") from exc
-    return rid, obj.get("prompt", obj.get("messages")), opts
-
-
-class _LineError(InvalidRequestError):
-    """A line whose id is known but whose content is invalid."""
-
-    def __init__(self, rid: Any, message: str) -> None:
-        super().__init__(message)
-        self.rid = rid
-
-
-def _overrides(opts: dict[str, Any]) -> dict[str, Any]:
-    """The decoding parameters a line sets (applied over the cascade's defaults)."""
-    return {k: v for k, v in opts.items() if k in _LINE_PARAMS}
-
-
 def _dump(rec: dict[str, Any]) -> str:
-    text = json.dumps(rec, ensure_ascii=False)
+    """One output line: strict JSON (a non-finite threshold is null), UTF-8 safe."""
+    rec = finite_json(rec)
+    text = json.dumps(rec, ensure_ascii=False, allow_nan=False)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate (e.g. in an id): escape it rather than fail the file
-        text = json.dumps(rec)
+        text = json.dumps(rec, allow_nan=False)
     return text + "\n"
 
 
-async def _run_async(cascade: Any, lines: list[tuple[int, str]], out: TextIO, batch: int) -> tuple[int, int]:
+def _error_record(line: RunLine, exc: BaseException) -> dict[str, Any]:
+    return {"id": line.rid, "line": line.lineno, "error": public_reason(exc), "error_type": type(exc).__name__}
+
+
+async def _answer_group(cascade: Any, members: list[RunLine]) -> list[dict[str, Any]]:
+    """One batched call for lines asking the same parameters and target; each line keeps its own outcome."""
+    first = members[0]
+    params = cascade.resolve_params(dict(first.overrides))
+    choices = [m.choices for m in members]
+    try:
+        outcomes: list[Any] = list(await cascade.run_batch(
+            [m.prompt for m in members], params=params, target=first.target,
+            choices=choices if any(c is not None for c in choices) else None))
+    except BatchError as exc:  # answers and failures mixed: keep the answers, nothing is asked twice
+        outcomes = exc.outcomes
+    except InvalidRequestError:  # a check only the engine can make (e.g. a tier's prompt limit): one by one
+        outcomes = []
+        for m in members:
+            try:
+                outcomes.append(await cascade.run(m.prompt, params=params, target=m.target, choices=m.choices))
+            except CascadeError as one:
+                outcomes.append(one)
+    except CascadeError as exc:
+        outcomes = [exc] * len(members)
+    return [_error_record(m, o) if isinstance(o, BaseException) else {**result_record(o, m.rid), "line": m.lineno}
+            for m, o in zip(members, outcomes)]
+
+
+async def _run_async(cascade: Any, lines: list[tuple[int, bytes]], out: TextIO, batch: int) -> tuple[int, int]:
+    """Answer the lines in chunks of ``batch``; one output record per input line, in input order."""
     ok = failed = 0
     bar = _progress(len(lines), "cascade run")
     async with cascade:
         for start in range(0, len(lines), batch):
             chunk = lines[start : start + batch]
             records: list[dict[str, Any] | None] = [None] * len(chunk)
-            groups: dict[str, list[tuple[int, Any, Any]]] = {}
-            for j, (lineno, line) in enumerate(chunk):
+            groups: dict[str, list[tuple[int, RunLine]]] = {}
+            for j, (lineno, raw) in enumerate(chunk):
                 try:
-                    rid, prompt, opts = _parse_line(line, lineno)
-                    groups.setdefault(json.dumps(opts, sort_keys=True), []).append((j, rid, prompt))
-                except InvalidRequestError as exc:
-                    records[j] = {"id": getattr(exc, "rid", lineno), "error": str(exc),
-                                  "error_type": "InvalidRequestError"}
-            for key, members in groups.items():
-                opts = json.loads(key)
-                params = cascade.resolve_params(_overrides(opts))
-                try:
-                    results = await cascade.run_batch([m[2] for m in members], params=params,
-                                                      target=opts.get("target"))
-                    for (j, rid, _), r in zip(members, results):
-                        records[j] = result_record(r, rid)
-                except CascadeError:
-                    # one bad prompt must not sink its batch: retry the members one by one
-                    for j, rid, prompt in members:
-                        try:
-                            r = await cascade.run(prompt, params=params, target=opts.get("target"))
-                            records[j] = result_record(r, rid)
-                        except (CascadeError, TypeError) as one:
-                            records[j] = {"id": rid, "error": str(one), "error_type": type(one).__name__}
+                    line = parse_line(raw, lineno, max_prompt_chars=cascade.max_prompt_chars)
+                except LineError as exc:
+                    records[j] = exc.record()
+                    continue
+                if line is None:
+                    records[j] = {"id": None, "line": lineno, "blank": True}
+                else:
+                    groups.setdefault(line.group_key(), []).append((j, line))
+            for members in groups.values():
+                answers = await _answer_group(cascade, [m for _, m in members])
+                for (j, _), answer in zip(members, answers):
+                    records[j] = answer
             for rec in records:
                 assert rec is not None
                 ok, failed = (ok, failed + 1) if "error" in rec else (ok + 1, failed)
@@ -165,22 +147,19 @@ async def _run_async(cascade: Any, lines: list[tuple[int, str]], out: TextIO, ba
     return ok, failed
 
 
-def _jsonl_lines(path: str) -> list[tuple[int, str]]:
-    """The non-blank lines of a JSONL file with their line numbers (split on newlines only: U+2028 may sit
-    inside a string; a UTF-8 byte-order mark is dropped)."""
-    text = Path(path).read_text(encoding="utf-8-sig")
-    return [(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
-
-
 def _run(args: argparse.Namespace) -> int:
     from cascade.config import build_cascade
 
-    lines = _jsonl_lines(args.input)
+    lines = read_lines(args.input)
     cascade = build_cascade(_config(args))
     out_path = Path(args.output)
     tmp = out_path.with_name(out_path.name + ".part")
-    with tmp.open("w", encoding="utf-8") as out:
-        ok, failed = asyncio.run(_run_async(cascade, lines, out, args.batch_size))
+    try:
+        with tmp.open("w", encoding="utf-8") as out:
+            ok, failed = asyncio.run(_run_async(cascade, lines, out, args.batch_size))
+    except KeyboardInterrupt:
+        print(f"interrupted: the lines answered so far are in {tmp} (rerun to answer them all)", file=sys.stderr)
+        return 130
     tmp.replace(out_path)
     print(f"{ok} answered, {failed} failed -> {out_path}", file=sys.stderr)
     return 0 if failed == 0 else 1
@@ -192,7 +171,8 @@ def _run(args: argparse.Namespace) -> int:
 def _fit_router(args: argparse.Namespace) -> int:
     from cascade.router import MINILM_ID, fit_router, make_embedder
 
-    prompts = [_parse_line(line, n)[1] for n, line in _jsonl_lines(args.prompts)]
+    parsed = [parse_line(raw, n) for n, raw in read_lines(args.prompts)]  # a bad line stops it: a corpus, not jobs
+    prompts = [line.prompt for line in parsed if line is not None]
     if len(prompts) < args.k:
         raise InvalidRequestError(f"{len(prompts)} prompts cannot make {args.k} clusters")
     backends = []
@@ -247,10 +227,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="skip the small-alone and large-alone baselines")
     d.set_defaults(func=_demo)
 
-    r = sub.add_parser("run", help="answer a JSONL file of prompts")
+    r = sub.add_parser("run", help="answer a JSONL file of prompts",
+                       epilog="exit status: 0 every line answered; 1 some lines failed (each has an error record, "
+                              "the others are answered); 2 bad arguments or config; 130 interrupted (the lines "
+                              "answered so far are in OUTPUT.part)")
     common(r)
     r.add_argument("--input", required=True, help='JSONL: {"id": ..., "prompt": ...} or "messages" per line')
-    r.add_argument("--output", required=True, help="JSONL results, one line per input line, same order")
+    r.add_argument("--output", required=True,
+                   help="JSONL results, one record per input line (result, error or blank), same order")
     r.add_argument("--batch-size", type=_positive, default=16, help="prompts per batched call (default 16)")
     r.set_defaults(func=_run)
 

@@ -42,6 +42,7 @@ from cascade.errors import (
     InvalidRequestError,
     OverloadedError,
 )
+from cascade.request_fields import MAX_TOKENS_LIMIT
 from cascade.server_api import HTTPError, parse_request, render_response, sse_events, sse_stream
 from cascade.server_flow import Admission, Disconnected, close_quietly, next_before, streaming_response, watch
 from cascade.server_metrics import Metrics
@@ -67,7 +68,7 @@ class ServerConfig:
     max_in_flight: int = 64  # requests running in the engine at once
     max_queue: int = 256  # requests waiting for a running slot at most (429 beyond)
     request_timeout_s: float = 300.0  # seconds per request before a 504
-    max_tokens_limit: int = 4096  # largest max_tokens a request may ask for
+    max_tokens_limit: int = MAX_TOKENS_LIMIT  # largest max_tokens a request may ask for (cascade run: the same)
     max_prompts: int = 16  # prompts per /v1/completions request at most (a list prompt)
     drain_timeout_s: float = 30.0  # seconds shutdown waits for requests in flight
     retry_after_s: float = 1.0  # Retry-After sent with 429 when the server queue is full, seconds

@@ -17,7 +17,8 @@ from typing import Any
 
 from cascade.errors import CascadeError
 from cascade.policy import Target
-from cascade.types import CascadeChunk, CascadeResult, GenerationParams, Message, Prompt, validate_choices
+from cascade.request_fields import FieldError, check_int, check_num, choices_of, decoding_overrides
+from cascade.types import CascadeChunk, CascadeResult, GenerationParams, Message, Prompt
 
 __all__ = ["HTTPError", "ParsedRequest", "decision", "parse_request", "render_response", "sse_events",
            "sse_stream"]
@@ -75,28 +76,6 @@ class ParsedRequest:
     choices: tuple[str, ...] | None = None
 
 
-def _is_num(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _int(body: Mapping[str, Any], key: str, lo: int, hi: int) -> int | None:
-    v = body.get(key)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise _bad(key, f"must be an integer in [{lo}, {hi}]")
-    return v
-
-
-def _num(body: Mapping[str, Any], key: str, lo: float, hi: float, *, open_low: bool = False) -> float | None:
-    v = body.get(key)
-    if v is None:
-        return None
-    if not _is_num(v) or not (lo < v if open_low else lo <= v) or v > hi:
-        raise _bad(key, f"must be a number in {'(' if open_low else '['}{lo}, {hi}]")
-    return float(v)
-
-
 def _content(i: int, content: object) -> str:
     if isinstance(content, str):
         return content
@@ -138,10 +117,10 @@ def _check_unsupported(body: Mapping[str, Any]) -> None:
     for key in ("top_logprobs", "suffix"):
         if body.get(key) is not None:
             raise _bad(key, "is not supported by the cascade server")
-    _int(body, "n", 1, 1)
-    _int(body, "best_of", 1, 1)
+    check_int(body, "n", 1, 1)
+    check_int(body, "best_of", 1, 1)
     for key in ("presence_penalty", "frequency_penalty"):
-        if _num(body, key, -2.0, 2.0) not in (None, 0.0):
+        if check_num(body, key, -2.0, 2.0) not in (None, 0.0):
             raise _bad(key, "only 0 is supported")
     bias = body.get("logit_bias")
     if bias is not None and (not isinstance(bias, dict) or bias):
@@ -150,31 +129,8 @@ def _check_unsupported(body: Mapping[str, Any]) -> None:
         raise _bad("user", "must be a string")
 
 
-def _choices(body: Mapping[str, Any], ext: Mapping[str, Any] | None) -> tuple[str, ...] | None:
-    """The allowed answers, from the cascade extension or vLLM's structured-output fields (they must agree)."""
-    found: dict[str, object] = {}
-    if ext is not None and ext.get("choices") is not None:
-        found["cascade.choices"] = ext["choices"]
-    if body.get("guided_choice") is not None:
-        found["guided_choice"] = body["guided_choice"]
-    structured = body.get("structured_outputs")
-    if structured is not None:
-        if not isinstance(structured, dict) or set(structured) != {"choice"}:
-            raise _bad("structured_outputs", "only {\"choice\": [...]} is supported by the cascade server")
-        found["structured_outputs.choice"] = structured["choice"]
-    checked: dict[str, tuple[str, ...]] = {}
-    for param, raw in found.items():
-        try:
-            checked[param] = validate_choices(raw)
-        except CascadeError as exc:
-            raise _bad(param, str(exc)) from None
-    if len(set(checked.values())) > 1:
-        raise _bad(next(iter(checked)), f"{' and '.join(checked)} allow different answers; give one of them")
-    return next(iter(checked.values()), None)
-
-
 def parse_request(kind: str, body: object, defaults: GenerationParams, config: Any) -> ParsedRequest:
-    """Validate an OpenAI request body.
+    """Validate an OpenAI request body (field values by :mod:`cascade.request_fields`, shared with ``cascade run``).
 
     Args:
         kind: ``"chat"`` or ``"completions"``.
@@ -185,6 +141,13 @@ def parse_request(kind: str, body: object, defaults: GenerationParams, config: A
     Raises:
         HTTPError: 400 for a malformed body, 404 for an unknown model.
     """
+    try:
+        return _parse(kind, body, defaults, config)
+    except FieldError as exc:
+        raise _bad(exc.param, exc.message) from None
+
+
+def _parse(kind: str, body: object, defaults: GenerationParams, config: Any) -> ParsedRequest:
     if not isinstance(body, dict):
         raise HTTPError(400, "the body must be a JSON object")
     unsupported = sorted(set(body) & _UNSUPPORTED)
@@ -204,18 +167,7 @@ def parse_request(kind: str, body: object, defaults: GenerationParams, config: A
         prompts: list[Prompt] = [_messages(body.get("messages"))]
     else:
         prompts = list(_prompt_list(body.get("prompt"), config.max_prompts))
-    limit = config.max_tokens_limit
-    legacy = _int(body, "max_tokens", 1, limit)
-    max_tokens = _int(body, "max_completion_tokens", 1, limit) or legacy
-    temperature = _num(body, "temperature", 0.0, 2.0)
-    top_p = _num(body, "top_p", 0.0, 1.0, open_low=True)
-    seed = _int(body, "seed", -(2**63), 2**63 - 1)
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None and (not isinstance(stop, list) or len(stop) > 8
-                             or not all(isinstance(s, str) and 0 < len(s) <= 256 for s in stop)):
-        raise _bad("stop", "must be a string or a list of at most 8 non-empty strings")
+    changes = decoding_overrides(body, config.max_tokens_limit)
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise _bad("stream", "must be a boolean")
@@ -226,13 +178,9 @@ def parse_request(kind: str, body: object, defaults: GenerationParams, config: A
     ext = body.get("cascade")
     if ext is not None and (not isinstance(ext, dict) or set(ext) - {"target", "choices"}):
         raise _bad("cascade", "must be an object with an optional 'target' and optional 'choices'")
-    choices = _choices(body, ext)
+    choices = choices_of(body, ext or {})
     try:
         target = Target.parse(ext.get("target") if ext else None)
-        changes: dict[str, Any] = {k: v for k, v in (("max_tokens", max_tokens), ("temperature", temperature),
-                                                     ("top_p", top_p), ("seed", seed)) if v is not None}
-        if stop is not None:
-            changes["stop"] = tuple(stop)
         params = replace(defaults, **changes)
     except (CascadeError, TypeError, ValueError) as exc:
         raise HTTPError(400, str(exc)) from None

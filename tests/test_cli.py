@@ -43,9 +43,11 @@ def test_run_preserves_order_and_reports_bad_lines(tmp_path, config_file):
     code = main(["run", "--config", str(config_file), "--input", str(inp), "--output", str(out)])
     records = [json.loads(x) for x in out.read_text().splitlines()]
     assert code == 1  # some lines failed
-    assert len(records) == 7  # blank lines are skipped, every other line has exactly one record
-    assert [r.get("id") for r in records] == ["a", 2, "b", "c", "d", 6, "e"]  # a line's own id when it has one
-    ok = [r for r in records if "error" not in r]
+    assert len(records) == 8  # exactly one record per input line, a blank one included
+    assert [r.get("id") for r in records] == ["a", 2, "b", "c", "d", 6, None, "e"]  # a line's own id when it has one
+    assert [r["line"] for r in records] == list(range(1, 9))
+    assert records[6] == {"id": None, "line": 7, "blank": True}
+    ok = [r for r in records if "error" not in r and "blank" not in r]
     assert [r["id"] for r in ok] == ["a", "b", "e"]
     for r in ok:
         assert r["tier"] in ("small", "large") and r["measure"] == "margin_first" and r["threshold"] == 0.5
@@ -74,14 +76,14 @@ def test_run_checks_each_lines_own_parameters_and_numbers_physical_lines(tmp_pat
     code = main(["run", "--config", str(config_file), "--input", str(inp), "--output", str(out)])
     assert code == 1
     records = [json.loads(x) for x in out.read_text(encoding="utf-8").split("\n") if x]
-    assert [r["id"] for r in records] == [3, "zero", "word", "hot", "tgt", "\udc00", "sur", "one", "sep"]
+    assert [r["id"] for r in records] == [None, None, 3, "zero", "word", "hot", "tgt", "\udc00", "sur", "one", "sep"]
     errors = {r["id"]: r["error"] for r in records if "error" in r}
     assert "line 3: invalid JSON" in errors[3]
     assert "line 4" in errors["zero"] and "max_tokens" in errors["zero"]
     assert "line 5" in errors["word"] and "line 6" in errors["hot"] and "line 7" in errors["tgt"]
     assert "surrogate" in errors["sur"]
     assert set(errors) == {3, "zero", "word", "hot", "tgt", "sur"}
-    answered = {r["id"]: r for r in records if "error" not in r}
+    answered = {r["id"]: r for r in records if "error" not in r and "blank" not in r}
     assert answered["one"]["calls"][0]["completion_tokens"] == 1
     for bad in (["--batch-size", "0"], ["--batch-size", "-1"], ["--max-tokens", "0"]):
         with pytest.raises(SystemExit):

@@ -75,15 +75,20 @@ def _demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- run
 
 
+#: Characters that some line readers (Python's ``str.splitlines``, JavaScript) take for line ends: escaped in
+#: the output so that each record stays on one line for every reader (they only occur inside JSON strings).
+_LINE_BREAKS = {c: f"\\u{c:04x}" for c in (0x0B, 0x0C, 0x1C, 0x1D, 0x1E, 0x85, 0x2028, 0x2029)}
+
+
 def _dump(rec: dict[str, Any]) -> str:
-    """One output line: strict JSON (a non-finite threshold is null), UTF-8 safe."""
+    """One output line: strict JSON (a non-finite threshold is null), UTF-8 safe, one line for any reader."""
     rec = finite_json(rec)
     text = json.dumps(rec, ensure_ascii=False, allow_nan=False)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate (e.g. in an id): escape it rather than fail the file
         text = json.dumps(rec, allow_nan=False)
-    return text + "\n"
+    return text.translate(_LINE_BREAKS) + "\n"
 
 
 def _error_record(line: RunLine, exc: BaseException) -> dict[str, Any]:

@@ -165,7 +165,7 @@ _LINE = st.one_of(
 ).map(lambda b: b.replace(b"\n", b" "))
 
 
-@settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=100, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 @given(lines=st.lists(_LINE, min_size=50, max_size=50))
 def test_fuzzed_lines_get_exactly_one_strict_json_record_each(lines: list[bytes]) -> None:
     """100 seeded examples x 50 lines = 5,000 lines: no crash, one record per line, in order; every line the

@@ -26,25 +26,30 @@ import hmac
 import json
 import logging
 import math
-import os
 import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from cascade.errors import (
     BackendError,
     BackendTimeoutError,
     CascadeError,
-    ConfigError,
     InvalidRequestError,
     OverloadedError,
 )
-from cascade.request_fields import MAX_TOKENS_LIMIT
 from cascade.server_api import HTTPError, parse_request, render_response, sse_events, sse_stream
-from cascade.server_flow import Admission, Disconnected, close_quietly, next_before, streaming_response, watch
+from cascade.server_config import ServerConfig, guard_binding
+from cascade.server_flow import (
+    Admission,
+    Disconnected,
+    close_quietly,
+    next_before,
+    streaming_response,
+    uvicorn_server,
+    watch,
+)
 from cascade.server_metrics import Metrics
 from cascade.types import CascadeChunk
 
@@ -56,63 +61,6 @@ if TYPE_CHECKING:
 __all__ = ["ServerConfig", "create_app", "serve_main"]
 
 log = logging.getLogger("cascade.server")
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """The ``server`` section of a config (under ``extra``); host and port come from the command line."""
-
-    model_name: str = "cascade"  # the model id clients ask for (and /v1/models lists)
-    api_key_env: str | None = None  # env variable holding the bearer token; None = no auth
-    max_body_bytes: int = 1_000_000  # largest request body, bytes (413 beyond)
-    max_in_flight: int = 64  # requests running in the engine at once
-    max_queue: int = 256  # requests waiting for a running slot at most (429 beyond)
-    request_timeout_s: float = 300.0  # seconds per request before a 504
-    max_tokens_limit: int = MAX_TOKENS_LIMIT  # largest max_tokens a request may ask for (cascade run: the same)
-    max_prompts: int = 16  # prompts per /v1/completions request at most (a list prompt)
-    drain_timeout_s: float = 30.0  # seconds shutdown waits for requests in flight
-    retry_after_s: float = 1.0  # Retry-After sent with 429 when the server queue is full, seconds
-    keep_alive_s: float = 75.0  # idle seconds before a keep-alive connection is closed (longer than clients'
-    # own idle expiry, 5 s in httpx and openai, so a client never reuses a connection as the server drops it)
-
-    def __post_init__(self) -> None:
-        ints = ("max_body_bytes", "max_in_flight", "max_tokens_limit", "max_prompts")
-        if any(isinstance(getattr(self, k), bool) or not isinstance(getattr(self, k), int)
-               or getattr(self, k) < 1 for k in ints):
-            raise ConfigError(f"server {', '.join(ints)} must be positive integers")
-        if isinstance(self.max_queue, bool) or not isinstance(self.max_queue, int) or self.max_queue < 0:
-            raise ConfigError("server max_queue must be a non-negative integer")
-        times = (self.request_timeout_s, self.drain_timeout_s, self.retry_after_s, self.keep_alive_s)
-        if any(isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 1e6 for t in times):
-            raise ConfigError("server timeouts, retry_after_s and keep_alive_s must be positive seconds (< 1e6)")
-        if self.api_key_env is not None and (not isinstance(self.api_key_env, str) or not self.api_key_env):
-            raise ConfigError("server api_key_env must be the name of an environment variable")
-        if not isinstance(self.model_name, str) or not self.model_name:
-            raise ConfigError("server model_name must be a non-empty string")
-
-    @classmethod
-    def from_mapping(cls, raw: object) -> ServerConfig:
-        """Build from the config's ``extra["server"]`` mapping (None = defaults), rejecting unknown keys."""
-        if raw is None:
-            return cls()
-        if not isinstance(raw, Mapping):
-            raise ConfigError("the server section must be a mapping")
-        unknown = set(raw) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ConfigError(f"unknown key(s) in server section: {sorted(unknown)}")
-        try:
-            return cls(**dict(raw))
-        except TypeError as exc:
-            raise ConfigError(f"invalid server section: {exc}") from exc
-
-    def api_key(self) -> str | None:
-        """The bearer token, or None without auth. Raises ConfigError when the named variable is unset."""
-        if self.api_key_env is None:
-            return None
-        key = os.environ.get(self.api_key_env, "")
-        if not key:
-            raise ConfigError(f"server.api_key_env names {self.api_key_env!r}, which is unset or empty")
-        return key
 
 
 def _error_response(exc: HTTPError) -> Response:
@@ -164,10 +112,26 @@ class _Service:
         self.metrics = Metrics()
         self.batchers = _batchers(engine)
         self.draining = False
+        self.expired = asyncio.Event()  # set once drain_timeout_s has passed: requests still running get a 503
         self.started = int(time.time())
 
     def queue_depth(self) -> int:
         return int(self.admission.waiting + sum(b.queue_depth for b in self.batchers))
+
+    def check_origin(self, request: Request) -> None:
+        """Refuse a foreign Host (DNS rebinding) or a browser Origin that is not allowed (cross-site requests)."""
+        hosts = self.config.allowed_hosts
+        if hosts is not None and "*" not in hosts:
+            host = request.headers.get("host", "").lower()
+            name = host[1:].partition("]")[0] if host.startswith("[") else host.rpartition(":")[0] or host
+            if name not in hosts and host not in hosts:
+                raise HTTPError(421, "this server does not answer for that Host (server.allowed_hosts)",
+                                code="host_not_allowed")
+        origin = request.headers.get("origin")
+        if origin is not None and "*" not in self.config.allowed_origins \
+                and origin.lower() not in self.config.allowed_origins:
+            raise HTTPError(403, "cross-origin requests are refused (server.allowed_origins)",
+                            code="origin_not_allowed")
 
     def check_auth(self, request: Request) -> None:
         if self.api_key is None:
@@ -179,6 +143,10 @@ class _Service:
                             "invalid_request_error", "invalid_api_key", {"WWW-Authenticate": "Bearer"})
 
     async def read_json(self, request: Request) -> Any:
+        media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media != "application/json":
+            raise HTTPError(415, "the body must be sent as Content-Type: application/json",
+                            code="unsupported_media_type")
         limit = self.config.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
@@ -207,6 +175,7 @@ class _Service:
             if self.draining:
                 raise HTTPError(503, "the server is shutting down", "server_error", "shutting_down",
                                 {"Retry-After": "1"})
+            self.check_origin(request)
             self.check_auth(request)
             body = await self.read_json(request)
             parsed = parse_request(kind, body, self.engine.params, self.config)
@@ -246,10 +215,22 @@ class _Service:
         async def guarded() -> list[Any]:
             async with self.admission.slot():
                 choices = None if parsed.choices is None else [parsed.choices] * len(parsed.prompts)
-                work = self.engine.run_batch(parsed.prompts, params=parsed.overrides, target=parsed.target,
-                                             choices=choices)
+                work = asyncio.ensure_future(asyncio.wait_for(
+                    self.engine.run_batch(parsed.prompts, params=parsed.overrides, target=parsed.target,
+                                          choices=choices), self.config.request_timeout_s))
+                deadline = asyncio.ensure_future(self.expired.wait())
                 try:
-                    return list(await asyncio.wait_for(work, self.config.request_timeout_s))
+                    await asyncio.wait({work, deadline}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    deadline.cancel()
+                    if not work.done():
+                        work.cancel()
+                        await asyncio.gather(work, return_exceptions=True)
+                if work.cancelled():
+                    raise HTTPError(503, "the server shut down before this request finished (drain_timeout_s)",
+                                    "server_error", "shutting_down")
+                try:
+                    return list(work.result())
                 except asyncio.TimeoutError as exc:
                     if isinstance(exc, BackendError):
                         raise
@@ -311,11 +292,29 @@ class _Service:
                    "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return streaming_response(body(), headers, cleanup)
 
+    def begin_drain(self) -> None:
+        """Refuse new requests from now on; after ``drain_timeout_s`` answer those still running with a 503."""
+        if not self.draining:
+            self.draining = True
+            asyncio.get_running_loop().call_later(self.config.drain_timeout_s, self.expire)
+
+    def expire(self) -> None:
+        """The drain deadline: every request still running is answered with a JSON 503 (one log line)."""
+        if not self.expired.is_set():
+            if self.admission.running:
+                log.warning("drain_timeout_s (%g s) passed with %d request(s) still running: answering them 503",
+                            self.config.drain_timeout_s, self.admission.running)
+            self.expired.set()
+
     async def drain(self) -> None:
-        """Refuse new requests and wait (up to ``drain_timeout_s``) for those in flight to finish."""
-        self.draining = True
+        """Refuse new requests and wait (up to ``drain_timeout_s``) for those in flight to finish; then the
+        remaining ones are answered 503 (given a moment to send it) before the engine is closed."""
+        self.begin_drain()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.admission.idle.wait(), self.config.drain_timeout_s)
+        self.expire()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.admission.idle.wait(), 5.0)
 
 
 def _no_constants(name: str) -> Any:
@@ -345,6 +344,7 @@ def create_app(engine: Any, config: ServerConfig | None = None) -> Starlette:
 
     async def models(request: Request) -> Response:
         try:
+            svc.check_origin(request)
             svc.check_auth(request)
         except HTTPError as exc:
             return _error_response(exc)
@@ -364,6 +364,7 @@ def create_app(engine: Any, config: ServerConfig | None = None) -> Starlette:
 
     async def metrics(request: Request) -> Response:
         try:
+            svc.check_origin(request)
             svc.check_auth(request)
         except HTTPError as exc:
             return _error_response(exc)
@@ -429,6 +430,7 @@ def serve_main(args: argparse.Namespace) -> int:
     server_cfg.api_key()  # fail before loading models when the key is missing
     host = getattr(args, "host", None) or "127.0.0.1"
     port = 8000 if getattr(args, "port", None) is None else int(args.port)  # 0: any free port
+    server_cfg = guard_binding(server_cfg, host)
     print(f"loading tiers: {', '.join(f'{t.name}={t.backend.model}' for t in cfg.tiers)}", file=sys.stderr)
     if cfg.router:
         from cascade.router.pool import build_router
@@ -440,9 +442,9 @@ def serve_main(args: argparse.Namespace) -> int:
     print(f"serving model {server_cfg.model_name!r} on http://{host}:{port}/v1 "
           f"(auth {'on' if server_cfg.api_key_env else 'off'})", file=sys.stderr)
     uv = uvicorn.Config(app, host=host, port=port, lifespan="on", log_level="info", access_log=False,
-                        timeout_graceful_shutdown=math.ceil(server_cfg.drain_timeout_s),
+                        timeout_graceful_shutdown=math.ceil(server_cfg.drain_timeout_s) + 5,
                         timeout_keep_alive=math.ceil(server_cfg.keep_alive_s))
     # On SIGTERM/SIGINT uvicorn stops accepting, lets requests in flight finish, runs the app's shutdown
     # (drain, close the engine), then re-raises the signal: the exit status is the signal's, as usual.
-    uvicorn.Server(uv).run()
+    uvicorn_server()(uv, app.state.service).run()
     return 0

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from starlette.requests import Request
     from starlette.responses import Response
 
-__all__ = ["Admission", "Disconnected", "close_quietly", "next_before", "streaming_response", "watch"]
+__all__ = ["Admission", "Disconnected", "close_quietly", "next_before", "streaming_response", "uvicorn_server", "watch"]
 
 T = TypeVar("T")
 
@@ -129,3 +129,19 @@ def streaming_response(body: AsyncIterator[str], headers: dict[str, str],
                     await cleanup()
 
     return _Response(body, media_type="text/event-stream", headers=headers)
+
+
+def uvicorn_server() -> type[Any]:
+    """uvicorn's server class, telling the app when shutdown starts: the drain deadline runs from then."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def __init__(self, config: Any, service: Any) -> None:
+            super().__init__(config)
+            self.service = service
+
+        async def shutdown(self, sockets: Any = None) -> None:
+            self.service.begin_drain()
+            await super().shutdown(sockets=sockets)
+
+    return Server

@@ -162,6 +162,18 @@ def test_vllm_clients_choice_fields_work_unchanged(client: openai.OpenAI) -> Non
         assert (done.model_extra or {})["cascade"]["cluster"] in (0, 1)
 
 
+def test_a_loopback_server_refuses_foreign_hosts_origins_and_non_json(tiny_server: ServerProcess) -> None:
+    """DNS rebinding (a foreign Host), a cross-site page (a foreign Origin, a text/plain body) get 4xx."""
+    url, auth = tiny_server.url + "/v1/chat/completions", {"Authorization": f"Bearer {KEY}"}
+    body = json.dumps({"model": "tiny-cascade", "messages": CHAT})
+    as_json = {**auth, "Content-Type": "application/json"}
+    assert httpx.post(url, content=body, headers={**as_json, "Host": "attacker.example"}).status_code == 421
+    assert httpx.post(url, content=body, headers={**as_json, "Origin": "http://attacker.example"}).status_code == 403
+    assert httpx.post(url, content=body, headers={**auth, "Content-Type": "text/plain"}).status_code == 415
+    local = {**as_json, "Host": f"localhost:{tiny_server.port}"}
+    assert httpx.post(url, content=body, headers=local).status_code == 200
+
+
 def test_completions_with_several_prompts(client: openai.OpenAI) -> None:
     done = client.completions.create(model="tiny-cascade", prompt=["a bad movie", "answer yes or no"], max_tokens=4)
     assert [c.index for c in done.choices] == [0, 1]
@@ -306,6 +318,27 @@ def test_shutdown_drains(tmp_path: Path, sim_tiers: tuple[SimServer, SimServer])
         t.join()
         assert result["r"].status_code == 200 and result["r"].json()["cascade"]["tier"] == "large"
         assert server.stopped_cleanly(), server.log.read_text()
+
+
+def test_requests_still_running_past_the_drain_deadline_get_a_json_503(
+        tmp_path: Path, sim_tiers: tuple[SimServer, SimServer]) -> None:
+    small, _large = sim_tiers
+    with SimServer(SimConfig(model="sim-large", latency_per_request_s=600.0)) as never:  # never answers in time
+        server = ServerProcess(sim_config(tmp_path / "sim.yaml", small, never, tier_timeout_s=600, max_in_flight=4,
+                                          drain_timeout_s=1), tmp_path / "log.txt")
+        results: list[httpx.Response] = []
+        threads = [threading.Thread(target=lambda: results.append(httpx.post(
+            server.url + "/v1/chat/completions", json=ESCALATES, timeout=PATIENCE_S))) for _ in range(3)]
+        for t in threads:
+            t.start()
+        wait_until(lambda: server_in_flight(server) == 3, "three requests in flight")
+        server.proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join()
+        assert [r.status_code for r in results] == [503, 503, 503]
+        assert all(r.json()["error"]["code"] == "shutting_down" for r in results)
+        assert server.stopped_cleanly(), server.log.read_text()  # no traceback
+        assert server.log.read_text().count("still running: answering them 503") == 1
 
 
 def server_in_flight(server: ServerProcess) -> int:

@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from test_openai_failures import dead_port, with_userinfo
 from test_server import CHAT, ServerProcess, write_yaml
 
+from cascade.errors import ConfigError
 from cascade.simulate import SimConfig, SimServer
 
 SECRET = "topsecret"
@@ -49,3 +51,54 @@ def test_a_down_tier_with_credentials_in_its_url_leaks_nothing(tmp_path: Path) -
                 assert server.stopped_cleanly(), log.read_text()
             text = log.read_text()
             assert SECRET not in text and "http://***@127.0.0.1" in text  # the detail is logged, redacted
+
+
+# ---------------------------------------------------------------- browser reachability (issue 13, item 6)
+
+
+def _app(**server: Any) -> Any:
+    from conftest import make_backend
+
+    from cascade import Cascade
+    from cascade.server import ServerConfig, create_app
+
+    return create_app(Cascade(small=make_backend(0), large=make_backend(1), threshold=0.5),
+                      ServerConfig(**server))
+
+
+async def _post(app: Any, headers: dict[str, str], content: bytes = b'{"model": "cascade", "prompt": "a movie"}'
+                ) -> Any:
+    import httpx
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1:8000") as c:
+        return await c.post("/v1/completions", content=content, headers=headers)
+
+
+async def test_loopback_hosts_only_json_bodies_and_no_foreign_origins() -> None:
+    from cascade.server_config import ServerConfig, guard_binding
+
+    loopback = guard_binding(ServerConfig(), "127.0.0.1")
+    assert loopback.allowed_hosts == ("localhost", "127.0.0.1", "::1")
+    app = _app(allowed_hosts=list(loopback.allowed_hosts))
+    json_type = {"content-type": "application/json"}
+    assert (await _post(app, json_type)).status_code == 200
+    assert (await _post(app, {**json_type, "host": "[::1]:8000"})).status_code == 200
+    rebinding = await _post(app, {**json_type, "host": "attacker.example:8000"})
+    assert rebinding.status_code == 421 and rebinding.json()["error"]["code"] == "host_not_allowed"
+    foreign = await _post(app, {**json_type, "origin": "http://attacker.example"})
+    assert foreign.status_code == 403 and foreign.json()["error"]["code"] == "origin_not_allowed"
+    plain = await _post(app, {"content-type": "text/plain"})  # what a page's no-preflight "simple request" sends
+    assert plain.status_code == 415 and plain.json()["error"]["code"] == "unsupported_media_type"
+    opened = _app(allowed_hosts=["*"], allowed_origins=["http://app.example"])
+    assert (await _post(opened, {**json_type, "host": "gateway.internal", "origin": "http://app.example"})
+            ).status_code == 200
+
+
+def test_binding_beyond_loopback_without_auth_warns_loudly(caplog: pytest.LogCaptureFixture) -> None:
+    from cascade.server_config import ServerConfig, guard_binding
+
+    with caplog.at_level("WARNING", logger="cascade.server"):
+        cfg = guard_binding(ServerConfig(), "0.0.0.0")
+    assert cfg.allowed_hosts is None and "SECURITY" in caplog.text and "without auth" in caplog.text
+    with pytest.raises(ConfigError):
+        ServerConfig(allowed_origins="http://a.example")  # type: ignore[arg-type]

@@ -406,7 +406,7 @@ class Cascade:
     def _tier_call(tier: Tier, g: Generation, elapsed: float, u: float | None, thr: float | None) -> TierCall:
         cost = tier.price.cost(g.prompt_tokens, g.completion_tokens)
         return TierCall(tier.name, g.model, g.prompt_tokens, g.completion_tokens, cost, elapsed, u, thr,
-                        g.finish_reason)
+                        g.finish_reason, usage_estimated=g.usage_estimated)
 
     def _result(self, p: Pending, latency: float) -> CascadeResult:
         return p.result([t.name for t in self.tiers], self.measure, latency)

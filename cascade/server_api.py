@@ -197,7 +197,8 @@ def decision(r: CascadeResult) -> dict[str, Any]:
     calls = [{"tier": c.tier, "model": c.model, "prompt_tokens": c.prompt_tokens,
               "completion_tokens": c.completion_tokens, "cost": c.cost, "latency_s": c.latency_s,
               "uncertainty": _finite(c.uncertainty), "threshold": _finite(c.threshold),
-              "finish_reason": c.finish_reason, "error": c.error} for c in r.calls]
+              "finish_reason": c.finish_reason, "error": c.error, "usage_estimated": c.usage_estimated}
+             for c in r.calls]
     return {"tier": r.tier, "model": _answer_call(r).model if r.calls else None,
             "uncertainty": _finite(r.uncertainty), "measure": r.measure, "threshold": _finite(r.threshold),
             "escalated": r.escalated, "cost": r.cost, "reason": r.reason, "degraded": r.degraded,

@@ -27,6 +27,7 @@ class Metrics:
         self.requests: Counter[tuple[str, str, str]] = Counter()
         self.tokens: Counter[tuple[str, str]] = Counter()
         self.cost: dict[str, float] = {}
+        self.usage_estimated: dict[str, int] = {}  # calls whose server reported no prompt token count
         self.escalations = self.degraded = 0
         self.latency_buckets = [0] * len(self.BUCKETS)
         self.latency_sum: float = 0.0
@@ -48,6 +49,7 @@ class Metrics:
             self.escalations += int(r.escalated)
             self.degraded += int(r.degraded)
             for c in r.calls:
+                self.usage_estimated[c.tier] = self.usage_estimated.get(c.tier, 0) + int(c.usage_estimated)
                 self.tokens[(c.tier, "prompt")] += c.prompt_tokens
                 self.tokens[(c.tier, "completion")] += c.completion_tokens
                 self.cost[c.tier] = self.cost.get(c.tier, 0.0) + c.cost
@@ -72,6 +74,9 @@ class Metrics:
                [(f'{{tier="{_label(t)}",kind="{k}"}}', n) for (t, k), n in sorted(self.tokens.items())])
         metric("cascade_cost_total", "counter", "Money spent by tier, in the configured price unit.",
                [(f'{{tier="{_label(t)}"}}', float(c)) for t, c in sorted(self.cost.items())])
+        metric("cascade_usage_estimated_total", "counter",
+               "Tier calls whose server reported no prompt token count (prompt tokens and cost estimated).",
+               [(f'{{tier="{_label(t)}"}}', n) for t, n in sorted(self.usage_estimated.items())])
         rows: list[tuple[str, float]] = [(f'_bucket{{le="{le:g}"}}', n)
                                          for le, n in zip(self.BUCKETS, self.latency_buckets)]
         rows += [('_bucket{le="+Inf"}', self.latency_count), ("_sum", self.latency_sum),

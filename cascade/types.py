@@ -244,6 +244,9 @@ class Generation:
         scores: every uncertainty measure of :data:`MEASURES` that could be computed, by name.
         token_stats: the per-token statistics the scores came from (None when not requested).
         latency_s: wall-clock seconds of the call that produced it (shared by a batch).
+        usage_estimated: True when the server reported no prompt token count (llama.cpp ignores
+            ``stream_options.include_usage``; an early exit closes the stream before the usage chunk) and
+            ``prompt_tokens`` is an estimate from the prompt's length (about 4 characters a token).
         choice_logprobs: for a constrained answer, the log-likelihood of every allowed answer, in the
             request's order (summed over its tokens, or their mean when length-normalised); empty otherwise.
     """
@@ -258,6 +261,7 @@ class Generation:
     token_stats: TokenStats | None = None
     latency_s: float = 0.0
     choice_logprobs: tuple[float, ...] = ()
+    usage_estimated: bool = False
 
 
 @dataclass(frozen=True)
@@ -275,6 +279,7 @@ class TierCall:
         threshold: the threshold it was compared with (None for the last tier).
         finish_reason: the backend's finish reason.
         error: the error message when the call failed (the request was then degraded or raised).
+        usage_estimated: the server sent no prompt token count; ``prompt_tokens`` (and the cost) is an estimate.
     """
 
     tier: str
@@ -287,6 +292,7 @@ class TierCall:
     threshold: float | None = None
     finish_reason: str = "stop"
     error: str | None = None
+    usage_estimated: bool = False
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ class Answer:
     logprobs: list[float] = field(default_factory=list)  # chosen token's logprob, per step
     top: list[list[float]] = field(default_factory=list)  # top-k logprobs, per step
     finish_reason: FinishReason = "stop"
-    prompt_tokens: int = 0
+    prompt_tokens: int | None = None  # None: the server did not say
     completion_tokens: int | None = None
     has_logprobs: bool = False
 
@@ -123,7 +123,8 @@ def _add_text_logprobs(answer: Answer, logprobs: Mapping[str, Any] | None) -> No
 def add_usage(answer: Answer, usage: Mapping[str, Any] | None) -> None:
     """Take the token counts of a ``usage`` object, when there is one."""
     if usage:
-        answer.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        if isinstance(usage.get("prompt_tokens"), int):
+            answer.prompt_tokens = int(usage["prompt_tokens"])
         answer.completion_tokens = int(usage["completion_tokens"])
 
 

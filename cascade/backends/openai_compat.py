@@ -47,7 +47,14 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Se
 from typing import TYPE_CHECKING, Any
 
 from cascade.backends.openai_answer import Answer, Reader, raise_for_error, score_answers
-from cascade.backends.openai_request import DUMMY_API_KEY, gather, map_errors, render_messages, request_body
+from cascade.backends.openai_request import (
+    DUMMY_API_KEY,
+    estimated_prompt_tokens,
+    gather,
+    map_errors,
+    render_messages,
+    request_body,
+)
 from cascade.backends.openai_stream import stream_events
 from cascade.errors import (
     BackendError,
@@ -74,6 +81,13 @@ if TYPE_CHECKING:
 __all__ = ["DUMMY_API_KEY", "OpenAIBackend", "render_messages"]
 
 log = logging.getLogger("cascade.backends.openai")
+
+
+def _prompt_usage(answer: Answer, prompt: Prompt) -> dict[str, Any]:
+    """The prompt token count the server reported, or an estimate marked as such (never a silent 0)."""
+    if answer.prompt_tokens is not None:
+        return {"prompt_tokens": answer.prompt_tokens}
+    return {"prompt_tokens": estimated_prompt_tokens(prompt), "usage_estimated": True}
 
 
 class OpenAIBackend:
@@ -235,11 +249,12 @@ class OpenAIBackend:
             raise next(o for o in outcomes if isinstance(o, BaseException))
         stats: list[tuple[TokenStats | None, dict[str, float]]] = (
             list(score_answers(answers, self.top_logprobs)) if scores else [(None, {})] * len(answers))
+        answered = [p for p, o in zip(prompts, outcomes, strict=True) if isinstance(o, Answer)]
         gens = iter([
-            Generation(text=a.text, model=self.name, prompt_tokens=a.prompt_tokens,
-                       completion_tokens=a.billed_tokens,
-                       finish_reason=a.finish_reason, scores=s, token_stats=ts, latency_s=latency)
-            for a, (ts, s) in zip(answers, stats, strict=True)
+            Generation(text=a.text, model=self.name, completion_tokens=a.billed_tokens,
+                       finish_reason=a.finish_reason, scores=s, token_stats=ts, latency_s=latency,
+                       **_prompt_usage(a, p))
+            for a, p, (ts, s) in zip(answers, answered, stats, strict=True)
         ])
         if len(answers) < len(outcomes):
             raise BatchError([next(gens) if isinstance(o, Answer) else o for o in outcomes])
@@ -424,6 +439,6 @@ class OpenAIBackend:
                 await events.aclose()
         ts, sc = score_answers([answer], self.top_logprobs)[0] if scores else (None, {})
         yield StreamEvent("done", generation=Generation(
-            text=answer.text, model=self.name, prompt_tokens=answer.prompt_tokens,
-            completion_tokens=answer.billed_tokens, finish_reason=answer.finish_reason, scores=sc,
-            token_stats=ts, latency_s=time.perf_counter() - started))
+            text=answer.text, model=self.name, completion_tokens=answer.billed_tokens,
+            finish_reason=answer.finish_reason, scores=sc, token_stats=ts, latency_s=time.perf_counter() - started,
+            **_prompt_usage(answer, prompt)))

@@ -255,7 +255,7 @@ async def _stream(req: _Request, answers: Sequence[SimAnswer], config: SimConfig
                         stats.tokens_sent += 1
                         yield event([delta(i, a.tokens[t], None, _logprobs(req, a, range(t, t + 1)))])
             yield event([delta(i, None, a.finish_reason, None) for i, a in enumerate(answers)])
-            if req.include_usage:
+            if req.include_usage and config.stream_usage:
                 yield event([], usage=_usage(req, answers))
             yield b"data: [DONE]\n\n"
             stats.streams_completed += 1

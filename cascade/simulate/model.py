@@ -47,6 +47,8 @@ class SimConfig:
             imitates a server without it: such a request is HTTP 400 (default True).
         echo: accept ``echo`` (with ``logprobs``, the prompt tokens' logprobs) on ``/completions``; False: HTTP
             400 (default True).
+        stream_usage: honour ``stream_options.include_usage`` with a final usage chunk; False imitates
+            llama.cpp's server, which sends none (default True).
     """
 
     model: str = "sim-model"
@@ -60,6 +62,7 @@ class SimConfig:
     max_answer_tokens: int = 48
     guided_choice: bool = True
     echo: bool = True
+    stream_usage: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():

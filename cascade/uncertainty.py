@@ -55,15 +55,26 @@ def reduce_step(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return margin, entropy, probs
 
 
-def topk_stats(top_logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Margin and approximate entropy from truncated top-k log-probabilities (remote backends).
+#: The vocabulary size assumed for a remote model's entropy from top-k logprobs; the ranking of the estimate
+#: barely depends on it (SmolLM2, k = 5: Spearman 0.978 against the exact entropy for 32,000 to 1,000,000).
+REMOTE_VOCAB_SIZE = 50_000
 
-    The entropy covers only the k returned tokens plus one bucket holding the remaining probability
-    mass, so it is a lower bound of the true entropy: flag it as approximate.
+
+def topk_stats(top_logprobs: torch.Tensor, vocab_size: int = REMOTE_VOCAB_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Margin and entropy from truncated top-k log-probabilities (remote backends).
+
+    The entropy is the largest one the k listed probabilities allow: the remaining mass spread evenly over
+    the other ``vocab_size - k`` tokens, ``-sum p_i log p_i + r (log(V - k) - log r)``. It is an upper bound
+    of the true entropy (whenever ``r / (V - k)`` is below the smallest listed probability, as it is in
+    practice) and exact when every token is listed. Unlike a single bucket holding the remaining mass (a lower
+    bound, which ranks *against* the exact entropy: Spearman -0.64 at k = 5 on SmolLM2's first tokens, because
+    a large remaining mass lowers it), it ranks with it: Spearman 0.978 at k = 5 and 0.993 at k = 20 on the
+    first tokens of 180 plain-prompt questions (SST-2, AG News, TREC) against the exact local entropy.
 
     Args:
         top_logprobs: ``(B, T, k)`` log-probabilities of the k most likely tokens per step, ``k >= 1``;
             missing entries are ``-inf``.
+        vocab_size: the model's vocabulary size (an assumed order of magnitude is enough, see above).
 
     Returns:
         ``margin`` ``(B, T)`` and ``entropy`` ``(B, T)`` in nats.
@@ -75,10 +86,13 @@ def topk_stats(top_logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     sorted_p = torch.sort(p, dim=-1, descending=True).values
     second = sorted_p[..., 1] if sorted_p.shape[-1] > 1 else torch.zeros_like(sorted_p[..., 0])
     margin = sorted_p[..., 0] - second
+    listed = torch.isfinite(lp).sum(dim=-1).float()
+    unlisted = (float(vocab_size) - listed).clamp(min=1.0)
     rest = (1.0 - p.sum(dim=-1)).clamp(min=0.0)
     plogp = torch.where(p > 0, p * lp, torch.zeros_like(p)).sum(dim=-1)
-    rest_term = torch.where(rest > 0, rest * torch.log(rest.clamp(min=1e-30)), torch.zeros_like(rest))
-    entropy = -(plogp + rest_term)
+    rest_term = torch.where(rest > 1e-12, rest * (torch.log(unlisted) - torch.log(rest.clamp(min=1e-30))),
+                            torch.zeros_like(rest))
+    entropy = -plogp + rest_term
     return margin, entropy
 
 

@@ -21,6 +21,7 @@ from cascade.errors import BackendError, BackendTimeoutError, ConfigError, Inval
 from cascade.simulate import SimConfig, SimServer, simulate_answer
 from cascade.types import FREE_MEASURES as MEASURES
 from cascade.types import EarlyExit, GenerationParams
+from cascade.uncertainty import REMOTE_VOCAB_SIZE
 
 MODEL = "sim-model"
 UNSURE = "Name a river. [[sim:confidence=0.0]]"  # first-token margin ~ 0: score ~ 1
@@ -47,8 +48,9 @@ def hand_scores(steps: list[tuple[float, list[float]]]) -> dict[str, float]:
     for _, top in steps:
         p = sorted((math.exp(v) for v in top), reverse=True)
         margins.append(p[0] - p[1])
-        rest = max(0.0, 1.0 - sum(p))
-        entropies.append(-sum(q * math.log(q) for q in p) - (rest * math.log(rest) if rest > 0 else 0.0))
+        rest = max(0.0, 1.0 - sum(p))  # spread evenly over the unlisted tokens of an assumed vocabulary
+        spread = rest * (math.log(REMOTE_VOCAB_SIZE - len(p)) - math.log(rest)) if rest > 0 else 0.0
+        entropies.append(-sum(q * math.log(q) for q in p) + spread)
     lps = [lp for lp, _ in steps]
     return {
         "margin_first": 1 - margins[0], "margin_mean": 1 - sum(margins) / len(margins),
@@ -144,7 +146,7 @@ async def test_an_empty_answer_is_maximally_uncertain(backend: OpenAIBackend, se
     assert g.text == "" and g.completion_tokens == 0
     assert g.token_stats is not None and g.token_stats.margin == ()
     assert g.scores["margin_first"] == pytest.approx(1.0)
-    assert g.scores["entropy_first"] == pytest.approx(math.log(6))  # uniform over top-5 plus the rest
+    assert g.scores["entropy_first"] == pytest.approx(math.log(REMOTE_VOCAB_SIZE))  # uniform over every token
 
 
 # -- early exit ----------------------------------------------------------------------------------------

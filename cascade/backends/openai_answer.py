@@ -167,7 +167,7 @@ def score_answers(answers: Sequence[Answer], k: int) -> list[tuple[TokenStats, d
     top, chosen, mask = [], [], []
     for a in answers:
         n = len(a.tokens)
-        rows = [_row(t, width) for t in a.top] if n else [[uniform] * (width - 1) + [-math.inf]]
+        rows = [_row(t, width) for t in a.top] if n else [[-math.inf] * width]  # nothing listed: as flat as can be
         top.append(rows + [[-math.inf] * width] * (steps - len(rows)))
         chosen.append((a.logprobs if n else [uniform]) + [0.0] * (steps - max(n, 1)))
         mask.append([True] * max(n, 1) + [False] * (steps - max(n, 1)))

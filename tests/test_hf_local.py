@@ -109,3 +109,21 @@ async def test_a_cancelled_generation_stops_the_model_thread():
     await asyncio.to_thread(backend._lock.acquire)  # the thread has let go of the model
     backend._lock.release()
     assert len(steps) < 40, len(steps)
+
+
+async def test_the_end_of_turn_token_is_not_a_step() -> None:
+    """Servers return no logprob for the end-of-turn token, so the local backend does not count it either: an
+    answer ending with it is scored on the tokens before it (it is still billed)."""
+    backend = make_backend(0)
+    params = GenerationParams(max_tokens=6)
+    (free,) = await backend.generate(["the movie was good"], params)
+    assert free.token_stats is not None and len(free.token_ids) >= 3
+    third = free.token_ids[2]
+    if third in free.token_ids[:2]:
+        pytest.skip("the tiny model repeats a token early; the test needs a fresh third token")
+    backend.model.generation_config.eos_token_id = third  # the model now ends its turn at its third token
+    (ended,) = await backend.generate(["the movie was good"], params)
+    assert ended.finish_reason == "stop" and ended.completion_tokens == 3
+    assert ended.token_stats is not None and ended.token_stats.logprob == free.token_stats.logprob[:2]
+    assert ended.scores["logprob_mean"] == pytest.approx(-sum(free.token_stats.logprob[:2]) / 2, abs=1e-5)
+    assert ended.scores["margin_first"] == pytest.approx(free.scores["margin_first"], abs=1e-6)

@@ -356,18 +356,24 @@ class HFLocalBackend:
                                   tracker.finished_at)
         lengths = (finished_at + 1).tolist()
         reasons = tracker.reason.tolist()
+        # One definition of a step on every backend: the end-of-turn token is not one (servers send no logprob
+        # for it), unless it is the whole answer (an empty answer is scored on it).
+        last = new.gather(1, finished_at[:, None]).squeeze(1)
+        ends_turn = torch.isin(last, torch.tensor(eos_ids, device=last.device)) & (finished_at > 0)
+        scored_to = finished_at - ends_turn.long()
         score_rows: list[dict[str, float]] = [{} for _ in range(batch)]
         stat_rows: list[TokenStats | None] = [None] * batch
         if want_scores:
             margin, entropy, logprob = recorder.finish(new[:, -1])
-            mask = torch.arange(steps, device=device)[None, :] <= finished_at[:, None]
+            mask = torch.arange(steps, device=device)[None, :] <= scored_to[:, None]
             agg = aggregate(margin, entropy, logprob, mask)
             names = list(agg)
             table = torch.stack([agg[k] for k in names], dim=1).tolist()  # (B, n_measures), one copy
             per_token = torch.stack([margin, entropy, logprob], dim=0).tolist()  # (3, B, T)
+            scored = (scored_to + 1).tolist()
             for b in range(batch):
                 score_rows[b] = dict(zip(names, table[b]))
-                n = lengths[b]
+                n = scored[b]
                 stat_rows[b] = TokenStats(
                     tuple(per_token[0][b][:n]), tuple(per_token[1][b][:n]), tuple(per_token[2][b][:n])
                 )

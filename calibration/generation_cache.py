@@ -53,7 +53,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Version of the cache line format; a change starts new cache files.
-CACHE_SCHEMA = 1
+#: Version 2: the end-of-turn token is no longer a step of the local backend's measures (older lines scored it).
+CACHE_SCHEMA = 2
 
 
 def example_prompt(example: Mapping[str, Any]) -> Prompt:

@@ -34,12 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 from cascade.errors import (
     BackendError,
-    BackendTimeoutError,
-    CascadeError,
-    InvalidRequestError,
-    OverloadedError,
 )
-from cascade.server_api import HTTPError, parse_request, render_response, sse_events, sse_stream
+from cascade.server_api import HTTPError, as_http, parse_request, render_response, sse_events, sse_stream
 from cascade.server_config import ServerConfig, guard_binding
 from cascade.server_flow import (
     Admission,
@@ -71,29 +67,6 @@ def _error_response(exc: HTTPError) -> Response:
                     media_type="application/json")
 
 
-def _as_http(exc: BaseException) -> HTTPError:
-    """Map library errors to HTTP statuses (client mistakes are 4xx)."""
-    if isinstance(exc, HTTPError):
-        return exc
-    if isinstance(exc, InvalidRequestError):
-        return HTTPError(400, str(exc))
-    if isinstance(exc, OverloadedError):
-        retry = max(1, math.ceil(exc.retry_after_s))
-        return HTTPError(429, str(exc), "rate_limit_error", "overloaded", {"Retry-After": str(retry)})
-    # A backend's failure reaches the client as the tier's name and a short reason; the detail (with URLs
-    # stripped of their credentials) went to the log where the engine saw it.
-    if isinstance(exc, BackendTimeoutError):
-        return HTTPError(504, f"the model did not answer in time: {exc.public()}", "server_error", "timeout")
-    if isinstance(exc, BackendError):
-        return HTTPError(502, f"a model backend failed: {exc.public()}", "server_error", "backend_error")
-    if isinstance(exc, asyncio.TimeoutError):
-        return HTTPError(504, "the model did not answer in time", "server_error", "timeout")
-    if isinstance(exc, CascadeError):
-        return HTTPError(500, f"{type(exc).__name__}: {exc}", "server_error")
-    log.exception("internal error", exc_info=exc)
-    return HTTPError(500, "internal server error", "server_error")
-
-
 def _batchers(service: Any) -> list[Any]:
     from cascade.batching import MicroBatcher
 
@@ -112,6 +85,7 @@ class _Service:
         self.metrics = Metrics()
         self.batchers = _batchers(engine)
         self.draining = False
+        self.reading = 0  # request bodies being received now
         self.expired = asyncio.Event()  # set once drain_timeout_s has passed: requests still running get a 503
         self.started = int(time.time())
 
@@ -153,6 +127,24 @@ class _Service:
             raise HTTPError(413 if declared.isdigit() else 400,
                             f"request body larger than {limit} bytes" if declared.isdigit()
                             else "invalid Content-Length", code="request_too_large" if declared.isdigit() else None)
+        if self.reading >= self.config.max_bodies_reading:  # slow senders cannot hold unbounded memory
+            raise HTTPError(503, "too many request bodies are being received; try again", "server_error",
+                            "overloaded", {"Retry-After": str(max(1, math.ceil(self.config.retry_after_s)))})
+        self.reading += 1
+        try:
+            body = await asyncio.wait_for(self._receive(request, limit), self.config.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise HTTPError(408, f"the request body did not arrive within {self.config.body_timeout_s:g} s",
+                            code="request_timeout") from None
+        finally:
+            self.reading -= 1
+        try:
+            return json.loads(body, parse_constant=_no_constants)
+        except (ValueError, RecursionError) as exc:
+            raise HTTPError(400, f"the body is not valid JSON: {str(exc)[:200]}") from None
+
+    @staticmethod
+    async def _receive(request: Request, limit: int) -> bytes:
         from starlette.requests import ClientDisconnect
 
         body = bytearray()
@@ -163,10 +155,7 @@ class _Service:
                     raise HTTPError(413, f"request body larger than {limit} bytes", code="request_too_large")
         except ClientDisconnect:
             raise HTTPError(499, "the client went away while sending the body") from None
-        try:
-            return json.loads(bytes(body), parse_constant=_no_constants)
-        except (ValueError, RecursionError) as exc:
-            raise HTTPError(400, f"the body is not valid JSON: {str(exc)[:200]}") from None
+        return bytes(body)
 
     async def answer(self, request: Request, kind: str) -> Response:
         started = time.perf_counter()
@@ -202,7 +191,7 @@ class _Service:
             status = 499
             return PlainResponse(status_code=499)
         except Exception as exc:
-            err = _as_http(exc)
+            err = as_http(exc)
             status = err.status
             return _error_response(err)
         finally:
@@ -271,7 +260,7 @@ class _Service:
                     yield text
                 state["status"] = 200
             except Exception as exc:  # after the first byte an error can only be reported in the stream
-                err = _as_http(exc)
+                err = as_http(exc)
                 state["status"] = err.status
                 yield f"data: {json.dumps(err.body())}\n\n"
 
@@ -359,7 +348,7 @@ def create_app(engine: Any, config: ServerConfig | None = None) -> Starlette:
 
     async def health(request: Request) -> Response:
         body = {"status": "draining" if svc.draining else "ok", "model": svc.config.model_name,
-                "in_flight": svc.admission.running, "queue_depth": svc.queue_depth()}
+                "in_flight": svc.admission.running, "queue_depth": svc.queue_depth(), "bodies_reading": svc.reading}
         return JSONResponse(body, status_code=503 if svc.draining else 200)
 
     async def metrics(request: Request) -> Response:

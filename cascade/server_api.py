@@ -6,7 +6,9 @@ raises :class:`HTTPError` (a 4xx) with a message naming the offending field.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import math
 import re
 import time
@@ -15,12 +17,18 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from cascade.errors import CascadeError
+from cascade.errors import (
+    BackendError,
+    BackendTimeoutError,
+    CascadeError,
+    InvalidRequestError,
+    OverloadedError,
+)
 from cascade.policy import Target
 from cascade.request_fields import FieldError, check_int, check_num, choices_of, decoding_overrides
 from cascade.types import CascadeChunk, CascadeResult, GenerationParams, Message, Prompt
 
-__all__ = ["HTTPError", "ParsedRequest", "decision", "parse_request", "render_response", "sse_events",
+__all__ = ["HTTPError", "ParsedRequest", "as_http", "decision", "parse_request", "render_response", "sse_events",
            "sse_stream"]
 
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream", "stream_options",
@@ -338,3 +346,26 @@ async def sse_stream(kind: str, parsed: ParsedRequest, response_id: str, model: 
         if item.text:
             yield _sse(base, [_piece(kind, 0, item.text)], usage)
     raise CascadeError("the engine's stream ended without a result")
+
+
+def as_http(exc: BaseException) -> HTTPError:
+    """Map library errors to HTTP statuses (client mistakes are 4xx)."""
+    if isinstance(exc, HTTPError):
+        return exc
+    if isinstance(exc, InvalidRequestError):
+        return HTTPError(400, str(exc))
+    if isinstance(exc, OverloadedError):
+        retry = max(1, math.ceil(exc.retry_after_s))
+        return HTTPError(429, str(exc), "rate_limit_error", "overloaded", {"Retry-After": str(retry)})
+    # A backend's failure reaches the client as the tier's name and a short reason; the detail (with URLs
+    # stripped of their credentials) went to the log where the engine saw it.
+    if isinstance(exc, BackendTimeoutError):
+        return HTTPError(504, f"the model did not answer in time: {exc.public()}", "server_error", "timeout")
+    if isinstance(exc, BackendError):
+        return HTTPError(502, f"a model backend failed: {exc.public()}", "server_error", "backend_error")
+    if isinstance(exc, asyncio.TimeoutError):
+        return HTTPError(504, "the model did not answer in time", "server_error", "timeout")
+    if isinstance(exc, CascadeError):
+        return HTTPError(500, f"{type(exc).__name__}: {exc}", "server_error")
+    logging.getLogger("cascade.server").exception("internal error", exc_info=exc)
+    return HTTPError(500, "internal server error", "server_error")

@@ -22,6 +22,9 @@ class ServerConfig:
     model_name: str = "cascade"  # the model id clients ask for (and /v1/models lists)
     api_key_env: str | None = None  # env variable holding the bearer token; None = no auth
     max_body_bytes: int = 1_000_000  # largest request body, bytes (413 beyond)
+    body_timeout_s: float = 30.0  # seconds a request body may take to arrive in full (408 beyond)
+    max_bodies_reading: int = 64  # request bodies being received at once (503 beyond): bounds memory to this
+    # times max_body_bytes whatever slow clients do
     max_in_flight: int = 64  # requests running in the engine at once
     max_queue: int = 256  # requests waiting for a running slot at most (429 beyond)
     request_timeout_s: float = 300.0  # seconds per request before a 504
@@ -36,15 +39,17 @@ class ServerConfig:
     allowed_origins: tuple[str, ...] = ()  # browser Origins accepted ("*": any); requests without one always are
 
     def __post_init__(self) -> None:
-        ints = ("max_body_bytes", "max_in_flight", "max_tokens_limit", "max_prompts")
+        ints = ("max_body_bytes", "max_in_flight", "max_tokens_limit", "max_prompts", "max_bodies_reading")
         if any(isinstance(getattr(self, k), bool) or not isinstance(getattr(self, k), int)
                or getattr(self, k) < 1 for k in ints):
             raise ConfigError(f"server {', '.join(ints)} must be positive integers")
         if isinstance(self.max_queue, bool) or not isinstance(self.max_queue, int) or self.max_queue < 0:
             raise ConfigError("server max_queue must be a non-negative integer")
-        times = (self.request_timeout_s, self.drain_timeout_s, self.retry_after_s, self.keep_alive_s)
+        times = (self.request_timeout_s, self.drain_timeout_s, self.retry_after_s, self.keep_alive_s,
+                 self.body_timeout_s)
         if any(isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 1e6 for t in times):
-            raise ConfigError("server timeouts, retry_after_s and keep_alive_s must be positive seconds (< 1e6)")
+            raise ConfigError("server timeouts, retry_after_s, keep_alive_s and body_timeout_s must be positive "
+                              "seconds (< 1e6)")
         if self.api_key_env is not None and (not isinstance(self.api_key_env, str) or not self.api_key_env):
             raise ConfigError("server api_key_env must be the name of an environment variable")
         if not isinstance(self.model_name, str) or not self.model_name:

@@ -4,11 +4,13 @@ oversized bodies, browser-reachable requests, and shutdown past the drain timeou
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from conftest import PATIENCE_S, wait_until
 from test_openai_failures import dead_port, with_userinfo
 from test_server import CHAT, ServerProcess, write_yaml
 
@@ -102,3 +104,46 @@ def test_binding_beyond_loopback_without_auth_warns_loudly(caplog: pytest.LogCap
     assert cfg.allowed_hosts is None and "SECURITY" in caplog.text and "without auth" in caplog.text
     with pytest.raises(ConfigError):
         ServerConfig(allowed_origins="http://a.example")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- slow request bodies (issue 13, item 5)
+
+
+def _stalled_body(port: int, declared: int = 1000, sent: bytes = b'{"model": "cascade", ') -> socket.socket:
+    """A POST whose body stops after a few bytes (the connection stays open)."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 + f"Content-Length: {declared}\r\n\r\n".encode() + sent)
+    return sock
+
+
+def _status(sock: socket.socket) -> int:
+    sock.settimeout(PATIENCE_S)
+    head = sock.recv(4096).split(b"\r\n", 1)[0]
+    return int(head.split()[1])
+
+
+def test_slow_bodies_time_out_and_cannot_pile_up(tmp_path: Path) -> None:
+    with SimServer(SimConfig(model="s")) as small, SimServer(SimConfig(model="l")) as large:
+        tier = {"kind": "openai", "max_retries": 0}
+        config = write_yaml(tmp_path / "c.yaml", {
+            "tiers": [{"name": "small", "backend": {**tier, "model": "s", "base_url": small.base_url}},
+                      {"name": "large", "backend": {**tier, "model": "l", "base_url": large.base_url}}],
+            "thresholds": [0.5],
+            "extra": {"server": {"body_timeout_s": 2, "max_bodies_reading": 2}}})
+        server = ServerProcess(config, tmp_path / "log.txt")
+        try:
+            slow = [_stalled_body(server.port), _stalled_body(server.port)]
+            wait_until(lambda: httpx.get(server.url + "/health").json()["bodies_reading"] == 2,
+                       "two bodies being received")
+            third = _stalled_body(server.port)
+            assert _status(third) == 503  # no third slow body is read: memory stays bounded
+            assert [_status(s) for s in slow] == [408, 408]  # each gave up on its body_timeout_s
+            wait_until(lambda: httpx.get(server.url + "/health").json()["bodies_reading"] == 0, "reading none")
+            ok = httpx.post(server.url + "/v1/chat/completions", json={"model": "cascade", "messages": CHAT},
+                            timeout=PATIENCE_S)
+            assert ok.status_code == 200
+            for s in [*slow, third]:
+                s.close()
+        finally:
+            assert server.stopped_cleanly(), server.log.read_text()

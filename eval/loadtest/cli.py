@@ -90,6 +90,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--large-error-rate", type=float, default=0.0, help="large server's HTTP 500 share")
     g.add_argument("--large-timeout", type=float, default=3.0, help="large tier timeout; slower answers degrade")
     g.add_argument("--backend-retries", type=int, default=2, help="retries per backend request")
+    g.add_argument("--on-error", choices=("degrade", "raise"), default="degrade",
+                   help="the cascade's on_error: degrade (the small answer, marked) or raise (the request fails)")
     g.add_argument("--no-early-exit", action="store_true", help="turn off the engine's early exit")
     g.add_argument("--no-batching", action="store_true", help="no micro-batcher in front of the tiers")
     g.add_argument("--batch-size", type=int, default=16, help="micro-batcher max_batch_size")
@@ -143,6 +145,7 @@ def _sim_options(args: argparse.Namespace) -> SimOptions:
         large=replace(base.large, latency_per_request_s=args.large_latency[0],
                       latency_per_token_s=args.large_latency[1], error_rate=args.large_error_rate),
         large_timeout_s=args.large_timeout, backend_retries=args.backend_retries, early_exit=not args.no_early_exit,
+        on_error=args.on_error,
         batching=not args.no_batching,
         batch_size=args.batch_size, batch_wait_ms=args.batch_wait_ms, batch_concurrency=args.batch_concurrency,
         fault=args.fault, fault_at_s=args.fault_at if args.fault_at is not None else args.duration / 3,

@@ -50,7 +50,7 @@ def serve_config(options: SimOptions, small_url: str, large_url: str, *, max_in_
         "thresholds": [options.threshold],
         "max_tokens": options.max_tokens,
         "early_exit": options.early_exit,
-        "on_error": "degrade",
+        "on_error": options.on_error,
         "batching": {"enabled": options.batching, "max_batch_size": options.batch_size,
                      "max_wait_ms": options.batch_wait_ms, "max_queue": options.batch_queue},
         "extra": {"server": {"max_in_flight": max_in_flight, "max_queue": max_queue, "drain_timeout_s": 5.0}},

@@ -52,6 +52,7 @@ class SimOptions:
     backend_retries: int = 2  # retries per backend request (openai client, exponential backoff from 0.5 s)
     backend_timeout_s: float = 30.0  # seconds per backend HTTP attempt
     large_timeout_s: float | None = 3.0  # the large tier's Tier.timeout_s: a slower answer is degraded
+    on_error: str = "degrade"  # the cascade's on_error: "degrade" or "raise" (a failed large call fails the request)
     batching: bool = True  # wrap each tier's backend in cascade.batching.MicroBatcher
     batch_size: int = 16  # MicroBatcher max_batch_size
     batch_wait_ms: float = 5.0  # MicroBatcher max_wait_ms
@@ -140,7 +141,7 @@ class SimulatedCascade:
         cascade = Cascade([Tier("small", backends["small"], Price(0.135, 0.135)),
                            Tier("large", backends["large"], Price(0.5, 0.5), o.large_timeout_s)],
                           measure=o.measure, threshold=o.threshold,
-                          params=GenerationParams(max_tokens=o.max_tokens), on_error="degrade",
+                          params=GenerationParams(max_tokens=o.max_tokens), on_error=o.on_error,  # type: ignore[arg-type]
                           early_exit=o.early_exit)
 
         def depth() -> int:

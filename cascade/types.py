@@ -17,6 +17,7 @@ __all__ = [
     "FIRST_TOKEN_MEASURES",
     "FREE_MEASURES",
     "MEASURES",
+    "ROLES",
     "CascadeChunk",
     "CascadeResult",
     "EarlyExit",
@@ -63,7 +64,8 @@ class Message(TypedDict):
 #: A request: a plain prompt string or a list of chat messages.
 Prompt = str | Sequence[Message]
 
-_ROLES = frozenset({"system", "user", "assistant", "developer", "tool"})
+#: The chat roles a message may have (OpenAI's).
+ROLES = frozenset({"system", "user", "assistant", "developer", "tool"})
 
 
 def check_text(text: str, what: str) -> str:
@@ -105,8 +107,8 @@ def validate_prompt(prompt: object, max_chars: int = 200_000) -> Prompt:
         if not isinstance(message, Mapping):
             raise InvalidRequestError(f"messages[{i}] is not an object")
         role, content = message.get("role"), message.get("content")
-        if role not in _ROLES:
-            raise InvalidRequestError(f"messages[{i}].role must be one of {sorted(_ROLES)}, got {role!r}")
+        if role not in ROLES:
+            raise InvalidRequestError(f"messages[{i}].role must be one of {sorted(ROLES)}, got {role!r}")
         if not isinstance(content, str):
             raise InvalidRequestError(f"messages[{i}].content must be a string")
         check_text(content, f"messages[{i}].content")

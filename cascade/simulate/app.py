@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from cascade.simulate.choices import choose, echo_logprobs, tokens
 from cascade.simulate.model import MAX_TOP_LOGPROBS, SimAnswer, SimConfig, simulate_answer
+from cascade.types import ROLES
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
 __all__ = ["SimStats", "create_app"]
 
 _MAX_BODY_BYTES = 1_000_000
-_ROLES = frozenset({"system", "user", "assistant", "developer", "tool"})
 
 
 class SimStats:
@@ -94,8 +94,8 @@ def _render_messages(messages: object) -> str:
         raise _ApiError(400, "'messages' must be a non-empty array", "messages")
     lines = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in _ROLES:
-            raise _ApiError(400, f"messages[{i}] needs a role in {sorted(_ROLES)}", "messages")
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise _ApiError(400, f"messages[{i}] needs a role in {sorted(ROLES)}", "messages")
         content = m.get("content")
         parts = content if isinstance(content, list) else None
         if parts is not None and all(isinstance(p, dict) and p.get("type") == "text" for p in parts):

@@ -15,14 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from cascade.errors import ConfigError
-from cascade.types import Message, Prompt
+from cascade.types import ROLES, Message, Prompt
 
 __all__ = ["DATASETS", "DEFAULT_DATA_DIR", "dataset_prompts", "generated_prompts", "load_prompts",
            "write_prompts"]
 
 #: Where the labeled datasets live on this machine (see its README).
 DEFAULT_DATA_DIR = Path("../shared/data")
-_ROLES = frozenset({"system", "user", "assistant", "developer", "tool"})
 
 
 def load_prompts(path: str | Path, limit: int | None = None) -> list[Prompt]:
@@ -31,19 +30,21 @@ def load_prompts(path: str | Path, limit: int | None = None) -> list[Prompt]:
     Raises:
         ConfigError: unreadable file, bad JSON, a line with neither field, or no prompts at all.
     """
+    from cascade.run_lines import LineError, decode_line, read_lines
+
     p = Path(path)
     try:
-        lines = p.read_text(encoding="utf-8-sig").split("\n")  # not splitlines: U+2028 may be in a string
-    except (OSError, UnicodeDecodeError) as exc:
+        lines = read_lines(p)  # bytes split on newlines only (U+2028 may be in a string), BOM dropped
+    except OSError as exc:
         raise ConfigError(f"cannot read prompts file {p}: {exc}") from exc
     prompts: list[Prompt] = []
-    for n, line in enumerate(lines, 1):
+    for n, line in lines:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise ConfigError(f"{p}:{n}: not valid JSON: {exc}") from exc
+            row = decode_line(line, n)
+        except LineError as exc:
+            raise ConfigError(f"{p}: {exc}") from None
         prompts.append(_prompt_of(row, f"{p}:{n}"))
         if limit is not None and len(prompts) >= limit:
             break
@@ -59,7 +60,7 @@ def _prompt_of(row: Any, where: str) -> Prompt:
         return str(row["prompt"])
     messages = row.get("messages")
     if isinstance(messages, list) and messages and all(
-            isinstance(m, dict) and m.get("role") in _ROLES and isinstance(m.get("content"), str) for m in messages):
+            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages):
         return [Message(role=str(m["role"]), content=str(m["content"])) for m in messages]
     raise ConfigError(f"{where}: needs a non-empty 'prompt' string or a 'messages' list of {{role, content}}")
 

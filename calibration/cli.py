@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from calibration.inputs import Arrays, Inputs, measure_arrays, read_inputs
 from calibration.pipeline import fit_thresholds, widen_curve, widen_thresholds
 from cascade.atomic_files import write_text_atomic
+from cascade.config import backend_signature
 from cascade.errors import CascadeError, InvalidRequestError
 
 if TYPE_CHECKING:
@@ -233,7 +234,7 @@ def _fit(a: argparse.Namespace, cfg: CascadeConfig, inputs: Inputs, params: Gene
         **dict(fit.params), "fitted_thresholds": rep.jsonable(list(fit.thresholds)), "scorer": inputs.scorer_name,
         "max_tokens": params.max_tokens, "temperature": params.temperature, "data": Path(a.data).name,
         "choices": not a.no_choices and all(e.data.get("choices") for e in inputs.fit + inputs.test),
-        "split": inputs.split, **free,
+        "split": inputs.split, "backends": backend_signature(cfg), **free,
         **({"delta_overall": kw["delta"], "tested_measures": len(summary)}
            if fit_kw.get("delta") != kw.get("delta") else {})})
     chosen = simulate(thresholds, fs, fc, fk).stats()

@@ -132,6 +132,39 @@ class CascadeConfig:
             raise ConfigError("on_error must be 'raise' or 'degrade'")
 
 
+def backend_signature(config: CascadeConfig) -> list[dict[str, Any]]:
+    """What produced each tier's scores: backend kind, and for a remote tier the ``top_logprobs`` k its measures
+    were computed from (a calibration artifact records it; :func:`build_cascade` refuses a mismatch)."""
+    return [{"tier": t.name, "kind": t.backend.kind,
+             "top_logprobs": t.backend.top_logprobs if t.backend.kind == "openai" else None} for t in config.tiers]
+
+
+def check_backends(config: CascadeConfig, artifact: Any) -> None:
+    """Refuse an artifact whose thresholds were fitted on other backends than the config serves the tiers with.
+
+    The same weights give different scores locally (exact) and through a server (from its top-k logprobs), so
+    a threshold does not carry over silently. Artifacts from before this check (no ``backends``) pass.
+
+    Raises:
+        ArtifactError: a tier's backend kind or ``top_logprobs`` differs from the artifact's.
+    """
+    from cascade.errors import ArtifactError
+
+    fitted = artifact.params.get("backends") if isinstance(artifact.params, Mapping) else None
+    if not isinstance(fitted, list):
+        return
+    for was, now in zip(fitted, backend_signature(config)):
+        if not isinstance(was, Mapping) or "kind" not in was:
+            continue
+        if (was.get("kind"), was.get("top_logprobs")) != (now["kind"], now["top_logprobs"]):
+            def how(b: Mapping[str, Any]) -> str:
+                return f"{b['kind']}" + (f" with top_logprobs {b['top_logprobs']}" if b.get("top_logprobs") else "")
+            raise ArtifactError(
+                f"the artifact's thresholds for tier {now['tier']!r} were fitted on a {how(was)} backend, the config "
+                f"serves it with {how(now)}: scores differ between backends; refit with cascade-calibrate on this "
+                "config")
+
+
 def default_config() -> CascadeConfig:
     """The embedded default pair: Qwen2.5-Coder-0.5B-Instruct -> Qwen2.5-Coder-1.5B-Instruct, shipped thresholds.
 
@@ -284,7 +317,7 @@ def build_cascade(config: CascadeConfig, *, backends: Mapping[str, Backend] | No
     if config.thresholds is None and artifact is None:
         artifact = str(DEFAULT_ARTIFACT)
     params = GenerationParams(max_tokens=config.max_tokens, temperature=config.temperature)
-    return Cascade(
+    cascade = Cascade(
         tiers,
         measure=config.measure,
         threshold=config.thresholds,
@@ -295,3 +328,7 @@ def build_cascade(config: CascadeConfig, *, backends: Mapping[str, Backend] | No
         max_prompt_chars=config.max_prompt_chars,
         length_normalize=config.length_normalize,
     )
+    fitted = getattr(cascade.policy, "artifact", None)
+    if fitted is not None and config.artifact is not None:  # the shipped default is for its own local models
+        check_backends(config, fitted)
+    return cascade

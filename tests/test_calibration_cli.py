@@ -408,3 +408,26 @@ def test_without_a_measure_calibration_picks_by_the_data_and_the_cascade_takes_t
     by_hand = replace(load_config(config), thresholds=(0.5,))
     assert build_cascade(by_hand).measure == "margin_first"
 
+
+
+def test_an_artifact_refuses_other_backends_than_it_was_fitted_on(tmp_path, setup):
+    """The same model behind a server scores differently (top-k logprobs): an artifact fitted on local tiers is
+    refused for a config serving a tier remotely, and one fitted with top_logprobs 5 for a config asking 20."""
+    from cascade.config import BackendConfig, backend_signature, build_cascade, load_config
+    from cascade.errors import ArtifactError
+
+    out = tmp_path / "a.json"
+    assert calibrate(setup, out, "--max-large-share", "0.4")[0] == 0
+    local = load_config(setup["two"])
+    assert Artifact.load(out).params["backends"] == backend_signature(local)
+    assert build_cascade(replace(local, artifact=str(out))).measure == "margin_first"  # same backends: fine
+    small = local.tiers[0]
+    remote = replace(small, backend=BackendConfig(kind="openai", model=small.backend.model,
+                                                   base_url="http://127.0.0.1:9/v1"))
+    served = replace(local, tiers=(remote, *local.tiers[1:]), artifact=str(out))
+    with pytest.raises(ArtifactError, match="tier 'small' were fitted on a hf backend.*openai with top_logprobs 5"):
+        build_cascade(served)
+    old = Artifact.load(out)
+    old_params = {k: v for k, v in old.params.items() if k != "backends"}  # an artifact from before the check
+    replace(old, params=old_params).save(tmp_path / "old.json")
+    assert build_cascade(replace(served, artifact=str(tmp_path / "old.json"))).tiers[0].name == "small"

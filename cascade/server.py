@@ -102,7 +102,7 @@ class _Service:
                 raise HTTPError(421, "this server does not answer for that Host (server.allowed_hosts)",
                                 code="host_not_allowed")
         origin = request.headers.get("origin")
-        if origin is not None and "*" not in self.config.allowed_origins \
+        if origin and "*" not in self.config.allowed_origins \
                 and origin.lower() not in self.config.allowed_origins:
             raise HTTPError(403, "cross-origin requests are refused (server.allowed_origins)",
                             code="origin_not_allowed")
@@ -164,8 +164,8 @@ class _Service:
             if self.draining:
                 raise HTTPError(503, "the server is shutting down", "server_error", "shutting_down",
                                 {"Retry-After": "1"})
-            self.check_origin(request)
             self.check_auth(request)
+            self.check_origin(request)
             body = await self.read_json(request)
             parsed = parse_request(kind, body, self.engine.params, self.config)
             if parsed.stream and len(parsed.prompts) == 1 and parsed.choices is None and hasattr(self.engine, "stream"):
@@ -333,8 +333,8 @@ def create_app(engine: Any, config: ServerConfig | None = None) -> Starlette:
 
     async def models(request: Request) -> Response:
         try:
-            svc.check_origin(request)
             svc.check_auth(request)
+            svc.check_origin(request)
         except HTTPError as exc:
             return _error_response(exc)
         card = {"id": svc.config.model_name, "object": "model", "created": svc.started,
@@ -353,8 +353,8 @@ def create_app(engine: Any, config: ServerConfig | None = None) -> Starlette:
 
     async def metrics(request: Request) -> Response:
         try:
-            svc.check_origin(request)
             svc.check_auth(request)
+            svc.check_origin(request)
         except HTTPError as exc:
             return _error_response(exc)
         text = svc.metrics.render(svc.admission.running, svc.queue_depth())

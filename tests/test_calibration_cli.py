@@ -425,7 +425,7 @@ def test_an_artifact_refuses_other_backends_than_it_was_fitted_on(tmp_path, setu
     remote = replace(small, backend=BackendConfig(kind="openai", model=small.backend.model,
                                                    base_url="http://127.0.0.1:9/v1"))
     served = replace(local, tiers=(remote, *local.tiers[1:]), artifact=str(out))
-    with pytest.raises(ArtifactError, match="tier 'small' were fitted on a hf backend.*openai with top_logprobs 5"):
+    with pytest.raises(ArtifactError, match=r"tier 'small' were fitted on a hf backend.*openai with top_logprobs 5"):
         build_cascade(served)
     old = Artifact.load(out)
     old_params = {k: v for k, v in old.params.items() if k != "backends"}  # an artifact from before the check

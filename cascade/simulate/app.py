@@ -38,7 +38,9 @@ class SimStats:
         hangs: simulated hangs.
         streams_completed: streams sent to their ``[DONE]``.
         streams_cancelled: streams the client closed before the end.
+        streams_interrupted: streams cut off by a newer request (``interrupt_requests``).
         tokens_sent: tokens sent in streams.
+        started: generation streams started so far (each stream's sequence number).
     """
 
     def __init__(self) -> None:
@@ -48,6 +50,7 @@ class SimStats:
         """Set every counter to zero."""
         self.requests = self.in_flight = self.max_in_flight = self.errors = self.hangs = 0
         self.streams_completed = self.streams_cancelled = self.tokens_sent = 0
+        self.streams_interrupted = self.started = 0
 
     @contextlib.contextmanager
     def track(self) -> Iterator[None]:
@@ -240,6 +243,12 @@ async def _stream(req: _Request, answers: Sequence[SimAnswer], config: SimConfig
         body = ({"delta": {} if text is None else {"content": text}} if req.chat else {"text": text or ""})
         return {"index": i, **body, "logprobs": lp, "finish_reason": finish}
 
+    stats.started += 1
+    mine = stats.started
+
+    def interrupted() -> bool:  # llama.cpp: a newer request makes the running one give up
+        return config.interrupt_requests and stats.started > mine
+
     with stats.track():
         try:
             if config.latency_per_request_s:
@@ -250,6 +259,10 @@ async def _stream(req: _Request, answers: Sequence[SimAnswer], config: SimConfig
             for t in range(max(len(a.tokens) for a in answers)):
                 if config.latency_per_token_s:
                     await asyncio.sleep(config.latency_per_token_s)
+                if interrupted():
+                    stats.streams_interrupted += 1
+                    yield b"data: [DONE]\n\n"
+                    return
                 for i, a in enumerate(answers):
                     if t < len(a.tokens):
                         stats.tokens_sent += 1

@@ -8,6 +8,7 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from cascade.errors import ConfigError
 
@@ -49,6 +50,9 @@ class SimConfig:
             400 (default True).
         stream_usage: honour ``stream_options.include_usage`` with a final usage chunk; False imitates
             llama.cpp's server, which sends none (default True).
+        interrupt_requests: imitate llama.cpp's default ``--interrupt_requests True``: a stream in progress
+            ends with a bare ``data: [DONE]`` (no finish reason, no usage) as soon as a newer generation request
+            arrives (default False). :meth:`llamacpp` sets this and llama.cpp's other quirks.
     """
 
     model: str = "sim-model"
@@ -63,6 +67,12 @@ class SimConfig:
     guided_choice: bool = True
     echo: bool = True
     stream_usage: bool = True
+    interrupt_requests: bool = False
+
+    @classmethod
+    def llamacpp(cls, **changes: Any) -> SimConfig:
+        """llama.cpp's Python server with its defaults: interrupts, no streamed usage, no guided choice."""
+        return cls(**{"interrupt_requests": True, "stream_usage": False, "guided_choice": False, **changes})
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -195,10 +197,57 @@ def _fit_router(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- serve
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from cascade.server import serve_main
+def _log_to_stderr() -> None:
+    """Send the ``cascade`` loggers (tier failures, shutdown) to stderr, next to uvicorn's own lines."""
+    logger = logging.getLogger("cascade")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)-9s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
-    return int(serve_main(args))
+
+def _serve(args: argparse.Namespace) -> int:
+    """Run ``cascade serve``: build the cascade (or router) from the config, then serve it with uvicorn.
+
+    Args:
+        args: ``config``, ``measure``, ``threshold``, ``artifact``, ``max_tokens``, ``host``, ``port``.
+
+    Returns:
+        The process exit code (0 after a clean shutdown).
+    """
+    import uvicorn
+
+    from cascade.config import build_cascade
+    from cascade.server import ServerConfig, create_app
+    from cascade.server.config import guard_binding
+    from cascade.server.flow import uvicorn_server
+
+    cfg = _config(args)
+    _log_to_stderr()
+    extra = cfg.extra if isinstance(cfg.extra, Mapping) else {}
+    server_cfg = ServerConfig.from_mapping(extra.get("server"))
+    server_cfg.api_key()  # fail before loading models when the key is missing
+    host = getattr(args, "host", None) or "127.0.0.1"
+    port = 8000 if getattr(args, "port", None) is None else int(args.port)  # 0: any free port
+    server_cfg = guard_binding(server_cfg, host)
+    print(f"loading tiers: {', '.join(f'{t.name}={t.backend.model}' for t in cfg.tiers)}", file=sys.stderr)
+    if cfg.router:
+        from cascade.router.pool import build_router
+
+        engine = build_router(cfg)
+    else:
+        engine = build_cascade(cfg)
+    app = create_app(engine, server_cfg)
+    print(f"serving model {server_cfg.model_name!r} on http://{host}:{port}/v1 "
+          f"(auth {'on' if server_cfg.api_key_env else 'off'})", file=sys.stderr)
+    uv = uvicorn.Config(app, host=host, port=port, lifespan="on", log_level="info", access_log=False,
+                        timeout_graceful_shutdown=math.ceil(server_cfg.drain_timeout_s) + 5,
+                        timeout_keep_alive=math.ceil(server_cfg.keep_alive_s))
+    # On SIGTERM/SIGINT uvicorn stops accepting, lets requests in flight finish, runs the app's shutdown
+    # (drain, close the engine), then re-raises the signal: the exit status is the signal's, as usual.
+    uvicorn_server()(uv, app.state.service).run()
+    return 0
 
 
 def _positive(text: str) -> int:

@@ -170,6 +170,10 @@ class Cascade:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
+    def cascades(self) -> list[Cascade]:
+        """This cascade, as a list (the server's :class:`~cascade.server.protocol.Engine` interface)."""
+        return [self]
+
     async def aclose(self) -> None:
         """Close every tier's backend (each distinct backend once)."""
         seen: set[int] = set()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from cascade.config import build_cascade, load_config
-from cascade.server_config import ServerConfig
+from cascade.server.config import ServerConfig
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
 

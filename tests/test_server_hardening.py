@@ -77,7 +77,7 @@ async def _post(app: Any, headers: dict[str, str], content: bytes = b'{"model": 
 
 
 async def test_loopback_hosts_only_json_bodies_and_no_foreign_origins() -> None:
-    from cascade.server_config import ServerConfig, guard_binding
+    from cascade.server.config import ServerConfig, guard_binding
 
     loopback = guard_binding(ServerConfig(), "127.0.0.1")
     assert loopback.allowed_hosts == ("localhost", "127.0.0.1", "::1")
@@ -97,7 +97,7 @@ async def test_loopback_hosts_only_json_bodies_and_no_foreign_origins() -> None:
 
 
 def test_binding_beyond_loopback_without_auth_warns_loudly(caplog: pytest.LogCaptureFixture) -> None:
-    from cascade.server_config import ServerConfig, guard_binding
+    from cascade.server.config import ServerConfig, guard_binding
 
     with caplog.at_level("WARNING", logger="cascade.server"):
         cfg = guard_binding(ServerConfig(), "0.0.0.0")

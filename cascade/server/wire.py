@@ -1,6 +1,6 @@
 """The OpenAI wire format of ``cascade serve``: request parsing, response bodies and SSE chunks.
 
-Pure functions and plain classes, no I/O: :mod:`cascade.server` does the HTTP. Every client mistake
+Pure functions and plain classes, no I/O: :mod:`cascade.server.app` does the HTTP. Every client mistake
 raises :class:`HTTPError` (a 4xx) with a message naming the offending field.
 """
 
@@ -144,7 +144,7 @@ def parse_request(kind: str, body: object, defaults: GenerationParams, config: A
         kind: ``"chat"`` or ``"completions"``.
         body: the decoded JSON.
         defaults: decoding parameters used where the body gives none.
-        config: the :class:`~cascade.server.ServerConfig` (model name and limits).
+        config: the :class:`~cascade.server.config.ServerConfig` (model name and limits).
 
     Raises:
         HTTPError: 400 for a malformed body, 404 for an unknown model.

@@ -19,34 +19,32 @@ several prompts is answered first and then sent as word-sized chunks.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import hmac
 import json
 import logging
 import math
-import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from cascade.errors import (
     BackendError,
 )
-from cascade.server_api import HTTPError, as_http, parse_request, render_response, sse_events, sse_stream
-from cascade.server_config import ServerConfig, guard_binding
-from cascade.server_flow import (
+from cascade.server.config import ServerConfig
+from cascade.server.flow import (
     Admission,
     Disconnected,
     close_quietly,
     next_before,
     streaming_response,
-    uvicorn_server,
     watch,
 )
-from cascade.server_metrics import Metrics
+from cascade.server.metrics import Metrics
+from cascade.server.protocol import Engine
+from cascade.server.wire import HTTPError, as_http, parse_request, render_response, sse_events, sse_stream
 from cascade.types import CascadeChunk
 
 if TYPE_CHECKING:
@@ -54,7 +52,7 @@ if TYPE_CHECKING:
     from starlette.requests import Request
     from starlette.responses import Response
 
-__all__ = ["ServerConfig", "create_app", "serve_main"]
+__all__ = ["create_app"]
 
 log = logging.getLogger("cascade.server")
 
@@ -67,18 +65,18 @@ def _error_response(exc: HTTPError) -> Response:
                     media_type="application/json")
 
 
-def _batchers(service: Any) -> list[Any]:
+def _batchers(service: Engine) -> list[Any]:
     from cascade.batching import MicroBatcher
 
-    cascades = service.cascades() if hasattr(service, "cascades") else [service]
-    found = {id(t.backend): t.backend for c in cascades for t in c.tiers if isinstance(t.backend, MicroBatcher)}
+    found = {id(t.backend): t.backend for c in service.cascades() for t in c.tiers
+             if isinstance(t.backend, MicroBatcher)}
     return list(found.values())
 
 
 class _Service:
     """Per-app state: the engine, admission control, metrics and the shutdown flag (no globals)."""
 
-    def __init__(self, engine: Any, config: ServerConfig) -> None:
+    def __init__(self, engine: Engine, config: ServerConfig) -> None:
         self.engine, self.config = engine, config
         self.api_key = config.api_key()
         self.admission = Admission(config.max_in_flight, config.max_queue, config.retry_after_s)
@@ -168,7 +166,7 @@ class _Service:
             self.check_origin(request)
             body = await self.read_json(request)
             parsed = parse_request(kind, body, self.engine.params, self.config)
-            if parsed.stream and len(parsed.prompts) == 1 and parsed.choices is None and hasattr(self.engine, "stream"):
+            if parsed.stream and len(parsed.prompts) == 1 and parsed.choices is None:
                 response = await self._live_stream(request, kind, parsed, started)
                 status = 0  # the stream records its own outcome when it ends
                 return response
@@ -310,7 +308,7 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def create_app(engine: Any, config: ServerConfig | None = None) -> Starlette:
+def create_app(engine: Engine, config: ServerConfig | None = None) -> Starlette:
     """The ASGI app serving ``engine`` (a :class:`~cascade.engine.Cascade` or an expert router).
 
     The app owns the engine: shutting the app down drains requests in flight, then closes the engine.
@@ -386,54 +384,3 @@ def create_app(engine: Any, config: ServerConfig | None = None) -> Starlette:
                     exception_handlers={HTTPException: http_error, Exception: http_error})
     app.state.service = svc
     return app
-
-
-def _log_to_stderr() -> None:
-    """Send the ``cascade`` loggers (tier failures, shutdown) to stderr, next to uvicorn's own lines."""
-    logger = logging.getLogger("cascade")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)-9s %(name)s: %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-
-
-def serve_main(args: argparse.Namespace) -> int:
-    """Run ``cascade serve``: build the cascade (or router) from the config, then serve it with uvicorn.
-
-    Args:
-        args: ``config``, ``measure``, ``threshold``, ``artifact``, ``max_tokens``, ``host``, ``port``.
-
-    Returns:
-        The process exit code (0 after a clean shutdown).
-    """
-    import uvicorn
-
-    from cascade.cli import _config
-    from cascade.config import build_cascade
-
-    cfg = _config(args)
-    _log_to_stderr()
-    extra = cfg.extra if isinstance(cfg.extra, Mapping) else {}
-    server_cfg = ServerConfig.from_mapping(extra.get("server"))
-    server_cfg.api_key()  # fail before loading models when the key is missing
-    host = getattr(args, "host", None) or "127.0.0.1"
-    port = 8000 if getattr(args, "port", None) is None else int(args.port)  # 0: any free port
-    server_cfg = guard_binding(server_cfg, host)
-    print(f"loading tiers: {', '.join(f'{t.name}={t.backend.model}' for t in cfg.tiers)}", file=sys.stderr)
-    if cfg.router:
-        from cascade.router.pool import build_router
-
-        engine = build_router(cfg)
-    else:
-        engine = build_cascade(cfg)
-    app = create_app(engine, server_cfg)
-    print(f"serving model {server_cfg.model_name!r} on http://{host}:{port}/v1 "
-          f"(auth {'on' if server_cfg.api_key_env else 'off'})", file=sys.stderr)
-    uv = uvicorn.Config(app, host=host, port=port, lifespan="on", log_level="info", access_log=False,
-                        timeout_graceful_shutdown=math.ceil(server_cfg.drain_timeout_s) + 5,
-                        timeout_keep_alive=math.ceil(server_cfg.keep_alive_s))
-    # On SIGTERM/SIGINT uvicorn stops accepting, lets requests in flight finish, runs the app's shutdown
-    # (drain, close the engine), then re-raises the signal: the exit status is the signal's, as usual.
-    uvicorn_server()(uv, app.state.service).run()
-    return 0

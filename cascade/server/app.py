@@ -105,6 +105,11 @@ class _Service:
             raise HTTPError(403, "cross-origin requests are refused (server.allowed_origins)",
                             code="origin_not_allowed")
 
+    def check_access(self, request: Request) -> None:
+        """The bearer token first (a request without it is a 401 whatever else it sends), then Host and Origin."""
+        self.check_auth(request)
+        self.check_origin(request)
+
     def check_auth(self, request: Request) -> None:
         if self.api_key is None:
             return
@@ -162,8 +167,7 @@ class _Service:
             if self.draining:
                 raise HTTPError(503, "the server is shutting down", "server_error", "shutting_down",
                                 {"Retry-After": "1"})
-            self.check_auth(request)
-            self.check_origin(request)
+            self.check_access(request)
             body = await self.read_json(request)
             parsed = parse_request(kind, body, self.engine.params, self.config)
             if parsed.stream and len(parsed.prompts) == 1 and parsed.choices is None:
@@ -331,8 +335,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> Starlette:
 
     async def models(request: Request) -> Response:
         try:
-            svc.check_auth(request)
-            svc.check_origin(request)
+            svc.check_access(request)
         except HTTPError as exc:
             return _error_response(exc)
         card = {"id": svc.config.model_name, "object": "model", "created": svc.started,
@@ -351,8 +354,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> Starlette:
 
     async def metrics(request: Request) -> Response:
         try:
-            svc.check_auth(request)
-            svc.check_origin(request)
+            svc.check_access(request)
         except HTTPError as exc:
             return _error_response(exc)
         text = svc.metrics.render(svc.admission.running, svc.queue_depth())

@@ -1,0 +1,91 @@
+"""Calibrating the ``combined`` measure: weights from one part of the data, thresholds certified on the other.
+
+:func:`fit_quality_combined` splits the calibration examples at random (seeded, independent of the data) into
+a *fix* part (share ``fix_share``) and a *certify* part. On the fix part, each lower tier j gets a
+:class:`cascade.combined.Combination` of its free measures, fitted to predict "tier j's answer is wrong".
+The combinations then score the certify part, and :func:`calibration.fit.fit_quality` certifies thresholds on
+those scores alone.
+
+*Why the guarantee stays honest:* conditional on the fix part, the combinations are fixed functions, chosen
+before the certify part is looked at, and the certify part is an i.i.d. sample independent of them. The
+certify examples' combined scores are therefore i.i.d. draws of a fixed measure, which is exactly the
+situation :func:`calibration.fit.fit_quality` certifies, so ``P(loss > eps | fix part) <= delta``; averaging
+over the fix part gives the same unconditionally. The weights are *not* corrected for (no Bonferroni): they
+are never chosen on the data that certifies. Fitting the weights on all of the data and certifying on the
+same data would void this (the weights would be tuned to the very sample that tests them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import numpy.typing as npt
+
+from calibration.certify import Bound, Claim
+from calibration.family import Family, split_indices
+from calibration.fit import FitResult, fit_quality
+from cascade.combined import Combination, fit_combination
+from cascade.curve import check_fraction
+from cascade.errors import InvalidRequestError
+from cascade.types import FREE_MEASURES
+
+__all__ = ["combined_columns", "fit_quality_combined"]
+
+
+def combined_columns(columns: Mapping[str, npt.ArrayLike], stage: int) -> dict[str, npt.NDArray[np.float64]]:
+    """Stage ``stage``'s free measures from ``(n, N-1)`` (or ``(n,)``) measure columns."""
+    out = {}
+    for m in FREE_MEASURES:
+        if m in columns:
+            v = np.asarray(columns[m], dtype=np.float64)
+            out[m] = v.reshape(len(v), -1)[:, stage]
+    if not out:
+        raise InvalidRequestError(f"the combined measure needs at least one of {list(FREE_MEASURES)}")
+    return out
+
+
+def fit_quality_combined(columns: Mapping[str, npt.ArrayLike], correct: npt.ArrayLike,
+                         costs: npt.ArrayLike | None = None, *, max_quality_loss: float, delta: float = 0.1,
+                         bound: Bound | None = None, claim: Claim = "accuracy", family: Family = "auto",
+                         fix_share: float = 0.5, seed: int = 0, l2: float = 1.0
+                         ) -> tuple[tuple[Combination, ...], FitResult]:
+    """Fit one combination per lower tier on the fix part; certify thresholds on the certify part.
+
+    Args:
+        columns: free measure name -> ``(n, N-1)`` (or ``(n,)`` for two tiers) scores of the same examples.
+        correct: ``(n, N)`` bool, each tier's answer right (agreement with the last tier for the
+            disagreement claim).
+        costs, max_quality_loss, delta, bound, claim, family, seed: as in :func:`calibration.fit.fit_quality`
+            (applied to the certify part; ``seed`` also draws the split).
+        fix_share: share of the examples that fit the weights, in (0, 1).
+        l2: ridge penalty of :func:`cascade.combined.fit_combination`.
+
+    Returns:
+        ``(combinations, fit)``: one combination per lower tier and the certified fit; ``fit.stats`` are on
+        the certify part, ``fit.params`` adds ``n_fix`` and ``n_certify``.
+    """
+    ok = np.asarray(correct, dtype=bool)
+    if ok.ndim != 2 or ok.shape[1] < 2:
+        raise InvalidRequestError("correct must be (n, N) with N >= 2 tiers")
+    n, tiers = ok.shape
+    share = check_fraction("fix_share", fix_share, 0.0, 1.0)
+    if n < 4:
+        raise InvalidRequestError(f"the combined measure needs at least 4 calibration examples, got {n}")
+    fix, cert = split_indices(n, share, seed)
+    combos = []
+    for j in range(tiers - 1):
+        cols = combined_columns(columns, j)
+        combos.append(fit_combination({m: v[fix] for m, v in cols.items()}, ~ok[fix, j], l2=l2))
+    scores = np.stack([c.scores({m: v[cert] for m, v in combined_columns(columns, j).items()})
+                       for j, c in enumerate(combos)], axis=1)
+    cost_arr = None
+    if costs is not None:
+        cost_arr = np.asarray(costs, dtype=np.float64)
+        cost_arr = cost_arr[cert] if cost_arr.ndim == 2 else cost_arr
+    fit = fit_quality(scores, ok[cert], cost_arr, max_quality_loss=max_quality_loss, delta=delta, bound=bound,
+                      claim=claim, family=family, seed=seed)
+    msg = (f"{fit.message} The combined measure's weights were fitted on {len(fix)} of the {n} calibration "
+           f"examples and the thresholds certified on the other {len(cert)}, so the weights cost no confidence.")
+    params = {**dict(fit.params), "n_fix": len(fix), "n_certify": len(cert)}
+    return tuple(combos), FitResult(fit.thresholds, fit.method, params, fit.stats, fit.feasible, msg, fit.pareto)

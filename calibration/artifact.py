@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import numpy.typing as npt
 
     from calibration.fit import FitResult
+    from cascade.combined import Combination
 
 __all__ = ["artifact_from_fit", "data_fingerprint", "levels_from_fits"]
 
@@ -43,11 +44,13 @@ def data_fingerprint(*parts: npt.ArrayLike | bytes | str) -> str:
 
 def artifact_from_fit(fit: FitResult, *, models: Sequence[str], measure: str, data_fingerprint: str,
                       curve: Curve | None = None,
-                      cluster_thresholds: Mapping[int, Sequence[float]] | None = None) -> Artifact:
-    """Wrap a :class:`calibration.fit.FitResult` with the identity of the models, measure and data."""
+                      cluster_thresholds: Mapping[int, Sequence[float]] | None = None,
+                      combination: tuple[Combination, ...] | None = None) -> Artifact:
+    """Wrap a :class:`calibration.fit.FitResult` with the identity of the models, measure and data (and, for
+    the measure ``"combined"``, its fitted weights)."""
     clusters = None if cluster_thresholds is None else {k: tuple(v) for k, v in cluster_thresholds.items()}
     return Artifact(tuple(models), measure, fit.thresholds, fit.method, dict(fit.params), data_fingerprint,
-                    fit.stats.n, fit.feasible, fit.message, curve, clusters)
+                    fit.stats.n, fit.feasible, fit.message, curve, clusters, combination=combination)
 
 
 def levels_from_fits(fits: Sequence[FitResult], thresholds: Sequence[Sequence[float]], *, confidence: float) -> Levels:

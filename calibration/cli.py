@@ -55,7 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scorer", default="auto",
                    help="exact | choice | numeric | contains | module:function (default: choice when every "
                         "example has choices, else exact)")
-    p.add_argument("--measure", help="uncertainty measure, or 'all' to pick the best AUC (default: the config's)")
+    p.add_argument("--measure", help="uncertainty measure, 'all' to pick the best AUC, or 'combined': a logistic "
+                   "combination of the free measures fitted on half of the fit data, the thresholds certified on the "
+                   "other half (default: the config's)")
     p.add_argument("--config", help="YAML or TOML cascade config (default: the embedded model pair)")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--max-large-share", type=float, metavar="R",
@@ -127,8 +129,8 @@ def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("--batch-size and --max-tokens must be >= 1")
     from cascade.types import MEASURES
 
-    if a.measure is not None and a.measure != "all" and a.measure not in MEASURES:
-        p.error(f"--measure must be 'all' or one of {', '.join(MEASURES)}")
+    if a.measure is not None and a.measure not in ("all", "combined", *MEASURES):
+        p.error(f"--measure must be 'all', 'combined' or one of {', '.join(MEASURES)}")
     if a.seed < 0:
         p.error("--seed must be >= 0")
     if (a.label_free or a.plan) and a.max_quality_loss is None:
@@ -219,7 +221,8 @@ def _fit(a: argparse.Namespace, cfg: CascadeConfig, inputs: Inputs, params: Gene
         clusters, report["clusters"] = fit_clusters(ids[:n_fit], method, fit_kw, fs, fc, fk, claim)
         report["clusters"].update(router=a.router, embedder=embedder)
     art = artifact_from_fit(fit, models=[t.backend.model for t in cfg.tiers], measure=measure, data_fingerprint=fp,
-                            curve=widen_curve(measured_curve(fs, fc, fk), fs), cluster_thresholds=clusters)
+                            curve=widen_curve(measured_curve(fs, fc, fk), fs), cluster_thresholds=clusters,
+                            combination=arrays.combination if measure == "combined" else None)
     if level_fits:
         art = replace(art, levels=levels_from_fits(level_fits, level_ts, confidence=a.confidence))
     if arrays.priors is not None:
@@ -351,6 +354,11 @@ def _run(a: argparse.Namespace) -> int:
     cache_dir = Path(a.cache_dir) if a.cache_dir else _default_cache()
     arrays = measure_arrays(cfg, inputs, params, cache_dir, batch_size=a.batch_size, progress=not a.no_progress,
                             choices=not a.no_choices, label_free=a.label_free)
+    if a.measure == "combined":  # weights from one part of the fit data; all that follows sees only the rest
+        from calibration.combine import combine_arrays
+
+        _, arrays, inputs, note = combine_arrays(arrays, inputs, seed=a.seed)
+        print(note, file=sys.stderr)
     wanted, how, summary = _choose_measure(a, cfg, arrays, len(inputs.fit))
     if a.plan:
         planned = _plan(a, inputs, arrays, wanted)

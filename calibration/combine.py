@@ -18,6 +18,8 @@ same data would void this (the weights would be tuned to the very sample that te
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -25,12 +27,15 @@ import numpy.typing as npt
 from calibration.certify import Bound, Claim
 from calibration.family import Family, split_indices
 from calibration.fit import FitResult, fit_quality
-from cascade.combined import Combination, fit_combination
+from cascade.combined import COMBINED, Combination, fit_combination
 from cascade.curve import check_fraction
 from cascade.errors import InvalidRequestError
 from cascade.types import FREE_MEASURES
 
-__all__ = ["combined_columns", "fit_quality_combined"]
+if TYPE_CHECKING:
+    from calibration.inputs import Arrays, Inputs
+
+__all__ = ["combine_arrays", "combined_columns", "fit_quality_combined"]
 
 
 def combined_columns(columns: Mapping[str, npt.ArrayLike], stage: int) -> dict[str, npt.NDArray[np.float64]]:
@@ -89,3 +94,43 @@ def fit_quality_combined(columns: Mapping[str, npt.ArrayLike], correct: npt.Arra
            f"examples and the thresholds certified on the other {len(cert)}, so the weights cost no confidence.")
     params = {**dict(fit.params), "n_fix": len(fix), "n_certify": len(cert)}
     return tuple(combos), FitResult(fit.thresholds, fit.method, params, fit.stats, fit.feasible, msg, fit.pareto)
+
+
+def combine_arrays(arrays: Arrays, inputs: Inputs, *, seed: int = 0, fix_share: float = 0.5, l2: float = 1.0
+                   ) -> tuple[tuple[Combination, ...], Arrays, Inputs, str]:
+    """``cascade-calibrate --measure combined``: fit the weights on a fix part of the fit examples, and hand
+    every later step (thresholds, levels, curve, report, held-out check) only the rest.
+
+    The fit examples (``arrays`` rows ``[0, len(inputs.fit))``) are split by :func:`split_indices` (seeded);
+    each lower tier's combination is fitted on the fix part to predict that the tier's fit target
+    (``correct``: the labels, or agreement with the last tier for a label-free fit) fails. The returned arrays
+    and inputs keep the certify part as the fit examples and every held-out example, and gain the measure
+    ``"combined"`` (the other measures stay, on the same rows, for comparison). Why certifying on the rest is
+    honest is in this module's docstring.
+
+    Returns:
+        ``(combinations, arrays, inputs, note)``; ``note`` says what was fitted on how many examples.
+    """
+    from calibration.generation_cache import TierArrays
+
+    n_fit = len(inputs.fit)
+    if n_fit < 4:
+        raise InvalidRequestError(f"the combined measure needs at least 4 fit examples, got {n_fit}")
+    fix, cert = split_indices(n_fit, check_fraction("fix_share", fix_share, 0.0, 1.0), seed)
+    free = {m: arr for m, arr in arrays.by_measure.items() if m in FREE_MEASURES}
+    if not free:
+        raise InvalidRequestError(f"the combined measure needs free answers with measures {list(FREE_MEASURES)}; "
+                                  f"these tiers gave {sorted(arrays.by_measure)}")
+    first = next(iter(free.values()))
+    columns = {m: arr.scores for m, arr in free.items()}
+    combos = tuple(fit_combination({m: v[fix] for m, v in combined_columns(columns, j).items()},
+                                   ~first.correct[fix, j], l2=l2) for j in range(first.correct.shape[1] - 1))
+    keep = np.r_[cert, np.arange(n_fit, len(first.scores))]
+    scores = np.stack([c.scores(combined_columns(columns, j)) for j, c in enumerate(combos)], axis=1)
+    by_measure = {m: TierArrays(a.scores[keep], a.correct[keep], a.costs[keep], m) for m, a in free.items()}
+    by_measure[COMBINED] = TierArrays(scores[keep], first.correct[keep], first.costs[keep], COMBINED)
+    out = replace(arrays, by_measure=by_measure, labels=arrays.labels[keep], labelled=arrays.labelled[keep],
+                  agreement=None if arrays.agreement is None else arrays.agreement[keep], combination=combos)
+    note = (f"combined measure: weights of {len(free)} measures fitted on {len(fix)} of the {n_fit} fit examples "
+            f"(seed {seed}); thresholds fitted and certified on the other {len(cert)}")
+    return combos, out, replace(inputs, fit=[inputs.fit[i] for i in cert]), note

@@ -27,6 +27,7 @@ from cascade.errors import InvalidRequestError
 if TYPE_CHECKING:
     from calibration.certify import Claim
     from calibration.generation_cache import TierArrays
+    from cascade.combined import Combination
     from cascade.config import CascadeConfig
     from cascade.scorers import Same, Scorer
     from cascade.types import GenerationParams
@@ -126,6 +127,8 @@ class Arrays:
         claim: ``"disagreement"`` with ``--label-free``, else ``"accuracy"``.
         priors: each tier's choice priors (tier -> choice set -> offsets), already subtracted from its
             answers, or None (:mod:`calibration.priors`).
+        combination: the fitted weights of the measure ``"combined"`` (:func:`calibration.combine.combine_arrays`),
+            one per lower tier, or None.
     """
 
     by_measure: dict[str, TierArrays]
@@ -134,6 +137,7 @@ class Arrays:
     agreement: Any
     claim: Claim
     priors: dict[int, dict[str, tuple[float, ...]]] | None = None
+    combination: tuple[Combination, ...] | None = None
 
 
 def measure_arrays(cfg: CascadeConfig, inputs: Inputs, params: GenerationParams, cache_dir: Path, *,

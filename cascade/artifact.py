@@ -7,7 +7,8 @@ JSON layout (``schema_version`` 2)::
 
     {"schema_version": 2, "created": "2025-01-01T12:00:00+00:00",
      "models": ["small-model", "large-model"],          # tier identities, cheapest first (N >= 2)
-     "measure": "margin_first",                         # one of cascade.types.MEASURES
+     "measure": "margin_first",                         # one of cascade.types.MEASURES, or "combined"
+     "combination": [{...}],                            # only with "combined": one per stage, see cascade.combined
      "thresholds": [0.42],                              # N-1 floats
      "cluster_thresholds": {"3": [0.5]},                # optional, router mode: cluster id -> N-1 floats
      "choice_priors": {"0": {"[\"neg\", \"pos\"]": [0.4, -0.4]}},  # optional: tier -> choice set -> offsets
@@ -25,6 +26,10 @@ writes the current version.
 Non-finite floats: JSON has no infinity, so in ``thresholds``, ``cluster_thresholds`` and ``curve`` the value
 ``+inf`` (never escalate) is written as the string ``"inf"`` and ``-inf`` (always escalate) as ``"-inf"``
 (``"Infinity"``/``"-Infinity"`` are also read). NaN is never valid there. ``params`` must be finite JSON.
+
+The measure ``"combined"`` (:mod:`cascade.combined`) stores its fitted weights in ``combination``, one record per
+stage; the field is optional, so files written before it load unchanged, and it is required exactly when the
+measure is ``"combined"``.
 """
 
 from __future__ import annotations
@@ -38,8 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from cascade.atomic_files import write_text_atomic
+from cascade.combined import COMBINED, Combination
 from cascade.curve import Curve, decode_floats, encode_float
-from cascade.errors import ArtifactError
+from cascade.errors import ArtifactError, CascadeError
 from cascade.levels import Levels
 from cascade.types import MEASURES
 
@@ -79,6 +85,7 @@ class Artifact:
         choice_priors: tier index -> choice set (:func:`cascade.choice_prior.choice_set_key`) -> one offset
             per choice, the tier's prior over those answers (:mod:`cascade.choice_prior`); None: no correction.
         levels: certified per-request quality levels (:class:`cascade.levels.Levels`), or None.
+        combination: with measure ``"combined"``, one fitted :class:`cascade.combined.Combination` per stage.
     """
 
     models: tuple[str, ...]
@@ -96,6 +103,7 @@ class Artifact:
     schema_version: int = SCHEMA_VERSION
     choice_priors: Mapping[int, Mapping[str, tuple[float, ...]]] | None = None
     levels: Levels | None = None
+    combination: tuple[Combination, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.schema_version != SCHEMA_VERSION:
@@ -106,9 +114,10 @@ class Artifact:
                 isinstance(m, str) and m for m in models):
             raise ArtifactError(f"models must list at least two non-empty model names, got {models!r}")
         object.__setattr__(self, "models", tuple(models))
-        if self.measure not in MEASURES:
-            raise ArtifactError(f"unknown measure {self.measure!r}; expected one of {list(MEASURES)}")
+        if self.measure not in (*MEASURES, COMBINED):
+            raise ArtifactError(f"unknown measure {self.measure!r}; expected one of {[*MEASURES, COMBINED]}")
         stages = len(models) - 1
+        _check_combination(self.measure, self.combination, stages)
         object.__setattr__(self, "thresholds", decode_floats(self.thresholds, "thresholds", stages))
         if self.cluster_thresholds is not None:
             if not isinstance(self.cluster_thresholds, Mapping):
@@ -168,6 +177,7 @@ class Artifact:
             **({} if self.choice_priors is None else {"choice_priors": {
                 str(tier): {key: list(v) for key, v in sorted(table.items())}
                 for tier, table in sorted(self.choice_priors.items())}}),
+            **({} if self.combination is None else {"combination": [c.to_dict() for c in self.combination]}),
         }
 
     def to_json(self) -> str:
@@ -196,7 +206,7 @@ class Artifact:
         missing = [k for k in required if k not in d]
         if missing:
             raise ArtifactError(f"artifact (schema_version {version!r}) is missing field(s) {missing}")
-        unknown = set(d) - {*required, "curve", "cluster_thresholds", "choice_priors"}
+        unknown = set(d) - {*required, "curve", "cluster_thresholds", "choice_priors", "combination"}
         if unknown:
             raise ArtifactError(f"artifact (schema_version {version}) has unknown field(s) {sorted(unknown)}")
         curve = None if d.get("curve") is None else Curve.from_dict(d["curve"])
@@ -206,7 +216,7 @@ class Artifact:
         levels = None if d.get("levels") is None else Levels.from_dict(d["levels"], len(models) - 1)
         return cls(tuple(models), d["measure"], d["thresholds"], d["method"], d["params"], d["data_fingerprint"],
                    d["n"], d["feasible"], d["message"], curve, d.get("cluster_thresholds"), d["created"],
-                   SCHEMA_VERSION, d.get("choice_priors"), levels)
+                   SCHEMA_VERSION, d.get("choice_priors"), levels, _read_combination(d.get("combination")))
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write atomically: a temporary file in the same directory, fsync, then ``os.replace``.
@@ -254,6 +264,29 @@ class Artifact:
         if expect_measure is not None and expect_measure != self.measure:
             raise ArtifactError(f"{source} was fitted for measure {self.measure!r}, "
                                 f"but the cascade uses {expect_measure!r}")
+
+
+def _read_combination(raw: object) -> tuple[Combination, ...] | None:
+    """The ``combination`` field of an artifact file, or None when absent."""
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not all(isinstance(r, Mapping) for r in raw):
+        raise ArtifactError("combination must be a list of records, one per stage")
+    try:
+        return tuple(Combination.from_dict(r) for r in raw)
+    except CascadeError as exc:
+        raise ArtifactError(f"combination: {exc}") from exc
+
+
+def _check_combination(measure: str, combination: object, stages: int) -> None:
+    """``combination`` is one Combination per stage exactly when the measure is ``"combined"``."""
+    if measure != COMBINED:
+        if combination is not None:
+            raise ArtifactError(f"combination is only stored with measure {COMBINED!r}, not {measure!r}")
+        return
+    if not isinstance(combination, tuple) or len(combination) != stages or not all(
+            isinstance(c, Combination) for c in combination):
+        raise ArtifactError(f"measure {COMBINED!r} needs a combination for each of the {stages} stage(s)")
 
 
 def _check_priors(raw: object, tiers: int) -> dict[int, dict[str, tuple[float, ...]]]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cascade.backends.base import Backend
+from cascade.combined import COMBINED
 from cascade.errors import ConfigError
 from cascade.types import MEASURES
 
@@ -122,8 +123,8 @@ class CascadeConfig:
     def __post_init__(self) -> None:
         if len(self.tiers) < 2:
             raise ConfigError("a cascade needs at least two tiers")
-        if self.measure is not None and self.measure not in MEASURES:
-            raise ConfigError(f"measure must be one of {list(MEASURES)}, got {self.measure!r}")
+        if self.measure is not None and self.measure not in (*MEASURES, COMBINED):
+            raise ConfigError(f"measure must be one of {[*MEASURES, COMBINED]}, got {self.measure!r}")
         if self.thresholds is not None and len(self.thresholds) != len(self.tiers) - 1:
             raise ConfigError(f"{len(self.tiers)} tiers need {len(self.tiers) - 1} thresholds")
         if self.thresholds is not None and self.artifact is not None:

@@ -361,7 +361,7 @@ class Cascade:
                 from cascade.choice_prior import apply_prior
 
                 g = apply_prior(g, p.choices, offsets)
-        u = math.nan if last else float(g.scores.get(self.measure, math.nan))
+        u = math.nan if last else self.policy.uncertainty(level, g.scores)
         thr = None if last else p.thresholds[level]
         p.calls.append(self._tier_call(tier, g, elapsed, None if last else u, thr))
         if level == 0:

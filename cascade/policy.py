@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cascade.artifact import Artifact
+from cascade.combined import COMBINED, Combination
 from cascade.curve import threshold_for_target
 from cascade.errors import ArtifactError, InvalidRequestError
 from cascade.uncertainty import check_measure
@@ -73,6 +74,8 @@ class Policy:
         artifact: the calibration artifact this policy came from (enables per-request targets), or None.
         choice_priors: tier index -> choice set key -> offsets: each tier's prior over a set of allowed
             answers, subtracted from its constrained answers (:mod:`cascade.choice_prior`); empty = none.
+        combination: with measure ``"combined"``, each stage's fitted combination of the free measures
+            (:mod:`cascade.combined`); empty otherwise.
     """
 
     measure: str
@@ -81,11 +84,19 @@ class Policy:
     models: tuple[str, ...] = ()
     artifact: Artifact | None = None
     choice_priors: Mapping[int, Mapping[str, tuple[float, ...]]] = field(default_factory=dict)
+    combination: tuple[Combination, ...] = ()
 
     def __post_init__(self) -> None:
-        check_measure(self.measure)
         if not self.thresholds:
             raise InvalidRequestError("a policy needs at least one threshold")
+        if self.measure == COMBINED:
+            if len(self.combination) != len(self.thresholds):
+                raise InvalidRequestError(f"measure {COMBINED!r} needs fitted weights for each stage: load it from "
+                                          "an artifact written by cascade-calibrate --measure combined")
+        else:
+            check_measure(self.measure)
+            if self.combination:
+                raise InvalidRequestError(f"a combination goes with measure {COMBINED!r} only")
         for t in (*self.thresholds, *(x for ts in self.cluster_thresholds.values() for x in ts)):
             if isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t):
                 raise InvalidRequestError(f"thresholds must be numbers, got {t!r}")
@@ -121,7 +132,18 @@ class Policy:
         clusters = {int(k): tuple(float(x) for x in v) for k, v in (art.cluster_thresholds or {}).items()}
         return cls(measure=art.measure, thresholds=tuple(float(t) for t in art.thresholds),
                    cluster_thresholds=clusters, models=tuple(art.models), artifact=art,
-                   choice_priors=dict(art.choice_priors or {}))
+                   choice_priors=dict(art.choice_priors or {}), combination=art.combination or ())
+
+    def uncertainty(self, stage: int, scores: Mapping[str, float]) -> float:
+        """The policy's measure for one answer of stage ``stage`` from the answer's own measures (NaN when it
+        has none): the named score, or for ``"combined"`` the stage's combination of the free measures (which
+        are then all needed: an answer with no free measure at all, e.g. a constrained one, gives NaN)."""
+        if self.measure != COMBINED:
+            return float(scores.get(self.measure, math.nan))
+        c = self.combination[stage]
+        if not any(m in scores for m in c.measures):
+            return math.nan
+        return c.score(scores)
 
     def prior_for(self, tier: int, choices: Sequence[str]) -> tuple[float, ...] | None:
         """The offsets of tier ``tier`` for this choice set (in this order), or None when it has none."""

@@ -161,22 +161,25 @@ def markdown_report(report: Mapping[str, Any], *, brief: bool = False) -> str:
                   "APGR / CPT with 95% percentile-bootstrap intervals on the test split. `best measure` is chosen "
                   "by APGR on the calibration split; routers are trained on the calibration split. `win` = the "
                   "chosen measure's test APGR is above every router's; `diff` = paired bootstrap APGR(best "
-                  "measure) - APGR(best router).", ""]
+                  "measure) - APGR(best router). `combined`: the logistic combination of the free measures "
+                  "(cascade.combined), fitted on a seeded half of the calibration split.", ""]
     lines += [f"**Summary:** {sm['setups']} setups; the calibration-chosen uncertainty measure beats every "
               f"trained router in {sm['uncertainty_wins']} of {sm['compared_with_routers']} "
               f"({sm['significant_wins']} with a paired 95% CI above 0, {sm['significant_losses']} significantly "
               f"worse); it beats random routing (APGR > 0.5) in {sm['best_measure_beats_random']} of "
               f"{sm['setups']}.", ""]
     lines += ["| task | pair | n cal/test | acc small | acc large | best measure (cal) | APGR | CPT(50%) | "
-              "CPT(80%) | best router | router APGR | random APGR | oracle APGR | diff [95% CI] | win |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "CPT(80%) | combined APGR | "
+              "best router | router APGR | random APGR | oracle APGR | diff [95% CI] | win |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in setups:
         sig, best = s["signals"], s["best_measure"]
         router = s.get("best_router")
         lines.append(
             f"| {s['task']} | {s['pair']} | {s['n_cal']}/{s['n_test']} | {_f(s['small_accuracy'])} | "
             f"{_f(s['large_accuracy'])} | {best} | {_ci(sig[best]['apgr'])} | {_ci(sig[best]['cpt50'])} | "
-            f"{_ci(sig[best]['cpt80'])} | {router or 'n/a'} | {_ci(sig[router]['apgr']) if router else 'n/a'} | "
+            f"{_ci(sig[best]['cpt80'])} | {_ci(sig['combined']['apgr']) if 'combined' in sig else 'n/a'} | "
+            f"{router or 'n/a'} | {_ci(sig[router]['apgr']) if router else 'n/a'} | "
             f"{_f(sig['random']['apgr'][0])} | {_f(sig['oracle']['apgr'][0])} | "
             f"{_ci(s['diff']) if 'diff' in s else 'n/a'} | {'yes' if s.get('uncertainty_wins') else 'no'} |")
     if brief:

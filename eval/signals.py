@@ -4,6 +4,8 @@ Signals are scores per test example, higher = escalate first: every uncertainty 
 ``random`` (seeded uniform scores), ``oracle`` (small-wrong/large-right first, small-right/large-wrong
 last) and the trained routers of :mod:`eval.routers` (fitted on the calibration split only). The measure
 the cascade would deploy (``best measure``) is chosen by APGR on the calibration split, never on test.
+``combined`` (:mod:`cascade.combined`) is fitted as ``cascade-calibrate --measure combined`` fits it: on a
+seeded half of the calibration split (the other half would certify the thresholds), then scored on test.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ import numpy as np
 import numpy.typing as npt
 
 from calibration.metrics import apgr, auc, bootstrap_ci, curve_metrics, share_curve
-from cascade.types import MEASURES, Generation
+from cascade.types import FREE_MEASURES, MEASURES, Generation
 
-__all__ = ["SetupData", "choose_measure", "evaluate_setup", "measures_of", "oracle_scores", "paired_apgr_diff",
-           "router_scores", "setup_arrays"]
+__all__ = ["SetupData", "choose_measure", "combined_scores", "evaluate_setup", "measures_of", "oracle_scores",
+           "paired_apgr_diff", "router_scores", "setup_arrays"]
 
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
@@ -86,6 +88,22 @@ def choose_measure(cal: SetupData) -> tuple[str, dict[str, float]]:
     values = {m: _apgr_or_auc(cal.scores[m], cal.correct) for m in names}
     best = max(names, key=lambda m: (values[m], -MEASURES.index(m)))
     return best, values
+
+
+def combined_scores(cal: SetupData, test: SetupData, seed: int) -> tuple[FloatArray, dict[str, Any]] | None:
+    """The combined measure's test scores, its weights fitted on a seeded half of the calibration split (the
+    half ``cascade-calibrate --measure combined`` fits them on), and the fitted record; None without free
+    measures or when that half's answers are all right or all wrong."""
+    from calibration.family import split_indices
+    from cascade.combined import fit_combination
+
+    names = [m for m in FREE_MEASURES if m in cal.scores and m in test.scores]
+    fix, _ = split_indices(len(cal.correct), 0.5, seed)
+    wrong = ~cal.correct[fix, 0]
+    if not names or len(fix) < 2 or wrong.all() or not wrong.any():
+        return None
+    combo = fit_combination({m: cal.scores[m][fix] for m in names}, wrong)
+    return combo.scores(test.scores), {**combo.to_dict(), "n_fix": len(fix)}
 
 
 def router_scores(cal: SetupData, test: SetupData, features: Mapping[str, Features], seed: int) -> tuple[
@@ -158,12 +176,15 @@ def evaluate_setup(cal: SetupData, test: SetupData, features: Mapping[str, Featu
     best, cal_values = choose_measure(cal)
     rng = np.random.default_rng(seed)
     signals: dict[str, FloatArray] = {m: test.scores[m] for m in MEASURES if m in cal.scores and m in test.scores}
+    combined = combined_scores(cal, test, seed)
+    if combined is not None:
+        signals["combined"] = combined[0]
     signals["random"] = rng.random(len(test.correct))
     signals["oracle"] = oracle_scores(test.correct)
     routed, notes = router_scores(cal, test, features, seed)
     signals.update(routed)
     result: dict[str, Any] = {"signals": {}, "best_measure": best, "cal_values": cal_values,
-                              "router_notes": notes}
+                              "router_notes": notes, "combined": None if combined is None else combined[1]}
     for name, s in signals.items():
         cm = curve_metrics(s, test.correct)
         ci = bootstrap_ci(s, test.correct, n_boot=n_boot, seed=seed)

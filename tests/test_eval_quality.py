@@ -82,7 +82,7 @@ def test_evaluate_setup_reports_every_signal_with_intervals() -> None:
     cal, xc = synthetic(300, 3)
     test, xt = synthetic(400, 4)
     res = evaluate_setup(cal, test, planted_features((cal, xc), (test, xt)) | {"bow": bow_features}, n_boot=100)
-    assert set(res["signals"]) == set(MEASURES) | {"random", "oracle", "router-logreg-minilm",
+    assert set(res["signals"]) == set(MEASURES) | {"combined", "random", "oracle", "router-logreg-minilm",
                                                    "router-mlp-minilm", "router-logreg-bow"}
     for sig in res["signals"].values():
         for key in ("auc", "apgr", "cpt50", "cpt80"):
@@ -90,6 +90,10 @@ def test_evaluate_setup_reports_every_signal_with_intervals() -> None:
             assert lo <= est + 1e-9 and est <= hi + 1e-9
     assert res["best_measure"] == "margin_first"  # the informative one, chosen on calibration data
     assert res["signals"]["margin_first"]["apgr"][0] > 0.7
+    # the combination, fitted on half the calibration split, finds the informative measure
+    assert res["combined"]["n_fix"] == 150 and res["signals"]["combined"]["apgr"][0] > 0.65
+    w = dict(zip(res["combined"]["measures"], res["combined"]["weights"]))
+    assert w["margin_first"] == max(w.values())
     assert res["signals"]["router-logreg-minilm"]["apgr"][0] > 0.6  # the planted prompt feature is learnt
     assert abs(res["signals"]["router-logreg-bow"]["apgr"][0] - 0.5) < 0.15  # texts carry no signal
     assert res["best_router"] in ("router-logreg-minilm", "router-mlp-minilm")

@@ -30,19 +30,11 @@ def result_record(result: CascadeResult, request_id: Any = None) -> dict[str, An
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from cascade.config import default_config, load_config
+    from cascade.config import default_config, load_config, with_overrides
 
     cfg = load_config(args.config) if getattr(args, "config", None) else default_config()
-    changes: dict[str, Any] = {}
-    if getattr(args, "measure", None):
-        changes["measure"] = args.measure
-    if getattr(args, "threshold", None) is not None:
-        changes.update(thresholds=tuple(args.threshold), artifact=None)
-    if getattr(args, "artifact", None):
-        changes.update(artifact=args.artifact, thresholds=None)
-    if getattr(args, "max_tokens", None) is not None:
-        changes["max_tokens"] = args.max_tokens
-    return replace(cfg, **changes) if changes else cfg
+    return with_overrides(cfg, measure=getattr(args, "measure", None), thresholds=getattr(args, "threshold", None),
+                          artifact=getattr(args, "artifact", None), max_tokens=getattr(args, "max_tokens", None))
 
 
 def _progress(total: int, desc: str) -> Any:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +164,27 @@ def check_backends(config: CascadeConfig, artifact: Any) -> None:
                 f"the artifact's thresholds for tier {now['tier']!r} were fitted on a {how(was)} backend, the config "
                 f"serves it with {how(now)}: scores differ between backends; refit with cascade-calibrate on this "
                 "config")
+
+
+def with_overrides(config: CascadeConfig, *, measure: str | None = None, thresholds: Sequence[float] | None = None,
+                   artifact: str | None = None, max_tokens: int | None = None) -> CascadeConfig:
+    """``config`` with the command line's overrides (None: keep the config's value).
+
+    Hand-set ``thresholds`` replace the config's artifact and an ``artifact`` replaces its thresholds.
+
+    Raises:
+        ConfigError: the result is not a valid config (e.g. an unknown measure, thresholds for another chain).
+    """
+    changes: dict[str, Any] = {}
+    if measure:
+        changes["measure"] = measure
+    if thresholds is not None:
+        changes.update(thresholds=tuple(float(t) for t in thresholds), artifact=None)
+    if artifact:
+        changes.update(artifact=artifact, thresholds=None)
+    if max_tokens is not None:
+        changes["max_tokens"] = max_tokens
+    return replace(config, **changes) if changes else config
 
 
 def default_config() -> CascadeConfig:

@@ -112,3 +112,16 @@ def test_file_paths_are_relative_to_the_config_file(tmp_path, monkeypatch):
     assert cfg.tiers[0].backend.model == "qwen2.5-coder-0.5b"  # model names are not paths
     (folder / "abs.yaml").write_text(f"artifact: {tmp_path / 'x.json'}\n")
     assert load_config(folder / "abs.yaml").artifact == str(tmp_path / "x.json")
+
+
+def test_command_line_overrides_are_a_function_of_plain_values():
+    from cascade.config import with_overrides
+
+    cfg = CascadeConfig(tiers=(TierConfig("small"), TierConfig("large")), artifact="a.json")
+    assert with_overrides(cfg) is cfg
+    hand = with_overrides(cfg, thresholds=[0.3], measure="entropy_first", max_tokens=5)
+    assert (hand.thresholds, hand.artifact, hand.measure, hand.max_tokens) == ((0.3,), None, "entropy_first", 5)
+    back = with_overrides(hand, artifact="b.json")
+    assert (back.thresholds, back.artifact) == (None, "b.json")
+    with pytest.raises(ConfigError):
+        with_overrides(cfg, thresholds=[0.1, 0.2])  # two tiers take one threshold

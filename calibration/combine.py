@@ -50,6 +50,13 @@ def combined_columns(columns: Mapping[str, npt.ArrayLike], stage: int) -> dict[s
     return out
 
 
+def _fit_stages(columns: Mapping[str, npt.ArrayLike], correct: npt.NDArray[np.bool_], rows: npt.NDArray[np.intp],
+                l2: float) -> tuple[Combination, ...]:
+    """One combination per lower tier, fitted on ``rows`` to predict that the tier's answer is wrong."""
+    return tuple(fit_combination({m: v[rows] for m, v in combined_columns(columns, j).items()}, ~correct[rows, j],
+                                 l2=l2) for j in range(correct.shape[1] - 1))
+
+
 def fit_quality_combined(columns: Mapping[str, npt.ArrayLike], correct: npt.ArrayLike,
                          costs: npt.ArrayLike | None = None, *, max_quality_loss: float, delta: float = 0.1,
                          bound: Bound | None = None, claim: Claim = "accuracy", family: Family = "auto",
@@ -73,15 +80,12 @@ def fit_quality_combined(columns: Mapping[str, npt.ArrayLike], correct: npt.Arra
     ok = np.asarray(correct, dtype=bool)
     if ok.ndim != 2 or ok.shape[1] < 2:
         raise InvalidRequestError("correct must be (n, N) with N >= 2 tiers")
-    n, tiers = ok.shape
+    n = ok.shape[0]
     share = check_fraction("fix_share", fix_share, 0.0, 1.0)
     if n < 4:
         raise InvalidRequestError(f"the combined measure needs at least 4 calibration examples, got {n}")
     fix, cert = split_indices(n, share, seed)
-    combos = []
-    for j in range(tiers - 1):
-        cols = combined_columns(columns, j)
-        combos.append(fit_combination({m: v[fix] for m, v in cols.items()}, ~ok[fix, j], l2=l2))
+    combos = _fit_stages(columns, ok, fix, l2)
     scores = np.stack([c.scores({m: v[cert] for m, v in combined_columns(columns, j).items()})
                        for j, c in enumerate(combos)], axis=1)
     cost_arr = None
@@ -93,7 +97,7 @@ def fit_quality_combined(columns: Mapping[str, npt.ArrayLike], correct: npt.Arra
     msg = (f"{fit.message} The combined measure's weights were fitted on {len(fix)} of the {n} calibration "
            f"examples and the thresholds certified on the other {len(cert)}, so the weights cost no confidence.")
     params = {**dict(fit.params), "n_fix": len(fix), "n_certify": len(cert)}
-    return tuple(combos), FitResult(fit.thresholds, fit.method, params, fit.stats, fit.feasible, msg, fit.pareto)
+    return combos, FitResult(fit.thresholds, fit.method, params, fit.stats, fit.feasible, msg, fit.pareto)
 
 
 def combine_arrays(arrays: Arrays, inputs: Inputs, *, seed: int = 0, fix_share: float = 0.5, l2: float = 1.0
@@ -123,8 +127,7 @@ def combine_arrays(arrays: Arrays, inputs: Inputs, *, seed: int = 0, fix_share: 
                                   f"these tiers gave {sorted(arrays.by_measure)}")
     first = next(iter(free.values()))
     columns = {m: arr.scores for m, arr in free.items()}
-    combos = tuple(fit_combination({m: v[fix] for m, v in combined_columns(columns, j).items()},
-                                   ~first.correct[fix, j], l2=l2) for j in range(first.correct.shape[1] - 1))
+    combos = _fit_stages(columns, first.correct, fix, l2)
     keep = np.r_[cert, np.arange(n_fit, len(first.scores))]
     scores = np.stack([c.scores(combined_columns(columns, j)) for j, c in enumerate(combos)], axis=1)
     by_measure = {m: TierArrays(a.scores[keep], a.correct[keep], a.costs[keep], m) for m, a in free.items()}

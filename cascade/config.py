@@ -158,12 +158,14 @@ def check_backends(config: CascadeConfig, artifact: Any) -> None:
         if not isinstance(was, Mapping) or "kind" not in was:
             continue
         if (was.get("kind"), was.get("top_logprobs")) != (now["kind"], now["top_logprobs"]):
-            def how(b: Mapping[str, Any]) -> str:
-                return f"{b['kind']}" + (f" with top_logprobs {b['top_logprobs']}" if b.get("top_logprobs") else "")
             raise ArtifactError(
-                f"the artifact's thresholds for tier {now['tier']!r} were fitted on a {how(was)} backend, the config "
-                f"serves it with {how(now)}: scores differ between backends; refit with cascade-calibrate on this "
-                "config")
+                f"the artifact's thresholds for tier {now['tier']!r} were fitted on a {_backend_text(was)} backend, "
+                f"the config serves it with {_backend_text(now)}: scores differ between backends; refit with "
+                "cascade-calibrate on this config")
+
+
+def _backend_text(b: Mapping[str, Any]) -> str:
+    return f"{b['kind']}" + (f" with top_logprobs {b['top_logprobs']}" if b.get("top_logprobs") else "")
 
 
 def with_overrides(config: CascadeConfig, *, measure: str | None = None, thresholds: Sequence[float] | None = None,

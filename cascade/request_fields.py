@@ -82,12 +82,13 @@ def decoding_overrides(body: Mapping[str, Any], max_tokens_limit: int = MAX_TOKE
     return out
 
 
-def choices_of(body: Mapping[str, Any], ext: Mapping[str, Any] | None = None) -> tuple[str, ...] | None:
+def choices_of(body: Mapping[str, Any], ext: Mapping[str, Any] | None = None, *,
+               ext_param: str = "cascade.choices") -> tuple[str, ...] | None:
     """The answers a request allows, or None for a free answer.
 
-    Read from ``ext["choices"]`` (the ``cascade`` extension object of a server request; a ``cascade run`` line
-    passes itself, so its ``choices`` key), vLLM's ``guided_choice`` and ``structured_outputs: {"choice"}``;
-    several of them must allow the same answers.
+    Read from ``ext["choices"]`` (the ``cascade`` extension object of a server request, named ``ext_param`` in
+    errors; a ``cascade run`` line passes itself with ``ext_param="choices"``), vLLM's ``guided_choice`` and
+    ``structured_outputs: {"choice"}``; several of them must allow the same answers.
 
     Raises:
         FieldError: not a list of 1 to 64 distinct non-empty strings, a ``structured_outputs`` other than
@@ -95,7 +96,7 @@ def choices_of(body: Mapping[str, Any], ext: Mapping[str, Any] | None = None) ->
     """
     found: dict[str, object] = {}
     if ext is not None and ext.get("choices") is not None:
-        found["choices" if ext is body else "cascade.choices"] = ext["choices"]
+        found[ext_param] = ext["choices"]
     if body.get("guided_choice") is not None:
         found["guided_choice"] = body["guided_choice"]
     structured = body.get("structured_outputs")

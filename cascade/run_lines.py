@@ -113,7 +113,7 @@ def parse_line(raw: bytes, lineno: int, *, max_tokens_limit: int = MAX_TOKENS_LI
         prompt = validate_prompt(obj.get("prompt", obj.get("messages")), max_prompt_chars)
         overrides = decoding_overrides(obj, max_tokens_limit)
         Target.parse(obj.get("target"))
-        choices = choices_of(obj, obj)
+        choices = choices_of(obj, obj, ext_param="choices")
     except CascadeError as exc:
         raise LineError(lineno, str(exc), rid) from None
     return RunLine(lineno, rid, prompt, overrides, obj.get("target"), choices)

@@ -359,7 +359,7 @@ class HFLocalBackend:
         # One definition of a step on every backend: the end-of-turn token is not one (servers send no logprob
         # for it), unless it is the whole answer (an empty answer is scored on it).
         last = new.gather(1, finished_at[:, None]).squeeze(1)
-        ends_turn = torch.isin(last, torch.tensor(eos_ids, device=last.device)) & (finished_at > 0)
+        ends_turn = torch.isin(last, tracker.eos_ids) & (finished_at > 0)
         scored_to = finished_at - ends_turn.long()
         score_rows: list[dict[str, float]] = [{} for _ in range(batch)]
         stat_rows: list[TokenStats | None] = [None] * batch

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+from conftest import until
+
 from cascade.backends.openai_compat import OpenAIBackend
 from cascade.errors import TruncatedAnswerError
 from cascade.simulate import SimConfig, SimServer
@@ -14,8 +16,9 @@ PROMPTS = [[{"role": "user", "content": f"question {i}: is it good?"}] for i in 
 
 
 async def test_concurrent_streams_are_cut_off_and_never_accepted() -> None:
-    # every stream waits before its first token, so all four have started before any sends one
-    config = SimConfig.llamacpp(model="m", latency_per_request_s=3.0, max_answer_tokens=8)
+    # each stream waits before its first token; the next one is sent once the server counts the previous one as
+    # started (no reliance on arrival timing), so all four are waiting when the first would send a token
+    config = SimConfig.llamacpp(model="m", latency_per_request_s=5.0, max_answer_tokens=8)
     assert config.interrupt_requests and not config.stream_usage and not config.guided_choice
     with SimServer(config) as server:
         backend = OpenAIBackend(model="m", base_url=server.base_url, max_retries=0)
@@ -27,7 +30,11 @@ async def test_concurrent_streams_are_cut_off_and_never_accepted() -> None:
             except TruncatedAnswerError as exc:
                 return exc
 
-        got = await asyncio.gather(*(one(p) for p in PROMPTS))
+        tasks = []
+        for k, p in enumerate(PROMPTS, 1):
+            tasks.append(asyncio.ensure_future(one(p)))
+            await until(lambda k=k: server.stats.started >= k, f"stream {k} started")  # type: ignore[misc]
+        got = await asyncio.gather(*tasks)
         await backend.aclose()
         cut = [g for g in got if isinstance(g, TruncatedAnswerError)]
         answered = [g for g in got if not isinstance(g, TruncatedAnswerError)]

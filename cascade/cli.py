@@ -210,9 +210,10 @@ def _serve(args: argparse.Namespace) -> int:
     """
     import uvicorn
 
-    from cascade.config import build_cascade
+    from cascade.config import DEFAULT_ARTIFACT, build_cascade, check_backends
     from cascade.server import ServerConfig, create_app
-    from cascade.server.config import guard_binding
+    from cascade.server.admin import Reloader
+    from cascade.server.config import guard_binding, is_loopback
     from cascade.server.flow import uvicorn_server
 
     cfg = _config(args)
@@ -230,7 +231,10 @@ def _serve(args: argparse.Namespace) -> int:
         engine = build_router(cfg)
     else:
         engine = build_cascade(cfg)
-    app = create_app(engine, server_cfg)
+    artifact = cfg.artifact or (str(DEFAULT_ARTIFACT) if cfg.thresholds is None else None)
+    reloader = Reloader(engine, None if cfg.router else artifact, loopback=is_loopback(host),
+                        check=(lambda art: check_backends(cfg, art)) if cfg.artifact else None)
+    app = create_app(engine, server_cfg, reloader)
     print(f"serving model {server_cfg.model_name!r} on http://{host}:{port}/v1 "
           f"(auth {'on' if server_cfg.api_key_env else 'off'})", file=sys.stderr)
     uv = uvicorn.Config(app, host=host, port=port, lifespan="on", log_level="info", access_log=False,
@@ -253,6 +257,7 @@ def _positive(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from cascade.combined import COMBINED
     from cascade.types import MEASURES
 
     p = argparse.ArgumentParser(prog="cascade", description="Small LLM first; escalate on calibrated uncertainty.")
@@ -260,7 +265,8 @@ def _parser() -> argparse.ArgumentParser:
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--config", help="YAML or TOML config (default: the embedded model pair)")
-        sp.add_argument("--measure", choices=MEASURES, help="uncertainty measure")
+        sp.add_argument("--measure", choices=(*MEASURES, COMBINED), help="uncertainty measure ('combined' needs an "
+                        "artifact written by cascade-calibrate --measure combined)")
         g = sp.add_mutually_exclusive_group()
         g.add_argument("--threshold", type=float, nargs="+", help="threshold(s), one per stage")
         g.add_argument("--artifact", help="calibration artifact (from cascade-calibrate)")

@@ -17,6 +17,7 @@ from typing import Any
 from cascade.backends.base import Backend
 from cascade.combined import COMBINED
 from cascade.errors import ConfigError
+from cascade.monitor import MonitorConfig
 from cascade.types import MEASURES
 
 __all__ = [
@@ -118,6 +119,7 @@ class CascadeConfig:
     length_normalize: bool = False  # requests with choices: rank them by mean token logprob instead of the sum
     batching: BatchingConfig = field(default_factory=BatchingConfig)  # micro-batching of concurrent calls
     router: str | None = None  # fitted expert-router file (expert-router mode); None = one pool
+    monitor: MonitorConfig | None = None  # live calibration checks and shadow calls (cascade.monitor); None = off
     extra: Mapping[str, Any] = field(default_factory=dict)  # sections for other components (e.g. "server")
 
     def __post_init__(self) -> None:
@@ -218,6 +220,8 @@ def _build(cls: type[Any], raw: Any, where: str) -> Any:
                 kwargs["tiers"] = tuple(_build(TierConfig, t, f"tiers[{i}]") for i, t in enumerate(tiers))
             if "batching" in kwargs:
                 kwargs["batching"] = _build(BatchingConfig, kwargs["batching"], "batching")
+            if kwargs.get("monitor") is not None:
+                kwargs["monitor"] = _build(MonitorConfig, kwargs["monitor"], "monitor")
             if kwargs.get("thresholds") is not None:
                 kwargs["thresholds"] = tuple(float(t) for t in kwargs["thresholds"])
         return cls(**kwargs)
@@ -232,8 +236,8 @@ def load_config(path: str | Path) -> CascadeConfig:
 
     Sections not part of :class:`CascadeConfig` (e.g. ``server``) are kept in ``extra`` only when listed
     under the ``extra`` key; any other unknown key is an error. Relative file paths of ``artifact``,
-    ``router`` and ``extra.experts.*.config`` are taken relative to the config file's folder (model names
-    and folders are left as written: they may be embedded names or hub ids).
+    ``router``, ``monitor.log_path`` and ``extra.experts.*.config`` are taken relative to the config file's
+    folder (model names and folders are left as written: they may be embedded names or hub ids).
 
     Raises:
         ConfigError: unreadable file, unknown format, unknown keys or invalid values.
@@ -274,7 +278,11 @@ def _relative_to(cfg: CascadeConfig, folder: Path) -> CascadeConfig:
     if isinstance(experts, Mapping):
         extra["experts"] = {k: ({**v, "config": resolve(v["config"])} if isinstance(v, Mapping) and "config" in v
                                 else v) for k, v in experts.items()}
-    return dataclasses.replace(cfg, artifact=resolve(cfg.artifact), router=resolve(cfg.router), extra=extra)
+    monitor = cfg.monitor
+    if monitor is not None and monitor.log_path is not None:
+        monitor = dataclasses.replace(monitor, log_path=resolve(monitor.log_path))
+    return dataclasses.replace(cfg, artifact=resolve(cfg.artifact), router=resolve(cfg.router), extra=extra,
+                               monitor=monitor)
 
 
 def _build_hf(cfg: BackendConfig) -> Backend:
@@ -351,6 +359,7 @@ def build_cascade(config: CascadeConfig, *, backends: Mapping[str, Backend] | No
         early_exit=config.early_exit,
         max_prompt_chars=config.max_prompt_chars,
         length_normalize=config.length_normalize,
+        monitor=config.monitor,
     )
     fitted = getattr(cascade.policy, "artifact", None)
     if fitted is not None and config.artifact is not None:  # the shipped default is for its own local models

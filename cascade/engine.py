@@ -25,8 +25,10 @@ from cascade.errors import (
     InvalidRequestError,
     public_reason,
 )
+from cascade.monitor import Monitor, MonitorConfig
 from cascade.pending import Pending
 from cascade.policy import Policy, Target, escalates
+from cascade.shadow import Shadow
 from cascade.types import (
     CHOICE_MEASURES,
     FIRST_TOKEN_MEASURES,
@@ -106,6 +108,8 @@ class Cascade:
         max_prompt_chars: longest prompt accepted, in characters (default 200,000).
         length_normalize: for requests with ``choices``, rank the allowed answers by their mean token
             log-probability instead of the sum (default False: the sum, the answer's likelihood).
+        monitor: live calibration checks and shadow calls (:mod:`cascade.monitor`, :mod:`cascade.shadow`);
+            None: none. ``self.monitor`` then holds the estimates.
     """
 
     def __init__(
@@ -123,6 +127,7 @@ class Cascade:
         early_exit: bool = True,
         max_prompt_chars: int = 200_000,
         length_normalize: bool = False,
+        monitor: MonitorConfig | None = None,
     ) -> None:
         if tiers is None:
             if small is None or large is None:
@@ -158,6 +163,16 @@ class Cascade:
         self.early_exit = early_exit and policy.measure in FIRST_TOKEN_MEASURES
         self.max_prompt_chars = max_prompt_chars
         self.length_normalize = length_normalize
+        self.monitor: Monitor | None = None
+        self.shadow: Shadow | None = None
+        if monitor is not None:
+            self.monitor = Monitor.for_policy(monitor, policy, self.tier_names)
+            self.shadow = Shadow(self.monitor, monitor, self._shadow_call, self.tier_names, policy.scorer)
+
+    @property
+    def tier_names(self) -> list[str]:
+        """The tiers' names, cheapest first."""
+        return [t.name for t in self.tiers]
 
     @property
     def measure(self) -> str:
@@ -174,8 +189,30 @@ class Cascade:
         """This cascade, as a list (the server's :class:`~cascade.server.protocol.Engine` interface)."""
         return [self]
 
+    def swap_policy(self, policy: Policy) -> None:
+        """Use ``policy`` for requests that start from now on; requests in flight finish on the old one.
+
+        Raises:
+            ArtifactError: the policy has another measure, another number of stages, or was fitted for other
+                models; the old policy stays.
+        """
+        policy.check_replaces(self.policy, [t.backend.name for t in self.tiers])
+        if self.monitor is not None:
+            self.monitor.replace_references(Monitor.for_policy(self.monitor.config, policy, self.tier_names))
+        self.policy = policy
+
+    async def _shadow_call(self, tier: int, prompt: Prompt, params: GenerationParams,
+                           choices: tuple[str, ...] | None) -> tuple[Generation | BaseException, float]:
+        """One tier's answer for a shadow check (:mod:`cascade.shadow`) and its cost; a failure is returned."""
+        t = self.tiers[tier]
+        got = (await self._outcomes(t, [prompt], params, False, None, None if choices is None else [choices]))[0]
+        cost = 0.0 if isinstance(got, BaseException) else t.price.cost(got.prompt_tokens, got.completion_tokens)
+        return got, cost
+
     async def aclose(self) -> None:
-        """Close every tier's backend (each distinct backend once)."""
+        """Stop the shadow checks; close every tier's backend (each distinct backend once)."""
+        if self.shadow is not None:
+            await self.shadow.aclose()
         seen: set[int] = set()
         for tier in self.tiers:
             if id(tier.backend) not in seen:
@@ -272,6 +309,8 @@ class Cascade:
             up = await self._stage(level, tier, called, params) if called else []
             active = sorted(up + skipped, key=lambda p: p.index)
         latency = time.perf_counter() - started
+        if self.shadow is not None:
+            self.shadow.consider(pending, params)
         failed = [p.error for p in pending if p.error is not None]
         if not failed:
             return [self._result(p, latency) for p in pending]
@@ -355,31 +394,34 @@ class Cascade:
     def _record(self, level: int, tier: Tier, p: Pending, g: Generation, elapsed: float) -> bool:
         """Book one tier's answer for one request; True when the request goes on up the chain."""
         last = level == len(self.tiers) - 1
+        policy = p.policy or self.policy
         if p.choices is not None and g.choice_logprobs:
-            offsets = self.policy.prior_for(level, p.choices)
+            offsets = policy.prior_for(level, p.choices)
             if offsets is not None:  # the tier's calibrated prior over these answers (cascade.choice_prior)
                 from cascade.choice_prior import apply_prior
 
                 g = apply_prior(g, p.choices, offsets)
-        u = math.nan if last else self.policy.uncertainty(level, g.scores)
+        u = math.nan if last else policy.uncertainty(level, g.scores)
         thr = None if last else p.thresholds[level]
         p.calls.append(self._tier_call(tier, g, elapsed, None if last else u, thr))
         if level == 0:
-            p.first_uncertainty = u
+            p.first_uncertainty, p.first_answer = u, g
         p.answer, p.answer_tier = g, level  # an escalated answer is kept in case a higher tier fails
         if thr is None:
             p.reason += f"answered by {tier.name!r} (last tier)"
             return False
+        up = escalates(u, thr)
+        if self.monitor is not None:
+            self.monitor.observe(level, u, up, p.source in ("artifact", "fixed"))
         if math.isnan(u):
             why = "the request has no choices" if p.choices is None and self.measure in CHOICE_MEASURES else \
                 "the tier reported no such score"
             p.reason += f"{self.measure} undefined ({why}) at {tier.name!r}: escalated; "
-            return True
-        if escalates(u, thr):
+        elif up:
             p.reason += f"{self.measure}={u:.4f} > {thr:.4f} at {tier.name!r}: escalated; "
-            return True
-        p.reason += f"{self.measure}={u:.4f} <= {thr:.4f}: {tier.name!r} answer accepted"
-        return False
+        else:
+            p.reason += f"{self.measure}={u:.4f} <= {thr:.4f}: {tier.name!r} answer accepted"
+        return up
 
     async def _degrade(self, level: int, tier: Tier, failed: Sequence[tuple[Pending, BaseException]],
                        params: GenerationParams, elapsed: float) -> None:
@@ -466,3 +508,4 @@ def _no_running_loop(name: str) -> None:
     except RuntimeError:
         return
     raise InvalidRequestError(f"Cascade.{name} cannot run inside a running event loop; await the async method")
+

@@ -36,6 +36,8 @@ class Pending:
         calls: one :class:`TierCall` per tier called so far.
         skipped: names of the tiers skipped.
         first_uncertainty: the first tier's uncertainty (NaN until it answers, or when skipped).
+        policy: the policy the request started with (a policy swapped in meanwhile does not change it).
+        first_answer: the first tier's answer, or None (kept for shadow checks, :mod:`cascade.shadow`).
         answer: the latest tier's answer (kept in case a higher tier fails).
         answer_tier: that tier's index (-1: none yet).
         reason: the decision so far, in words.
@@ -54,6 +56,8 @@ class Pending:
     calls: list[TierCall] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     first_uncertainty: float = math.nan
+    policy: Policy | None = None
+    first_answer: Generation | None = None
     answer: Generation | None = None
     answer_tier: int = -1
     reason: str = ""
@@ -70,7 +74,7 @@ class Pending:
         """
         got = policy.resolve(cluster, target)
         return cls(index, prompt, got.thresholds, target.label() if target else None, cluster, got.source,
-                   got.level, choices)
+                   got.level, choices, policy=policy)
 
     def skips(self, level: int) -> bool:
         """True when stage ``level``'s answer would never be kept (threshold ``-inf``); never for the last tier."""

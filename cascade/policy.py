@@ -134,6 +134,25 @@ class Policy:
                    cluster_thresholds=clusters, models=tuple(art.models), artifact=art,
                    choice_priors=dict(art.choice_priors or {}), combination=art.combination or ())
 
+    @property
+    def scorer(self) -> str | None:
+        """The scorer named by the artifact (what "the same answer" means in shadow checks), or None."""
+        name = self.artifact.params.get("scorer") if self.artifact is not None else None
+        return name if isinstance(name, str) else None
+
+    def check_replaces(self, old: Policy, models: Sequence[str]) -> None:
+        """Refuse to replace ``old`` in a running cascade with tiers ``models`` unless only thresholds change.
+
+        Raises:
+            ArtifactError: another measure, another number of stages, or fitted for other models.
+        """
+        if self.measure != old.measure or len(self) != len(old):
+            raise ArtifactError(f"the new thresholds are for measure {self.measure!r} with {len(self)} stage(s); "
+                                f"the cascade uses {old.measure!r} with {len(old)}")
+        if self.models and tuple(self.models) != tuple(models):
+            raise ArtifactError(f"the new artifact was fitted for models {list(self.models)}, "
+                                f"the tiers are {list(models)}")
+
     def uncertainty(self, stage: int, scores: Mapping[str, float]) -> float:
         """The policy's measure for one answer of stage ``stage`` from the answer's own measures (NaN when it
         has none): the named score, or for ``"combined"`` the stage's combination of the free measures (which

@@ -138,4 +138,6 @@ async def stream_cascade(
             if not streams and gen.text:  # decided on the whole answer: send it in one piece
                 yield CascadeChunk(gen.text, tier.name)
             break
+    if cascade.shadow is not None:
+        cascade.shadow.consider([p], params)
     yield cascade._result(p, time.perf_counter() - started)

@@ -1,8 +1,10 @@
 """``cascade serve``: an OpenAI-compatible HTTP server in front of a cascade (or an expert router).
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``, ``GET /health``,
-``GET /metrics`` (Prometheus text format). Responses are OpenAI-shaped; the cascade's decision rides along
-in an extra ``cascade`` field and in ``x-cascade-*`` headers. A request may carry a quality target:
+``GET /metrics`` (Prometheus text format), ``GET /v1/cascade/status`` and ``POST /v1/cascade/artifact``
+(:mod:`cascade.server.admin`: live calibration checks, hot reload; SIGHUP reloads the configured artifact).
+Responses are OpenAI-shaped; the cascade's decision rides along in an extra ``cascade`` field and in
+``x-cascade-*`` headers. A request may carry a quality target:
 ``{"cascade": {"target": {"max_large_share": 0.3}}}``.
 
 Safety: binds 127.0.0.1 unless told otherwise; optional bearer-token auth (key from an environment
@@ -25,6 +27,7 @@ import hmac
 import json
 import logging
 import math
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -33,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from cascade.errors import (
     BackendError,
 )
+from cascade.server.admin import Reloader, monitor_status
 from cascade.server.config import ServerConfig
 from cascade.server.flow import (
     Admission,
@@ -120,6 +124,14 @@ class _Service:
                             "invalid_request_error", "invalid_api_key", {"WWW-Authenticate": "Bearer"})
 
     async def read_json(self, request: Request) -> Any:
+        body = await self.read_body(request)
+        try:
+            return json.loads(body, parse_constant=_no_constants)
+        except (ValueError, RecursionError) as exc:
+            raise HTTPError(400, f"the body is not valid JSON: {str(exc)[:200]}") from None
+
+    async def read_body(self, request: Request) -> bytes:
+        """A JSON request's body, within the size, time and concurrency limits (HTTPError otherwise)."""
         media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
         if media != "application/json":
             raise HTTPError(415, "the body must be sent as Content-Type: application/json",
@@ -141,10 +153,7 @@ class _Service:
                             code="request_timeout") from None
         finally:
             self.reading -= 1
-        try:
-            return json.loads(body, parse_constant=_no_constants)
-        except (ValueError, RecursionError) as exc:
-            raise HTTPError(400, f"the body is not valid JSON: {str(exc)[:200]}") from None
+        return body
 
     @staticmethod
     async def _receive(request: Request, limit: int) -> bytes:
@@ -312,10 +321,12 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def create_app(engine: Engine, config: ServerConfig | None = None) -> Starlette:
+def create_app(engine: Engine, config: ServerConfig | None = None, reloader: Reloader | None = None) -> Starlette:
     """The ASGI app serving ``engine`` (a :class:`~cascade.engine.Cascade` or an expert router).
 
     The app owns the engine: shutting the app down drains requests in flight, then closes the engine.
+    ``reloader`` swaps in new thresholds (``POST /v1/cascade/artifact``, SIGHUP when it has a file); by default
+    one without a file that refuses HTTP reloads unless auth is on.
 
     Raises:
         ConfigError: bad server settings, or auth configured without its key in the environment.
@@ -326,6 +337,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> Starlette:
     from starlette.routing import Route
 
     svc = _Service(engine, config or ServerConfig())
+    reload = reloader or Reloader(engine)
 
     async def chat(request: Request) -> Response:
         return await svc.answer(request, "chat")
@@ -357,8 +369,23 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> Starlette:
             svc.check_access(request)
         except HTTPError as exc:
             return _error_response(exc)
-        text = svc.metrics.render(svc.admission.running, svc.queue_depth())
+        text = svc.metrics.render(svc.admission.running, svc.queue_depth(), monitor_status(engine))
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    async def status(request: Request) -> Response:
+        try:
+            svc.check_access(request)
+        except HTTPError as exc:
+            return _error_response(exc)
+        return JSONResponse(monitor_status(engine))
+
+    async def artifact(request: Request) -> Response:
+        try:
+            svc.check_access(request)
+            reload.allowed(svc.api_key is not None)
+            return JSONResponse(reload.swap(await svc.read_body(request)))
+        except HTTPError as exc:
+            return _error_response(exc)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, HTTPException) else 500
@@ -368,9 +395,14 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        hup = reload.path is not None and hasattr(signal, "SIGHUP")
+        if hup:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload.on_sighup)
         try:
             yield
         finally:
+            if hup:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             await svc.drain()
             await engine.aclose()
 
@@ -381,6 +413,8 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> Starlette:
         Route("/v1/models/{model:path}", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/v1/cascade/status", status, methods=["GET"]),
+        Route("/v1/cascade/artifact", artifact, methods=["POST"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: http_error, Exception: http_error})

@@ -91,9 +91,14 @@ class ServerConfig:
 _LOOPBACK = ("localhost", "127.0.0.1", "::1")
 
 
+def is_loopback(host: str) -> bool:
+    """True for a loopback bind address (``127.0.0.1``, ``::1``, ``localhost``)."""
+    return host.lower().strip("[]") in _LOOPBACK
+
+
 def guard_binding(config: ServerConfig, host: str) -> ServerConfig:
     """On a loopback bind, accept only loopback Host names (unless configured); warn loudly about open binds."""
-    loopback = host.lower().strip("[]") in _LOOPBACK
+    loopback = is_loopback(host)
     if config.allowed_hosts is None and loopback:
         config = replace(config, allowed_hosts=_LOOPBACK)
     if not loopback and config.api_key_env is None:

@@ -1,13 +1,16 @@
 """Prometheus metrics of ``cascade serve``, kept per app (no global registry) and rendered by hand.
 
 Text exposition format 0.0.4: requests by endpoint, status and answering tier; escalations; degraded
-answers; tokens and cost by tier; an end-to-end latency histogram; requests in flight; queue depth.
+answers; tokens and cost by tier; an end-to-end latency histogram; requests in flight; queue depth. With a
+``monitor:`` section, the live calibration checks (:mod:`cascade.monitor`): ``cascade_drift_*`` and
+``cascade_shadow_*`` per stage (labels ``cascade``, the cascade's index, and ``tier``, the stage's tier).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from cascade.types import CascadeResult
 
@@ -54,8 +57,8 @@ class Metrics:
                 self.tokens[(c.tier, "completion")] += c.completion_tokens
                 self.cost[c.tier] = self.cost.get(c.tier, 0.0) + c.cost
 
-    def render(self, in_flight: int, queue_depth: int) -> str:
-        """The Prometheus text exposition (format 0.0.4)."""
+    def render(self, in_flight: int, queue_depth: int, monitor: Mapping[str, Any] | None = None) -> str:
+        """The Prometheus text exposition (format 0.0.4); ``monitor`` is the ``/v1/cascade/status`` body."""
         out: list[str] = []
 
         def metric(name: str, kind: str, help_: str, rows: Sequence[tuple[str, float]]) -> None:
@@ -85,4 +88,49 @@ class Metrics:
         metric("cascade_in_flight_requests", "gauge", "Requests running in the engine.", [("", in_flight)])
         metric("cascade_queue_depth", "gauge", "Requests and prompts waiting (server queue + micro-batchers).",
                [("", queue_depth)])
+        if monitor and monitor.get("enabled"):
+            _monitor_metrics(metric, monitor["cascades"])
         return "\n".join(out) + "\n"
+
+
+_STAGE_METRICS = (  # name, help, kind, path in a stage's status
+    ("cascade_drift_statistic", "gauge", "Two-sample KS statistic of the stage's uncertainty window against "
+     "calibration.", ("drift", "statistic")),
+    ("cascade_drift_p_value", "gauge", "p-value of the KS statistic.", ("drift", "p_value")),
+    ("cascade_drift_window", "gauge", "Uncertainties in the stage's drift window.", ("drift", "window")),
+    ("cascade_drift_escalation_rate", "gauge", "Share of the window's answers escalated.",
+     ("window_escalation_rate",)),
+    ("cascade_drift_calibrated_escalation_rate", "gauge", "Share escalated on the calibration data.",
+     ("calibrated_escalation_rate",)),
+    ("cascade_shadow_pairs_total", "counter", "Shadow pairs of answers accepted at the stage.", ("shadow", "pairs")),
+    ("cascade_shadow_disagreements_total", "counter", "Shadow pairs whose answers differ.",
+     ("shadow", "disagreements")),
+    ("cascade_shadow_loss_upper", "gauge", "Upper confidence bound of the stage's quality loss (accepted share "
+     "x Clopper-Pearson bound of the disagreement).", ("shadow", "loss_upper")),
+)
+
+
+def _monitor_metrics(metric: Any, cascades: Sequence[Mapping[str, Any]]) -> None:
+    stages = [(i, s) for i, c in enumerate(cascades) for s in c["stages"]]
+
+    def labels(i: int, s: Mapping[str, Any]) -> str:
+        return f'{{cascade="{i}",tier="{_label(s["tier"])}"}}'
+
+    for name, kind, help_, path in _STAGE_METRICS:
+        rows = []
+        for i, s in stages:
+            value: Any = s
+            for key in path:
+                value = value[key]
+            if value is not None:
+                rows.append((labels(i, s), float(value) if kind == "gauge" else int(value)))
+        metric(name, kind, help_, rows)
+    metric("cascade_drift_state", "gauge", "1 for the stage's current state (ok, drifting, violated).",
+           [(f'{{cascade="{i}",tier="{_label(s["tier"])}",state="{st}"}}', int(s["state"] == st))
+            for i, s in stages for st in ("ok", "drifting", "violated")])
+    for key, help_ in (("calls", "Shadow calls made."), ("dropped", "Shadow checks dropped (all slots busy)."),
+                       ("failed", "Shadow calls that failed.")):
+        metric(f"cascade_shadow_{key}_total", "counter", help_,
+               [(f'{{cascade="{i}"}}', c["shadow"][key]) for i, c in enumerate(cascades)])
+    metric("cascade_shadow_cost_total", "counter", "Monitoring cost of shadow calls (not billed to requests).",
+           [(f'{{cascade="{i}"}}', float(c["shadow"]["cost"])) for i, c in enumerate(cascades)])

@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cascade-calibrate",
         description="Fit the escalation thresholds of a cascade on held-out data and write an artifact.")
-    p.add_argument("--data", required=True,
+    p.add_argument("--data",
                    help='JSONL, one example per line: {"id", "prompt" or "messages", "answer", optional "choices"} '
                         '("answer" optional with --label-free)')
     p.add_argument("--out", help="artifact to write (JSON, written atomically; required unless --plan)")
@@ -107,10 +107,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--plan-sizes", type=int, nargs="+", metavar="N",
                    help="calibration-set sizes to plan for (default 100 300 1000 3000 10000)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--from-log", metavar="JSONL", help="refit from a running cascade's shadow log (monitor.log_path):"
+                   " the last tier's answers are the labels, so the guarantee is against them, not ground truth")
+    p.add_argument("--artifact", help="with --from-log: the artifact now served (its measure and choice priors)")
     return p
 
 
 def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    if (a.from_log is None) == (a.data is None):
+        p.error("give --data (held-out examples) or --from-log (a shadow log), one of them")
+    if a.from_log is not None and (a.min_cost or a.plan or a.label_free or len(a.max_quality_loss or []) > 1):
+        p.error("--from-log fits one --max-quality-loss level or --max-large-share")
+    if a.artifact is not None and a.from_log is None:
+        p.error("--artifact goes with --from-log")
     if a.max_quality_loss is None and (a.confidence is not None or a.family is not None):
         p.error("--confidence and --family apply to --max-quality-loss only")
     if a.min_cost != (a.value_per_correct is not None):
@@ -347,6 +356,8 @@ def _run(a: argparse.Namespace) -> int:
         except ImportError as exc:
             raise InvalidRequestError(f"--plot needs matplotlib (the 'plot' extra): {exc}") from None
     cfg = load_config(a.config) if a.config else default_config()
+    if a.from_log:
+        return _refit_from_log(a, cfg)
     inputs = read_inputs(a.data, scorer=a.scorer, test_data=a.test_data, test_split=a.test_split, seed=a.seed,
                          same=a.same, label_free=a.label_free, prior_data=a.prior_data if a.choice_prior else None,
                          prior_share=a.prior_share if a.choice_prior and not a.prior_data else None)
@@ -376,6 +387,28 @@ def _run(a: argparse.Namespace) -> int:
         write_text_atomic(a.report_json, json.dumps(rep.jsonable(report), indent=1, allow_nan=False) + "\n")
     if a.plot:
         rep.plot(report, a.plot)
+    print(f"\nartifact written to {a.out}", file=sys.stderr)
+    return 0
+
+
+def _refit_from_log(a: argparse.Namespace, cfg: CascadeConfig) -> int:
+    """``--from-log``: refit the served cascade's thresholds from its shadow log (:mod:`calibration.from_log`)."""
+    from calibration.from_log import fit_from_log, read_log
+    from cascade.artifact import Artifact
+
+    served = a.artifact or cfg.artifact
+    previous = Artifact.load(served) if served else None
+    measure = a.measure or cfg.measure or (previous.measure if previous is not None else "margin_first")
+    log = read_log(a.from_log)
+    method = "quality" if a.max_quality_loss is not None else "budget"
+    target = a.max_quality_loss if method == "quality" else a.max_large_share
+    art, fit = fit_from_log(log, models=[t.backend.model for t in cfg.tiers], measure=measure, method=method,
+                            target=target, confidence=a.confidence, previous=previous)
+    print(f"{len(log)} sampled shadow pairs from {a.from_log} ({log.skipped} unsampled records left out), "
+          f"tiers {log.tiers[0]!r} -> {log.tiers[1]!r}, measure {measure}")
+    print(fit.message)
+    print("labels: the last tier's answers; the guarantee is against the last tier's answers, not ground truth")
+    art.save(a.out)
     print(f"\nartifact written to {a.out}", file=sys.stderr)
     return 0
 

@@ -198,7 +198,8 @@ class Cascade:
         """
         policy.check_replaces(self.policy, [t.backend.name for t in self.tiers])
         if self.monitor is not None:
-            self.monitor.replace_references(Monitor.for_policy(self.monitor.config, policy, self.tier_names))
+            fresh = Monitor.for_policy(self.monitor.config, policy, self.tier_names)
+            self.monitor.replace_references(fresh, policy.thresholds)
         self.policy = policy
 
     async def _shadow_call(self, tier: int, prompt: Prompt, params: GenerationParams,

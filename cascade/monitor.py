@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -232,6 +232,7 @@ class Monitor:
         self.shadow_calls = self.shadow_dropped = self.shadow_failed = 0
         self.shadow_cost = 0.0
         self.generation = 0  # bumped on every policy swap
+        self.on_change: Callable[[int, str, str], None] | None = None  # called as (stage, old, new) on a change
 
     @classmethod
     def for_policy(cls, config: MonitorConfig, policy: Any, tier_names: Sequence[str]) -> Monitor:
@@ -251,9 +252,24 @@ class Monitor:
             target = float(raw) if isinstance(raw, (int, float)) and not isinstance(raw, bool) else None
         return cls(config, stages, refs, rates, target)
 
-    def replace_references(self, other: Monitor) -> None:
-        """Take another monitor's references, expected rates and target (after a policy swap); the windows
-        and counters restart, since they described the old thresholds."""
+    def set_reference(self, stage: int, reference: Reference, threshold: float | None = None) -> None:
+        """Give ``stage`` a calibration distribution (e.g. :meth:`Reference.from_sample` of held-out
+        uncertainties, for hand-set thresholds); with ``threshold``, its calibrated escalation rate too."""
+        s = self.stages[stage]
+        s.reference = reference
+        s.expected_rate = None if threshold is None else 1.0 - reference.at(threshold)
+
+    def replace_references(self, other: Monitor, thresholds: Sequence[float]) -> None:
+        """Take the stages of a monitor built for a new policy (after a swap to ``thresholds``): counters,
+        shadow pairs and the windows of higher stages restart, since they described the old thresholds. The
+        first stage's window is kept (it sees every request whatever the thresholds), and a stage the new
+        policy gives no reference keeps its old one, with the calibrated rate read at the new threshold."""
+        for i, (new, old) in enumerate(zip(other.stages, self.stages)):
+            if new.reference is None and old.reference is not None:
+                new.reference = old.reference
+                new.expected_rate = 1.0 - old.reference.at(thresholds[i]) if math.isfinite(thresholds[i]) else None
+            if i == 0:
+                new.values, new.state = old.values, old.state
         self.target = other.target
         self.stages = other.stages
         self.generation += 1
@@ -288,7 +304,9 @@ class Monitor:
             level = logging.INFO if new == "ok" else logging.WARNING
             log.log(level, "stage %r: calibration state %s -> %s (%s)", s.name, s.state, new,
                     _why(self.stage_status(stage)))
-            s.state = new
+            old, s.state = s.state, new
+            if self.on_change is not None:
+                self.on_change(stage, old, new)
 
     def stage_status(self, stage: int) -> dict[str, Any]:
         """The live estimates of one stage (JSON-ready)."""

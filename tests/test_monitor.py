@@ -227,3 +227,43 @@ def test_an_artifact_gives_the_first_stage_its_reference_and_calibrated_rate() -
     assert mon.stages[0].expected_rate == pytest.approx(1 - on_grid)  # the curve's own point
     fixed = Monitor.for_policy(MonitorConfig(), Policy.fixed(0.3), ["a", "b"])
     assert fixed.stages[0].reference is None and fixed.target is None and fixed.stage_status(0)["state"] == "ok"
+
+
+async def test_cascade_calibrate_refits_from_the_shadow_log(tmp_path: Path) -> None:
+    import yaml
+
+    from calibration.cli import main as calibrate
+
+    log = tmp_path / "shadow.jsonl"
+    with SimServer(SimConfig(model="sim-small", seed=1)) as small, SimServer(SimConfig(model="sim-large", seed=2)) \
+            as large:
+        backends = [OpenAIBackend(model=s.config.model, base_url=s.base_url, max_retries=0) for s in (small, large)]
+        cascade = Cascade(small=backends[0], large=backends[1], policy=Policy.fixed(0.5, "choice_margin"),
+                          monitor=MonitorConfig(shadow_rate=1.0, shadow_concurrency=200, log_path=str(log), seed=0))
+        async with cascade:
+            prompts = [f"review {i}: is it good?" for i in range(150)]
+            await cascade.run_batch(prompts, choices=[["yes", "no", "maybe"]] * 150)
+            await asyncio.gather(*cascade.shadow.tasks)  # type: ignore[union-attr]
+        config = tmp_path / "config.yaml"
+        tier = {"kind": "openai", "max_retries": 0}
+        config.write_text(yaml.safe_dump({"tiers": [
+            {"name": "small", "backend": {**tier, "model": "sim-small", "base_url": small.base_url}},
+            {"name": "large", "backend": {**tier, "model": "sim-large", "base_url": large.base_url}}],
+            "measure": "choice_margin", "thresholds": [0.5]}))
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(records) == 150 and 10 < sum(not r["agree"] for r in records) < 140
+    out = tmp_path / "refit.json"
+    assert calibrate(["--from-log", str(log), "--config", str(config), "--max-quality-loss", "0.2",
+                      "--out", str(out)]) == 0
+    art = Artifact.load(out, expect_models=["sim-small", "sim-large"], expect_measure="choice_margin")
+    assert art.params["claim"] == "disagreement" and "not against ground truth" in art.params["labels"]
+    assert art.n == 150 and art.feasible
+    u = np.array([r["scores"]["choice_margin"] for r in records])
+    agree = np.array([r["agree"] for r in records])
+    kept = u <= art.thresholds[0]
+    assert np.mean(kept & ~agree) <= 0.2  # on the log itself the refit cascade differs from the last tier <= 20%
+    assert kept.any()  # and it keeps some small answers: agreement is predictable from the margin or not at all
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(log.read_text().splitlines()[0] + "\n{not json\n")
+    assert calibrate(["--from-log", str(broken), "--config", str(config), "--max-quality-loss", "0.2",
+                      "--out", str(tmp_path / "x.json")]) == 2

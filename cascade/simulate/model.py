@@ -53,6 +53,8 @@ class SimConfig:
         interrupt_requests: imitate llama.cpp's default ``--interrupt_requests True``: a stream in progress
             ends with a bare ``data: [DONE]`` (no finish reason, no usage) as soon as a newer generation request
             arrives (default False). :meth:`llamacpp` sets this and llama.cpp's other quirks.
+        confidence_scale: every prompt's confidence is multiplied by this, in (0, 1]: below 1 imitates a
+            worse model (less peaked distributions, so higher uncertainty; default 1.0).
     """
 
     model: str = "sim-model"
@@ -68,6 +70,7 @@ class SimConfig:
     echo: bool = True
     stream_usage: bool = True
     interrupt_requests: bool = False
+    confidence_scale: float = 1.0
 
     @classmethod
     def llamacpp(cls, **changes: Any) -> SimConfig:
@@ -85,6 +88,8 @@ class SimConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{name} must be in [0, 1], got {value!r}")
+        if not 0.0 < self.confidence_scale <= 1.0:
+            raise ConfigError(f"confidence_scale must be in (0, 1], got {self.confidence_scale!r}")
         if not 0.0 < self.hang_s <= 600.0:
             raise ConfigError(f"hang_s must be in (0, 600], got {self.hang_s!r}")
         if not isinstance(self.max_answer_tokens, int) or not 1 <= self.max_answer_tokens <= 4096:
@@ -131,7 +136,7 @@ def simulate_answer(config: SimConfig, prompt: str, max_tokens: int, stop: Seque
     digest = hashlib.blake2b(f"{config.seed}\x00{prompt}".encode(), digest_size=8).digest()
     rng = random.Random(int.from_bytes(digest, "big"))
     marker = _CONFIDENCE_MARKER.search(prompt)
-    confidence = min(1.0, float(marker.group(1))) if marker else rng.random()
+    confidence = config.confidence_scale * (min(1.0, float(marker.group(1))) if marker else rng.random())
     natural = rng.randint(max(1, config.max_answer_tokens // 4), config.max_answer_tokens)
     steps = min(natural, max_tokens)
     tokens: list[str] = []

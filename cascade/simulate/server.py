@@ -143,12 +143,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of answers and draws (default 0)")
     p.add_argument("--max-answer-tokens", type=int, default=48, help="longest natural answer (default 48)")
     p.add_argument("--no-logprobs", action="store_true", help="imitate a server without logprobs support")
+    p.add_argument("--confidence-scale", type=float, default=1.0,
+                   help="multiply every prompt's confidence, in (0, 1]: a worse model (default 1)")
     args = p.parse_args(argv)
     try:
         config = SimConfig(model=args.model, latency_per_token_s=args.latency_per_token,
                            latency_per_request_s=args.latency_per_request, error_rate=args.error_rate,
                            timeout_rate=args.timeout_rate, hang_s=args.hang, seed=args.seed,
-                           logprobs=not args.no_logprobs, max_answer_tokens=args.max_answer_tokens)
+                           logprobs=not args.no_logprobs, max_answer_tokens=args.max_answer_tokens,
+                           confidence_scale=args.confidence_scale)
         sock = _bind(args.host, args.port)
     except ConfigError as exc:
         p.error(str(exc))

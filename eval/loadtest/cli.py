@@ -102,11 +102,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--fault-at", type=float, default=None, help="seconds into the run (default duration / 3)")
     g.add_argument("--slow-factor", type=float, default=10.0, help="large-slow: latency multiplier")
     g.add_argument("--fail-rate", type=float, default=0.5, help="large-failing: HTTP 500 share")
+    g.add_argument("--drift", action="store_true", help="the small model gets worse at --fault-at: --fault "
+                   "small-drift with --monitor")
+    g.add_argument("--drift-scale", type=float, default=0.5, help="small-drift: confidence multiplier")
+    g = p.add_argument_group("live calibration checks (simulated target, in process)")
+    g.add_argument("--monitor", action="store_true", help="run the cascade's drift checks (cascade.monitor)")
+    g.add_argument("--shadow-rate", type=float, default=0.0, help="share of accepted answers shadowed")
+    g.add_argument("--reload-at", type=float, default=None, help="seconds into the run: swap the threshold")
+    g.add_argument("--reload-threshold", type=float, default=None, help="the new threshold (default +0.1)")
     g = p.add_argument_group("output")
     g.add_argument("--report-json", metavar="PATH", help="write the full report as JSON")
     g.add_argument("--plot", metavar="PNG", help="write plots (needs matplotlib)")
     g.add_argument("--quiet", action="store_true", help="no terminal table")
     args = p.parse_args(argv)
+    if args.drift:
+        if args.fault not in (None, "small-drift"):
+            p.error("--drift is --fault small-drift; give one fault")
+        args.fault, args.monitor = "small-drift", True
+    if args.serve and (args.monitor or args.shadow_rate or args.reload_at is not None):
+        p.error("--monitor, --shadow-rate and --reload-at run in process: drop --serve")
     if args.fault and not args.simulated:
         p.error("--fault needs --simulated (faults are injected into the simulated large tier)")
     if args.serve and not args.simulated:
@@ -149,7 +163,8 @@ def _sim_options(args: argparse.Namespace) -> SimOptions:
         batching=not args.no_batching,
         batch_size=args.batch_size, batch_wait_ms=args.batch_wait_ms, batch_concurrency=args.batch_concurrency,
         fault=args.fault, fault_at_s=args.fault_at if args.fault_at is not None else args.duration / 3,
-        slow_factor=args.slow_factor, fail_rate=args.fail_rate)
+        slow_factor=args.slow_factor, fail_rate=args.fail_rate, drift_scale=args.drift_scale, monitor=args.monitor,
+        shadow_rate=args.shadow_rate, reload_at_s=args.reload_at, reload_threshold=args.reload_threshold)
 
 
 async def loadtest(target: LoadTarget, prompts: Sequence[Prompt], shape: LoadShape, *, warmup: int = 4,
@@ -240,6 +255,8 @@ async def _run(args: argparse.Namespace) -> tuple[dict[str, Any], RunResult]:
         if args.stream:
             notes.append("the in-process engine answers whole: --stream has no effect on this target")
         events: list[Event] = [(options.fault_at_s, sim.inject)] if options.fault else []
+        if options.reload_at_s is not None:
+            events.append((options.reload_at_s, sim.reload))
         report, result = await loadtest(
             sim.target, prompts, shape, warmup=args.warmup, events=events, fault=options.fault,
             fault_at_s=options.fault_at_s if options.fault else None, notes=notes, after_warmup=sim.reset_counters)
@@ -247,6 +264,9 @@ async def _run(args: argparse.Namespace) -> tuple[dict[str, Any], RunResult]:
             "via": "in-process Cascade", **_sim_info(options), "batching": sim.batching,
             "servers": sim.server_stats(), "batching_stats": sim.batching_stats(result.recorder.outcomes),
             "tier_call_beyond_server_ms": beyond_server(result.recorder.outcomes, options)}
+        monitored = sim.monitor_report()
+        if monitored is not None:
+            report["monitor"] = monitored
         return report, result
 
 

@@ -11,7 +11,15 @@ Faults (from ``fault_at_s`` seconds into the run):
 
 * ``large-slow``: the large tier's calls go to a second large server ``slow_factor`` times slower;
 * ``large-failing``: they go to a second large server answering HTTP 500 with probability ``fail_rate``;
-* ``large-down``: the large tier's server is stopped (its process terminated or its thread shut down).
+* ``large-down``: the large tier's server is stopped (its process terminated or its thread shut down);
+* ``small-drift``: the small tier's calls go to a second small server whose model is less sure of every
+  answer (``confidence_scale``): the drift the monitor (:mod:`cascade.monitor`) must flag.
+
+With ``monitor`` on, the cascade runs its live checks: the first stage's calibration distribution is the
+simulated small model's uncertainty on 1,000 held-out generated prompts (computed in-process before the run),
+and every state change is recorded with the number of requests the stage had seen. ``reload_at_s`` swaps the
+threshold to ``reload_threshold`` in the middle of the run, as ``POST /v1/cascade/artifact`` would; every
+answer's thresholds are recorded to check that none mixes the two.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from eval.loadtest.targets import CascadeTarget
 
 __all__ = ["FAULTS", "SimOptions", "SimulatedCascade", "beyond_server"]
 
-FAULTS = ("large-slow", "large-failing", "large-down")
+FAULTS = ("large-slow", "large-failing", "large-down", "small-drift")
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,11 @@ class SimOptions:
     fault_at_s: float = 10.0  # seconds after the load starts
     slow_factor: float = 10.0  # large-slow: latency multiplier of the slow server
     fail_rate: float = 0.5  # large-failing: HTTP 500 probability of the failing server
+    drift_scale: float = 0.5  # small-drift: the drifted small model's confidence_scale
+    monitor: bool = False  # live calibration checks (cascade.monitor) with a reference from held-out prompts
+    shadow_rate: float = 0.0  # share of accepted answers also sent to the large tier (implies monitor)
+    reload_at_s: float | None = None  # seconds into the run: swap the threshold to reload_threshold
+    reload_threshold: float | None = None  # the threshold swapped in (default: threshold + 0.1)
 
     def __post_init__(self) -> None:
         if self.mode not in ("process", "thread", "local"):
@@ -85,6 +98,10 @@ class SimulatedCascade:
         self.probes: dict[str, TimedBackend] = {}
         self._cpu0: dict[str, float | None] = {}
         self._switch: SwitchBackend | None = None
+        self.cascade: Any = None
+        self.transitions: list[dict[str, Any]] = []  # monitor state changes
+        self.thresholds: list[tuple[float, ...]] = []  # per answer: its threshold, then each tier call's
+        self.seen_at_fault: int | None = None
 
     async def __aenter__(self) -> SimulatedCascade:
         try:
@@ -111,6 +128,8 @@ class SimulatedCascade:
                                              latency_per_request_s=o.large.latency_per_request_s * o.slow_factor)
         elif o.fault == "large-failing" or (o.fault == "large-down" and o.mode == "local"):
             wanted["large-faulty"] = replace(o.large, error_rate=o.fail_rate if o.fault == "large-failing" else 1.0)
+        elif o.fault == "small-drift":
+            wanted["small-faulty"] = replace(o.small, confidence_scale=o.drift_scale)
 
         def backend(name: str) -> Backend:
             if o.mode == "local":
@@ -123,9 +142,10 @@ class SimulatedCascade:
             for name, config in wanted.items():
                 self.servers[name] = await asyncio.to_thread(self._server(config).start)
         backends: dict[str, Backend] = {"small": backend("small"), "large": backend("large")}
-        if "large-faulty" in wanted:
-            self._switch = SwitchBackend(backends["large"], backend("large-faulty"))
-            backends["large"] = self._switch
+        for name in ("small", "large"):
+            if f"{name}-faulty" in wanted:
+                self._switch = SwitchBackend(backends[name], backend(f"{name}-faulty"))
+                backends[name] = self._switch
         batchers: list[Any] = []
         if o.batching:
             from cascade.batching import MicroBatcher
@@ -142,15 +162,76 @@ class SimulatedCascade:
                            Tier("large", backends["large"], Price(0.5, 0.5), o.large_timeout_s)],
                           measure=o.measure, threshold=o.threshold,
                           params=GenerationParams(max_tokens=o.max_tokens), on_error=o.on_error,  # type: ignore[arg-type]
-                          early_exit=o.early_exit)
+                          early_exit=o.early_exit, monitor=self._monitor())
+        self.cascade = cascade
+        if cascade.monitor is not None:
+            await self._set_reference()
 
         def depth() -> int:
             return sum(int(b.queue_depth) for b in batchers)
 
         where = {"local": "local: no HTTP", "process": "servers in processes", "thread": "servers in threads"}[o.mode]
-        self.target = CascadeTarget(cascade.run, f"simulated cascade ({where}, batching {'on' if batchers else 'off'}"
+        run = self._run if o.reload_at_s is not None else cascade.run
+        self.target = CascadeTarget(run, f"simulated cascade ({where}, batching {'on' if batchers else 'off'}"
                                     f", early exit {'on' if o.early_exit else 'off'})", depth if batchers else None,
                                     (cascade.aclose,))
+
+    def _monitor(self) -> Any:
+        """The monitor settings (None when off)."""
+        from cascade.monitor import MonitorConfig
+
+        o = self.options
+        return MonitorConfig(shadow_rate=o.shadow_rate, seed=0) if o.monitor or o.shadow_rate > 0 else None
+
+    async def _set_reference(self) -> None:
+        """The first stage's calibration distribution: the small model's uncertainty on held-out prompts."""
+        from cascade.monitor import Reference
+        from eval.loadtest.prompts import generated_prompts
+
+        held_out = generated_prompts(1000, seed=10_001)
+        gens = await LocalSimBackend(replace(self.options.small, latency_per_request_s=0.0,
+                                             latency_per_token_s=0.0)).generate(
+            held_out, GenerationParams(max_tokens=self.options.max_tokens))
+        ref = Reference.from_sample([g.scores.get(self.options.measure, float("nan")) for g in gens])
+        self.cascade.monitor.set_reference(0, ref, self.options.threshold)
+
+        def record(stage: int, old: str, new: str) -> None:
+            seen = self.cascade.monitor.stages[stage].seen
+            self.transitions.append({"stage": stage, "from": old, "to": new, "requests_seen": seen,
+                                     "after_fault": None if self.seen_at_fault is None else seen - self.seen_at_fault})
+
+        self.cascade.monitor.on_change = record
+
+    async def _run(self, prompt: Any, **kwargs: Any) -> Any:
+        result = await self.cascade.run(prompt, **kwargs)
+        self.thresholds.append((result.threshold, *(c.threshold for c in result.calls if c.threshold is not None)))
+        return result
+
+    async def reload(self) -> str:
+        """Swap the threshold now (as a hot reload does); returns a one-line description for the report."""
+        from cascade.policy import Policy
+
+        o = self.options
+        new = o.reload_threshold if o.reload_threshold is not None else o.threshold + 0.1
+        self.cascade.swap_policy(Policy.fixed(new, o.measure))
+        return f"threshold swapped {o.threshold:g} -> {new:g}"
+
+    def monitor_report(self) -> dict[str, Any] | None:
+        """What the monitor saw: state changes (with requests seen after the fault), final status, and with a
+        reload the thresholds answers used."""
+        if self.cascade is None or self.cascade.monitor is None:
+            return None
+        out: dict[str, Any] = {"transitions": self.transitions, "seen_at_fault": self.seen_at_fault,
+                               "status": self.cascade.monitor.status()}
+        flagged = [t for t in self.transitions if t["to"] != "ok" and t["after_fault"] is not None]
+        out["flagged_after_requests"] = flagged[0]["after_fault"] if flagged else None
+        out["false_alarms"] = sum(t["to"] != "ok" and t["after_fault"] is None for t in self.transitions)
+        if self.options.reload_at_s is not None:
+            first = [t[0] for t in self.thresholds]
+            out["reload"] = {"answers": len(self.thresholds),
+                             "by_threshold": {f"{k:g}": first.count(k) for k in sorted(set(first))},
+                             "mixed_within_a_request": sum(len(set(t)) > 1 for t in self.thresholds)}
+        return out
 
     def reset_counters(self) -> None:
         """Forget the warm-up: clear the probes' records, the in-thread servers' counters, the children's CPU."""
@@ -202,7 +283,11 @@ class SimulatedCascade:
             self._switch.switch()
             return "large tier down (local mode: every call fails)"
         if self._switch is not None:
+            if o.fault == "small-drift" and self.cascade.monitor is not None:
+                self.seen_at_fault = self.cascade.monitor.stages[0].seen
             self._switch.switch()
+            if o.fault == "small-drift":
+                return f"small tier's model less sure of every answer (confidence x {o.drift_scale:g})"
             if o.fault == "large-slow":
                 return f"large tier {o.slow_factor:g}x slower (large tier timeout {o.large_timeout_s} s)"
             return f"large tier answers HTTP 500 with probability {o.fail_rate:g} ({o.backend_retries} retries)"

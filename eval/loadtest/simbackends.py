@@ -56,7 +56,7 @@ class SimProcess:
                 "--latency-per-token", repr(c.latency_per_token_s),
                 "--latency-per-request", repr(c.latency_per_request_s), "--error-rate", repr(c.error_rate),
                 "--timeout-rate", repr(c.timeout_rate), "--hang", repr(c.hang_s), "--seed", str(c.seed),
-                "--max-answer-tokens", str(c.max_answer_tokens)]
+                "--max-answer-tokens", str(c.max_answer_tokens), "--confidence-scale", repr(c.confidence_scale)]
         if not c.logprobs:
             argv.append("--no-logprobs")
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 - kept open for the child's lifetime

@@ -8,79 +8,30 @@ Async first (:meth:`Cascade.run`, :meth:`Cascade.run_batch`, ``async with``) wit
 from __future__ import annotations
 
 import asyncio
-import logging
-import math
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import Any, Literal
+from dataclasses import replace
+from typing import Any
 
 from cascade.backends.base import Backend
-from cascade.errors import (
-    BackendError,
-    BackendTimeoutError,
-    BatchError,
-    CascadeError,
-    ChoicesUnsupportedError,
-    InvalidRequestError,
-    public_reason,
-)
+from cascade.chain import Chain, OnError, Price, Tier
+from cascade.errors import BatchError, InvalidRequestError
 from cascade.monitor import Monitor, MonitorConfig
 from cascade.pending import Pending
-from cascade.policy import Policy, Target, escalates
+from cascade.policy import Policy, Target
 from cascade.shadow import Shadow
 from cascade.types import (
-    CHOICE_MEASURES,
     FIRST_TOKEN_MEASURES,
     CascadeChunk,
     CascadeResult,
-    EarlyExit,
     Generation,
     GenerationParams,
     Prompt,
-    TierCall,
     validate_choices,
     validate_prompt,
 )
 
 __all__ = ["Cascade", "Price", "Tier"]
-
-OnError = Literal["raise", "degrade"]
-log = logging.getLogger("cascade.engine")
-
-
-@dataclass(frozen=True)
-class Price:
-    """Per-token prices of a tier, in any currency unit per million tokens.
-
-    Attributes:
-        input_per_mtok: price of one million prompt tokens (default 0).
-        output_per_mtok: price of one million generated tokens (default 0).
-    """
-
-    input_per_mtok: float = 0.0
-    output_per_mtok: float = 0.0
-
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        """Cost of one call."""
-        return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1e6
-
-
-@dataclass(frozen=True)
-class Tier:
-    """One model of the chain.
-
-    Attributes:
-        name: the tier's name in results (``"small"``, ``"large"``, ...).
-        backend: the model behind it.
-        price: its per-token prices.
-        timeout_s: seconds before a call to this tier is abandoned (None: no limit beyond the backend's).
-    """
-
-    name: str
-    backend: Backend
-    price: Price = Price()
-    timeout_s: float | None = None
 
 
 class Cascade:
@@ -159,15 +110,29 @@ class Cascade:
             raise InvalidRequestError("on_error must be 'raise' or 'degrade'")
         self.policy = policy
         self.params = params or GenerationParams()
-        self.on_error: OnError = on_error
-        self.early_exit = early_exit and policy.measure in FIRST_TOKEN_MEASURES
         self.max_prompt_chars = max_prompt_chars
-        self.length_normalize = length_normalize
         self.monitor: Monitor | None = None
         self.shadow: Shadow | None = None
         if monitor is not None:
             self.monitor = Monitor.for_policy(monitor, policy, self.tier_names)
             self.shadow = Shadow(self.monitor, monitor, self._shadow_call, self.tier_names, policy.scorer)
+        early = early_exit and policy.measure in FIRST_TOKEN_MEASURES
+        self.chain = Chain(self.tiers, policy.measure, on_error, early, length_normalize, self.monitor)
+
+    @property
+    def on_error(self) -> OnError:
+        """What a failing higher tier does: ``"raise"`` or ``"degrade"``."""
+        return self.chain.on_error
+
+    @property
+    def early_exit(self) -> bool:
+        """True when small answers stop after one token once a first-token measure escalates them."""
+        return self.chain.early_exit
+
+    @property
+    def length_normalize(self) -> bool:
+        """True when constrained answers are ranked by mean token log-probability."""
+        return self.chain.length_normalize
 
     @property
     def tier_names(self) -> list[str]:
@@ -206,7 +171,7 @@ class Cascade:
                            choices: tuple[str, ...] | None) -> tuple[Generation | BaseException, float]:
         """One tier's answer for a shadow check (:mod:`cascade.shadow`) and its cost; a failure is returned."""
         t = self.tiers[tier]
-        got = (await self._outcomes(t, [prompt], params, False, None, None if choices is None else [choices]))[0]
+        got = (await self.chain.outcomes(t, [prompt], params, False, None, None if choices is None else [choices]))[0]
         cost = 0.0 if isinstance(got, BaseException) else t.price.cost(got.prompt_tokens, got.completion_tokens)
         return got, cost
 
@@ -307,156 +272,17 @@ class Cascade:
             for p in skipped:
                 p.skip(tier.name)
             called = [p for p in active if not p.skips(level)]
-            up = await self._stage(level, tier, called, params) if called else []
+            up = await self.chain.stage(level, tier, called, params) if called else []
             active = sorted(up + skipped, key=lambda p: p.index)
         latency = time.perf_counter() - started
         if self.shadow is not None:
             self.shadow.consider(pending, params)
         failed = [p.error for p in pending if p.error is not None]
         if not failed:
-            return [self._result(p, latency) for p in pending]
+            return [self.chain.result(p, latency) for p in pending]
         if len(failed) == len(pending):
             raise failed[0]
-        raise BatchError([p.error if p.error is not None else self._result(p, latency) for p in pending])
-
-    async def _call(self, tier: Tier, prompts: Sequence[Prompt], params: GenerationParams, scores: bool,
-                    early_exit: EarlyExit | None, choices: Sequence[Sequence[str]] | None = None) -> list[Generation]:
-        if choices is None:
-            call = tier.backend.generate(prompts, params, scores=scores, early_exit=early_exit)
-        else:
-            choose = getattr(tier.backend, "choose", None)
-            if not callable(choose):
-                raise ChoicesUnsupportedError(f"tier {tier.name!r} ({tier.backend.name}) cannot answer with "
-                                              f"choices: its backend has no 'choose' method")
-            call = choose(prompts, choices, scores=scores, length_normalize=self.length_normalize)
-        if tier.timeout_s is None:
-            return await call
-        try:
-            return await asyncio.wait_for(call, tier.timeout_s)
-        except asyncio.TimeoutError as exc:
-            raise tier_timeout(tier) from exc
-
-    async def _outcomes(self, tier: Tier, prompts: Sequence[Prompt], params: GenerationParams, scores: bool,
-                        early_exit: EarlyExit | None, choices: Sequence[Sequence[str]] | None = None
-                        ) -> list[Generation | BaseException]:
-        """One tier call: each prompt's generation or the exception that failed it (never raises a failure)."""
-        try:
-            gens: Sequence[Generation | BaseException] = await self._call(tier, prompts, params, scores, early_exit,
-                                                                          choices)
-        except BatchError as exc:
-            gens = exc.outcomes  # type: ignore[assignment]
-        except (CascadeError, asyncio.TimeoutError) as exc:
-            gens = [exc] * len(prompts)
-        if len(gens) != len(prompts):
-            gens = [BackendError(f"tier {tier.name!r} returned {len(gens)} answers for {len(prompts)} prompts",
-                                 reason="wrong number of answers")] * len(prompts)
-        for failure in {id(g): g for g in gens if isinstance(g, BaseException)}.values():
-            if isinstance(failure, BackendError) and failure.tier is None:
-                failure.tier = tier.name
-            n = sum(g is failure for g in gens)
-            log.warning("tier %r failed for %d of %d request(s): %s", tier.name, n, len(gens), failure)
-        return list(gens)
-
-    async def _stage(self, level: int, tier: Tier, active: list[Pending],
-                     params: GenerationParams) -> list[Pending]:
-        """Call one tier for the requests that reached it; return those that go on up."""
-        t0 = time.perf_counter()
-        outcomes = await self._answers(level, tier, active, params)
-        elapsed = time.perf_counter() - t0
-        failed = [(p, o) for p, o in zip(active, outcomes) if isinstance(o, BaseException)]
-        # Any failure of a higher tier (an error, a timeout, a full queue, a prompt too long for its context)
-        # follows on_error; a request with no lower answer (the first tier, or lower tiers skipped) fails.
-        for p, exc in failed:
-            if p.answer is None or self.on_error == "raise":
-                p.error = exc
-        if any(p.error is None for p, _ in failed):
-            await self._degrade(level, tier, [(p, e) for p, e in failed if p.error is None], params, elapsed)
-        return [p for p, g in zip(active, outcomes)
-                if not isinstance(g, BaseException) and self._record(level, tier, p, g, elapsed)]
-
-    async def _answers(self, level: int, tier: Tier, active: list[Pending], params: GenerationParams
-                       ) -> list[Generation | BaseException]:
-        """One tier's outcome for each request that reached it: free ones generated, constrained ones chosen."""
-        last = level == len(self.tiers) - 1
-        out: list[Generation | BaseException | None] = [None] * len(active)
-        for constrained in (False, True):
-            idx = [i for i, p in enumerate(active) if (p.choices is not None) == constrained]
-            if not idx:
-                continue
-            early = None
-            if not last and self.early_exit and not constrained:
-                early = EarlyExit(self.measure, tuple(active[i].thresholds[level] for i in idx))
-            lists = [active[i].choices or () for i in idx] if constrained else None
-            got = await self._outcomes(tier, [active[i].prompt for i in idx], params, not last, early, lists)
-            for i, g in zip(idx, got):
-                out[i] = g
-        return [g for g in out if g is not None]
-
-    def _record(self, level: int, tier: Tier, p: Pending, g: Generation, elapsed: float) -> bool:
-        """Book one tier's answer for one request; True when the request goes on up the chain."""
-        last = level == len(self.tiers) - 1
-        policy = p.policy or self.policy
-        if p.choices is not None and g.choice_logprobs:
-            offsets = policy.prior_for(level, p.choices)
-            if offsets is not None:  # the tier's calibrated prior over these answers (cascade.choice_prior)
-                from cascade.choice_prior import apply_prior
-
-                g = apply_prior(g, p.choices, offsets)
-        u = math.nan if last else policy.uncertainty(level, g.scores)
-        thr = None if last else p.thresholds[level]
-        p.calls.append(self._tier_call(tier, g, elapsed, None if last else u, thr))
-        if level == 0:
-            p.first_uncertainty, p.first_answer = u, g
-        p.answer, p.answer_tier = g, level  # an escalated answer is kept in case a higher tier fails
-        if thr is None:
-            p.reason += f"answered by {tier.name!r} (last tier)"
-            return False
-        up = escalates(u, thr)
-        if self.monitor is not None:
-            self.monitor.observe(level, u, up, p.source in ("artifact", "fixed"))
-        if math.isnan(u):
-            why = "the request has no choices" if p.choices is None and self.measure in CHOICE_MEASURES else \
-                "the tier reported no such score"
-            p.reason += f"{self.measure} undefined ({why}) at {tier.name!r}: escalated; "
-        elif up:
-            p.reason += f"{self.measure}={u:.4f} > {thr:.4f} at {tier.name!r}: escalated; "
-        else:
-            p.reason += f"{self.measure}={u:.4f} <= {thr:.4f}: {tier.name!r} answer accepted"
-        return up
-
-    async def _degrade(self, level: int, tier: Tier, failed: Sequence[tuple[Pending, BaseException]],
-                       params: GenerationParams, elapsed: float) -> None:
-        """A higher tier failed for these requests: return each one's lower-tier answer, marked degraded.
-
-        The failure is recorded in the request's calls as :func:`~cascade.errors.public_reason` (the tier's
-        name and a short reason, no URL): results reach clients of the server. The detail went to the log.
-        """
-        active = [p for p, _ in failed]
-        cut_short = [p for p in active if p.answer is not None and p.answer.finish_reason == "early_exit"]
-        for below_level in sorted({p.answer_tier for p in cut_short}):  # early exit kept one token only: finish
-            below = self.tiers[below_level]  # those answers without early exit (the tier below, or lower: skips)
-            redo_for = [p for p in cut_short if p.answer_tier == below_level]
-            t0 = time.perf_counter()
-            redo = await self._outcomes(below, [p.prompt for p in redo_for], params, True, None)
-            for p, g in zip(redo_for, redo):
-                if isinstance(g, BaseException):  # keep the one-token answer
-                    p.reason += f"finishing {below.name!r}'s answer failed ({type(g).__name__}); "
-                else:
-                    p.calls.append(self._tier_call(below, g, time.perf_counter() - t0, None, None))
-                    p.answer = g
-        for p, exc in failed:
-            p.calls.append(TierCall(tier.name, tier.backend.name, 0, 0, 0.0, elapsed, error=_tier_error(tier, exc)))
-            p.degraded = True
-            p.reason += f"{tier.name!r} failed ({type(exc).__name__}): lower tier's answer returned (degraded)"
-
-    @staticmethod
-    def _tier_call(tier: Tier, g: Generation, elapsed: float, u: float | None, thr: float | None) -> TierCall:
-        cost = tier.price.cost(g.prompt_tokens, g.completion_tokens)
-        return TierCall(tier.name, g.model, g.prompt_tokens, g.completion_tokens, cost, elapsed, u, thr,
-                        g.finish_reason, usage_estimated=g.usage_estimated)
-
-    def _result(self, p: Pending, latency: float) -> CascadeResult:
-        return p.result([t.name for t in self.tiers], self.measure, latency)
+        raise BatchError([p.error if p.error is not None else self.chain.result(p, latency) for p in pending])
 
     def stream(
         self,
@@ -472,11 +298,28 @@ class Cascade:
         The answering tier is decided before the first chunk (on the first token with a first-token
         measure), so every chunk comes from the tier named in the final result. A constrained answer
         (``choices``) is scored, not generated: it comes in one chunk. See
-        :func:`cascade.streaming.stream_cascade`.
+        :func:`cascade.streaming.stream_chain`.
         """
-        from cascade.streaming import stream_cascade
+        from cascade.streaming import stream_chain
 
-        return stream_cascade(self, prompt, params=params, target=target, cluster=cluster, choices=choices)
+        if choices is not None:
+            return self._stream_constrained(prompt, params, target, cluster, choices)
+
+        def start() -> tuple[Pending, GenerationParams]:
+            resolved = self.resolve_params(params)
+            checked = validate_prompt(prompt, self.max_prompt_chars)
+            return Pending.start(0, checked, self.policy, cluster, Target.parse(target)), resolved
+
+        shadow = self.shadow
+        return stream_chain(self.chain, start, None if shadow is None else lambda p, ps: shadow.consider([p], ps))
+
+    async def _stream_constrained(self, prompt: Prompt, params: GenerationParams | Mapping[str, Any] | None,
+                                  target: Target | dict[str, float] | None, cluster: int | None,
+                                  choices: Sequence[str]) -> AsyncIterator[CascadeChunk | CascadeResult]:
+        """A constrained answer is decided as :meth:`run` decides it and sent in one chunk."""
+        result = await self.run(prompt, params=params, target=target, cluster=cluster, choices=choices)
+        yield CascadeChunk(result.text, result.tier)
+        yield result
 
     def run_sync(self, prompt: Prompt, **kwargs: Any) -> CascadeResult:
         """Blocking :meth:`run` for scripts (not from inside a running event loop: await :meth:`run`)."""
@@ -487,20 +330,6 @@ class Cascade:
         """Blocking :meth:`run_batch` for scripts (not from inside a running event loop)."""
         _no_running_loop("run_batch_sync")
         return asyncio.run(self.run_batch(prompts, **kwargs))
-
-
-def tier_timeout(tier: Tier) -> BackendTimeoutError:
-    """The error of a call to ``tier`` that ran past the tier's ``timeout_s``."""
-    exc = BackendTimeoutError(f"tier {tier.name!r} timed out after {tier.timeout_s} s",
-                              reason=f"timed out after {tier.timeout_s} s")
-    exc.tier = tier.name
-    return exc
-
-
-def _tier_error(tier: Tier, exc: BaseException) -> str:
-    """What a result says about a failed tier call: the tier's name and a short reason (no URL, no detail)."""
-    text = public_reason(exc)
-    return text if isinstance(exc, BackendError) and exc.tier else f"tier {tier.name!r}: {text}"
 
 
 def _no_running_loop(name: str) -> None:

@@ -1,6 +1,6 @@
 """One request moving up a cascade's chain: its thresholds, what each tier did, and its result.
 
-Shared by :meth:`cascade.engine.Cascade.run_batch` and :func:`cascade.streaming.stream_cascade`.
+Shared by :meth:`cascade.engine.Cascade.run_batch` and :func:`cascade.streaming.stream_chain`.
 
 **Tier skipping.** A stage whose threshold is ``-inf`` escalates every answer (``escalate iff uncertainty >
 threshold`` holds for any uncertainty, NaN included), so its answer would never be kept: the request skips

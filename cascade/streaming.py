@@ -11,18 +11,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Callable
 
+from cascade.chain import Chain, Tier, tier_timeout
 from cascade.errors import BackendError, CascadeError
-from cascade.policy import Target, escalates
-from cascade.types import CascadeChunk, CascadeResult, EarlyExit, Generation, GenerationParams, Prompt, validate_prompt
+from cascade.pending import Pending
+from cascade.policy import escalates
+from cascade.types import CascadeChunk, CascadeResult, EarlyExit, Generation, GenerationParams
 
-if TYPE_CHECKING:
-    from cascade.engine import Cascade, Tier
-    from cascade.pending import Pending
-
-__all__ = ["stream_cascade"]
+__all__ = ["stream_chain"]
 
 log = logging.getLogger("cascade.engine")
 
@@ -30,8 +27,6 @@ log = logging.getLogger("cascade.engine")
 async def _next(events: AsyncIterator[object], deadline: float | None, tier: Tier) -> object:
     if deadline is None:
         return await events.__anext__()
-    from cascade.engine import tier_timeout
-
     try:
         return await asyncio.wait_for(events.__anext__(), max(0.0, deadline - time.perf_counter()))
     except asyncio.TimeoutError as exc:
@@ -39,14 +34,14 @@ async def _next(events: AsyncIterator[object], deadline: float | None, tier: Tie
 
 
 async def _stream_tier(
-    cascade: Cascade, level: int, tier: Tier, p: Pending, params: GenerationParams
+    chain: Chain, level: int, tier: Tier, p: Pending, params: GenerationParams
 ) -> AsyncIterator[CascadeChunk | Generation]:
     """Yield this tier's chunks if it answers (decided on the first token), then its Generation."""
     from cascade.types import StreamEvent
 
-    last = level == len(cascade.tiers) - 1
+    last = level == len(chain.tiers) - 1
     threshold = None if last else p.thresholds[level]
-    early = None if threshold is None else EarlyExit(cascade.measure, (threshold,))
+    early = None if threshold is None else EarlyExit(chain.measure, (threshold,))
     events = tier.backend.stream(p.prompt, params, scores=not last, early_exit=early)  # type: ignore[attr-defined]
     deadline = None if tier.timeout_s is None else time.perf_counter() + tier.timeout_s
     accepted = last
@@ -59,7 +54,7 @@ async def _stream_tier(
                 raise BackendError(f"tier {tier.name!r} ended its stream without an answer") from None
             assert isinstance(ev, StreamEvent)
             if ev.kind == "first" and threshold is not None:
-                accepted = not escalates(float(ev.scores.get(cascade.measure, float("nan"))), threshold)
+                accepted = not escalates(float(ev.scores.get(chain.measure, float("nan"))), threshold)
             elif ev.kind == "delta" and accepted:
                 sent += ev.text
                 yield CascadeChunk(ev.text, tier.name)
@@ -73,71 +68,61 @@ async def _stream_tier(
         await events.aclose()
 
 
-async def stream_cascade(
-    cascade: Cascade,
-    prompt: Prompt,
-    *,
-    params: GenerationParams | Mapping[str, Any] | None = None,
-    target: Target | dict[str, float] | None = None,
-    cluster: int | None = None,
-    choices: Sequence[str] | None = None,
+async def stream_chain(
+    chain: Chain,
+    start: Callable[[], tuple[Pending, GenerationParams]],
+    done: Callable[[Pending, GenerationParams], None] | None = None,
 ) -> AsyncIterator[CascadeChunk | CascadeResult]:
-    """Yield :class:`CascadeChunk` pieces of the answer, then the :class:`CascadeResult` (always last).
+    """Yield :class:`CascadeChunk` pieces of one free answer, then the :class:`CascadeResult` (always last).
 
-    A constrained answer (``choices``) is decided like :meth:`Cascade.run` decides it and sent in one chunk.
+    Args:
+        chain: the cascade's tiers and rules.
+        start: checks the request and returns its state and decoding parameters; called on the first
+            iteration, so its InvalidRequestError comes before anything is yielded.
+        done: called with the finished request before its result is yielded (shadow checks).
 
     Raises:
         InvalidRequestError: bad prompt, parameters or target (before anything is yielded).
         BackendError: the first tier failed; or a higher tier failed with ``on_error="raise"``, or after
             part of its answer was already sent (a streamed answer cannot be taken back).
     """
-    from cascade.pending import Pending
-
-    if choices is not None:
-        result = await cascade.run(prompt, params=params, target=target, cluster=cluster, choices=choices)
-        yield CascadeChunk(result.text, result.tier)
-        yield result
-        return
-    params = cascade.resolve_params(params)
-    parsed = Target.parse(target)
-    checked = validate_prompt(prompt, cascade.max_prompt_chars)
-    p = Pending.start(0, checked, cascade.policy, cluster, parsed)
+    p, params = start()
     started = time.perf_counter()
-    for level, tier in enumerate(cascade.tiers):
-        last = level == len(cascade.tiers) - 1
+    for level, tier in enumerate(chain.tiers):
+        last = level == len(chain.tiers) - 1
         if p.skips(level):  # the stage escalates everything: the tier is not called
             p.skip(tier.name)
             continue
-        streams = hasattr(tier.backend, "stream") and (last or cascade.early_exit)
+        streams = hasattr(tier.backend, "stream") and (last or chain.early_exit)
         t0 = time.perf_counter()
         gen: Generation | None = None
         chunks = 0
         try:
             if streams:
-                async for item in _stream_tier(cascade, level, tier, p, params):
+                async for item in _stream_tier(chain, level, tier, p, params):
                     if isinstance(item, CascadeChunk):
                         chunks += 1
                         yield item
                     else:
                         gen = item
             else:
-                gen = (await cascade._call(tier, [p.prompt], params, not last, None))[0]
+                gen = (await chain.call(tier, [p.prompt], params, not last, None))[0]
         except (CascadeError, asyncio.TimeoutError) as exc:  # as Cascade.run_batch does
             if isinstance(exc, BackendError) and exc.tier is None:
                 exc.tier = tier.name
             log.warning("tier %r failed for a streamed request: %s", tier.name, exc)
-            if p.answer is None or cascade.on_error == "raise" or chunks:
+            if p.answer is None or chain.on_error == "raise" or chunks:
                 raise
-            await cascade._degrade(level, tier, [(p, exc)], params, time.perf_counter() - t0)
+            await chain.degrade(level, tier, [(p, exc)], params, time.perf_counter() - t0)
             assert p.answer is not None
             if p.answer.text:
-                yield CascadeChunk(p.answer.text, cascade.tiers[p.answer_tier].name)
+                yield CascadeChunk(p.answer.text, chain.tiers[p.answer_tier].name)
             break
         assert gen is not None
-        if not cascade._record(level, tier, p, gen, time.perf_counter() - t0):
+        if not chain.record(level, tier, p, gen, time.perf_counter() - t0):
             if not streams and gen.text:  # decided on the whole answer: send it in one piece
                 yield CascadeChunk(gen.text, tier.name)
             break
-    if cascade.shadow is not None:
-        cascade.shadow.consider([p], params)
-    yield cascade._result(p, time.perf_counter() - started)
+    if done is not None:
+        done(p, params)
+    yield chain.result(p, time.perf_counter() - started)

@@ -25,3 +25,6 @@ def test_an_example_config_loads_and_its_remote_tiers_build(path: Path) -> None:
     if all(t.backend.kind == "openai" for t in cfg.tiers):  # no model to load: build it (nothing connects yet)
         cascade = build_cascade(cfg)
         assert [t.name for t in cascade.tiers] == [t.name for t in cfg.tiers]
+        assert (cascade.monitor is not None) == (cfg.monitor is not None)
+    if cfg.monitor is not None and cfg.monitor.log_path is not None:
+        assert Path(cfg.monitor.log_path).parent == path.parent.absolute()  # relative to the config file

@@ -201,7 +201,6 @@ def _fit(a: argparse.Namespace, cfg: CascadeConfig, inputs: Inputs, params: Gene
 
     from calibration import report as rep
     from calibration.artifact import artifact_from_fit, data_fingerprint, levels_from_fits
-    from calibration.certify import claim_text
     from calibration.fit import measured_curve
     from calibration.metrics import simulate
 
@@ -238,24 +237,15 @@ def _fit(a: argparse.Namespace, cfg: CascadeConfig, inputs: Inputs, params: Gene
         art = replace(art, choice_priors=arrays.priors)
         report["choice_priors"] = {"n": len(inputs.prior), "from": inputs.prior_source,
                                    "priors": {str(k): v for k, v in arrays.priors.items()}}
-    n_lab = int(arrays.labelled[:n_fit].sum())
-    free: dict[str, Any] = {"guarantee": claim_text(claim)} if method == "quality" else {}
-    if claim == "disagreement":
-        free.update(same=inputs.same_name, labelled_fit_lines=n_lab, curve_accuracy="agreement with the last tier")
     art = replace(art, thresholds=thresholds, params={
         **dict(fit.params), "fitted_thresholds": rep.jsonable(list(fit.thresholds)), "scorer": inputs.scorer_name,
         "max_tokens": params.max_tokens, "temperature": params.temperature, "data": Path(a.data).name,
         "choices": not a.no_choices and all(e.data.get("choices") for e in inputs.fit + inputs.test),
-        "split": inputs.split, "backends": backend_signature(cfg), **free,
+        "split": inputs.split, "backends": backend_signature(cfg), **_claim_params(method, arrays, inputs),
         **({"delta_overall": kw["delta"], "tested_measures": len(summary)}
            if fit_kw.get("delta") != kw.get("delta") else {})})
     chosen = simulate(thresholds, fs, fc, fk).stats()
-    lab = arrays.labelled[:n_fit]
-    labels = arrays.labels[:n_fit]
-    held = None if not inputs.test else {  # the held-out examples, for the checks
-        "scores": arrays.by_measure[measure].scores[n_fit:], "correct": arrays.labels[n_fit:],
-        "costs": first.costs[n_fit:], "source": inputs.split, "claim": claim, "labelled": arrays.labelled[n_fit:],
-        "agreement": None if arrays.agreement is None else arrays.agreement[n_fit:]}
+    held = _held_out(inputs, arrays, measure)
     test = None
     if held is not None:
         per = np.tile(np.asarray(thresholds, dtype=np.float64), (len(held["scores"]), 1))
@@ -267,18 +257,8 @@ def _fit(a: argparse.Namespace, cfg: CascadeConfig, inputs: Inputs, params: Gene
             k: rep.jsonable(test.get(k)) for k in ("n", "accuracy", "large_share", "small_accuracy",
                                                    "large_accuracy", "held", "mean_cost")}})
     report["levels"] = rep.levels_section(level_fits, level_ts, names, held) if level_fits else None
+    report.update(_data_sections(a, cfg, inputs, arrays, params, cache_dir, fp))
     report.update({
-        "data": {"path": a.data, "n": len(inputs.data), "n_fit": n_fit, "n_test": len(inputs.test),
-                 "split": inputs.split, "fingerprint": fp, "scorer": inputs.scorer_name,
-                 "same": inputs.same_name, "n_fit_labelled": n_lab},
-        "tiers": [{"name": t.name, "model": t.backend.model, "price_input_per_mtok": t.price_input_per_mtok,
-                   "price_output_per_mtok": t.price_output_per_mtok, "accuracy": float(fc[:, j].mean()),
-                   "labelled_accuracy": float(labels[lab, j].mean()) if lab.any() else None,
-                   "mean_cost": float(fk[:, j].mean())} for j, t in enumerate(cfg.tiers)],
-        "generation": {"max_tokens": params.max_tokens, "temperature": params.temperature,
-                       "constrained": 0 if a.no_choices else sum(bool(e.data.get("choices"))
-                                                                  for e in inputs.fit + inputs.test),
-                       "cache_dir": str(cache_dir)},
         "measures": summary, "measure": {"chosen": measure, "how": how},
         "reference": rep.reference_curves(fc),
         "fit": {"method": method, "target": kw, "params": dict(fit.params), "thresholds": list(thresholds),
@@ -290,6 +270,51 @@ def _fit(a: argparse.Namespace, cfg: CascadeConfig, inputs: Inputs, params: Gene
         "artifact": a.out,
     })
     return art, report
+
+
+def _claim_params(method: str, arrays: Arrays, inputs: Inputs) -> dict[str, Any]:
+    """What the artifact says about the guarantee: its claim, and for the label-free one how answers compare."""
+    from calibration.certify import claim_text
+
+    out: dict[str, Any] = {"guarantee": claim_text(arrays.claim)} if method == "quality" else {}
+    if arrays.claim == "disagreement":
+        out.update(same=inputs.same_name, labelled_fit_lines=int(arrays.labelled[:len(inputs.fit)].sum()),
+                   curve_accuracy="agreement with the last tier")
+    return out
+
+
+def _held_out(inputs: Inputs, arrays: Arrays, measure: str) -> dict[str, Any] | None:
+    """The held-out examples' arrays for the checks, or None without held-out examples."""
+    if not inputs.test:
+        return None
+    n_fit = len(inputs.fit)
+    first = next(iter(arrays.by_measure.values()))
+    return {"scores": arrays.by_measure[measure].scores[n_fit:], "correct": arrays.labels[n_fit:],
+            "costs": first.costs[n_fit:], "source": inputs.split, "claim": arrays.claim,
+            "labelled": arrays.labelled[n_fit:],
+            "agreement": None if arrays.agreement is None else arrays.agreement[n_fit:]}
+
+
+def _data_sections(a: argparse.Namespace, cfg: CascadeConfig, inputs: Inputs, arrays: Arrays,
+                   params: GenerationParams, cache_dir: Path, fp: str) -> dict[str, Any]:
+    """The report's ``data``, ``tiers`` and ``generation`` sections (what was fitted on, by which models)."""
+    n_fit = len(inputs.fit)
+    first = next(iter(arrays.by_measure.values()))
+    fc, fk = first.correct[:n_fit], first.costs[:n_fit]
+    lab, labels = arrays.labelled[:n_fit], arrays.labels[:n_fit]
+    return {
+        "data": {"path": a.data, "n": len(inputs.data), "n_fit": n_fit, "n_test": len(inputs.test),
+                 "split": inputs.split, "fingerprint": fp, "scorer": inputs.scorer_name,
+                 "same": inputs.same_name, "n_fit_labelled": int(lab.sum())},
+        "tiers": [{"name": t.name, "model": t.backend.model, "price_input_per_mtok": t.price_input_per_mtok,
+                   "price_output_per_mtok": t.price_output_per_mtok, "accuracy": float(fc[:, j].mean()),
+                   "labelled_accuracy": float(labels[lab, j].mean()) if lab.any() else None,
+                   "mean_cost": float(fk[:, j].mean())} for j, t in enumerate(cfg.tiers)],
+        "generation": {"max_tokens": params.max_tokens, "temperature": params.temperature,
+                       "constrained": 0 if a.no_choices else sum(bool(e.data.get("choices"))
+                                                                  for e in inputs.fit + inputs.test),
+                       "cache_dir": str(cache_dir)},
+    }
 
 
 def _fits(a: argparse.Namespace, method: str, fit_kw: dict[str, Any], arrays: Arrays, wanted: str | None,

@@ -19,6 +19,11 @@ loaded locally with transformers (:class:`~cascade.backends.hf_local.HFLocalBack
 
 The issue's goals: ``margin_first`` within 0.02 per request, Pearson >= 0.95, agreement >= 95%, no cut-off
 answer accepted. The numbers are printed as they come out.
+
+The local backend de-quantizes the Q4_1 weights to float32; llama.cpp computes with the quantized weights
+(and quantized activations in its dot products). ``--f32-copy DIR`` also writes the de-quantized weights as a
+float32 GGUF into DIR (:func:`write_f32_gguf`, about 540 MB) and repeats check 1 against llama.cpp serving
+that copy: the same numbers on both sides, so what differs is the arithmetic, not the measures.
 """
 
 from __future__ import annotations
@@ -63,6 +68,39 @@ def start_server(python: str, gguf: Path, interrupt: bool, log: Path) -> tuple[s
             time.sleep(0.5)
     proc.kill()
     raise RuntimeError(f"llama.cpp server did not come up in 120 s; see {log}")
+
+
+def write_f32_gguf(src: Path, dst: Path) -> Path:
+    """Copy a GGUF with every tensor de-quantized to float32 (metadata copied as it is); returns ``dst``."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(src)
+
+    def text(field: Any, i: int) -> str:
+        return bytes(field.parts[i]).decode("utf-8", errors="surrogateescape")
+
+    arch = text(reader.fields["general.architecture"], reader.fields["general.architecture"].data[0])
+    writer = GGUFWriter(dst, arch)
+    for f in reader.fields.values():
+        if f.name.startswith("GGUF.") or f.name == "general.architecture":
+            continue  # the header's own fields, written by the writer
+        kind = f.types[0]
+        if kind == GGUFValueType.ARRAY:
+            sub = f.types[1]
+            items = [text(f, i) if sub == GGUFValueType.STRING else f.parts[i].tolist()[0] for i in f.data]
+            writer.add_key_value(f.name, items, kind, sub_type=sub)
+        else:
+            value = text(f, f.data[0]) if kind == GGUFValueType.STRING else f.parts[f.data[0]].tolist()[0]
+            writer.add_key_value(f.name, value, kind)
+    for t in reader.tensors:  # GGUF lists dimensions innermost first
+        weights = dequantize(t.data, t.tensor_type).astype(np.float32)
+        writer.add_tensor(t.name, weights.reshape(tuple(int(x) for x in reversed(t.shape))))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
 
 
 def _pearson(a: Sequence[float], b: Sequence[float]) -> float:
@@ -135,6 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--log", type=Path, default=Path("llamacpp-server.log"))
     p.add_argument("--report-json", type=Path)
+    p.add_argument("--f32-copy", type=Path, metavar="DIR", help="also check against a float32 copy of the weights")
     a = p.parse_args(argv)
     from cascade.embedded_models import gguf_path
     from eval.datasets import load_task
@@ -148,6 +187,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         proc.terminate()
         proc.wait(30)
+    if a.f32_copy is not None:
+        a.f32_copy.mkdir(parents=True, exist_ok=True)
+        f32 = a.f32_copy / "SmolLM2-135M-Instruct.f32.gguf"
+        if not f32.exists():
+            write_f32_gguf(gguf, f32)
+        proc, url = start_server(a.server_python, f32, False, a.log)
+        try:
+            report["float32_copy_interrupt_false"] = asyncio.run(compare(url, prompts, a.max_tokens))
+        finally:
+            proc.terminate()
+            proc.wait(30)
     proc, url = start_server(a.server_python, gguf, True, a.log)
     try:
         report["concurrent_streams_interrupt_true"] = asyncio.run(concurrent_streams(url, prompts, 64))

@@ -68,6 +68,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--data-dir", default="../shared/data", help="where --dataset files live (default ../shared/data)")
     g.add_argument("--n-prompts", type=int, default=1000, help="most prompts to use")
     g.add_argument("--write-prompts", metavar="FILE", help="also write the prompts used as JSONL")
+    _simulated_args(p)
+    g = p.add_argument_group("output")
+    g.add_argument("--report-json", metavar="PATH", help="write the full report as JSON")
+    g.add_argument("--plot", metavar="PNG", help="write plots (needs matplotlib)")
+    g.add_argument("--quiet", action="store_true", help="no terminal table")
+    args = p.parse_args(argv)
+    if args.drift:
+        if args.fault not in (None, "small-drift"):
+            p.error("--drift is --fault small-drift; give one fault")
+        args.fault, args.monitor = "small-drift", True
+    if args.experts is not None and (args.serve or args.fault or args.monitor or not args.simulated):
+        p.error("--experts runs in process with --simulated, without --serve, faults or --monitor")
+    if args.serve and (args.monitor or args.shadow_rate or args.reload_at is not None):
+        p.error("--monitor, --shadow-rate and --reload-at run in process: drop --serve")
+    if args.fault and not args.simulated:
+        p.error("--fault needs --simulated (faults are injected into the simulated large tier)")
+    if args.serve and not args.simulated:
+        p.error("--serve needs --simulated")
+    if args.serve and args.fault not in (None, "large-down"):
+        p.error("with --serve only --fault large-down can be injected")
+    return args
+
+
+def _simulated_args(p: argparse.ArgumentParser) -> None:
+    """The options of the HTTP target and of the simulated one (tiers, faults, live checks)."""
     g = p.add_argument_group("HTTP target")
     g.add_argument("--model", default=None, help="model id to request (default: first of /v1/models)")
     g.add_argument("--max-tokens", type=int, default=16, help="new tokens per answer")
@@ -110,24 +135,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--shadow-rate", type=float, default=0.0, help="share of accepted answers shadowed")
     g.add_argument("--reload-at", type=float, default=None, help="seconds into the run: swap the threshold")
     g.add_argument("--reload-threshold", type=float, default=None, help="the new threshold (default +0.1)")
-    g = p.add_argument_group("output")
-    g.add_argument("--report-json", metavar="PATH", help="write the full report as JSON")
-    g.add_argument("--plot", metavar="PNG", help="write plots (needs matplotlib)")
-    g.add_argument("--quiet", action="store_true", help="no terminal table")
-    args = p.parse_args(argv)
-    if args.drift:
-        if args.fault not in (None, "small-drift"):
-            p.error("--drift is --fault small-drift; give one fault")
-        args.fault, args.monitor = "small-drift", True
-    if args.serve and (args.monitor or args.shadow_rate or args.reload_at is not None):
-        p.error("--monitor, --shadow-rate and --reload-at run in process: drop --serve")
-    if args.fault and not args.simulated:
-        p.error("--fault needs --simulated (faults are injected into the simulated large tier)")
-    if args.serve and not args.simulated:
-        p.error("--serve needs --simulated")
-    if args.serve and args.fault not in (None, "large-down"):
-        p.error("with --serve only --fault large-down can be injected")
-    return args
+    g = p.add_argument_group("expert-router mode (simulated target; eval.loadtest.experts)")
+    g.add_argument("--experts", type=int, default=None, metavar="K", help="route over K clusters (MiniLM k-means)")
+    g.add_argument("--expert-replicas", type=int, default=1, help="replicas per cluster")
+    g.add_argument("--replica-capacity", type=int, default=8, help="requests in flight per replica and tier")
+    g.add_argument("--shared-pool", action="store_true", help="every cluster on one pool of all the replicas")
 
 
 def _prompts(args: argparse.Namespace) -> list[Prompt]:
@@ -240,6 +252,8 @@ async def _run(args: argparse.Namespace) -> tuple[dict[str, Any], RunResult]:
             report["simulated"] = {"via": "cascade serve", **_sim_info(options),
                                    "tier_call_beyond_server_ms": beyond_server(result.recorder.outcomes, options)}
             return report, result
+    if args.experts is not None:
+        return await _run_experts(args, prompts, shape)
     options = _sim_options(args)
     async with SimulatedCascade(options) as sim:
         assert sim.target is not None
@@ -267,6 +281,21 @@ async def _run(args: argparse.Namespace) -> tuple[dict[str, Any], RunResult]:
         monitored = sim.monitor_report()
         if monitored is not None:
             report["monitor"] = monitored
+        return report, result
+
+
+async def _run_experts(args: argparse.Namespace, prompts: Sequence[Prompt], shape: LoadShape
+                       ) -> tuple[dict[str, Any], RunResult]:
+    from eval.loadtest.experts import ExpertOptions, RoutedCascade
+
+    options = ExpertOptions(k=args.experts, replicas=args.expert_replicas, capacity=args.replica_capacity,
+                            shared=args.shared_pool, sim=_sim_options(args))
+    async with RoutedCascade(options) as routed:
+        assert routed.target is not None
+        notes = ["in-process expert router over two simulated servers (child processes); each replica's tiers "
+                 f"allow {options.capacity} requests in flight (a server's batch slots)"]
+        report, result = await loadtest(routed.target, prompts, shape, warmup=args.warmup, notes=notes)
+        report["experts"] = routed.report()
         return report, result
 
 

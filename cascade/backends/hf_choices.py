@@ -65,6 +65,63 @@ def _continuation(model: Any, prompt_mask_b: torch.Tensor, cache: Any, owner: to
     return logits
 
 
+def _choice_rows(
+    choice_ids: Sequence[Sequence[Sequence[int]]], pad: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every choice of the batch as one row, R in all.
+
+    Returns:
+        ``owner`` ``(R,)`` its prompt; ``slot`` ``(R,)`` its place in that prompt's list; ``cont`` ``(R, L)``
+        its token ids, right-padded with ``pad``; ``cont_mask`` ``(R, L)`` 1 on its tokens, 0 on padding.
+    """
+    import torch
+
+    owner_list = [b for b, row in enumerate(choice_ids) for _ in row]
+    flat = [list(ids) for row in choice_ids for ids in row]
+    width = max(len(ids) for ids in flat)
+    owner = torch.tensor(owner_list, dtype=torch.long, device=device)
+    slot = torch.tensor([k for row in choice_ids for k in range(len(row))], dtype=torch.long, device=device)
+    cont = torch.tensor([ids + [pad] * (width - len(ids)) for ids in flat], dtype=torch.long, device=device)
+    cont_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in flat], dtype=torch.long,
+                             device=device)
+    return owner, slot, cont, cont_mask
+
+
+def _token_logprobs(model: Any, enc: Any, owner: torch.Tensor, cont: torch.Tensor,
+                    cont_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two forward passes (call under ``torch.inference_mode``).
+
+    Returns:
+        ``logits`` ``(R, L, V)`` float32, the logits that predict each choice token; ``token_lp`` ``(R, L)``
+        each token's log-probability, 0 on padding.
+    """
+    import torch
+
+    width = cont.shape[1]
+    first, cache, prompt_mask = prompt_pass(model, enc, width > 1)  # (B, V)
+    step_logits = [first[owner]]  # per choice token position: (R, V) logits that predict it
+    if width > 1:
+        rest = _continuation(model, prompt_mask, cache, owner, cont, cont_mask)  # (R, L - 1, V)
+        step_logits += [rest[:, j, :] for j in range(width - 1)]
+    logits = torch.stack(step_logits, dim=1).float()  # (R, L, V)
+    token_lp = torch.log_softmax(logits, dim=-1).gather(-1, cont[:, :, None]).squeeze(-1)  # (R, L)
+    token_lp = torch.where(cont_mask.bool(), token_lp, torch.zeros_like(token_lp))
+    return logits, token_lp
+
+
+def _measures(table: torch.Tensor, logits: torch.Tensor, token_lp: torch.Tensor, valid: torch.Tensor,
+              best_row: torch.Tensor) -> tuple[dict[str, torch.Tensor], tuple[list[list[float]], ...]]:
+    """The choice measures over ``table`` ``(B, K)`` and the token measures of each chosen row ``best_row``
+    ``(B,)``, plus the chosen answers' per-token margin, entropy and log-probability ``(B, L)`` as lists."""
+    batch, width = best_row.shape[0], logits.shape[1]
+    measures = choice_measures(table)
+    margin, entropy, _ = reduce_step(logits[best_row].reshape(-1, logits.shape[-1]))
+    margin, entropy = margin.view(batch, width), entropy.view(batch, width)
+    chosen_lp, mask = token_lp[best_row], valid[best_row]
+    measures.update(aggregate(margin, entropy, chosen_lp, mask))
+    return measures, (margin.tolist(), entropy.tolist(), chosen_lp.tolist())
+
+
 def score_choices(
     model: Any,
     tokenizer: Any,
@@ -97,30 +154,14 @@ def score_choices(
     t0 = time.perf_counter()
     device = enc["input_ids"].device
     batch = enc["input_ids"].shape[0]
-    owner_list = [b for b, row in enumerate(choice_ids) for _ in row]
-    flat = [list(ids) for row in choice_ids for ids in row]
-    width = max(len(ids) for ids in flat)
-    owner = torch.tensor(owner_list, dtype=torch.long, device=device)
-    pad = int(tokenizer.pad_token_id or 0)
-    cont = torch.tensor([ids + [pad] * (width - len(ids)) for ids in flat], dtype=torch.long, device=device)
-    cont_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in flat], dtype=torch.long,
-                             device=device)
+    owner, slot, cont, cont_mask = _choice_rows(choice_ids, int(tokenizer.pad_token_id or 0), device)
     with torch.inference_mode():
-        first, cache, prompt_mask = prompt_pass(model, enc, width > 1)  # (B, V)
-        step_logits = [first[owner]]  # per choice token position: (R, V) logits that predict it
-        if width > 1:
-            rest = _continuation(model, prompt_mask, cache, owner, cont, cont_mask)  # (R, L - 1, V)
-            step_logits += [rest[:, j, :] for j in range(width - 1)]
-        logits = torch.stack(step_logits, dim=1).float()  # (R, L, V)
-        token_lp = torch.log_softmax(logits, dim=-1).gather(-1, cont[:, :, None]).squeeze(-1)  # (R, L)
-        valid = cont_mask.bool()
-        token_lp = torch.where(valid, token_lp, torch.zeros_like(token_lp))
+        logits, token_lp = _token_logprobs(model, enc, owner, cont, cont_mask)  # (R, L, V), (R, L)
         lengths = cont_mask.sum(dim=-1)
         total = token_lp.sum(dim=-1)
         loglik = total / lengths if length_normalize else total  # (R,)
         k_max = max(len(row) for row in choice_ids)
         table = torch.full((batch, k_max), -torch.inf, device=device)
-        slot = torch.tensor([k for row in choice_ids for k in range(len(row))], dtype=torch.long, device=device)
         table[owner, slot] = loglik
         best = table.argmax(dim=-1)  # (B,): the first of equal choices wins
         offsets = torch.tensor([0] + [len(row) for row in choice_ids[:-1]], device=device).cumsum(0)
@@ -128,12 +169,7 @@ def score_choices(
         measures: dict[str, torch.Tensor] = {}
         stats: tuple[list[list[float]], ...] = ()
         if scores:
-            measures = choice_measures(table)
-            margin, entropy, _ = reduce_step(logits[best_row].reshape(-1, logits.shape[-1]))
-            margin, entropy = margin.view(batch, width), entropy.view(batch, width)
-            chosen_lp, mask = token_lp[best_row], valid[best_row]
-            measures.update(aggregate(margin, entropy, chosen_lp, mask))
-            stats = (margin.tolist(), entropy.tolist(), chosen_lp.tolist())
+            measures, stats = _measures(table, logits, token_lp, cont_mask.bool(), best_row)
     names = list(measures)
     values = torch.stack([measures[k] for k in names], dim=1).tolist() if names else [[]] * batch
     table_rows, best_list = table.tolist(), best.tolist()

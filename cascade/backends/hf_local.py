@@ -1,9 +1,10 @@
 """Local transformers models as a tier: batched generation with on-device uncertainty scoring.
 
-Scoring costs almost nothing on top of generation: a logits processor reduces each step's ``(B, V)``
-logits to three ``(B,)`` values (margin, entropy, log-normaliser) as they are produced, on the model's
-device, so the ``B x T x V`` tensor is never kept. After generation one call to
-:func:`cascade.uncertainty.aggregate` turns the ``(B, T)`` values and the validity mask into every measure.
+Scoring costs almost nothing on top of generation: a logits processor
+(:class:`~cascade.backends.hf_steps.StepRecorder`) reduces each step's ``(B, V)`` logits to three ``(B,)``
+values (margin, entropy, log-normaliser) as they are produced, on the model's device, so the ``B x T x V``
+tensor is never kept. After generation one call to :func:`cascade.uncertainty.aggregate` turns the
+``(B, T)`` values and the validity mask into every measure.
 """
 
 from __future__ import annotations
@@ -15,17 +16,9 @@ from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from cascade.backends.hf_prefix import cache_arg, split_prefix
+from cascade.backends.hf_steps import StepRecorder, StopTracker
 from cascade.errors import BackendError, InvalidRequestError
-from cascade.types import (
-    EarlyExit,
-    FinishReason,
-    Generation,
-    GenerationParams,
-    Prompt,
-    StreamEvent,
-    TokenStats,
-)
-from cascade.uncertainty import aggregate, reduce_step
+from cascade.types import EarlyExit, Generation, GenerationParams, Prompt, StreamEvent, TokenStats
 
 if TYPE_CHECKING:
     import torch
@@ -33,106 +26,6 @@ if TYPE_CHECKING:
     from cascade.backends.hf_stream import StreamSink
 
 __all__ = ["HFLocalBackend"]
-
-
-class _StepRecorder:
-    """Logits processor that records margin, entropy and the chosen token's log-probability per step.
-
-    transformers places user processors before the sampling warpers, so it sees the raw logits (the
-    model's own distribution at temperature 1) for greedy and sampled decoding alike. Only ``(B,)`` values
-    are kept per step, plus the last step's ``(B, V)`` distribution until its chosen token is known.
-    """
-
-    def __init__(self) -> None:
-        self.margin: list[torch.Tensor] = []
-        self.entropy: list[torch.Tensor] = []
-        self.chosen_prob: list[torch.Tensor] = []
-        self.last_probs: torch.Tensor | None = None
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.last_probs is not None:  # the token chosen at the previous step is now known
-            self.chosen_prob.append(self.last_probs.gather(1, input_ids[:, -1:]).squeeze(1))
-        margin, entropy, self.last_probs = reduce_step(scores)
-        self.margin.append(margin)
-        self.entropy.append(entropy)
-        return scores
-
-    def finish(self, last_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return ``(margin, entropy, logprob)``, each ``(B, T)``, once generation is over."""
-        import torch
-
-        assert self.last_probs is not None
-        self.chosen_prob.append(self.last_probs.gather(1, last_tokens[:, None]).squeeze(1))
-        self.last_probs = None
-        logprob = torch.log(torch.stack(self.chosen_prob, dim=1))
-        return torch.stack(self.margin, dim=1), torch.stack(self.entropy, dim=1), logprob
-
-
-class _StopTracker:
-    """Stopping criterion recording the step at which each sequence finished, and why.
-
-    Ends a sequence on EOS, on a stop string, or (early exit) after its first token when that token's
-    uncertainty is above the sequence's threshold. ``finished_at[b]`` is the index of the last valid step.
-    """
-
-    def __init__(
-        self,
-        recorder: _StepRecorder,
-        prompt_len: int,
-        eos_ids: torch.Tensor,
-        stop: tuple[str, ...],
-        tokenizer: Any,
-        early_exit: EarlyExit | None,
-        batch_size: int,
-        device: torch.device,
-        cancel: threading.Event | None = None,
-    ) -> None:
-        import torch
-
-        self.cancel = cancel
-        self.recorder = recorder
-        self.prompt_len = prompt_len
-        self.eos_ids = eos_ids
-        self.stop = stop
-        self.tokenizer = tokenizer
-        self.window = max((len(s) for s in stop), default=0) + 2  # tokens decoded per check (>= 1 char each)
-        self.early_exit = early_exit
-        self.thresholds = (
-            torch.tensor(early_exit.thresholds, dtype=torch.float32, device=device) if early_exit else None
-        )
-        self.finished_at = torch.full((batch_size,), -1, dtype=torch.long, device=device)
-        self.reason = torch.zeros((batch_size,), dtype=torch.long, device=device)  # 0 len, 1 stop, 2 exit
-
-    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-        import torch
-
-        step = input_ids.shape[1] - self.prompt_len - 1
-        done = torch.isin(input_ids[:, -1], self.eos_ids)
-        if self.stop:
-            done |= self._stop_strings(input_ids, device=done.device)
-        reason = torch.ones_like(self.reason)
-        if self.thresholds is not None and self.early_exit is not None and step == 0:
-            if self.early_exit.measure == "margin_first":
-                first = 1.0 - self.recorder.margin[0]
-            else:
-                first = self.recorder.entropy[0]
-            exit_now = (first > self.thresholds) & ~done
-            reason = torch.where(exit_now, torch.full_like(reason, 2), reason)
-            done |= exit_now
-        if self.cancel is not None and self.cancel.is_set():  # the consumer of a stream went away
-            done = torch.ones_like(done)
-        new = done & (self.finished_at < 0)
-        self.finished_at = torch.where(new, torch.full_like(self.finished_at, step), self.finished_at)
-        self.reason = torch.where(new, reason, self.reason)
-        return self.finished_at >= 0
-
-    def _stop_strings(self, input_ids: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """True for rows whose newest tokens complete a stop string (decodes a short tail per row)."""
-        import torch
-
-        tails = input_ids[:, max(self.prompt_len, input_ids.shape[1] - self.window) :].tolist()
-        hits = [any(s in self.tokenizer.decode(t, skip_special_tokens=True) for s in self.stop) for t in tails]
-        return torch.tensor(hits, dtype=torch.bool, device=device)
 
 
 class HFLocalBackend:
@@ -306,34 +199,58 @@ class HFLocalBackend:
         cancel: threading.Event | None = None,
     ) -> list[Generation]:
         import torch
-        from transformers import LogitsProcessorList, StoppingCriteriaList
 
         t0 = time.perf_counter()
         device = self.device
-        enc = self._encode(prompts, params).to(device)
-        prompt_tokens = enc["attention_mask"].sum(dim=1).tolist()
-        with torch.inference_mode():  # a prefix every prompt shares is computed once (see hf_prefix)
+        enc, prompt_tokens = self._prepare(prompts, params)
+        batch, prompt_len = enc["input_ids"].shape
+        eos_ids = self._eos_ids()
+        recorder = StepRecorder()
+        tracker = StopTracker(recorder, prompt_len, torch.tensor(eos_ids, device=device), params.stop,
+                              self.tokenizer, early_exit if want_scores else None, batch, device,
+                              sink.cancel if sink is not None else cancel)
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        gen_kwargs = self._generate_kwargs(params, eos_ids, recorder, tracker, sink)
+        with torch.inference_mode():
+            sequences = self.model.generate(**enc, **gen_kwargs)
+        new = sequences[:, prompt_len:]
+        finished_at, scored_to = tracker.ends(new)
+        score_rows: list[dict[str, float]] = [{} for _ in range(batch)]
+        stat_rows: list[TokenStats | None] = [None] * batch
+        if want_scores:
+            score_rows, stat_rows = recorder.scores(new, scored_to)
+        lengths, reasons, token_rows = (finished_at + 1).tolist(), tracker.finish_reasons(), new.tolist()
+        latency = time.perf_counter() - t0
+        results = []
+        for b in range(batch):
+            ids = token_rows[b][: lengths[b]]
+            results.append(Generation(
+                text=self._answer_text(ids, params.stop), model=self.name, token_ids=tuple(ids),
+                prompt_tokens=int(prompt_tokens[b]), completion_tokens=len(ids), finish_reason=reasons[b],
+                scores=score_rows[b], token_stats=stat_rows[b], latency_s=latency))
+        return results
+
+    def _prepare(self, prompts: Sequence[Prompt], params: GenerationParams) -> tuple[Any, list[int]]:
+        """The model inputs on the device (a prefix every prompt shares already in a KV cache, see
+        :mod:`cascade.backends.hf_prefix`) and each prompt's token count."""
+        import torch
+
+        enc = self._encode(prompts, params).to(self.device)
+        prompt_tokens: list[int] = enc["attention_mask"].sum(dim=1).tolist()
+        with torch.inference_mode():
             split = split_prefix(self.model, enc["input_ids"], enc["attention_mask"])
         if split is not None:
             enc = {"input_ids": split.input_ids, "attention_mask": split.attention_mask,
                    **cache_arg(self.model, split.cache)}
-        batch, prompt_len = enc["input_ids"].shape
-        eos_ids = self._eos_ids()
-        recorder = _StepRecorder()
-        tracker = _StopTracker(
-            recorder,
-            prompt_len,
-            torch.tensor(eos_ids, device=device),
-            params.stop,
-            self.tokenizer,
-            early_exit if want_scores else None,
-            batch,
-            device,
-            sink.cancel if sink is not None else cancel,
-        )
+        return enc, prompt_tokens
+
+    def _generate_kwargs(self, params: GenerationParams, eos_ids: list[int], recorder: StepRecorder,
+                         tracker: StopTracker, sink: StreamSink | None) -> dict[str, Any]:
+        """The keyword arguments of ``model.generate`` for ``params``, with the recorder and tracker attached."""
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
         sample = params.temperature > 0
-        if params.seed is not None:
-            torch.manual_seed(params.seed)
         gen_kwargs: dict[str, Any] = {
             "max_new_tokens": params.max_tokens,
             "do_sample": sample,
@@ -348,61 +265,16 @@ class HFLocalBackend:
             gen_kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
         else:
             gen_kwargs.update(temperature=None, top_p=None, top_k=None)
-        with torch.inference_mode():
-            sequences = self.model.generate(**enc, **gen_kwargs)
-        new = sequences[:, prompt_len:]
-        steps = new.shape[1]
-        finished_at = torch.where(tracker.finished_at < 0, torch.full_like(tracker.finished_at, steps - 1),
-                                  tracker.finished_at)
-        lengths = (finished_at + 1).tolist()
-        reasons = tracker.reason.tolist()
-        # One definition of a step on every backend: the end-of-turn token is not one (servers send no logprob
-        # for it), unless it is the whole answer (an empty answer is scored on it).
-        last = new.gather(1, finished_at[:, None]).squeeze(1)
-        ends_turn = torch.isin(last, tracker.eos_ids) & (finished_at > 0)
-        scored_to = finished_at - ends_turn.long()
-        score_rows: list[dict[str, float]] = [{} for _ in range(batch)]
-        stat_rows: list[TokenStats | None] = [None] * batch
-        if want_scores:
-            margin, entropy, logprob = recorder.finish(new[:, -1])
-            mask = torch.arange(steps, device=device)[None, :] <= scored_to[:, None]
-            agg = aggregate(margin, entropy, logprob, mask)
-            names = list(agg)
-            table = torch.stack([agg[k] for k in names], dim=1).tolist()  # (B, n_measures), one copy
-            per_token = torch.stack([margin, entropy, logprob], dim=0).tolist()  # (3, B, T)
-            scored = (scored_to + 1).tolist()
-            for b in range(batch):
-                score_rows[b] = dict(zip(names, table[b]))
-                n = scored[b]
-                stat_rows[b] = TokenStats(
-                    tuple(per_token[0][b][:n]), tuple(per_token[1][b][:n]), tuple(per_token[2][b][:n])
-                )
-        token_rows = new.tolist()
-        latency = time.perf_counter() - t0
-        results = []
-        for b in range(batch):
-            ids = token_rows[b][: lengths[b]]
-            finish: FinishReason = ("length", "stop", "early_exit")[reasons[b]] if tracker.finished_at[b] >= 0 \
-                else "length"
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            for s in params.stop:
-                cut = text.find(s)
-                if cut >= 0:
-                    text = text[:cut]
-            results.append(
-                Generation(
-                    text=text.strip() if self.chat_template else text,
-                    model=self.name,
-                    token_ids=tuple(ids),
-                    prompt_tokens=int(prompt_tokens[b]),
-                    completion_tokens=len(ids),
-                    finish_reason=finish,
-                    scores=score_rows[b],
-                    token_stats=stat_rows[b],
-                    latency_s=latency,
-                )
-            )
-        return results
+        return gen_kwargs
+
+    def _answer_text(self, ids: list[int], stop: tuple[str, ...]) -> str:
+        """The decoded answer, cut before the first stop string (stripped when the chat template is on)."""
+        text: str = self.tokenizer.decode(ids, skip_special_tokens=True)
+        for s in stop:
+            cut = text.find(s)
+            if cut >= 0:
+                text = text[:cut]
+        return text.strip() if self.chat_template else text
 
     async def choose(
         self,

@@ -4,22 +4,37 @@
 :class:`StreamSink`, which turns it into :class:`~cascade.types.StreamEvent` objects on the caller's event
 loop: a ``"first"`` event with the first token's scores (so a cascade can decide before any text is sent),
 ``"delta"`` events with text, then ``"done"`` with the full :class:`~cascade.types.Generation`.
+
+The backend reaches this module through :class:`LocalGenerator`, what streaming needs of it, so the import
+goes one way (``hf_local`` -> ``hf_stream``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cascade.errors import InvalidRequestError
-from cascade.types import EarlyExit, GenerationParams, Prompt, StreamEvent, validate_prompt
+from cascade.types import EarlyExit, Generation, GenerationParams, Prompt, StreamEvent, validate_prompt
 
 if TYPE_CHECKING:
-    from cascade.backends.hf_local import HFLocalBackend
+    from cascade.backends.hf_steps import StepRecorder
 
-__all__ = ["StreamSink", "stream_local"]
+__all__ = ["LocalGenerator", "StreamSink", "stream_local"]
+
+
+class LocalGenerator(Protocol):
+    """What streaming needs of a local backend (:class:`~cascade.backends.hf_local.HFLocalBackend` is one)."""
+
+    tokenizer: Any
+    chat_template: bool  # answers are stripped of surrounding white space
+
+    def generate_sync(self, prompts: Sequence[Prompt], params: GenerationParams, scores: bool,
+                      early_exit: EarlyExit | None, sink: StreamSink | None) -> list[Generation]:
+        """Blocking generation of one batch; ``sink`` receives the answer of a one-prompt batch token by token."""
+        ...
 
 
 def _partial_stop(text: str, stops: tuple[str, ...]) -> int:
@@ -36,7 +51,7 @@ def _partial_stop(text: str, stops: tuple[str, ...]) -> int:
 class _Streamer:
     """transformers streamer: receives the prompt once, then one token per step (batch of one)."""
 
-    def __init__(self, sink: StreamSink, recorder: Any) -> None:
+    def __init__(self, sink: StreamSink, recorder: StepRecorder) -> None:
         self.sink = sink
         self.recorder = recorder
         self.ids: list[int] = []
@@ -94,13 +109,13 @@ class StreamSink:
         text = str(self.tokenizer.decode(ids, skip_special_tokens=True))
         return text.lstrip() if self.strip else text
 
-    def streamer(self, recorder: Any) -> _Streamer:
+    def streamer(self, recorder: StepRecorder) -> _Streamer:
         """A transformers streamer feeding this sink, reading first-token scores from ``recorder``."""
         return _Streamer(self, recorder)
 
 
 async def stream_local(
-    backend: HFLocalBackend,
+    backend: LocalGenerator,
     prompt: Prompt,
     params: GenerationParams,
     *,

@@ -277,3 +277,62 @@ async def test_router_streams_from_the_cluster_expert() -> None:
         assert result.text.startswith(f"e{c}")
     assert all(sum(pool.served) == expected.count(c) and pool.in_flight == [0, 0]
                for c, pool in router.experts.items())
+
+
+class _Gated:
+    """A real (tiny) embedder whose first call waits for a gate, so that later calls queue behind it."""
+
+    def __init__(self) -> None:
+        import threading
+
+        from cascade.router import HiddenStateEmbedder
+
+        self.real = HiddenStateEmbedder.from_backend(make_backend(0))
+        self.id = self.real.id
+        self.gate = threading.Event()
+        self.calls: list[int] = []
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        self.calls.append(len(texts))
+        if len(self.calls) == 1:
+            self.gate.wait(120)
+        if any(t == "fail" for t in texts):
+            raise RuntimeError("embedding failed")
+        return self.real.embed(texts)
+
+
+@pytest.mark.parametrize("max_batch, want_calls", [(64, [1, 19]), (8, [1, 8, 8, 3])])
+async def test_concurrent_routes_share_embedding_passes(max_batch: int, want_calls: list[int]) -> None:
+    from cascade.router.coalesce import EmbedBatcher
+
+    gated = _Gated()
+    batcher = EmbedBatcher(gated, max_batch=max_batch)
+    texts = [f"prompt number {i}" for i in range(20)]
+    first = asyncio.ensure_future(batcher.embed(texts[:1]))
+    await until(lambda: len(gated.calls) == 1, "the first embedding call started")
+    rest = [asyncio.ensure_future(batcher.embed([t])) for t in texts[1:]]
+    await asyncio.sleep(0)  # every later call is queued behind the gate
+    gated.gate.set()
+    got = np.vstack([await first] + [await r for r in rest])
+    assert gated.calls == want_calls and batcher.calls == len(want_calls)
+    np.testing.assert_allclose(got, gated.real.embed(texts), atol=1e-5)  # the same rows as one by one
+
+
+async def test_a_failed_embedding_batch_fails_its_callers_and_a_cancelled_caller_is_dropped() -> None:
+    from cascade.router.coalesce import EmbedBatcher
+
+    gated = _Gated()
+    batcher = EmbedBatcher(gated)
+    first = asyncio.ensure_future(batcher.embed(["first"]))
+    await until(lambda: len(gated.calls) == 1, "the first embedding call started")
+    gone = asyncio.ensure_future(batcher.embed(["cancelled"]))
+    bad = [asyncio.ensure_future(batcher.embed([t])) for t in ("ok", "fail")]
+    await asyncio.sleep(0)
+    gone.cancel()
+    gated.gate.set()
+    assert (await first).shape[0] == 1
+    for task in bad:
+        with pytest.raises(RuntimeError, match="embedding failed"):
+            await task
+    assert gated.calls == [1, 2]  # the cancelled caller's text was not embedded
+    assert (await batcher.embed(["later"])).shape[0] == 1  # the worker starts again

@@ -24,7 +24,8 @@ import numpy.typing as npt
 from cascade.atomic_files import write_text_atomic
 from cascade.engine import Cascade
 from cascade.errors import ArtifactError, CascadeError, ConfigError, InvalidRequestError
-from cascade.router.embed import Embedder, aembed, make_embedder
+from cascade.router.coalesce import EmbedBatcher
+from cascade.router.embed import Embedder, make_embedder, prompt_text
 from cascade.router.kmeans import assign, kmeans
 from cascade.types import CascadeChunk, CascadeResult, GenerationParams, Prompt, validate_prompt
 
@@ -229,6 +230,7 @@ class ExpertRouter:
         fallback = None if default is None else default if isinstance(default, ReplicaPool) else ReplicaPool([default])
         self.fitted = fitted
         self.embedder = embedder
+        self._embeds = EmbedBatcher(embedder)  # concurrent requests share one embedding pass
         self.experts: dict[int, ReplicaPool] = {c: as_pool.get(c) or fallback for c in range(fitted.k)}  # type: ignore[misc]
         self.params = (fallback or next(iter(self.experts.values()))).replicas[0].params  # the top-level defaults
 
@@ -242,7 +244,7 @@ class ExpertRouter:
 
     async def route(self, prompts: Sequence[Prompt]) -> list[int]:
         """Cluster of each prompt."""
-        return self.fitted.assign(await aembed(self.embedder, prompts))
+        return self.fitted.assign(await self._embeds.embed([prompt_text(p) for p in prompts]))
 
     async def run(self, prompt: Prompt, *, params: GenerationParams | Mapping[str, Any] | None = None,
                   target: Any = None) -> CascadeResult:

@@ -213,6 +213,7 @@ def _serve(args: argparse.Namespace) -> int:
     from cascade.config import DEFAULT_ARTIFACT, build_cascade, check_backends
     from cascade.server import ServerConfig, create_app
     from cascade.server.admin import Reloader
+    from cascade.server.app import ANSWER_GRACE_S
     from cascade.server.config import guard_binding, is_loopback
     from cascade.server.flow import uvicorn_server
 
@@ -238,7 +239,7 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"serving model {server_cfg.model_name!r} on http://{host}:{port}/v1 "
           f"(auth {'on' if server_cfg.api_key_env else 'off'})", file=sys.stderr)
     uv = uvicorn.Config(app, host=host, port=port, lifespan="on", log_level="info", access_log=False,
-                        timeout_graceful_shutdown=math.ceil(server_cfg.drain_timeout_s) + 5,
+                        timeout_graceful_shutdown=math.ceil(server_cfg.drain_timeout_s + ANSWER_GRACE_S),
                         timeout_keep_alive=math.ceil(server_cfg.keep_alive_s))
     # On SIGTERM/SIGINT uvicorn stops accepting, lets requests in flight finish, runs the app's shutdown
     # (drain, close the engine), then re-raises the signal: the exit status is the signal's, as usual.

@@ -56,7 +56,11 @@ if TYPE_CHECKING:
     from starlette.requests import Request
     from starlette.responses import Response
 
-__all__ = ["create_app"]
+__all__ = ["ANSWER_GRACE_S", "create_app"]
+
+#: seconds requests still running at the drain deadline get to send their 503 (uvicorn's own shutdown timeout
+#: is the drain deadline plus this): generous, since a loaded machine may be slow to answer them
+ANSWER_GRACE_S = 15.0
 
 log = logging.getLogger("cascade.server")
 
@@ -314,7 +318,7 @@ class _Service:
             await asyncio.wait_for(self.admission.idle.wait(), self.config.drain_timeout_s)
         self.expire()
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.admission.idle.wait(), 5.0)
+            await asyncio.wait_for(self.admission.idle.wait(), ANSWER_GRACE_S)
 
 
 def _no_constants(name: str) -> Any:

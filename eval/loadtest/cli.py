@@ -33,7 +33,14 @@ from cascade.errors import CascadeError, ConfigError
 from cascade.simulate import SimConfig
 from cascade.types import Prompt
 from eval.loadtest.load import Event, LoadShape, RunResult, run_load, warm_up
-from eval.loadtest.prompts import DATASETS, dataset_prompts, generated_prompts, load_prompts, write_prompts
+from eval.loadtest.prompts import (
+    DATASETS,
+    dataset_prompts,
+    generated_prompts,
+    load_prompts,
+    mixed_prompts,
+    write_prompts,
+)
 from eval.loadtest.report import build_report, format_report, plot_report
 from eval.loadtest.sim import FAULTS, SimOptions, SimulatedCascade, beyond_server
 from eval.loadtest.targets import HttpTarget, LoadTarget
@@ -68,6 +75,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--data-dir", default="../shared/data", help="where --dataset files live (default ../shared/data)")
     g.add_argument("--n-prompts", type=int, default=1000, help="most prompts to use")
     g.add_argument("--write-prompts", metavar="FILE", help="also write the prompts used as JSONL")
+    g.add_argument("--mix", nargs="+", metavar="NAME:SHARE", help="prompts from several datasets in these "
+                   "shares, e.g. sst2:0.5 trec:0.3 boolq:0.2")
     _simulated_args(p)
     g = p.add_argument_group("output")
     g.add_argument("--report-json", metavar="PATH", help="write the full report as JSON")
@@ -140,12 +149,23 @@ def _simulated_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--expert-replicas", type=int, default=1, help="replicas per cluster")
     g.add_argument("--replica-capacity", type=int, default=8, help="requests in flight per replica and tier")
     g.add_argument("--shared-pool", action="store_true", help="every cluster on one pool of all the replicas")
+    g.add_argument("--router-embedder", choices=("minilm", "hash"), default="minilm",
+                   help="MiniLM (as cascade serve) or hashed word counts (cheap: isolates the pools)")
+
+
+def _mix(args: argparse.Namespace) -> dict[str, float]:
+    try:
+        return {name: float(share) for name, _, share in (m.partition(":") for m in args.mix)}
+    except ValueError:
+        raise ConfigError(f"--mix takes NAME:SHARE items, got {args.mix}") from None
 
 
 def _prompts(args: argparse.Namespace) -> list[Prompt]:
-    if args.prompts and args.dataset:
-        raise ConfigError("give --prompts or --dataset, not both")
-    if args.prompts:
+    if sum(bool(x) for x in (args.prompts, args.dataset, args.mix)) > 1:
+        raise ConfigError("give one of --prompts, --dataset, --mix")
+    if args.mix:
+        prompts = mixed_prompts(_mix(args), args.n_prompts, args.data_dir, seed=args.seed)
+    elif args.prompts:
         prompts = load_prompts(args.prompts, limit=args.n_prompts)
     elif args.dataset:
         prompts = dataset_prompts(args.dataset, args.data_dir, limit=args.n_prompts, seed=args.seed)
@@ -288,8 +308,12 @@ async def _run_experts(args: argparse.Namespace, prompts: Sequence[Prompt], shap
                        ) -> tuple[dict[str, Any], RunResult]:
     from eval.loadtest.experts import ExpertOptions, RoutedCascade
 
+    fit: list[Prompt] = []
+    if args.mix:  # the router is fitted on other prompts of the same mix
+        fit = mixed_prompts(_mix(args), 1000, args.data_dir, seed=args.seed, skip=args.n_prompts)
     options = ExpertOptions(k=args.experts, replicas=args.expert_replicas, capacity=args.replica_capacity,
-                            shared=args.shared_pool, sim=_sim_options(args))
+                            shared=args.shared_pool, sim=_sim_options(args), embedder=args.router_embedder,
+                            fit_prompts=tuple(fit))
     async with RoutedCascade(options) as routed:
         assert routed.target is not None
         notes = ["in-process expert router over two simulated servers (child processes); each replica's tiers "

@@ -12,23 +12,51 @@ cascades. A replica stands for one inference server: its tiers are ``OpenAIBacke
   partition of the capacity differs.
 
 The simulated experts are identical models, so this measures what partitioning the capacity does to
-throughput and latency, not what specialised experts would gain in quality.
+throughput and latency, not what specialised experts would gain in quality. ``embedder="hash"`` routes with
+:class:`HashEmbedder` (hashed word counts: microseconds per prompt) instead of MiniLM, for runs where the
+question is the pools and MiniLM on this CPU would be the bottleneck.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
+import zlib
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from cascade.errors import ConfigError
 from cascade.simulate import SimConfig
+from cascade.types import Prompt
 from eval.loadtest.sim import SimOptions
 from eval.loadtest.simbackends import SimProcess
 from eval.loadtest.targets import CascadeTarget
 
-__all__ = ["ExpertOptions", "RoutedCascade"]
+__all__ = ["ExpertOptions", "HashEmbedder", "RoutedCascade"]
+
+
+class HashEmbedder:
+    """Bag-of-words feature hashing: each lower-cased word adds +-1 to one of ``dim`` coordinates (CRC32 of the
+    word), rows scaled to unit length. Deterministic, about as cheap as reading the text; clusters by wording
+    (tasks, templates), not by meaning."""
+
+    def __init__(self, dim: int = 256) -> None:
+        self.dim = dim
+        self.id = f"hashed-words-{dim}"
+
+    def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float64]:
+        out = np.zeros((len(texts), self.dim))
+        for i, text in enumerate(texts):
+            for word in re.findall(r"\w+", text.lower()):
+                h = zlib.crc32(word.encode())
+                out[i, h % self.dim] += 1.0 if h & 0x80000000 else -1.0
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.where(norms > 0, norms, 1.0)
 
 
 @dataclass(frozen=True)
@@ -40,11 +68,12 @@ class ExpertOptions:
     capacity: int = 8  # requests in flight per replica and tier
     shared: bool = False  # every cluster on one pool of all k x replicas replicas
     sim: SimOptions = field(default_factory=SimOptions)
-    n_fit: int = 1000  # held-out generated prompts the router is fitted on
+    embedder: str = "minilm"  # "minilm" (what cascade serve uses) or "hash" (HashEmbedder)
+    fit_prompts: tuple[Prompt, ...] = ()  # held-out prompts to fit the router on (default: 1,000 generated)
 
     def __post_init__(self) -> None:
-        if min(self.k, self.replicas, self.capacity, self.n_fit) < 1 or self.n_fit < self.k:
-            raise ConfigError("experts, replicas and capacity must be >= 1, and n_fit >= experts")
+        if min(self.k, self.replicas, self.capacity) < 1 or self.embedder not in ("minilm", "hash"):
+            raise ConfigError("experts, replicas and capacity must be >= 1; embedder 'minilm' or 'hash'")
 
 
 class RoutedCascade:
@@ -80,8 +109,8 @@ class RoutedCascade:
         configs: dict[str, SimConfig] = {"small": s.small, "large": s.large}
         for name, config in configs.items():
             self.servers[name] = await asyncio.to_thread(SimProcess(config).start)
-        embedder = make_embedder(MINILM_ID)
-        held_out = generated_prompts(o.n_fit, seed=20_001)
+        embedder = make_embedder(MINILM_ID) if o.embedder == "minilm" else HashEmbedder()
+        held_out = list(o.fit_prompts) or generated_prompts(1000, seed=20_001)
         fitted = await asyncio.to_thread(fit_router, embedder, held_out, o.k, seed=0)
         self.fit_sizes = list(fitted.sizes)
 
@@ -102,9 +131,9 @@ class RoutedCascade:
             self.router = ExpertRouter(fitted, embedder, {c: ReplicaPool(replicas[c * o.replicas:(c + 1) * o.replicas])
                                                           for c in range(o.k)})
         layout = "one shared pool" if o.shared else "a pool per cluster"
-        self.target = CascadeTarget(self._run, f"expert router: {o.k} clusters, {o.k * o.replicas} replicas "
-                                    f"({layout}), {o.capacity} in flight per replica and tier",
-                                    closers=(self.router.aclose,))
+        name = (f"expert router ({o.embedder} embeddings): {o.k} clusters, {o.k * o.replicas} replicas ({layout}), "
+                f"{o.capacity} in flight per replica and tier")
+        self.target = CascadeTarget(self._run, name, closers=(self.router.aclose,))
 
     async def _run(self, prompt: Any) -> Any:
         result = await self.router.run(prompt)
@@ -117,6 +146,7 @@ class RoutedCascade:
         o = self.options
         pools = {id(p): p for p in self.router.experts.values()} if self.router is not None else {}
         return {"k": o.k, "replicas_per_cluster": o.replicas, "capacity": o.capacity, "shared": o.shared,
+                "embedder": o.embedder, "embedding_calls": self.router._embeds.calls if self.router else None,
                 "fit_cluster_sizes": self.fit_sizes,
                 "answers_per_cluster": {str(k): v for k, v in sorted(self.clusters.items())},
                 "served_per_replica": [list(p.served) for p in pools.values()]}

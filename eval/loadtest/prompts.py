@@ -17,7 +17,7 @@ from typing import Any
 from cascade.errors import ConfigError
 from cascade.types import ROLES, Message, Prompt
 
-__all__ = ["DATASETS", "DEFAULT_DATA_DIR", "dataset_prompts", "generated_prompts", "load_prompts",
+__all__ = ["DATASETS", "DEFAULT_DATA_DIR", "dataset_prompts", "generated_prompts", "load_prompts", "mixed_prompts",
            "write_prompts"]
 
 #: Where the labeled datasets live on this machine (see its README).
@@ -173,3 +173,26 @@ def dataset_prompts(name: str, data_dir: str | Path = DEFAULT_DATA_DIR, limit: i
         raise ConfigError(f"dataset {name!r} at {path} holds no examples")
     random.Random(seed).shuffle(prompts)
     return prompts[:limit] if limit is not None else prompts
+
+
+def mixed_prompts(mix: dict[str, float], n: int, data_dir: str | Path = DEFAULT_DATA_DIR, seed: int = 0,
+                  skip: int = 0) -> list[Prompt]:
+    """``n`` prompts drawn from several datasets in the given proportions, shuffled together (traffic of
+    several tasks, unevenly: what an expert router's clusters see). ``skip``: the ``n`` of an earlier call with
+    the same mix and seed, whose prompts are left out (so the two sets share none).
+
+    Raises:
+        ConfigError: unknown dataset, a share that is not positive, or a dataset with too few prompts.
+    """
+    if not mix or any(not share > 0 for share in mix.values()):
+        raise ConfigError("a mix needs datasets with positive shares")
+    total = sum(mix.values())
+    out: list[Prompt] = []
+    for name, share in mix.items():
+        want, before = round(n * share / total), round(skip * share / total)
+        got = dataset_prompts(name, data_dir, limit=before + want, seed=seed)[before:]
+        if len(got) < want:
+            raise ConfigError(f"dataset {name!r} has fewer than {before + want} prompts")
+        out += got
+    random.Random(seed + 1).shuffle(out)
+    return out

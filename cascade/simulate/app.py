@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from cascade.simulate.choices import choose, echo_logprobs, tokens
+from cascade.simulate.choices import choose, echo_logprobs, masked, tokens
 from cascade.simulate.model import MAX_TOP_LOGPROBS, SimAnswer, SimConfig, simulate_answer
 from cascade.types import ROLES
 
@@ -219,15 +219,16 @@ def _logprobs(req: _Request, a: SimAnswer, steps: range) -> dict[str, Any] | Non
     return _text_logprobs(a, steps, req.top_n, sum(len(tok) for tok in a.tokens[: steps.start]))
 
 
-def _full_body(req: _Request, answers: Sequence[SimAnswer], model: str) -> dict[str, Any]:
+def _full_body(req: _Request, answers: Sequence[SimAnswer], config: SimConfig) -> dict[str, Any]:
     head = {"id": f"{'chatcmpl' if req.chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-            "model": model, "object": "chat.completion" if req.chat else "text_completion"}
+            "model": config.model, "object": "chat.completion" if req.chat else "text_completion"}
     choices = []
     for i, a in enumerate(answers):
         lp = _logprobs(req, a, range(len(a.tokens)))
         body: dict[str, Any] = ({"message": {"role": "assistant", "content": a.text}} if req.chat
                                 else {"text": a.text})
-        choices.append({"index": i, **body, "logprobs": lp, "finish_reason": a.finish_reason})
+        choices.append({"index": i, **body, "logprobs": lp, "finish_reason": a.finish_reason,
+                        **({"stop_reason": a.stop} if config.stop_reason else {})})
     return {**head, "choices": choices, "usage": _usage(req, answers)}
 
 
@@ -267,7 +268,8 @@ async def _stream(req: _Request, answers: Sequence[SimAnswer], config: SimConfig
                     if t < len(a.tokens):
                         stats.tokens_sent += 1
                         yield event([delta(i, a.tokens[t], None, _logprobs(req, a, range(t, t + 1)))])
-            yield event([delta(i, None, a.finish_reason, None) for i, a in enumerate(answers)])
+            yield event([{**delta(i, None, a.finish_reason, None), **({"stop_reason": a.stop} if config.stop_reason
+                                                                       else {})} for i, a in enumerate(answers)])
             if req.include_usage and config.stream_usage:
                 yield event([], usage=_usage(req, answers))
             yield b"data: [DONE]\n\n"
@@ -279,6 +281,8 @@ async def _stream(req: _Request, answers: Sequence[SimAnswer], config: SimConfig
 
 def _guided(config: SimConfig, key: str, choices: Sequence[str]) -> SimAnswer:
     picked = choose(config, key, choices)
+    if config.processed_logprobs:
+        picked = masked(picked, choices)
     return SimAnswer(picked.tokens, picked.logprobs, picked.top, "stop", 0.5)
 
 
@@ -351,7 +355,7 @@ def create_app(config: SimConfig, stats: SimStats | None = None) -> Starlette:
             delay = config.latency_per_request_s + steps * config.latency_per_token_s
             if delay:
                 await asyncio.sleep(delay)
-            body = _full_body(req, answers, config.model)
+            body = _full_body(req, answers, config)
             return JSONResponse(_with_echo(req, body, config) if req.echo else body)
 
     async def chat_endpoint(request: Request) -> Response:

@@ -15,13 +15,14 @@ tokens of a text concatenate to the text exactly (``text_offset`` works as on a 
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cascade.simulate.model import SimConfig
 
-__all__ = ["SimChoice", "choose", "echo_logprobs", "token_logprob", "tokens"]
+__all__ = ["SimChoice", "choose", "echo_logprobs", "masked", "token_logprob", "tokens"]
 
 _TOKEN = re.compile(r"\s*(?:\w+|[^\w\s])|\s+")
 _CONFIDENCE = re.compile(r"\[\[sim:confidence=([0-9]*\.?[0-9]+)\]\]")
@@ -98,6 +99,23 @@ def choose(config: SimConfig, prompt: str, choices: Sequence[str]) -> SimChoice:
         top.append(_alternatives(config, context, {t: v}))
         context += t
     return SimChoice(choices[best], tuple(toks), tuple(values), tuple(top))
+
+
+def masked(choice: SimChoice, choices: Sequence[str]) -> SimChoice:
+    """``choice`` with processed logprobs (vLLM's ``processed_logprobs``): at each step the tokens the guide
+    allows after the tokens so far are renormalised among the listed ones, every other listed token gets
+    ``-9999.0``."""
+    split = [tokens(c) for c in choices]
+    values: list[float] = []
+    top: list[tuple[tuple[str, float], ...]] = []
+    for i, step in enumerate(choice.top):
+        allowed = {ts[i] for ts in split if len(ts) > i and ts[:i] == list(choice.tokens[:i])}
+        kept = [(t, lp) for t, lp in step if t in allowed]
+        lse = math.log(sum(math.exp(lp) for _, lp in kept))
+        ranked = [(t, lp - lse) for t, lp in kept] + [(t, -9999.0) for t, _ in step if t not in allowed]
+        top.append(tuple(ranked))
+        values.append(dict(ranked)[choice.tokens[i]])
+    return SimChoice(choice.text, choice.tokens, tuple(values), tuple(top))
 
 
 def echo_logprobs(config: SimConfig, text: str, n: int) -> dict[str, object]:

@@ -55,6 +55,12 @@ class SimConfig:
             arrives (default False). :meth:`llamacpp` sets this and llama.cpp's other quirks.
         confidence_scale: every prompt's confidence is multiplied by this, in (0, 1]: below 1 imitates a
             worse model (less peaked distributions, so higher uncertainty; default 1.0).
+        stop_reason: add vLLM's ``stop_reason`` to every choice: the stop string that ended the answer, else
+            null (default False). :meth:`vllm` sets it.
+        processed_logprobs: imitate vLLM's ``--logprobs-mode processed_logprobs`` for guided choice: the
+            logprobs are taken after the guide's mask, so the allowed tokens are renormalised among themselves
+            and every masked alternative is ``-9999.0`` (vLLM's stand-in for minus infinity; default False:
+            raw logprobs, vLLM's default).
     """
 
     model: str = "sim-model"
@@ -71,6 +77,15 @@ class SimConfig:
     stream_usage: bool = True
     interrupt_requests: bool = False
     confidence_scale: float = 1.0
+    stop_reason: bool = False
+    processed_logprobs: bool = False
+
+    @classmethod
+    def vllm(cls, **changes: Any) -> SimConfig:
+        """vLLM's OpenAI server: ``stop_reason`` on every choice, guided choice in both spellings, at most 20
+        ``top_logprobs`` (``--max-logprobs``), streamed usage on request; ``processed_logprobs=True`` for
+        ``--logprobs-mode processed_logprobs``."""
+        return cls(**{"stop_reason": True, **changes})
 
     @classmethod
     def llamacpp(cls, **changes: Any) -> SimConfig:
@@ -107,6 +122,7 @@ class SimAnswer:
             token is always first: decoding is greedy).
         finish_reason: ``"stop"`` (natural end or stop string) or ``"length"`` (``max_tokens`` reached).
         confidence: the prompt's confidence in [0, 1]; higher means more peaked distributions.
+        stop: the stop string that ended the answer, or None.
     """
 
     tokens: tuple[str, ...]
@@ -114,6 +130,7 @@ class SimAnswer:
     top: tuple[tuple[tuple[str, float], ...], ...]
     finish_reason: str
     confidence: float
+    stop: str | None = None
 
     @property
     def text(self) -> str:
@@ -157,12 +174,14 @@ def simulate_answer(config: SimConfig, prompt: str, max_tokens: int, stop: Seque
         top.append(step)
     finish = "stop" if natural <= max_tokens else "length"
     text = "".join(tokens)
-    cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
+    found = {s: text.find(s) for s in stop if text.find(s) >= 0}
+    cuts = list(found.values())
+    matched = min(found, key=lambda s: found[s]) if found else None
     if cuts:
         end, kept = 0, 0
         while kept < len(tokens) and end + len(tokens[kept]) <= min(cuts):
             end += len(tokens[kept])
             kept += 1
         tokens, logprobs, top, finish = tokens[:kept], logprobs[:kept], top[:kept], "stop"
-    return SimAnswer(tuple(tokens), tuple(logprobs), tuple(top), finish, confidence)
+    return SimAnswer(tuple(tokens), tuple(logprobs), tuple(top), finish, confidence, matched)
 

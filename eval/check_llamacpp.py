@@ -181,29 +181,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     prompts = [e["messages"] for e in load_task("sst2", a.data, n_cal=a.n, n_test=10, seed=0, prompts="plain").cal]
     gguf = gguf_path("smollm2-135m")
     report: dict[str, Any] = {"gguf": str(gguf)}
-    proc, url = start_server(a.server_python, gguf, False, a.log)
-    try:
-        report["same_weights_interrupt_false"] = asyncio.run(compare(url, prompts, a.max_tokens))
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    runs: list[tuple[str, Path, bool, Any]] = [
+        ("same_weights_interrupt_false", gguf, False, lambda url: compare(url, prompts, a.max_tokens))]
     if a.f32_copy is not None:
         a.f32_copy.mkdir(parents=True, exist_ok=True)
         f32 = a.f32_copy / "SmolLM2-135M-Instruct.f32.gguf"
         if not f32.exists():
             write_f32_gguf(gguf, f32)
-        proc, url = start_server(a.server_python, f32, False, a.log)
+        runs.append(("float32_copy_interrupt_false", f32, False, lambda url: compare(url, prompts, a.max_tokens)))
+    runs.append(("concurrent_streams_interrupt_true", gguf, True, lambda url: concurrent_streams(url, prompts, 64)))
+    for name, model, interrupt, check in runs:
+        proc, url = start_server(a.server_python, model, interrupt, a.log)
         try:
-            report["float32_copy_interrupt_false"] = asyncio.run(compare(url, prompts, a.max_tokens))
+            report[name] = asyncio.run(check(url))
         finally:
             proc.terminate()
             proc.wait(30)
-    proc, url = start_server(a.server_python, gguf, True, a.log)
-    try:
-        report["concurrent_streams_interrupt_true"] = asyncio.run(concurrent_streams(url, prompts, 64))
-    finally:
-        proc.terminate()
-        proc.wait(30)
     print(json.dumps(report, indent=1))
     if a.report_json:
         a.report_json.write_text(json.dumps(report, indent=1) + "\n")

@@ -35,7 +35,7 @@ from cascade.simulate import SimConfig
 from cascade.types import Prompt
 from eval.loadtest.sim import SimOptions
 from eval.loadtest.simbackends import SimProcess
-from eval.loadtest.targets import CascadeTarget
+from eval.loadtest.targets import CascadeTarget, Started
 
 __all__ = ["ExpertOptions", "HashEmbedder", "RoutedCascade"]
 
@@ -76,7 +76,7 @@ class ExpertOptions:
             raise ConfigError("experts, replicas and capacity must be >= 1; embedder 'minilm' or 'hash'")
 
 
-class RoutedCascade:
+class RoutedCascade(Started):
     """Servers, router and replicas of one layout; use ``async with``, then ``.target``."""
 
     def __init__(self, options: ExpertOptions) -> None:
@@ -87,18 +87,7 @@ class RoutedCascade:
         self.fit_sizes: list[int] = []
         self.clusters: Counter[int] = Counter()  # answers per cluster
 
-    async def __aenter__(self) -> RoutedCascade:
-        try:
-            await self._start()
-        except BaseException:
-            await self.aclose()
-            raise
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-    async def _start(self) -> None:
+    async def start(self) -> None:
         from cascade.backends.openai_compat import OpenAIBackend
         from cascade.engine import Cascade, Price, Tier
         from cascade.router import MINILM_ID, ExpertRouter, ReplicaPool, fit_router, make_embedder

@@ -19,6 +19,7 @@ from typing import Any
 from cascade.errors import ConfigError
 from eval.loadtest.sim import SimOptions
 from eval.loadtest.simbackends import SimProcess
+from eval.loadtest.targets import Started
 
 __all__ = ["ServedCascade", "serve_config"]
 
@@ -63,7 +64,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class ServedCascade:
+class ServedCascade(Started):
     """Start the two simulated servers and ``cascade serve`` in front of them; ``url`` is the server root.
 
     Use ``async with ServedCascade(options) as served:`` then load ``served.url`` with an HTTP target.
@@ -79,16 +80,9 @@ class ServedCascade:
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
 
-    async def __aenter__(self) -> ServedCascade:
-        try:
-            await asyncio.to_thread(self._start)
-        except BaseException:
-            await self.aclose()
-            raise
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
+    async def start(self) -> None:
+        """Start the servers and ``cascade serve`` (blocking work, in a thread)."""
+        await asyncio.to_thread(self._start)
 
     def _start(self) -> None:
         import yaml

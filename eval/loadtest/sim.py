@@ -34,7 +34,7 @@ from cascade.errors import ConfigError
 from cascade.simulate import SimConfig, SimServer
 from cascade.types import GenerationParams
 from eval.loadtest.simbackends import LocalSimBackend, SimProcess, SwitchBackend, TimedBackend
-from eval.loadtest.targets import CascadeTarget
+from eval.loadtest.targets import CascadeTarget, Started
 
 __all__ = ["FAULTS", "SimOptions", "SimulatedCascade", "beyond_server"]
 
@@ -87,7 +87,7 @@ class SimOptions:
             raise ConfigError("max_tokens and backend_concurrency must be >= 1")
 
 
-class SimulatedCascade:
+class SimulatedCascade(Started):
     """Starts the servers, builds the cascade and injects the fault. Use ``async with``; then ``.target``."""
 
     def __init__(self, options: SimOptions) -> None:
@@ -103,21 +103,10 @@ class SimulatedCascade:
         self.thresholds: list[tuple[float, ...]] = []  # per answer: its threshold, then each tier call's
         self.seen_at_fault: int | None = None
 
-    async def __aenter__(self) -> SimulatedCascade:
-        try:
-            await self._start()
-        except BaseException:
-            await self.aclose()
-            raise
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
     def _server(self, config: SimConfig) -> Any:
         return SimProcess(config) if self.options.mode == "process" else SimServer(config)
 
-    async def _start(self) -> None:
+    async def start(self) -> None:
         from cascade.backends.openai_compat import OpenAIBackend
         from cascade.engine import Cascade, Price, Tier
 

@@ -14,15 +14,23 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 from urllib.parse import urlsplit, urlunsplit
 
 from cascade.errors import CascadeError, ConfigError
 from cascade.types import CascadeResult, Prompt
 from eval.loadtest.stats import TierUse
 
-__all__ = ["CascadeTarget", "HttpTarget", "LoadTarget", "Reply", "RequestFailed", "check_loopback",
-           "reply_from_result"]
+__all__ = [
+    "CascadeTarget",
+    "HttpTarget",
+    "LoadTarget",
+    "Reply",
+    "RequestFailed",
+    "Started",
+    "check_loopback",
+    "reply_from_result",
+]
 
 
 def check_loopback(url: str) -> str:
@@ -348,3 +356,27 @@ def _reply(text: str, data: dict[str, Any]) -> Reply:
     return Reply(text, str(tier) if tier is not None else None, bool(info.get("escalated", len(calls) > 1)),
                  bool(info.get("degraded", False)), _num(info.get("cost")), tuple(calls), backend,
                  engine_s=_num(engine) if isinstance(engine, int | float) else None)
+
+
+class Started:
+    """``async with`` for a target's setup: :meth:`start` on entry (:meth:`aclose` when it fails half-way, so
+    nothing started is left running), :meth:`aclose` on exit."""
+
+    async def start(self) -> None:
+        """Start the servers and build the target."""
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        """Stop whatever was started (also after a partial start)."""
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self.start()
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

@@ -139,24 +139,7 @@ class OpenAIBackend:
         Raises:
             ConfigError: a value is out of range.
         """
-        if not isinstance(model, str) or not model.strip():
-            raise ConfigError("model must be a non-empty string")
-        if api not in ("chat", "completions"):
-            raise ConfigError(f"api must be 'chat' or 'completions', got {api!r}")
-        if not (isinstance(timeout_s, int | float) and math.isfinite(timeout_s) and timeout_s > 0):
-            raise ConfigError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
-        if not isinstance(max_retries, int) or max_retries < 0:
-            raise ConfigError(f"max_retries must be an integer >= 0, got {max_retries!r}")
-        if not isinstance(max_concurrency, int) or max_concurrency < 1:
-            raise ConfigError(f"max_concurrency must be an integer >= 1, got {max_concurrency!r}")
-        if rate_limit_per_s is not None and not (math.isfinite(rate_limit_per_s) and rate_limit_per_s > 0):
-            raise ConfigError(f"rate_limit_per_s must be a positive number or None, got {rate_limit_per_s!r}")
-        if not isinstance(top_logprobs, int) or not 1 <= top_logprobs <= 20:
-            raise ConfigError(f"top_logprobs must be an integer in 1..20, got {top_logprobs!r}")
-        from cascade.backends.openai_choices import CHOICE_METHODS
-
-        if choices not in CHOICE_METHODS:
-            raise ConfigError(f"choices must be one of {list(CHOICE_METHODS)}, got {choices!r}")
+        _check_settings(model, api, timeout_s, max_retries, max_concurrency, rate_limit_per_s, top_logprobs, choices)
         self.choices = choices
         self.choice_methods: dict[str, str] = {}  # method -> why it failed ("" = it works), found as requests go
         from openai import AsyncOpenAI
@@ -442,3 +425,26 @@ class OpenAIBackend:
             text=answer.text, model=self.name, completion_tokens=answer.billed_tokens,
             finish_reason=answer.finish_reason, scores=sc, token_stats=ts, latency_s=time.perf_counter() - started,
             **_prompt_usage(answer, prompt)))
+
+
+def _check_settings(model: object, api: object, timeout_s: object, max_retries: object, max_concurrency: object,
+                    rate_limit_per_s: float | None, top_logprobs: object, choices: object) -> None:
+    """Raise ConfigError naming the first :class:`OpenAIBackend` setting that is out of range."""
+    from cascade.backends.openai_choices import CHOICE_METHODS
+
+    if not isinstance(model, str) or not model.strip():
+        raise ConfigError("model must be a non-empty string")
+    if api not in ("chat", "completions"):
+        raise ConfigError(f"api must be 'chat' or 'completions', got {api!r}")
+    if not (isinstance(timeout_s, int | float) and math.isfinite(timeout_s) and timeout_s > 0):
+        raise ConfigError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+    if not isinstance(max_retries, int) or max_retries < 0:
+        raise ConfigError(f"max_retries must be an integer >= 0, got {max_retries!r}")
+    if not isinstance(max_concurrency, int) or max_concurrency < 1:
+        raise ConfigError(f"max_concurrency must be an integer >= 1, got {max_concurrency!r}")
+    if rate_limit_per_s is not None and not (math.isfinite(rate_limit_per_s) and rate_limit_per_s > 0):
+        raise ConfigError(f"rate_limit_per_s must be a positive number or None, got {rate_limit_per_s!r}")
+    if not isinstance(top_logprobs, int) or not 1 <= top_logprobs <= 20:
+        raise ConfigError(f"top_logprobs must be an integer in 1..20, got {top_logprobs!r}")
+    if choices not in CHOICE_METHODS:
+        raise ConfigError(f"choices must be one of {list(CHOICE_METHODS)}, got {choices!r}")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import math
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
@@ -200,14 +202,47 @@ def _log_to_stderr() -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    """Run ``cascade serve``: build the cascade (or router) from the config, then serve it with uvicorn.
+    """Run ``cascade serve``: build the cascade (or router) from the config, then serve it with uvicorn; with
+    ``--workers N`` (N > 1) in N processes sharing one socket (:mod:`cascade.server.workers`).
 
     Args:
-        args: ``config``, ``measure``, ``threshold``, ``artifact``, ``max_tokens``, ``host``, ``port``.
+        args: ``config``, ``measure``, ``threshold``, ``artifact``, ``max_tokens``, ``host``, ``port``,
+            ``workers``.
 
     Returns:
-        The process exit code (0 after a clean shutdown).
+        The process exit code (0 after a clean shutdown; 1 when a worker exited by itself).
     """
+    workers = getattr(args, "workers", 1) or 1
+    if workers == 1:
+        return _serve_process(args)
+    from cascade.server import ServerConfig
+    from cascade.server.app import ANSWER_GRACE_S
+    from cascade.server.workers import reserve, supervise
+
+    cfg = _config(args)  # a bad config fails here, before any worker starts
+    _log_to_stderr()
+    extra = cfg.extra if isinstance(cfg.extra, Mapping) else {}
+    server_cfg = ServerConfig.from_mapping(extra.get("server"))
+    server_cfg.api_key()
+    sock, listener = reserve(getattr(args, "host", None) or "127.0.0.1", 8000 if args.port is None else int(args.port))
+    with sock:
+        print(f"cascade serve: {workers} workers on http://{args.host}:{sock.getsockname()[1]}/v1", file=sys.stderr)
+        # By its importable name (not __main__'s copy under `python -m cascade.cli`): spawn pickles a reference.
+        from cascade.cli import _serve_worker
+
+        return supervise(functools.partial(_serve_worker, args), workers, listener,
+                         stop_timeout_s=math.ceil(server_cfg.drain_timeout_s + ANSWER_GRACE_S) + 10)
+
+
+def _serve_worker(args: argparse.Namespace, listener: Any) -> None:
+    """One worker of ``cascade serve --workers N``: the whole server on the supervisor's port."""
+    from cascade.server.workers import worker_socket
+
+    _serve_process(args, worker_socket(listener))
+
+
+def _serve_process(args: argparse.Namespace, sock: Any = None) -> int:
+    """The server in this process, on ``args.host``/``args.port`` or on an already bound ``sock``."""
     import uvicorn
 
     from cascade.config import DEFAULT_ARTIFACT, build_cascade, check_backends
@@ -215,7 +250,7 @@ def _serve(args: argparse.Namespace) -> int:
     from cascade.server.admin import Reloader
     from cascade.server.app import ANSWER_GRACE_S
     from cascade.server.config import guard_binding, is_loopback
-    from cascade.server.flow import uvicorn_server
+    from cascade.server.flow import fast_http, fast_loop, uvicorn_server
 
     cfg = _config(args)
     _log_to_stderr()
@@ -236,14 +271,15 @@ def _serve(args: argparse.Namespace) -> int:
     reloader = Reloader(engine, None if cfg.router else artifact, loopback=is_loopback(host),
                         check=(lambda art: check_backends(cfg, art)) if cfg.artifact else None)
     app = create_app(engine, server_cfg, reloader)
-    print(f"serving model {server_cfg.model_name!r} on http://{host}:{port}/v1 "
-          f"(auth {'on' if server_cfg.api_key_env else 'off'})", file=sys.stderr)
     uv = uvicorn.Config(app, host=host, port=port, lifespan="on", log_level="info", access_log=False,
                         timeout_graceful_shutdown=math.ceil(server_cfg.drain_timeout_s + ANSWER_GRACE_S),
-                        timeout_keep_alive=math.ceil(server_cfg.keep_alive_s))
+                        timeout_keep_alive=math.ceil(server_cfg.keep_alive_s), loop=fast_loop(), http=fast_http())
+    print(f"serving model {server_cfg.model_name!r} on http://{host}:{port}/v1 "
+          f"(auth {'on' if server_cfg.api_key_env else 'off'}; loop {uv.loop}, http {uv.http}"
+          f"{f'; worker {os.getpid()}' if sock is not None else ''})", file=sys.stderr)
     # On SIGTERM/SIGINT uvicorn stops accepting, lets requests in flight finish, runs the app's shutdown
     # (drain, close the engine), then re-raises the signal: the exit status is the signal's, as usual.
-    uvicorn_server()(uv, app.state.service).run()
+    uvicorn_server()(uv, app.state.service).run(sockets=None if sock is None else [sock])
     return 0
 
 
@@ -304,6 +340,8 @@ def _parser() -> argparse.ArgumentParser:
     common(s)
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--workers", type=_positive, default=1,
+                   help="server processes sharing the port, each with its own tiers (default 1); /metrics sums them")
     s.set_defaults(func=_serve)
     return p
 

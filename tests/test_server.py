@@ -44,14 +44,14 @@ def free_port() -> int:
 class ServerProcess:
     """``python -m cascade.cli serve --config ...`` in a subprocess, ready once /health answers."""
 
-    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", **(env or {})}
         self._out = log.open("w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cascade.cli", "serve", "--config", str(config), "--port", str(self.port)],
+            [sys.executable, "-m", "cascade.cli", "serve", "--config", str(config), "--port", str(self.port), *args],
             env=full_env, stdout=self._out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:

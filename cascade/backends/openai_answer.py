@@ -16,7 +16,7 @@ from cascade.errors import BackendError, TruncatedAnswerError
 from cascade.types import FinishReason, TokenStats
 from cascade.uncertainty import aggregate, topk_stats
 
-__all__ = ["Answer", "Reader", "add_usage", "first_token_score", "raise_for_error", "score_answers", "sse_chunks"]
+__all__ = ["Answer", "Reader", "add_usage", "first_token_scores", "raise_for_error", "score_answers", "sse_chunks"]
 
 #: The finish reasons the OpenAI protocol defines. Any other (vLLM's ``"abort"``), or none at all, means the
 #: answer was cut off: :class:`~cascade.errors.TruncatedAnswerError`.
@@ -190,10 +190,10 @@ def _row(logprobs: Sequence[float], width: int) -> list[float]:
     return best + [-math.inf] * (width - len(best))
 
 
-def first_token_score(measure: str, top: Sequence[float], k: int) -> float:
-    """The first-token measure of one answer, computed exactly as :func:`score_answers` does."""
+def first_token_scores(top: Sequence[float], k: int) -> dict[str, float]:
+    """Both first-token measures (``margin_first``, ``entropy_first``) of one answer, computed exactly as
+    :func:`score_answers` does, from one ``(1, 1, k + 1)`` computation."""
     import torch
 
     margin, entropy = topk_stats(torch.tensor([[_row(top, k + 1)]], dtype=torch.float32))
-    value: torch.Tensor = (1.0 - margin[:, 0]) if measure == "margin_first" else entropy[:, 0]
-    return float(value.item())
+    return {"margin_first": float((1.0 - margin[0, 0]).item()), "entropy_first": float(entropy[0, 0].item())}

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
-from cascade.backends.openai_answer import Answer, Reader, add_usage, first_token_score, sse_chunks
+from cascade.backends.openai_answer import Answer, Reader, add_usage, first_token_scores, sse_chunks
 
 __all__ = ["stream_events"]
 
@@ -47,7 +47,7 @@ async def stream_events(endpoint: Any, body: Mapping[str, Any], reader: Reader, 
             if not scored and answer.top:
                 scored = True
                 reader.check_logprobs(answer)
-                first = {m: first_token_score(m, answer.top[0], reader.k) for m in ("margin_first", "entropy_first")}
+                first = first_token_scores(answer.top[0], reader.k)
                 yield "first", first
                 if measure and first[measure] > threshold:
                     await resp.close()  # stop generation now: the server sees the disconnect

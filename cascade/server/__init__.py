@@ -4,7 +4,8 @@
 - :mod:`cascade.server.app`: the ASGI app and the per-app service (admission, drain, the request path);
 - :mod:`cascade.server.wire`: the OpenAI wire format (request parsing, response bodies, SSE, error mapping);
 - :mod:`cascade.server.flow`: flow control (admission slots, disconnect watching, streaming responses);
-- :mod:`cascade.server.metrics`: the Prometheus counters;
+- :mod:`cascade.server.metrics`: the Prometheus counters (prometheus-client, summed over workers);
+- :mod:`cascade.server.workers`: ``--workers N``, N processes on one socket;
 - :mod:`cascade.server.config`: the ``server`` section of a config;
 - :mod:`cascade.server.protocol`: the :class:`~cascade.server.protocol.Engine` the app serves.
 

@@ -27,6 +27,7 @@ import hmac
 import json
 import logging
 import math
+import os
 import signal
 import time
 import uuid
@@ -46,7 +47,7 @@ from cascade.server.flow import (
     streaming_response,
     watch,
 )
-from cascade.server.metrics import Metrics
+from cascade.server.metrics import CONTENT_TYPE, Metrics
 from cascade.server.protocol import Engine
 from cascade.server.wire import HTTPError, as_http, parse_request, render_response, sse_events, sse_stream
 from cascade.types import CascadeChunk
@@ -88,7 +89,7 @@ class _Service:
         self.engine, self.config = engine, config
         self.api_key = config.api_key()
         self.admission = Admission(config.max_in_flight, config.max_queue, config.retry_after_s)
-        self.metrics = Metrics()
+        self.metrics = Metrics(lambda: monitor_status(engine))
         self.batchers = _batchers(engine)
         self.draining = False
         self.reading = 0  # request bodies being received now
@@ -212,6 +213,7 @@ class _Service:
         finally:
             if status:
                 self.metrics.observe_request(kind, status, tiers, time.perf_counter() - started)
+                self.metrics.note_load(self.admission.running, self.queue_depth())
 
     async def _run_watched(self, request: Request, parsed: Any) -> list[Any]:
         """Admission, timeout and the engine call, cancelled if the client disconnects meanwhile."""
@@ -290,6 +292,7 @@ class _Service:
                 self.metrics.observe_results([result])
             tier = result.tier if result is not None else getattr(first, "tier", "none")
             self.metrics.observe_request(kind, state["status"], [tier], time.perf_counter() - started)
+            self.metrics.note_load(self.admission.running, self.queue_depth())
 
         response_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         headers = {"x-request-id": response_id, "x-cascade-tier": str(getattr(first, "tier", "")),
@@ -337,7 +340,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None, reloader: Rel
     """
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
-    from starlette.responses import JSONResponse, PlainTextResponse
+    from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
     svc = _Service(engine, config or ServerConfig())
@@ -364,7 +367,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None, reloader: Rel
         return JSONResponse(card)
 
     async def health(request: Request) -> Response:
-        body = {"status": "draining" if svc.draining else "ok", "model": svc.config.model_name,
+        body = {"status": "draining" if svc.draining else "ok", "model": svc.config.model_name, "pid": os.getpid(),
                 "in_flight": svc.admission.running, "queue_depth": svc.queue_depth(), "bodies_reading": svc.reading}
         return JSONResponse(body, status_code=503 if svc.draining else 200)
 
@@ -373,8 +376,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None, reloader: Rel
             svc.check_access(request)
         except HTTPError as exc:
             return _error_response(exc)
-        text = svc.metrics.render(svc.admission.running, svc.queue_depth(), monitor_status(engine))
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+        return Response(svc.metrics.render(svc.admission.running, svc.queue_depth()), media_type=CONTENT_TYPE)
 
     async def status(request: Request) -> Response:
         try:

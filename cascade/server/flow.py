@@ -16,7 +16,8 @@ if TYPE_CHECKING:
     from starlette.requests import Request
     from starlette.responses import Response
 
-__all__ = ["Admission", "Disconnected", "close_quietly", "next_before", "streaming_response", "uvicorn_server", "watch"]
+__all__ = ["Admission", "Disconnected", "close_quietly", "fast_http", "fast_loop", "next_before", "streaming_response",
+           "uvicorn_server", "watch"]
 
 T = TypeVar("T")
 
@@ -129,6 +130,20 @@ def streaming_response(body: AsyncIterator[str], headers: dict[str, str],
                     await cleanup()
 
     return _Response(body, media_type="text/event-stream", headers=headers)
+
+
+def fast_loop() -> str:
+    """uvicorn's event loop: ``uvloop`` when installed (the ``fast`` extra), else asyncio's."""
+    import importlib.util
+
+    return "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
+
+
+def fast_http() -> str:
+    """uvicorn's HTTP/1.1 parser: ``httptools`` when installed (the ``fast`` extra), else h11."""
+    import importlib.util
+
+    return "httptools" if importlib.util.find_spec("httptools") is not None else "h11"
 
 
 def uvicorn_server() -> type[Any]:

@@ -1,96 +1,113 @@
-"""Prometheus metrics of ``cascade serve``, kept per app (no global registry) and rendered by hand.
+"""Prometheus metrics of ``cascade serve`` through ``prometheus-client``, kept per app (no global registry).
 
-Text exposition format 0.0.4: requests by endpoint, status and answering tier; escalations; degraded
-answers; tokens and cost by tier; an end-to-end latency histogram; requests in flight; queue depth. With a
-``monitor:`` section, the live calibration checks (:mod:`cascade.monitor`): ``cascade_drift_*`` and
-``cascade_shadow_*`` per stage (labels ``cascade``, the cascade's index, and ``tier``, the stage's tier).
+Requests by endpoint, status and answering tier; escalations; degraded answers; tokens and cost by tier; an
+end-to-end latency histogram; requests in flight; queue depth. With a ``monitor:`` section, the live
+calibration checks (:mod:`cascade.monitor`): ``cascade_drift_*`` and ``cascade_shadow_*`` per stage (labels
+``cascade``, the cascade's index, and ``tier``, the stage's tier).
+
+With ``cascade serve --workers N`` every worker process writes its counters to the folder named by
+``PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's multiprocess mode, set by the supervisor before the workers
+start) and ``/metrics``, whichever worker answers it, sums them over all workers (the in-flight and queue
+gauges over the live ones). The drift and shadow series are the answering worker's own: each worker runs its
+own monitor.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from cascade.types import CascadeResult
 
-__all__ = ["Metrics"]
+__all__ = ["CONTENT_TYPE", "MULTIPROC_ENV", "Metrics"]
 
-
-def _label(value: object) -> str:
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Metrics:
-    """Counters and a latency histogram, rendered in the Prometheus text format (one per app)."""
+    """Counters, gauges and a latency histogram in a registry of their own (one per app).
+
+    Args:
+        monitor: returns the ``/v1/cascade/status`` body (the live checks), or None without a monitor.
+    """
 
     BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
-    def __init__(self) -> None:
-        self.requests: Counter[tuple[str, str, str]] = Counter()
-        self.tokens: Counter[tuple[str, str]] = Counter()
-        self.cost: dict[str, float] = {}
-        self.usage_estimated: dict[str, int] = {}  # calls whose server reported no prompt token count
-        self.escalations = self.degraded = 0
-        self.latency_buckets = [0] * len(self.BUCKETS)
-        self.latency_sum: float = 0.0
-        self.latency_count = 0
+    def __init__(self, monitor: Callable[[], Mapping[str, Any] | None] | None = None) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.multiprocess_dir = os.environ.get(MULTIPROC_ENV) or None
+        self.registry = reg = CollectorRegistry()
+        self.requests = Counter("cascade_requests", "HTTP requests by endpoint, status and answering tier.",
+                                ("endpoint", "status", "tier"), registry=reg)
+        self.escalations = Counter("cascade_escalations", "Answers that called a tier above the first.",
+                                   registry=reg)
+        self.degraded = Counter("cascade_degraded", "Answers returned from a lower tier after a failure.",
+                                registry=reg)
+        self.tokens = Counter("cascade_tokens", "Tokens billed by tier and kind.", ("tier", "kind"), registry=reg)
+        self.cost = Counter("cascade_cost", "Money spent by tier, in the configured price unit.", ("tier",),
+                            registry=reg)
+        self.usage_estimated = Counter(
+            "cascade_usage_estimated",
+            "Tier calls whose server reported no prompt token count (prompt tokens and cost estimated).",
+            ("tier",), registry=reg)
+        self.latency = Histogram("cascade_request_latency_seconds", "End-to-end request latency.",
+                                 buckets=self.BUCKETS, registry=reg)
+        self.in_flight = Gauge("cascade_in_flight_requests", "Requests running in the engine.", registry=reg,
+                               multiprocess_mode="livesum")
+        self.queue_depth = Gauge("cascade_queue_depth",
+                                 "Requests and prompts waiting (server queue + micro-batchers).", registry=reg,
+                                 multiprocess_mode="livesum")
+        self._monitor = _MonitorCollector(monitor) if monitor is not None else None
+        if self._monitor is not None and self.multiprocess_dir is None:
+            reg.register(self._monitor)
 
     def observe_request(self, endpoint: str, status: int, tiers: Sequence[str], seconds: float) -> None:
         """Count one HTTP request (one count per answer for multi-prompt completions)."""
         for tier in tiers:
-            self.requests[(endpoint, str(status), tier)] += 1
-        for i, le in enumerate(self.BUCKETS):
-            if seconds <= le:
-                self.latency_buckets[i] += 1
-        self.latency_sum += seconds
-        self.latency_count += 1
+            self.requests.labels(endpoint, str(status), tier).inc()
+        self.latency.observe(seconds)
 
     def observe_results(self, results: Sequence[CascadeResult]) -> None:
         """Count escalations, degraded answers, tokens and cost per tier."""
         for r in results:
-            self.escalations += int(r.escalated)
-            self.degraded += int(r.degraded)
+            if r.escalated:
+                self.escalations.inc()
+            if r.degraded:
+                self.degraded.inc()
             for c in r.calls:
-                self.usage_estimated[c.tier] = self.usage_estimated.get(c.tier, 0) + int(c.usage_estimated)
-                self.tokens[(c.tier, "prompt")] += c.prompt_tokens
-                self.tokens[(c.tier, "completion")] += c.completion_tokens
-                self.cost[c.tier] = self.cost.get(c.tier, 0.0) + c.cost
+                if c.usage_estimated:
+                    self.usage_estimated.labels(c.tier).inc()
+                self.tokens.labels(c.tier, "prompt").inc(c.prompt_tokens)
+                self.tokens.labels(c.tier, "completion").inc(c.completion_tokens)
+                self.cost.labels(c.tier).inc(c.cost)
 
-    def render(self, in_flight: int, queue_depth: int, monitor: Mapping[str, Any] | None = None) -> str:
-        """The Prometheus text exposition (format 0.0.4); ``monitor`` is the ``/v1/cascade/status`` body."""
-        out: list[str] = []
+    def set_load(self, in_flight: int, queue_depth: int) -> None:
+        """Set the in-flight and queue gauges (at each scrape)."""
+        self.in_flight.set(in_flight)
+        self.queue_depth.set(queue_depth)
 
-        def metric(name: str, kind: str, help_: str, rows: Sequence[tuple[str, float]]) -> None:
-            out.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}"])
-            out.extend(f"{name}{labels} {value:g}" if isinstance(value, float) else f"{name}{labels} {value}"
-                       for labels, value in rows)
+    def note_load(self, in_flight: int, queue_depth: int) -> None:
+        """With several workers, keep this worker's gauges current as requests end (a scrape answered by
+        another worker reads them from the shared folder); in one process the scrape sets them."""
+        if self.multiprocess_dir is not None:
+            self.set_load(in_flight, queue_depth)
 
-        metric("cascade_requests_total", "counter", "HTTP requests by endpoint, status and answering tier.",
-               [(f'{{endpoint="{_label(e)}",status="{s}",tier="{_label(t)}"}}', n)
-                for (e, s, t), n in sorted(self.requests.items())])
-        metric("cascade_escalations_total", "counter", "Answers that called a tier above the first.",
-               [("", self.escalations)])
-        metric("cascade_degraded_total", "counter", "Answers returned from a lower tier after a failure.",
-               [("", self.degraded)])
-        metric("cascade_tokens_total", "counter", "Tokens billed by tier and kind.",
-               [(f'{{tier="{_label(t)}",kind="{k}"}}', n) for (t, k), n in sorted(self.tokens.items())])
-        metric("cascade_cost_total", "counter", "Money spent by tier, in the configured price unit.",
-               [(f'{{tier="{_label(t)}"}}', float(c)) for t, c in sorted(self.cost.items())])
-        metric("cascade_usage_estimated_total", "counter",
-               "Tier calls whose server reported no prompt token count (prompt tokens and cost estimated).",
-               [(f'{{tier="{_label(t)}"}}', n) for t, n in sorted(self.usage_estimated.items())])
-        rows: list[tuple[str, float]] = [(f'_bucket{{le="{le:g}"}}', n)
-                                         for le, n in zip(self.BUCKETS, self.latency_buckets)]
-        rows += [('_bucket{le="+Inf"}', self.latency_count), ("_sum", self.latency_sum),
-                 ("_count", self.latency_count)]
-        metric("cascade_request_latency_seconds", "histogram", "End-to-end request latency.", rows)
-        metric("cascade_in_flight_requests", "gauge", "Requests running in the engine.", [("", in_flight)])
-        metric("cascade_queue_depth", "gauge", "Requests and prompts waiting (server queue + micro-batchers).",
-               [("", queue_depth)])
-        if monitor and monitor.get("enabled"):
-            _monitor_metrics(metric, monitor["cascades"])
-        return "\n".join(out) + "\n"
+    def render(self, in_flight: int, queue_depth: int) -> str:
+        """The Prometheus text exposition (format 0.0.4), summed over all workers in multiprocess mode."""
+        from prometheus_client import CollectorRegistry, generate_latest
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        self.set_load(in_flight, queue_depth)
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry).decode()
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, self.multiprocess_dir)  # type: ignore[no-untyped-call]
+        if self._monitor is not None:
+            registry.register(self._monitor)
+        return generate_latest(registry).decode()
 
 
 _STAGE_METRICS = (  # name, help, kind, path in a stage's status
@@ -110,27 +127,40 @@ _STAGE_METRICS = (  # name, help, kind, path in a stage's status
 )
 
 
-def _monitor_metrics(metric: Any, cascades: Sequence[Mapping[str, Any]]) -> None:
-    stages = [(i, s) for i, c in enumerate(cascades) for s in c["stages"]]
+class _MonitorCollector:
+    """The live checks' series, read from the monitor's status at each scrape (this process's monitor)."""
 
-    def labels(i: int, s: Mapping[str, Any]) -> str:
-        return f'{{cascade="{i}",tier="{_label(s["tier"])}"}}'
+    def __init__(self, status: Callable[[], Mapping[str, Any] | None]) -> None:
+        self.status = status
 
-    for name, kind, help_, path in _STAGE_METRICS:
-        rows = []
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        status = self.status()
+        if not status or not status.get("enabled"):
+            return
+        cascades: Sequence[Mapping[str, Any]] = status["cascades"]
+        stages = [(str(i), s) for i, c in enumerate(cascades) for s in c["stages"]]
+        for name, kind, help_, path in _STAGE_METRICS:
+            family: Any = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(
+                name, help_, labels=("cascade", "tier"))
+            for i, s in stages:
+                value: Any = s
+                for key in path:
+                    value = value[key]
+                if value is not None:
+                    family.add_metric((i, str(s["tier"])), float(value))
+            yield family
+        state = GaugeMetricFamily("cascade_drift_state", "1 for the stage's current state (ok, drifting, violated).",
+                                  labels=("cascade", "tier", "state"))
         for i, s in stages:
-            value: Any = s
-            for key in path:
-                value = value[key]
-            if value is not None:
-                rows.append((labels(i, s), float(value) if kind == "gauge" else int(value)))
-        metric(name, kind, help_, rows)
-    metric("cascade_drift_state", "gauge", "1 for the stage's current state (ok, drifting, violated).",
-           [(f'{{cascade="{i}",tier="{_label(s["tier"])}",state="{st}"}}', int(s["state"] == st))
-            for i, s in stages for st in ("ok", "drifting", "violated")])
-    for key, help_ in (("calls", "Shadow calls made."), ("dropped", "Shadow checks dropped (all slots busy)."),
-                       ("failed", "Shadow calls that failed.")):
-        metric(f"cascade_shadow_{key}_total", "counter", help_,
-               [(f'{{cascade="{i}"}}', c["shadow"][key]) for i, c in enumerate(cascades)])
-    metric("cascade_shadow_cost_total", "counter", "Monitoring cost of shadow calls (not billed to requests).",
-           [(f'{{cascade="{i}"}}', float(c["shadow"]["cost"])) for i, c in enumerate(cascades)])
+            for st in ("ok", "drifting", "violated"):
+                state.add_metric((i, str(s["tier"]), st), float(s["state"] == st))
+        yield state
+        for key, help_ in (("calls", "Shadow calls made."), ("dropped", "Shadow checks dropped (all slots busy)."),
+                           ("failed", "Shadow calls that failed."),
+                           ("cost", "Monitoring cost of shadow calls (not billed to requests).")):
+            counter = CounterMetricFamily(f"cascade_shadow_{key}_total", help_, labels=("cascade",))
+            for n, c in enumerate(cascades):
+                counter.add_metric((str(n),), float(c["shadow"][key]))
+            yield counter

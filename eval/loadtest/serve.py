@@ -8,17 +8,19 @@ The fault ``large-down`` stops the large tier's server mid-run (the other faults
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from cascade.errors import ConfigError
 from eval.loadtest.sim import SimOptions
-from eval.loadtest.simbackends import SimProcess
+from eval.loadtest.simbackends import SimProcess, process_cpu_s
 from eval.loadtest.targets import Started
 
 __all__ = ["ServedCascade", "serve_config"]
@@ -68,13 +70,25 @@ class ServedCascade(Started):
     """Start the two simulated servers and ``cascade serve`` in front of them; ``url`` is the server root.
 
     Use ``async with ServedCascade(options) as served:`` then load ``served.url`` with an HTTP target.
+
+    Args:
+        options: the simulated cascade.
+        max_in_flight: the server's ``max_in_flight``.
+        max_queue: the server's ``max_queue``.
+        serve_args: more ``cascade serve`` arguments (e.g. ``["--workers", "2"]``).
+        pythonpath: the ``PYTHONPATH`` of the ``cascade serve`` child (another checkout's code, for a
+            before/after comparison); None inherits this process's.
+        server: more keys of the config's ``server`` section.
     """
 
-    def __init__(self, options: SimOptions, *, max_in_flight: int = 256, max_queue: int = 1024) -> None:
+    def __init__(self, options: SimOptions, *, max_in_flight: int = 256, max_queue: int = 1024,
+                 serve_args: Sequence[str] = (), pythonpath: str | None = None,
+                 server: Mapping[str, Any] | None = None) -> None:
         if options.fault not in (None, "large-down"):
             raise ConfigError("behind cascade serve only the large-down fault can be injected mid-run")
         self.options = options
         self.max_in_flight, self.max_queue = max_in_flight, max_queue
+        self.serve_args, self.pythonpath, self.server = list(serve_args), pythonpath, dict(server or {})
         self.servers: dict[str, SimProcess] = {}
         self.url = ""
         self._proc: subprocess.Popen[bytes] | None = None
@@ -92,14 +106,16 @@ class ServedCascade(Started):
             self.servers[name] = SimProcess(cfg).start()
         config = serve_config(o, self.servers["small"].base_url, self.servers["large"].base_url,
                               max_in_flight=self.max_in_flight, max_queue=self.max_queue)
+        config["extra"]["server"].update(self.server)
         self._dir = tempfile.TemporaryDirectory(prefix="loadtest-serve-")
         path = Path(self._dir.name) / "cascade.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         port = _free_port()
         log = (Path(self._dir.name) / "serve.log").open("wb")
         argv = [sys.executable, "-c", "from cascade.cli import main; raise SystemExit(main())", "serve",
-                "--config", str(path), "--host", "127.0.0.1", "--port", str(port)]
-        self._proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                "--config", str(path), "--host", "127.0.0.1", "--port", str(port), *self.serve_args]
+        env = None if self.pythonpath is None else {**os.environ, "PYTHONPATH": self.pythonpath}
+        self._proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         log.close()
         self.url = f"http://127.0.0.1:{port}"
         self._wait_healthy(60.0)
@@ -120,6 +136,10 @@ class ServedCascade(Started):
             time.sleep(0.2)
         text = (Path(self._dir.name) / "serve.log").read_text(errors="replace")[-800:]
         raise ConfigError(f"cascade serve did not become healthy at {self.url}: {text}")
+
+    def cpu_s(self) -> float | None:
+        """CPU seconds ``cascade serve`` has used so far, its worker processes included (Linux; else None)."""
+        return None if self._proc is None else process_cpu_s(self._proc.pid, children=True)
 
     async def inject(self) -> str:
         """Stop the large tier's server (the ``large-down`` fault)."""

@@ -28,7 +28,28 @@ from cascade.errors import BackendError, ConfigError
 from cascade.simulate import SimConfig, simulate_answer
 from cascade.types import EarlyExit, Generation, GenerationParams, Prompt
 
-__all__ = ["LocalSimBackend", "SimProcess", "SwitchBackend", "TimedBackend"]
+__all__ = ["LocalSimBackend", "SimProcess", "SwitchBackend", "TimedBackend", "process_cpu_s"]
+
+
+def process_cpu_s(pid: int, *, children: bool = False) -> float | None:
+    """CPU seconds (user + system) process ``pid`` has used so far (Linux ``/proc``; None elsewhere).
+
+    Args:
+        pid: the process.
+        children: also add its live child processes, recursively (``cascade serve --workers``).
+    """
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    if children:
+        try:
+            kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            kids = []
+        total += sum(process_cpu_s(int(k), children=True) or 0.0 for k in kids)
+    return total
 
 
 class SimProcess:
@@ -79,13 +100,7 @@ class SimProcess:
 
     def cpu_s(self) -> float | None:
         """CPU seconds (user + system) the child has used so far (Linux ``/proc``; None elsewhere)."""
-        if self._proc is None:
-            return None
-        try:
-            fields = Path(f"/proc/{self._proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            return None
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return None if self._proc is None else process_cpu_s(self._proc.pid)
 
     def stop(self) -> None:
         """Terminate the child (kill it after 5 s) and wait for it."""

@@ -74,6 +74,23 @@ def _error_response(exc: HTTPError) -> Response:
                     media_type="application/json")
 
 
+_READ = frozenset((b"host", b"origin", b"authorization", b"content-type", b"content-length"))
+
+
+def _headers(request: Request) -> dict[str, str]:
+    """The request headers the service reads, decoded in one pass over the raw list and kept for the request
+    (each Starlette ``headers.get`` scans and decodes the whole list). The first of a repeated header wins, as
+    with ``headers.get``."""
+    found: dict[str, str] | None = request.scope.get("cascade.headers")
+    if found is None:
+        found = {}
+        for key, value in request.scope["headers"]:
+            if key in _READ:
+                found.setdefault(key.decode("latin-1"), value.decode("latin-1"))
+        request.scope["cascade.headers"] = found
+    return found
+
+
 def _batchers(service: Engine) -> list[Any]:
     from cascade.batching import MicroBatcher
 
@@ -103,12 +120,12 @@ class _Service:
         """Refuse a foreign Host (DNS rebinding) or a browser Origin that is not allowed (cross-site requests)."""
         hosts = self.config.allowed_hosts
         if hosts is not None and "*" not in hosts:
-            host = request.headers.get("host", "").lower()
+            host = _headers(request).get("host", "").lower()
             name = host[1:].partition("]")[0] if host.startswith("[") else host.rpartition(":")[0] or host
             if name not in hosts and host not in hosts:
                 raise HTTPError(421, "this server does not answer for that Host (server.allowed_hosts)",
                                 code="host_not_allowed")
-        origin = request.headers.get("origin")
+        origin = _headers(request).get("origin")
         if origin and "*" not in self.config.allowed_origins \
                 and origin.lower() not in self.config.allowed_origins:
             raise HTTPError(403, "cross-origin requests are refused (server.allowed_origins)",
@@ -122,7 +139,7 @@ class _Service:
     def check_auth(self, request: Request) -> None:
         if self.api_key is None:
             return
-        header = request.headers.get("authorization", "")
+        header = _headers(request).get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
             raise HTTPError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
@@ -137,12 +154,12 @@ class _Service:
 
     async def read_body(self, request: Request) -> bytes:
         """A JSON request's body, within the size, time and concurrency limits (HTTPError otherwise)."""
-        media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        media = _headers(request).get("content-type", "").partition(";")[0].strip().lower()
         if media != "application/json":
             raise HTTPError(415, "the body must be sent as Content-Type: application/json",
                             code="unsupported_media_type")
         limit = self.config.max_body_bytes
-        declared = request.headers.get("content-length")
+        declared = _headers(request).get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             raise HTTPError(413 if declared.isdigit() else 400,
                             f"request body larger than {limit} bytes" if declared.isdigit()

@@ -230,14 +230,15 @@ def _serve(args: argparse.Namespace) -> int:
         # By its importable name (not __main__'s copy under `python -m cascade.cli`): spawn pickles a reference.
         from cascade.cli import _serve_worker
 
-        return supervise(functools.partial(_serve_worker, args), workers, listener,
+        return supervise(functools.partial(_serve_worker, args, os.getpid()), workers, listener,
                          stop_timeout_s=math.ceil(server_cfg.drain_timeout_s + ANSWER_GRACE_S) + 10)
 
 
-def _serve_worker(args: argparse.Namespace, listener: Any) -> None:
+def _serve_worker(args: argparse.Namespace, supervisor: int, listener: Any) -> None:
     """One worker of ``cascade serve --workers N``: the whole server on the supervisor's port."""
-    from cascade.server.workers import worker_socket
+    from cascade.server.workers import detach, worker_socket
 
+    detach(supervisor)
     _serve_process(args, worker_socket(listener))
 
 

@@ -81,3 +81,18 @@ def test_two_workers_answer_sum_metrics_and_stop_on_sigterm(tmp_path: Path,
     assert code == 0, server.log.read_text()
     assert not any(_alive(pid) for pid in workers)
     assert "Traceback" not in server.log.read_text()
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads worker processes from Linux /proc")
+def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path, tiers: tuple[SimServer, SimServer]) -> None:
+    small, large = tiers
+    server = ServerProcess(sim_config(tmp_path / "sim.yaml", small, large), tmp_path / "log.txt",
+                           args=("--workers", "2"))
+    try:
+        wait_until(lambda: len(_workers(server.proc.pid)) == 2, "two worker processes")
+        workers = _workers(server.proc.pid)
+        assert all(os.getpgid(pid) == pid for pid in workers)  # out of the terminal's group: Ctrl-C hits one
+    finally:
+        server.proc.kill()  # no SIGTERM to pass on: the workers notice their supervisor is gone
+        server.stop()
+    wait_until(lambda: not any(_alive(pid) for pid in workers), "the orphaned workers stopping")

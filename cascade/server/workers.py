@@ -1,16 +1,18 @@
 """``cascade serve --workers N``: N server processes answering on one listening socket.
 
-The supervisor (the ``cascade serve`` process) takes the port (:func:`reserve`), points prometheus-client's multiprocess
-mode at a fresh folder (``PROMETHEUS_MULTIPROC_DIR``) and starts N worker processes (``spawn``: nothing of the
-supervisor's state is inherited but the environment). Each worker builds its own engine (its own tiers: local
-models are loaded N times, remote tiers cost a connection pool each) and serves the port with uvicorn; the
-kernel hands each new connection to one of them (``SO_REUSEPORT``). ``/metrics`` sums the counters of all
-workers; ``/health``, ``/v1/cascade/status`` and the live checks are per worker.
+The supervisor (the ``cascade serve`` process) takes the port (:func:`reserve`), points prometheus-client's
+multiprocess mode at a fresh folder (``PROMETHEUS_MULTIPROC_DIR``) and starts N worker processes (``spawn``:
+nothing of the supervisor's state is inherited but the environment). Each worker builds its own engine (its
+own tiers: local models are loaded N times, remote tiers cost a connection pool each) and serves the port
+with uvicorn; the kernel hands each new connection to one of them (``SO_REUSEPORT``). ``/metrics`` sums the
+counters of all workers; ``/health``, ``/v1/cascade/status`` and the live checks are per worker.
 
-SIGTERM or SIGINT to the supervisor is passed to every worker as SIGTERM: each stops accepting, drains its
-requests in flight (``drain_timeout_s``) and exits; the supervisor waits for all of them, then removes the
-metrics folder. SIGHUP is passed on too (each worker reloads its artifact). A worker that exits on its own
-(a crash, or a failed start) stops the others: the supervisor exits with status 1 rather than serve degraded.
+SIGTERM or SIGINT to the supervisor is passed to every worker as SIGTERM (the workers leave the terminal's
+process group, so Ctrl-C reaches them once, through the supervisor; a worker whose supervisor dies stops
+too): each stops accepting, drains its requests in flight (``drain_timeout_s``) and exits; the supervisor
+waits for all of them, then removes the metrics folder. SIGHUP is passed on too (each worker reloads its
+artifact). A worker that exits on its own (a crash, or a failed start) stops the others: the supervisor
+exits with status 1 rather than serve degraded.
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ import shutil
 import signal
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from cascade.server.metrics import MULTIPROC_ENV
 
-__all__ = ["Listener", "bind_socket", "reserve", "supervise", "worker_socket"]
+__all__ = ["Listener", "bind_socket", "detach", "reserve", "supervise", "worker_socket"]
 
 log = logging.getLogger("cascade.server")
 
@@ -79,6 +82,21 @@ def worker_socket(listener: Listener) -> socket.socket:
     if isinstance(listener, socket.socket):
         return listener
     return bind_socket(*listener, reuse_port=True)
+
+
+def detach(supervisor: int) -> None:
+    """In a worker, first thing: leave the terminal's process group, so that Ctrl-C reaches the supervisor
+    alone and each worker gets one SIGTERM (a second signal would make uvicorn skip the drain), and stop by
+    SIGTERM if the supervisor itself dies (checked every second)."""
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
+
+    def watch() -> None:
+        while os.getppid() == supervisor:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="cascade-supervisor-watch", daemon=True).start()
 
 
 def supervise(target: Callable[[Listener], Any], workers: int, listener: Listener, *, stop_timeout_s: float) -> int:

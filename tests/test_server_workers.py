@@ -87,7 +87,7 @@ def test_two_workers_answer_sum_metrics_and_stop_on_sigterm(tmp_path: Path,
 def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path, tiers: tuple[SimServer, SimServer]) -> None:
     small, large = tiers
     server = ServerProcess(sim_config(tmp_path / "sim.yaml", small, large), tmp_path / "log.txt",
-                           args=("--workers", "2"))
+                           {"TMPDIR": str(tmp_path)}, args=("--workers", "2"))  # the metrics folder it leaves
     try:
         wait_until(lambda: len(_workers(server.proc.pid)) == 2, "two worker processes")
         workers = _workers(server.proc.pid)

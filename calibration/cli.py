@@ -382,7 +382,9 @@ def _run(a: argparse.Namespace) -> int:
             raise InvalidRequestError(f"--plot needs matplotlib (the 'plot' extra): {exc}") from None
     cfg = load_config(a.config) if a.config else default_config()
     if a.from_log:
-        return _refit_from_log(a, cfg)
+        from calibration.from_log import refit_from_log
+
+        return refit_from_log(a, cfg)
     inputs = read_inputs(a.data, scorer=a.scorer, test_data=a.test_data, test_split=a.test_split, seed=a.seed,
                          same=a.same, label_free=a.label_free, prior_data=a.prior_data if a.choice_prior else None,
                          prior_share=a.prior_share if a.choice_prior and not a.prior_data else None)
@@ -412,28 +414,6 @@ def _run(a: argparse.Namespace) -> int:
         write_text_atomic(a.report_json, json.dumps(rep.jsonable(report), indent=1, allow_nan=False) + "\n")
     if a.plot:
         rep.plot(report, a.plot)
-    print(f"\nartifact written to {a.out}", file=sys.stderr)
-    return 0
-
-
-def _refit_from_log(a: argparse.Namespace, cfg: CascadeConfig) -> int:
-    """``--from-log``: refit the served cascade's thresholds from its shadow log (:mod:`calibration.from_log`)."""
-    from calibration.from_log import fit_from_log, read_log
-    from cascade.artifact import Artifact
-
-    served = a.artifact or cfg.artifact
-    previous = Artifact.load(served) if served else None
-    measure = a.measure or cfg.measure or (previous.measure if previous is not None else "margin_first")
-    log = read_log(a.from_log)
-    method = "quality" if a.max_quality_loss is not None else "budget"
-    target = a.max_quality_loss if method == "quality" else a.max_large_share
-    art, fit = fit_from_log(log, models=[t.backend.model for t in cfg.tiers], measure=measure, method=method,
-                            target=target, confidence=a.confidence, previous=previous)
-    print(f"{len(log)} sampled shadow pairs from {a.from_log} ({log.skipped} unsampled records left out), "
-          f"tiers {log.tiers[0]!r} -> {log.tiers[1]!r}, measure {measure}")
-    print(fit.message)
-    print("labels: the last tier's answers; the guarantee is against the last tier's answers, not ground truth")
-    art.save(a.out)
     print(f"\nartifact written to {a.out}", file=sys.stderr)
     return 0
 

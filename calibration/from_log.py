@@ -16,8 +16,10 @@ over-represent escalated traffic. Two-tier cascades only (the log holds the firs
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,10 +30,11 @@ from calibration.artifact import artifact_from_fit, data_fingerprint
 from calibration.fit import FitResult, fit_budget, fit_quality, measured_curve
 from calibration.pipeline import widen_curve, widen_thresholds
 from cascade.artifact import Artifact
+from cascade.config import CascadeConfig
 from cascade.errors import InvalidRequestError
 from cascade.run_lines import read_lines
 
-__all__ = ["LogData", "fit_from_log", "read_log"]
+__all__ = ["LogData", "fit_from_log", "read_log", "refit_from_log"]
 
 
 class LogData:
@@ -129,3 +132,23 @@ def fit_from_log(log: LogData, *, models: Sequence[str], measure: str, method: s
 
         art = replace(art, choice_priors=previous.choice_priors)
     return art, fit
+
+
+def refit_from_log(a: argparse.Namespace, cfg: CascadeConfig) -> int:
+    """``cascade-calibrate --from-log``: refit the served cascade's thresholds from its shadow log, print what was
+    fitted, save the artifact; returns the exit code."""
+    served = a.artifact or cfg.artifact
+    previous = Artifact.load(served) if served else None
+    measure = a.measure or cfg.measure or (previous.measure if previous is not None else "margin_first")
+    log = read_log(a.from_log)
+    method = "quality" if a.max_quality_loss is not None else "budget"
+    target = a.max_quality_loss if method == "quality" else a.max_large_share
+    art, fit = fit_from_log(log, models=[t.backend.model for t in cfg.tiers], measure=measure, method=method,
+                            target=target, confidence=a.confidence, previous=previous)
+    print(f"{len(log)} sampled shadow pairs from {a.from_log} ({log.skipped} unsampled records left out), "
+          f"tiers {log.tiers[0]!r} -> {log.tiers[1]!r}, measure {measure}")
+    print(fit.message)
+    print("labels: the last tier's answers; the guarantee is against the last tier's answers, not ground truth")
+    art.save(a.out)
+    print(f"\nartifact written to {a.out}", file=sys.stderr)
+    return 0

@@ -140,3 +140,17 @@ def test_the_walker_finds_upward_imports_and_cycles(tmp_path: Path) -> None:
     assert upward_imports(graph) == ["calibration.fit -> eval.report"]
     assert cycles(graph) == {frozenset({"cascade.a", "cascade.b", "cascade.c"}),
                              frozenset({"calibration.fit", "eval.report"})}
+
+
+def test_modules_and_functions_stay_small() -> None:
+    """House rule (issue 16): no module over 450 lines and no function over 80 outside the tests."""
+    too_long = []
+    for name, path in project_modules(ROOT).items():
+        source = path.read_text(encoding="utf-8")
+        if source.count("\n") > 450:
+            too_long.append(f"{name}: {source.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno is not None \
+                    and node.end_lineno - node.lineno + 1 > 80:
+                too_long.append(f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert too_long == []

@@ -31,7 +31,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from cascade.errors import (
@@ -345,6 +345,32 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+Handler = Callable[["Request"], Awaitable["Response"]]
+
+
+def _checked(svc: _Service, handler: Handler) -> Handler:
+    """``handler`` behind the access check (token, Host, Origin); an HTTPError it raises is answered as JSON."""
+
+    async def checked(request: Request) -> Response:
+        try:
+            svc.check_access(request)
+            return await handler(request)
+        except HTTPError as exc:
+            return _error_response(exc)
+
+    return checked
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors (404, 405, ...) and anything unhandled, as OpenAI-style JSON."""
+    from starlette.exceptions import HTTPException
+
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    kind = "not_found_error" if status == 404 else "invalid_request_error" if status < 500 else "server_error"
+    detail = exc.detail if isinstance(exc, HTTPException) else "internal server error"
+    return _error_response(HTTPError(status, f"{request.method} {request.url.path}: {detail}", kind))
+
+
 def create_app(engine: Engine, config: ServerConfig | None = None, reloader: Reloader | None = None) -> Starlette:
     """The ASGI app serving ``engine`` (a :class:`~cascade.engine.Cascade` or an expert router).
 
@@ -370,10 +396,6 @@ def create_app(engine: Engine, config: ServerConfig | None = None, reloader: Rel
         return await svc.answer(request, "completions")
 
     async def models(request: Request) -> Response:
-        try:
-            svc.check_access(request)
-        except HTTPError as exc:
-            return _error_response(exc)
         card = {"id": svc.config.model_name, "object": "model", "created": svc.started,
                 "owned_by": "uncertainty-cascade"}
         wanted = request.path_params.get("model")
@@ -389,32 +411,14 @@ def create_app(engine: Engine, config: ServerConfig | None = None, reloader: Rel
         return JSONResponse(body, status_code=503 if svc.draining else 200)
 
     async def metrics(request: Request) -> Response:
-        try:
-            svc.check_access(request)
-        except HTTPError as exc:
-            return _error_response(exc)
         return Response(svc.metrics.render(svc.admission.running, svc.queue_depth()), media_type=CONTENT_TYPE)
 
     async def status(request: Request) -> Response:
-        try:
-            svc.check_access(request)
-        except HTTPError as exc:
-            return _error_response(exc)
         return JSONResponse(monitor_status(engine))
 
     async def artifact(request: Request) -> Response:
-        try:
-            svc.check_access(request)
-            reload.allowed(svc.api_key is not None)
-            return JSONResponse(reload.swap(await svc.read_body(request)))
-        except HTTPError as exc:
-            return _error_response(exc)
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        status = exc.status_code if isinstance(exc, HTTPException) else 500
-        kind = "not_found_error" if status == 404 else "invalid_request_error" if status < 500 else "server_error"
-        detail = exc.detail if isinstance(exc, HTTPException) else "internal server error"
-        return _error_response(HTTPError(status, f"{request.method} {request.url.path}: {detail}", kind))
+        reload.allowed(svc.api_key is not None)
+        return JSONResponse(reload.swap(await svc.read_body(request)))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -432,14 +436,14 @@ def create_app(engine: Engine, config: ServerConfig | None = None, reloader: Rel
     routes = [
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/v1/models/{model:path}", models, methods=["GET"]),
+        Route("/v1/models", _checked(svc, models), methods=["GET"]),
+        Route("/v1/models/{model:path}", _checked(svc, models), methods=["GET"]),
         Route("/health", health, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-        Route("/v1/cascade/status", status, methods=["GET"]),
-        Route("/v1/cascade/artifact", artifact, methods=["POST"]),
+        Route("/metrics", _checked(svc, metrics), methods=["GET"]),
+        Route("/v1/cascade/status", _checked(svc, status), methods=["GET"]),
+        Route("/v1/cascade/artifact", _checked(svc, artifact), methods=["POST"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={HTTPException: http_error, Exception: http_error})
+                    exception_handlers={HTTPException: _http_error, Exception: _http_error})
     app.state.service = svc
     return app

@@ -2,7 +2,7 @@
 
 A line is one JSON object: ``prompt`` (a string) or ``messages`` (a list of ``{"role", "content"}``), an
 optional ``id``, the decoding fields a server request may set (``max_tokens``, ``temperature``, ``top_p``,
-``stop``, ``seed``; checked by :mod:`cascade.request_fields` with the server's limits), an optional
+``stop``, ``seed``; declared in :mod:`cascade.request_fields` with the server's limits), an optional
 ``target`` and optional ``choices`` (or vLLM's ``guided_choice`` / ``structured_outputs``). Other keys (an
 ``answer``, say) are ignored. Whatever a line holds (bytes that are not UTF-8, a number with thousands of
 digits, 100,000 nested brackets), it becomes either a :class:`RunLine` or a :class:`LineError` naming the
@@ -20,7 +20,6 @@ from typing import Any
 
 from cascade.errors import CascadeError, InvalidRequestError
 from cascade.policy import Target
-from cascade.request_fields import MAX_TOKENS_LIMIT, choices_of, decoding_overrides
 from cascade.types import Prompt, validate_prompt
 
 __all__ = ["LineError", "RunLine", "decode_line", "finite_json", "parse_line", "read_lines"]
@@ -90,13 +89,17 @@ def decode_line(raw: bytes, lineno: int) -> Any:
         raise LineError(lineno, f"invalid JSON: {str(exc)[:200] or type(exc).__name__}") from None
 
 
-def parse_line(raw: bytes, lineno: int, *, max_tokens_limit: int = MAX_TOKENS_LIMIT,
+def parse_line(raw: bytes, lineno: int, *, max_tokens_limit: int | None = None,
                max_prompt_chars: int = 200_000) -> RunLine | None:
     """Check one input line; None for a blank line.
+
+    ``max_tokens_limit`` is the server's default (:data:`cascade.request_fields.MAX_TOKENS_LIMIT`) when None.
 
     Raises:
         LineError: anything wrong with the line (its message starts with ``line N:``).
     """
+    from cascade.request_fields import RunLineFields, validated  # pydantic: not at ``import cascade.cli``
+
     if not raw.strip():
         return None
     obj = decode_line(raw, lineno)
@@ -111,9 +114,10 @@ def parse_line(raw: bytes, lineno: int, *, max_tokens_limit: int = MAX_TOKENS_LI
         if "messages" in obj and not isinstance(obj["messages"], list):
             raise InvalidRequestError("messages must be a list of {\"role\", \"content\"} objects")
         prompt = validate_prompt(obj.get("prompt", obj.get("messages")), max_prompt_chars)
-        overrides = decoding_overrides(obj, max_tokens_limit)
+        fields = validated(RunLineFields, obj, max_tokens_limit)
+        overrides = fields.overrides()
         Target.parse(obj.get("target"))
-        choices = choices_of(obj, obj, ext_param="choices")
+        choices = fields.choices()
     except CascadeError as exc:
         raise LineError(lineno, str(exc), rid) from None
     return RunLine(lineno, rid, prompt, overrides, obj.get("target"), choices)

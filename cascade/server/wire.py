@@ -25,7 +25,7 @@ from cascade.errors import (
     OverloadedError,
 )
 from cascade.policy import Target
-from cascade.request_fields import FieldError, check_int, check_num, choices_of, decoding_overrides
+from cascade.request_fields import FieldError, ServerFields, validated
 from cascade.types import CascadeChunk, CascadeResult, GenerationParams, Message, Prompt
 
 __all__ = ["HTTPError", "ParsedRequest", "as_http", "decision", "parse_request", "render_response", "sse_events",
@@ -125,20 +125,13 @@ def _check_unsupported(body: Mapping[str, Any]) -> None:
     for key in ("top_logprobs", "suffix"):
         if body.get(key) is not None:
             raise _bad(key, "is not supported by the cascade server")
-    check_int(body, "n", 1, 1)
-    check_int(body, "best_of", 1, 1)
-    for key in ("presence_penalty", "frequency_penalty"):
-        if check_num(body, key, -2.0, 2.0) not in (None, 0.0):
-            raise _bad(key, "only 0 is supported")
     bias = body.get("logit_bias")
     if bias is not None and (not isinstance(bias, dict) or bias):
         raise _bad("logit_bias", "is not supported (give null or {})")
-    if body.get("user") is not None and not isinstance(body["user"], str):
-        raise _bad("user", "must be a string")
 
 
 def parse_request(kind: str, body: object, defaults: GenerationParams, config: Any) -> ParsedRequest:
-    """Validate an OpenAI request body (field values by :mod:`cascade.request_fields`, shared with ``cascade run``).
+    """Validate an OpenAI request body (field values by :mod:`cascade.request_fields`, shared with the simulator).
 
     Args:
         kind: ``"chat"`` or ``"completions"``.
@@ -175,25 +168,15 @@ def _parse(kind: str, body: object, defaults: GenerationParams, config: Any) -> 
         prompts: list[Prompt] = [_messages(body.get("messages"))]
     else:
         prompts = list(_prompt_list(body.get("prompt"), config.max_prompts))
-    changes = decoding_overrides(body, config.max_tokens_limit)
-    stream = body.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise _bad("stream", "must be a boolean")
-    options = body.get("stream_options")
-    if options is not None and (not stream or not isinstance(options, dict) or set(options) - {"include_usage"}
-                                or not isinstance(options.get("include_usage", False), bool)):
-        raise _bad("stream_options", "must be {\"include_usage\": bool}, and only with stream=true")
-    ext = body.get("cascade")
-    if ext is not None and (not isinstance(ext, dict) or set(ext) - {"target", "choices"}):
-        raise _bad("cascade", "must be an object with an optional 'target' and optional 'choices'")
-    choices = choices_of(body, ext or {})
+    fields = validated(ServerFields, body, config.max_tokens_limit)
+    changes = fields.overrides()
+    include_usage, choices = fields.include_usage(), fields.choices()
     try:
-        target = Target.parse(ext.get("target") if ext else None)
+        target = Target.parse(fields.cascade.target if fields.cascade else None)
         params = replace(defaults, **changes)
     except (CascadeError, TypeError, ValueError) as exc:
         raise HTTPError(400, str(exc)) from None
-    return ParsedRequest(tuple(prompts), params, target, bool(stream), bool((options or {}).get("include_usage")),
-                         changes, choices)
+    return ParsedRequest(tuple(prompts), params, target, bool(fields.stream), include_usage, changes, choices)
 
 
 def _finite(x: float | None) -> float | None:

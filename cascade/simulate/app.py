@@ -1,4 +1,5 @@
-"""The simulated server's ASGI app: request validation, OpenAI response and SSE formats, counters."""
+"""The simulated server's ASGI app: OpenAI response and SSE formats, counters (requests are checked by
+:mod:`cascade.simulate.request`)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,11 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from cascade.simulate.choices import choose, echo_logprobs, masked, tokens
-from cascade.simulate.model import MAX_TOP_LOGPROBS, SimAnswer, SimConfig, simulate_answer
-from cascade.types import ROLES
+from cascade.simulate.model import SimAnswer, SimConfig, simulate_answer
+from cascade.simulate.request import MAX_BODY_BYTES, ApiError, SimRequest, parse
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -23,9 +23,6 @@ if TYPE_CHECKING:
     from starlette.responses import Response
 
 __all__ = ["SimStats", "create_app"]
-
-_MAX_BODY_BYTES = 1_000_000
-
 
 class SimStats:
     """Counters of one server, readable from any thread (each field is a plain int).
@@ -62,133 +59,11 @@ class SimStats:
         finally:
             self.in_flight -= 1
 
-class _ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-
-@dataclass(frozen=True)
-class _Request:
-    chat: bool
-    keys: tuple[str, ...]  # one prompt text per choice
-    max_tokens: int
-    stop: tuple[str, ...]
-    stream: bool
-    include_usage: bool
-    top_n: int | None  # None: no logprobs
-    choices: tuple[str, ...] | None = None  # guided choice
-    echo: bool = False
-
-
-def _number(body: dict[str, Any], name: str, lo: float, hi: float, integer: bool = False) -> float | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or not lo <= value <= hi:
-        kind = "an integer" if integer else "a number"
-        raise _ApiError(400, f"'{name}' must be {kind} in [{lo}, {hi}], got {value!r}", name)
-    return value
-
-
-def _render_messages(messages: object) -> str:
-    if not isinstance(messages, list) or not messages:
-        raise _ApiError(400, "'messages' must be a non-empty array", "messages")
-    lines = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise _ApiError(400, f"messages[{i}] needs a role in {sorted(ROLES)}", "messages")
-        content = m.get("content")
-        parts = content if isinstance(content, list) else None
-        if parts is not None and all(isinstance(p, dict) and p.get("type") == "text" for p in parts):
-            content = "".join(str(p.get("text", "")) for p in parts)
-        if not isinstance(content, str):
-            raise _ApiError(400, f"messages[{i}].content must be a string or text parts", "messages")
-        lines.append(f"{m['role']}: {content}")
-    return "\n".join(lines)
-
-
-def _parse(body: object, chat: bool, config: SimConfig) -> _Request:
-    if not isinstance(body, dict):
-        raise _ApiError(400, "the request body must be a JSON object")
-    model = body.get("model")
-    if not isinstance(model, str):
-        raise _ApiError(400, "'model' is required and must be a string", "model")
-    if model != config.model:
-        raise _ApiError(404, f"The model `{model}` does not exist.", "model", "model_not_found")
-    if chat:
-        keys: tuple[str, ...] = (_render_messages(body.get("messages")),)
-    else:
-        prompt = body.get("prompt")
-        keys = (prompt,) if isinstance(prompt, str) else tuple(prompt) if isinstance(prompt, list) else ()
-        if not keys or not all(isinstance(k, str) for k in keys) or len(keys) > 128:
-            raise _ApiError(400, "'prompt' must be a string or an array of 1 to 128 strings", "prompt")
-        if body.get("echo") and not config.echo:
-            raise _ApiError(400, "'echo' is not supported by this server", "echo")
-    if sum(len(k) for k in keys) > _MAX_BODY_BYTES:
-        raise _ApiError(400, "the prompt is too long", "prompt")
-    _number(body, "temperature", 0.0, 2.0)
-    _number(body, "top_p", 0.0, 1.0)
-    _number(body, "seed", -(2**63), 2**63 - 1, integer=True)
-    if _number(body, "n", 1, 128, integer=True) not in (None, 1):
-        raise _ApiError(400, "only n=1 is supported", "n")
-    limit = _number(body, "max_tokens", 1, 1_000_000, integer=True)
-    if chat and limit is None:
-        limit = _number(body, "max_completion_tokens", 1, 1_000_000, integer=True)
-    stop = body.get("stop")
-    stops = (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, list) else ()
-    bad_stop = not all(isinstance(s, str) and s for s in stops)
-    if (stop is not None and not stops) or len(stops) > 16 or bad_stop:
-        raise _ApiError(400, "'stop' must be a non-empty string or an array of 1 to 16 of them", "stop")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool | None):
-        raise _ApiError(400, "'stream' must be a boolean", "stream")
-    options = body.get("stream_options")
-    if options is not None and (not stream or not isinstance(options, dict)):
-        raise _ApiError(400, "'stream_options' needs 'stream': true and must be an object", "stream_options")
-    if chat:
-        wants = body.get("logprobs")
-        if not isinstance(wants, bool | None):
-            raise _ApiError(400, "'logprobs' must be a boolean", "logprobs")
-        top = _number(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, integer=True)
-        if top is not None and not wants:
-            raise _ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
-        top_n = (int(top or 0) if wants else None)
-    else:
-        n = _number(body, "logprobs", 0, MAX_TOP_LOGPROBS, integer=True)
-        top_n = None if n is None else int(n)
-    default = config.max_answer_tokens if chat else 16  # as OpenAI: completions default to 16 tokens
-    guided = _guided_choices(body, config)
-    echo = bool(not chat and body.get("echo"))
-    if (guided is not None or echo) and stream:
-        raise _ApiError(400, "this server does not stream guided choice or echo", "stream")
-    return _Request(chat, keys, int(limit or default), stops, bool(stream),
-                    bool((options or {}).get("include_usage")), top_n if config.logprobs else None, guided, echo)
-
-
-def _guided_choices(body: dict[str, Any], config: SimConfig) -> tuple[str, ...] | None:
-    """The request's guided-choice list (``guided_choice`` or ``structured_outputs.choice``), or None."""
-    outputs = body.get("structured_outputs")
-    given = {"guided_choice": body.get("guided_choice"),
-             "structured_outputs": outputs.get("choice") if isinstance(outputs, dict) else outputs}
-    present = {k: v for k, v in given.items() if v is not None}
-    if present and not config.guided_choice:
-        raise _ApiError(400, f"Unrecognized request argument supplied: {next(iter(present))}", next(iter(present)))
-    for field, value in present.items():
-        if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
-            raise _ApiError(400, f"'{field}' must hold a non-empty array of non-empty strings", field)
-    lists = list(present.values())
-    if len(lists) == 2 and lists[0] != lists[1]:
-        raise _ApiError(400, "'guided_choice' and 'structured_outputs.choice' differ", "guided_choice")
-    return tuple(lists[0]) if lists else None
-
-
 def _prompt_tokens(key: str) -> int:
     return max(1, len(re.findall(r"\w+|[^\w\s]", key)))
 
 
-def _usage(req: _Request, answers: Sequence[SimAnswer]) -> dict[str, int]:
+def _usage(req: SimRequest, answers: Sequence[SimAnswer]) -> dict[str, int]:
     prompt = sum(_prompt_tokens(k) for k in req.keys)
     completion = sum(len(a.tokens) for a in answers)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
@@ -211,7 +86,7 @@ def _text_logprobs(a: SimAnswer, steps: range, n: int, offset: int) -> dict[str,
             "top_logprobs": [dict(a.top[t][: max(n, 1)]) for t in steps], "text_offset": offsets}
 
 
-def _logprobs(req: _Request, a: SimAnswer, steps: range) -> dict[str, Any] | None:
+def _logprobs(req: SimRequest, a: SimAnswer, steps: range) -> dict[str, Any] | None:
     if req.top_n is None:
         return None
     if req.chat:
@@ -219,7 +94,7 @@ def _logprobs(req: _Request, a: SimAnswer, steps: range) -> dict[str, Any] | Non
     return _text_logprobs(a, steps, req.top_n, sum(len(tok) for tok in a.tokens[: steps.start]))
 
 
-def _full_body(req: _Request, answers: Sequence[SimAnswer], config: SimConfig) -> dict[str, Any]:
+def _full_body(req: SimRequest, answers: Sequence[SimAnswer], config: SimConfig) -> dict[str, Any]:
     head = {"id": f"{'chatcmpl' if req.chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": config.model, "object": "chat.completion" if req.chat else "text_completion"}
     choices = []
@@ -232,7 +107,7 @@ def _full_body(req: _Request, answers: Sequence[SimAnswer], config: SimConfig) -
     return {**head, "choices": choices, "usage": _usage(req, answers)}
 
 
-async def _stream(req: _Request, answers: Sequence[SimAnswer], config: SimConfig, stats: SimStats
+async def _stream(req: SimRequest, answers: Sequence[SimAnswer], config: SimConfig, stats: SimStats
                   ) -> AsyncIterator[bytes]:
     head = {"id": f"{'chatcmpl' if req.chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": config.model, "object": "chat.completion.chunk" if req.chat else "text_completion"}
@@ -286,7 +161,7 @@ def _guided(config: SimConfig, key: str, choices: Sequence[str]) -> SimAnswer:
     return SimAnswer(picked.tokens, picked.logprobs, picked.top, "stop", 0.5)
 
 
-def _with_echo(req: _Request, body: dict[str, Any], config: SimConfig) -> dict[str, Any]:
+def _with_echo(req: SimRequest, body: dict[str, Any], config: SimConfig) -> dict[str, Any]:
     """Completions with ``echo``: each text starts with its prompt, and the prompt tokens' logprobs come first."""
     for choice, key in zip(body["choices"], req.keys):
         choice["text"] = key + choice["text"]
@@ -329,14 +204,14 @@ def create_app(config: SimConfig, stats: SimStats | None = None) -> Starlette:
         with counters.track():
             raw = await request.body()
             try:
-                if len(raw) > _MAX_BODY_BYTES:
-                    raise _ApiError(413, f"the request body is larger than {_MAX_BODY_BYTES} bytes")
+                if len(raw) > MAX_BODY_BYTES:
+                    raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
                 try:
                     body = json.loads(raw)
                 except (ValueError, UnicodeDecodeError) as exc:
-                    raise _ApiError(400, f"the request body is not valid JSON: {exc}") from None
-                req = _parse(body, chat, config)
-            except _ApiError as exc:
+                    raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+                req = parse(body, chat, config)
+            except ApiError as exc:
                 return error(exc.status, exc.message, exc.param, exc.code)
             fail, hang = draws.random() < config.error_rate, draws.random() < config.timeout_rate
             if fail:

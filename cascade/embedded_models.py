@@ -43,6 +43,7 @@ __all__ = [
     "gguf_path",
     "install_command",
     "load_pretrained",
+    "pad_left",
 ]
 
 log = logging.getLogger(__name__)
@@ -286,11 +287,17 @@ def _load_folder(folder: str, gguf_file: str | None, dtype: torch.dtype,
     return model, tokenizer
 
 
-def _fix_special_tokens(model: Any, tokenizer: Any) -> None:
-    """Left padding, a pad token, and ``<|im_end|>`` (the ChatML end of turn) among the stop tokens."""
+def pad_left(tokenizer: Any) -> None:
+    """Batched generation's tokenizer settings: left padding, and the end-of-sequence token as the pad token
+    when the tokenizer has none."""
     tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
+    if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+
+
+def _fix_special_tokens(model: Any, tokenizer: Any) -> None:
+    """:func:`pad_left`, and ``<|im_end|>`` (the ChatML end of turn) among the stop tokens."""
+    pad_left(tokenizer)
     gen = model.generation_config
     current = gen.eos_token_id
     eos: list[int] = []

@@ -56,9 +56,9 @@ class HFLocalBackend:
             raise InvalidRequestError("max_batch_size must be >= 1")
         self.model = model.eval()
         self.tokenizer = tokenizer
-        tokenizer.padding_side = "left"
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        from cascade.embedded_models import pad_left
+
+        pad_left(tokenizer)
         self.name = name or str(getattr(model.config, "name_or_path", "") or type(model).__name__)
         has_template = bool(getattr(tokenizer, "chat_template", None))
         self.chat_template = has_template if chat_template is None else chat_template and has_template

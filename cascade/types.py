@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, TypedDict
+from typing import Any, Literal, TypedDict
 
 from cascade.errors import InvalidRequestError
 
@@ -29,6 +29,7 @@ __all__ = [
     "StreamEvent",
     "TierCall",
     "TokenStats",
+    "chat_lines",
     "check_text",
     "validate_choices",
     "validate_prompt",
@@ -66,6 +67,12 @@ Prompt = str | Sequence[Message]
 
 #: The chat roles a message may have (OpenAI's).
 ROLES = frozenset({"system", "user", "assistant", "developer", "tool"})
+
+
+def chat_lines(messages: Sequence[Mapping[str, Any]]) -> str:
+    """Chat messages as plain text, one ``role: content`` line each: how a model without a chat template is
+    prompted (followed by ``assistant:``) and the text the simulated server answers."""
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
 
 
 def check_text(text: str, what: str) -> str:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from cascade.backends.hf_prefix import cache_arg, split_prefix
 from cascade.backends.hf_steps import StepRecorder, StopTracker
 from cascade.errors import BackendError, InvalidRequestError
-from cascade.types import EarlyExit, Generation, GenerationParams, Prompt, StreamEvent, TokenStats
+from cascade.types import EarlyExit, Generation, GenerationParams, Prompt, StreamEvent, TokenStats, chat_lines
 
 if TYPE_CHECKING:
     import torch
@@ -103,7 +103,7 @@ class HFLocalBackend:
             return prompt
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if not self.chat_template:
-            return "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
+            return chat_lines(messages) + "\nassistant:"
         return str(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
 
     async def generate(

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from cascade.errors import BackendError, BackendTimeoutError
-from cascade.types import GenerationParams, Prompt
+from cascade.types import GenerationParams, Prompt, chat_lines
 
 __all__ = ["DUMMY_API_KEY", "estimated_prompt_tokens", "gather", "map_errors", "render_messages", "request_body"]
 
@@ -22,7 +22,7 @@ _T = TypeVar("_T")
 
 def render_messages(messages: Sequence[Any]) -> str:
     """Join chat messages into one completions prompt: ``"{role}: {content}"`` lines, then ``assistant:``."""
-    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    return chat_lines(messages) + "\nassistant:"
 
 
 def estimated_prompt_tokens(prompt: Prompt) -> int:

@@ -16,7 +16,7 @@ from pydantic import Field
 
 from cascade.request_fields import FieldError, RequestFields, validated
 from cascade.simulate.model import MAX_TOP_LOGPROBS, SimConfig
-from cascade.types import ROLES
+from cascade.types import ROLES, chat_lines
 
 __all__ = ["MAX_BODY_BYTES", "MAX_TOKENS", "ApiError", "SimRequest", "parse"]
 
@@ -73,8 +73,8 @@ def _render_messages(messages: object) -> str:
             content = "".join(str(p.get("text", "")) for p in parts)
         if not isinstance(content, str):
             raise ApiError(400, f"messages[{i}].content must be a string or text parts", "messages")
-        lines.append(f"{m['role']}: {content}")
-    return "\n".join(lines)
+        lines.append({"role": m["role"], "content": content})
+    return chat_lines(lines)
 
 
 def _keys(body: dict[str, object], chat: bool, config: SimConfig) -> tuple[str, ...]:

@@ -26,7 +26,7 @@ from typing import Any
 from cascade.backends.base import Backend
 from cascade.errors import BackendError, ConfigError
 from cascade.simulate import SimConfig, simulate_answer
-from cascade.types import EarlyExit, Generation, GenerationParams, Prompt
+from cascade.types import EarlyExit, Generation, GenerationParams, Prompt, chat_lines
 
 __all__ = ["LocalSimBackend", "SimProcess", "SwitchBackend", "TimedBackend", "process_cpu_s"]
 
@@ -200,7 +200,7 @@ class LocalSimBackend:
         thresholds = early_exit.thresholds if early_exit is not None else (math.inf,) * len(prompts)
         parts = []  # (text, completion tokens, finish reason, measures) per prompt
         for prompt, threshold in zip(prompts, thresholds, strict=True):
-            key = prompt if isinstance(prompt, str) else "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+            key = prompt if isinstance(prompt, str) else chat_lines(prompt)
             a = simulate_answer(c, key, params.max_tokens, params.stop)
             measures = _measures(a.top, a.logprobs)
             if early_exit is not None and a.tokens and measures[early_exit.measure] > threshold:

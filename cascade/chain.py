@@ -186,7 +186,7 @@ class Chain:
             return False
         up = escalates(u, thr)
         if self.monitor is not None:
-            self.monitor.observe(level, u, up, p.source in ("artifact", "fixed"))
+            self.monitor.observe(level, u, up, p.on_own_thresholds)
         if math.isnan(u):
             why = "the request has no choices" if p.choices is None and self.measure in CHOICE_MEASURES else \
                 "the tier reported no such score"

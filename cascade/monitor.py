@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +44,8 @@ import numpy.typing as npt
 from cascade.curve import Curve, check_fraction
 from cascade.errors import ConfigError
 
-__all__ = ["STATES", "Monitor", "MonitorConfig", "Reference", "cp_upper", "ks_pvalue", "ks_statistic"]
+__all__ = ["STATES", "Monitor", "MonitorConfig", "Reference", "cp_upper", "ks_pvalue", "ks_statistic",
+           "worst_state"]
 
 log = logging.getLogger("cascade.monitor")
 
@@ -299,11 +300,11 @@ class Monitor:
 
     def _check(self, stage: int) -> None:
         s = self.stages[stage]
-        new = self.stage_status(stage)["state"]
+        status = self.stage_status(stage)
+        new = status["state"]
         if new != s.state:
             level = logging.INFO if new == "ok" else logging.WARNING
-            log.log(level, "stage %r: calibration state %s -> %s (%s)", s.name, s.state, new,
-                    _why(self.stage_status(stage)))
+            log.log(level, "stage %r: calibration state %s -> %s (%s)", s.name, s.state, new, _why(status))
             old, s.state = s.state, new
             if self.on_change is not None:
                 self.on_change(stage, old, new)
@@ -343,10 +344,14 @@ class Monitor:
     def status(self) -> dict[str, Any]:
         """Every stage's estimates and the shadow bookkeeping (JSON-ready; ``/v1/cascade/status``)."""
         stages = [self.stage_status(i) for i in range(len(self.stages))]
-        worst = max((STATES.index(s["state"]) for s in stages), default=0)
-        return {"state": STATES[worst], "stages": stages, "generation": self.generation,
+        return {"state": worst_state(s["state"] for s in stages), "stages": stages, "generation": self.generation,
                 "shadow": {"rate": self.config.shadow_rate, "calls": self.shadow_calls,
                            "dropped": self.shadow_dropped, "failed": self.shadow_failed, "cost": self.shadow_cost}}
+
+
+def worst_state(states: Iterable[str]) -> str:
+    """The most serious of some states (``violated`` > ``drifting`` > ``ok``; ``ok`` for none)."""
+    return STATES[max((STATES.index(s) for s in states), default=0)]
 
 
 def _calibrated_rate(curve: Curve, reference: Reference, threshold: float) -> float:

@@ -76,6 +76,12 @@ class Pending:
         return cls(index, prompt, got.thresholds, target.label() if target else None, cluster, got.source,
                    got.level, choices, policy=policy)
 
+    @property
+    def on_own_thresholds(self) -> bool:
+        """True when the request uses the policy's own thresholds (no per-request target, no router cluster's):
+        the requests the live calibration checks count (:mod:`cascade.monitor`)."""
+        return self.source in ("artifact", "fixed")
+
     def skips(self, level: int) -> bool:
         """True when stage ``level``'s answer would never be kept (threshold ``-inf``); never for the last tier."""
         return level < len(self.thresholds) and self.thresholds[level] == -math.inf

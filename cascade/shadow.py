@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -30,6 +29,7 @@ from typing import Any
 
 from cascade.monitor import Monitor, MonitorConfig
 from cascade.pending import Pending
+from cascade.run_lines import finite_json
 from cascade.scorers import Same, get_same
 from cascade.types import Generation, GenerationParams, Prompt
 
@@ -41,7 +41,6 @@ log = logging.getLogger("cascade.monitor")
 ShadowCall = Callable[[int, Prompt, GenerationParams, "tuple[str, ...] | None"],
                       Awaitable["tuple[Generation | BaseException, float]"]]
 
-_OWN = ("artifact", "fixed")  # threshold sources of requests on the policy's own thresholds
 _TEXT_SAME = ("exact", "contains", "numeric")
 
 
@@ -70,7 +69,7 @@ class Shadow:
         """Look at finished requests; start the shadow work of those sampled (never waits)."""
         last = len(self.tiers) - 1
         for p in pending:
-            if p.error is not None or p.degraded or p.answer is None or p.source not in _OWN:
+            if p.error is not None or p.degraded or p.answer is None or not p.on_own_thresholds:
                 continue
             sampled = self.config.shadow_rate > 0 and self.rng.random() < self.config.shadow_rate
             if p.answer_tier < last:
@@ -130,15 +129,15 @@ class Shadow:
             "time": time.time(), "sampled": sampled, "accepted": p.answer_tier < len(self.tiers) - 1,
             "prompt": p.prompt, "choices": list(p.choices) if p.choices is not None else None,
             "tier": self.tiers[stage], "last_tier": self.tiers[-1], "threshold": p.thresholds[stage],
-            "uncertainty": _finite(next((c.uncertainty for c in reversed(p.calls) if c.tier == self.tiers[stage]
-                                         and c.uncertainty is not None), None)),
-            "scores": {k: _finite(v) for k, v in small.scores.items()},
+            "uncertainty": next((c.uncertainty for c in reversed(p.calls) if c.tier == self.tiers[stage]
+                                 and c.uncertainty is not None), None),
+            "scores": dict(small.scores),
             "answer": small.text, "finish_reason": small.finish_reason, "last_answer": top.text,
             "agree": self._agree(p, small, top),
         }
         try:
             with open(self.config.log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record, ensure_ascii=False, allow_nan=False, default=str) + "\n")
+                f.write(json.dumps(finite_json(record), ensure_ascii=False, allow_nan=False, default=str) + "\n")
         except (OSError, ValueError) as exc:
             log.warning("shadow log %s: write failed (%s)", self.config.log_path, type(exc).__name__)
 
@@ -148,7 +147,3 @@ class Shadow:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _finite(x: float | None) -> float | None:
-    return x if x is not None and math.isfinite(x) else None

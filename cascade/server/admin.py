@@ -22,6 +22,7 @@ from typing import Any
 
 from cascade.artifact import Artifact
 from cascade.errors import ArtifactError
+from cascade.monitor import worst_state
 from cascade.policy import Policy
 from cascade.server.protocol import Engine
 from cascade.server.wire import HTTPError
@@ -37,8 +38,7 @@ def monitor_status(engine: Engine) -> dict[str, Any]:
     if not monitors:
         return {"enabled": False}
     states = [m.status() for m in monitors]
-    worst = max(("ok", "drifting", "violated").index(s["state"]) for s in states)
-    return {"enabled": True, "state": ("ok", "drifting", "violated")[worst], "cascades": states}
+    return {"enabled": True, "state": worst_state(s["state"] for s in states), "cascades": states}
 
 
 class Reloader:

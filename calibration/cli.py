@@ -69,10 +69,11 @@ def _parser() -> argparse.ArgumentParser:
     target.add_argument("--min-cost", action="store_true",
                         help="maximise value-per-correct * accuracy - mean cost (needs --value-per-correct)")
     p.add_argument("--confidence", type=float, help="confidence of the quality guarantee (default 0.9)")
-    p.add_argument("--family", choices=("auto", "common", "per_stage"),
+    p.add_argument("--family", choices=("auto", "common", "per_stage", "top_down"),
                    help="quality: the candidate thresholds (default auto: every threshold for two tiers; for N >= 3 "
-                        "tiers per-stage thresholds fixed on part of the fit data and certified on the rest, split "
-                        "by --seed)")
+                        "tiers top_down: each stage its own threshold, opened one stage at a time from the top; "
+                        "per_stage: per-stage thresholds fixed on part of the fit data and certified on the rest, "
+                        "split by --seed)")
     p.add_argument("--value-per-correct", type=float, metavar="V",
                    help="what one correct answer is worth, in the tiers' price unit")
     held = p.add_mutually_exclusive_group()

@@ -25,10 +25,24 @@ them. Two families provide that:
   same unconditionally. Choosing per-stage thresholds on the *same* data that certifies them would void this
   (the candidates would depend on the test data): the split is what pays for the freedom.
 
-For N >= 3 tiers ``"auto"`` uses ``"per_stage"`` when there are at least :data:`MIN_SPLIT` examples: lower
-tiers whose uncertainty scores live on different scales (SmolLM2's ``margin_first`` near 0.95, Qwen-0.5B's
-spread over [0, 1]) cannot share one threshold, and a stage whose threshold is ``-inf`` is skipped at request
-time, so the family contains every sub-chain (each pair, always-last) as well.
+- ``"top_down"``: every stage its own threshold along one path fixed before any data, all examples certify.
+  From always-last, the top stage (tier N-1, answering in front of tier N) opens first: its threshold runs
+  from ``-inf`` through every distinct score of that stage on the data to ``+inf`` (tier N-1 answers
+  everything), the stages below it skipped (``-inf``). Then stage N-2 opens the same way in front of tier N-1,
+  the stages above it at ``+inf``, and so on down to the first stage (:func:`top_down_candidates`). Each step
+  moves answers one tier down, the most accurate cheaper tier first, and no candidate calls a tier whose answer
+  is never used. *Why the guarantee holds:* the path (a function of N alone) and its order are fixed before
+  the data, and along each segment the counts are constant between consecutive data values, so the
+  continuum argument of ``"common"`` applies segment by segment. The family contains the top pair's whole
+  sweep (stage N-1 with every lower tier skipped, on the same examples at the same level), so its fit never
+  costs more on the calibration data than that pair's; it holds no mixtures in which two stages answer part of
+  the traffic each (the per-stage family does, at the price of the split).
+
+For N >= 3 tiers ``"auto"`` uses ``"top_down"``: lower tiers whose uncertainty scores live on different scales
+(SmolLM2's ``margin_first`` near 0.95, Qwen-0.5B's spread over [0, 1]) cannot share one threshold, and a stage
+whose threshold is ``-inf`` is skipped at request time. On the evaluation's three-tier chains it certified
+the same or less escalation than the per-stage family, whose sequence loses a quarter of the examples to the
+split (``eval/RESULTS.md`` section 3).
 
 The seam: the loss (:class:`calibration.certify.LossIndicators`) and the choice of sequence within the
 per-stage family (``order``: :class:`FixPart` -> candidate indices) are passed in, so another loss or another
@@ -52,7 +66,6 @@ from cascade.curve import check_fraction
 from cascade.errors import InvalidRequestError
 
 __all__ = [
-    "MIN_SPLIT",
     "CandidateSequence",
     "Family",
     "FixPart",
@@ -61,11 +74,10 @@ __all__ = [
     "predicted_order",
     "ray_candidates",
     "split_indices",
+    "top_down_candidates",
 ]
 
-Family = Literal["auto", "common", "per_stage"]
-#: fewest calibration examples for which ``"auto"`` splits them for a per-stage family.
-MIN_SPLIT = 40
+Family = Literal["auto", "common", "per_stage", "top_down"]
 _RATIOS = (1.0, 0.5, 0.25, 0.125, 0.0)
 
 
@@ -148,6 +160,29 @@ def ray_candidates(scores: npt.ArrayLike) -> tuple[FloatArray, IntArray]:
     return np.vstack(rows), np.concatenate(paths)
 
 
+def top_down_candidates(scores: npt.ArrayLike) -> FloatArray:
+    """The top-down path on the data's scores: always-last, then each stage from the top opening in turn.
+
+    Args:
+        scores: ``(n, S)`` scores of the S stages.
+
+    Returns:
+        ``(P, S)`` thresholds: row 0 every stage ``-inf``; then, for stage j = S-1 down to 0, stage j at each of its
+        distinct scores ascending and then ``+inf``, the stages below ``-inf`` and the stages above ``+inf``.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    stages = s.shape[1]
+    rows: list[FloatArray] = [np.full((1, stages), -np.inf)]
+    for j in reversed(range(stages)):
+        lam = np.r_[np.unique(s[:, j]), np.inf]
+        seg = np.empty((lam.size, stages))
+        seg[:, :j] = -np.inf
+        seg[:, j] = lam
+        seg[:, j + 1:] = np.inf
+        rows.append(seg)
+    return np.vstack(rows)
+
+
 def predicted_order(fix: FixPart) -> IntArray:
     """The default sequence: the ray that, replayed on the fix part, certifies the cheapest candidate.
 
@@ -179,16 +214,15 @@ def split_indices(n: int, fix_share: float, seed: int) -> tuple[IntArray, IntArr
 
 
 def _choose(family: Family, tiers: int, n: int) -> tuple[str, str]:
-    if family not in ("auto", "common", "per_stage"):
-        raise InvalidRequestError(f"family must be 'auto', 'common' or 'per_stage', got {family!r}")
+    if family not in ("auto", "common", "per_stage", "top_down"):
+        raise InvalidRequestError(f"family must be 'auto', 'common', 'per_stage' or 'top_down', got {family!r}")
     if family != "auto":
         return family, "asked for"
     if tiers == 2:
         return "common", "two tiers: every threshold is a candidate and all examples certify"
-    if n < MIN_SPLIT:
-        return "common", f"only {n} examples (< {MIN_SPLIT}): too few to split, one common threshold"
-    return "per_stage", (f"{tiers} tiers: each stage its own threshold (the stages' uncertainty scores need not "
-                         "share a scale), the sequence fixed on one part of the data and certified on the other")
+    return "top_down", (f"{tiers} tiers: each stage its own threshold (the stages' uncertainty scores need not "
+                        "share a scale), opened one stage at a time from the top along a path fixed before the "
+                        "data, all examples certify")
 
 
 def candidate_sequence(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt.ArrayLike | None = None, *,
@@ -203,7 +237,7 @@ def candidate_sequence(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt
         eps: the target (the per-stage sequence may depend on it).
         delta: the level each candidate will be tested at.
         bound: the upper bound that will be used.
-        family: ``"auto"``, ``"common"`` or ``"per_stage"`` (module docstring).
+        family: ``"auto"``, ``"common"``, ``"per_stage"`` or ``"top_down"`` (module docstring).
         loss: what counts as a loss (default: the labelled accuracy loss).
         fix_share: per-stage family: the share of examples that fixes the sequence, in (0, 1).
         seed: per-stage family: the seed of the split.
@@ -213,9 +247,12 @@ def candidate_sequence(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt
     ind = accuracy_loss(c) if loss is None else loss
     n, tiers = c.shape
     chosen, why = _choose(family, tiers, n)
+    everything = np.arange(n, dtype=np.int64)
     if chosen == "common":
-        everything = np.arange(n, dtype=np.int64)
         return CandidateSequence(common_sweep(s, c, k, loss=ind), "common", why, everything[:0], everything)
+    if chosen == "top_down":
+        top = evaluate(top_down_candidates(s), s, c, k, loss=ind)
+        return CandidateSequence(top, "top_down", why, everything[:0], everything)
     share = check_fraction("fix_share", fix_share)
     if not 0.0 < share < 1.0 or n < 2:
         raise InvalidRequestError("the per-stage family needs 0 < fix_share < 1 and at least two examples")

@@ -80,7 +80,7 @@ class Levels:
         delta_per_level: the level each one was tested at (``(1 - confidence) / L``, Bonferroni).
         correction: ``"bonferroni"`` (``"none"`` for one level).
         claim: what the levels bound (``"accuracy"`` loss against the last tier, or ``"disagreement"`` with it).
-        family: the candidate family the thresholds came from (``"common"`` or ``"per_stage"``).
+        family: the candidate family the thresholds came from (``"common"``, ``"per_stage"`` or ``"top_down"``).
     """
 
     items: tuple[Level, ...]

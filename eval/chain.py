@@ -8,7 +8,8 @@ split: accuracy, loss against always-1.5B, mean cost (notional prices proportion
 and the share of requests reaching each tier. ::
 
     python -m eval.chain --tasks sst2 trec --limit-cal 300 --limit-test 500 [--report-json PATH]
-    python -m eval.chain --prompts plain --mode choices --max-quality-loss 0.02 0.05 0.1
+    python -m eval.chain --prompts plain --mode choices --max-quality-loss 0.02 0.05 0.1 \
+        --families top_down per_stage
 
 ``--prompts`` and ``--mode`` pick the cached generations as in :mod:`eval.quality` (the default measure is then
 ``choice_margin``); several ``--max-quality-loss`` targets are each fitted and reported on their own.
@@ -34,11 +35,14 @@ CHAINS: dict[str, tuple[str, ...]] = {
 PRICE_PER_MTOK = {"SmolLM2-135M": 0.135, "Qwen-0.5B": 0.5, "Qwen-1.5B": 1.5}
 
 
-def evaluate_task(td: Any, cache: str, measure: str, eps: float, confidence: float, *, choices: bool = False
-                  ) -> list[dict[str, Any]] | None:
+def evaluate_task(td: Any, cache: str, measure: str, eps: float, confidence: float, *, choices: bool = False,
+                  families: Sequence[str] = ("auto",)) -> list[dict[str, Any]] | None:
     """Fit and test every chain on one task; None when some generations are not cached.
 
     ``choices``: read the constrained answers (``eval.quality --mode choices``) instead of free generations.
+    ``families``: the quality fit's candidate families (:mod:`calibration.family`); a chain of three or more
+    tiers gets one row per family (named ``chain [family]`` when there are several), a pair one row (every
+    family is the same sweep for two tiers).
     """
     from calibration.fit import fit_quality
     from calibration.generation_cache import cached_generations, tier_arrays
@@ -55,25 +59,29 @@ def evaluate_task(td: Any, cache: str, measure: str, eps: float, confidence: flo
                 return None
             gens.setdefault(label, {})[split] = found
     best = next(iter(CHAINS.values()))[-1]
+    best_acc = float(tier_arrays(td.test, [gens[best]["test"]] * 2, score_answer, measure).correct[:, 0].mean())
     rows = []
     for name, chain in CHAINS.items():
         prices = [Price(PRICE_PER_MTOK[m], PRICE_PER_MTOK[m]) for m in chain]
         if len(chain) == 1:  # always one model: no thresholds
             test = tier_arrays(td.test, [gens[chain[0]]["test"]] * 2, score_answer, measure, prices * 2)
-            acc, cost, reached, thresholds, feasible = float(test.correct[:, 0].mean()), float(
-                test.costs[:, 0].mean()), [1.0], [], True
-        else:
-            cal = tier_arrays(td.cal, [gens[m]["cal"] for m in chain], score_answer, measure, prices)
-            test = tier_arrays(td.test, [gens[m]["test"] for m in chain], score_answer, measure, prices)
-            fit = fit_quality(cal.scores, cal.correct, cal.costs, max_quality_loss=eps, delta=1 - confidence)
+            acc = float(test.correct[:, 0].mean())
+            rows.append({"chain": name, "family": None, "thresholds": [], "feasible": True, "accuracy": acc,
+                         "loss_vs_own_last": 0.0, "loss_vs_qwen_1.5b": best_acc - acc,
+                         "mean_cost": float(test.costs[:, 0].mean()), "reached": [1.0]})
+            continue
+        cal = tier_arrays(td.cal, [gens[m]["cal"] for m in chain], score_answer, measure, prices)
+        test = tier_arrays(td.test, [gens[m]["test"] for m in chain], score_answer, measure, prices)
+        for family in (families if len(chain) > 2 else families[:1]):
+            fit = fit_quality(cal.scores, cal.correct, cal.costs, max_quality_loss=eps, delta=1 - confidence,
+                              family=family)  # type: ignore[arg-type]
             st = simulate(fit.thresholds, test.scores, test.correct, test.costs).stats()
-            acc, cost, reached = st.accuracy, st.mean_cost, list(st.reached)
-            thresholds, feasible = list(fit.thresholds), fit.feasible
-        best_acc = float(tier_arrays(td.test, [gens[best]["test"]] * 2, score_answer, measure).correct[:, 0].mean())
-        last_acc = float(test.correct[:, -1].mean())
-        rows.append({"chain": name, "thresholds": thresholds, "feasible": feasible, "accuracy": acc,
-                     "loss_vs_own_last": last_acc - acc, "loss_vs_qwen_1.5b": best_acc - acc,
-                     "mean_cost": cost, "reached": reached})
+            label = f"{name} [{fit.params['family']}]" if len(chain) > 2 and len(families) > 1 else name
+            rows.append({"chain": label, "family": fit.params["family"], "thresholds": list(fit.thresholds),
+                         "feasible": fit.feasible, "accuracy": st.accuracy,
+                         "loss_vs_own_last": float(test.correct[:, -1].mean()) - st.accuracy,
+                         "loss_vs_qwen_1.5b": best_acc - st.accuracy, "mean_cost": st.mean_cost,
+                         "reached": list(st.reached)})
     return rows
 
 
@@ -81,10 +89,10 @@ def _print_rows(task: str, td: Any, eps: float, confidence: float, measure: str,
                 ) -> None:
     print(f"\n{task} (cal {len(td.cal)}, test {len(td.test)}; target: loss <= {eps} vs own "
           f"last tier with prob >= {confidence}, {measure})")
-    print(f"{'chain':<40} {'acc':>6} {'loss vs 1.5B':>12} {'cost/req':>10}  reached per tier")
+    print(f"{'chain':<52} {'acc':>6} {'loss vs 1.5B':>12} {'cost/req':>10}  reached per tier")
     for r in rows:
         flag = "" if r["feasible"] else "  (infeasible: always last tier)"
-        print(f"{r['chain']:<40} {r['accuracy']:>6.3f} {r['loss_vs_qwen_1.5b']:>12.3f} {r['mean_cost']:>10.2e}  "
+        print(f"{r['chain']:<52} {r['accuracy']:>6.3f} {r['loss_vs_qwen_1.5b']:>12.3f} {r['mean_cost']:>10.2e}  "
               f"{', '.join(f'{x:.2f}' for x in r['reached'])}{flag}")
 
 
@@ -102,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--prompts", choices=("tuned", "plain"), default="tuned", help="prompt set (as eval.quality)")
     p.add_argument("--mode", choices=("free", "choices"), default="free", help="answer mode (as eval.quality)")
     p.add_argument("--confidence", type=float, default=0.9)
+    p.add_argument("--families", nargs="+", default=["auto"], choices=("auto", "common", "per_stage", "top_down"),
+                   help="candidate families of the quality fit; chains of 3+ tiers get a row per family")
     p.add_argument("--report-json", type=Path)
     args = p.parse_args(argv)
     from eval.datasets import load_task
@@ -114,7 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         td = load_task(task, args.data, n_cal=args.limit_cal, n_test=args.limit_test, seed=args.seed,
                        prompts=args.prompts)
         for eps in args.max_quality_loss:
-            rows = evaluate_task(td, args.cache, measure, eps, args.confidence, choices=choices)
+            rows = evaluate_task(td, args.cache, measure, eps, args.confidence, choices=choices,
+                                 families=args.families)
             if rows is None:
                 print(f"{task}: generations not all cached; run eval.quality --generate-only first", file=sys.stderr)
                 break

@@ -368,9 +368,9 @@ def test_several_quality_levels_are_certified_stored_and_used_per_request(tmp_pa
     art = Artifact.load(out)
     assert art.levels is not None and art.levels.targets == (0.1, 0.2, 0.3)
     assert art.levels.delta_per_level == pytest.approx(0.1 / 3) and art.levels.correction == "bonferroni"
-    assert art.levels.confidence == pytest.approx(0.9) and art.levels.family == "per_stage"
+    assert art.levels.confidence == pytest.approx(0.9) and art.levels.family == "top_down"
     assert art.thresholds == art.levels.items[1].thresholds  # the first level given is the default
-    assert report["fit"]["params"]["max_quality_loss"] == 0.2 and report["fit"]["params"]["family"] == "per_stage"
+    assert report["fit"]["params"]["max_quality_loss"] == 0.2 and report["fit"]["params"]["family"] == "top_down"
     rows = report["levels"]
     assert [r["max_quality_loss"] for r in rows] == [0.1, 0.2, 0.3]
     for r in rows:

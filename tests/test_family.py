@@ -10,7 +10,7 @@ from scipy.stats import binom
 
 from calibration.candidates import common_sweep, evaluate, grid_search
 from calibration.certify import LossIndicators, accepted_prefix, accuracy_loss, fixed_sequence, upper_bounds
-from calibration.family import FixPart, candidate_sequence, ray_candidates, split_indices
+from calibration.family import FixPart, candidate_sequence, ray_candidates, split_indices, top_down_candidates
 from calibration.fit import fit_levels, fit_quality
 from calibration.metrics import simulate
 from cascade.errors import InvalidRequestError
@@ -31,23 +31,26 @@ def _plug_in(pop: Population, s: np.ndarray, c: np.ndarray, costs: np.ndarray, e
     return tuple(grid.thresholds[ok[np.argmin(grid.mean_cost[ok])]].tolist())
 
 
-@pytest.mark.parametrize(("pop", "costs", "coupling"), [
-    (THREE_TIER_SCALES, COSTS3, "independent"),
-    (THREE_TIER, COSTS3, "nested"),
-    (TWO_TIER_HELPFUL, COSTS2, "independent"),
+@pytest.mark.parametrize(("pop", "costs", "coupling", "family"), [
+    (THREE_TIER_SCALES, COSTS3, "independent", "per_stage"),
+    (THREE_TIER, COSTS3, "nested", "per_stage"),
+    (TWO_TIER_HELPFUL, COSTS2, "independent", "per_stage"),
+    (THREE_TIER_SCALES, COSTS3, "independent", "top_down"),
+    (THREE_TIER, COSTS3, "nested", "top_down"),
 ])
-def test_per_stage_guarantee_holds_over_many_draws(pop: Population, costs: np.ndarray, coupling: str) -> None:
-    """Over 150 calibration draws of n = 400 from a population with known risk, the per-stage fit misses
-    eps in at most delta of them (plus a binomial tolerance); the plug-in rule on the same draws misses far
-    more often, so the check can tell a guarantee from its absence."""
+def test_per_stage_guarantee_holds_over_many_draws(pop: Population, costs: np.ndarray, coupling: str,
+                                                   family: str) -> None:
+    """Over 150 calibration draws of n = 400 from a population with known risk, the per-stage (or top-down)
+    fit misses eps in at most delta of them (plus a binomial tolerance); the plug-in rule on the same draws
+    misses far more often, so the check can tell a guarantee from its absence."""
     eps, delta, draws = 0.05, 0.1, 150
     rng = np.random.default_rng(2024)
     bad = naive_bad = 0
     fitted_cost = common_cost = 0.0
     for _ in range(draws):
         s, c = pop.draw(400, rng, coupling)
-        fit = fit_quality(s, c, costs, max_quality_loss=eps, delta=delta, family="per_stage")
-        assert fit.params["family"] == "per_stage" and fit.params["n_fix"] == 100
+        fit = fit_quality(s, c, costs, max_quality_loss=eps, delta=delta, family=family)  # type: ignore[arg-type]
+        assert fit.params["family"] == family and fit.params["n_fix"] == (100 if family == "per_stage" else 0)
         bad += pop.true_risk(fit.thresholds) > eps
         naive_bad += pop.true_risk(_plug_in(pop, s, c, costs, eps)) > eps
         fitted_cost += fit.stats.mean_cost / draws
@@ -63,6 +66,7 @@ def test_per_stage_guarantee_holds_over_many_draws(pop: Population, costs: np.nd
 @pytest.mark.parametrize(("pop", "costs", "family"), [
     (TWO_TIER_HELPFUL, COSTS2, "auto"),
     (THREE_TIER_SCALES, COSTS3, "auto"),
+    (THREE_TIER_SCALES, COSTS3, "per_stage"),
 ])
 def test_levels_hold_together_over_many_draws(pop: Population, costs: np.ndarray, family: str) -> None:
     """Certified levels 2%, 5% and 10% at confidence 90%: over 150 draws, the share of draws in which *any*
@@ -122,15 +126,39 @@ def test_rays_start_at_always_last_and_only_accept_more_along_a_ray() -> None:
     assert skip_second  # a ray that skips the second stage: the pair first -> last tier is in the family
 
 
+def test_top_down_path_opens_one_stage_at_a_time_from_the_top() -> None:
+    s, _ = THREE_TIER_SCALES.draw(60, np.random.default_rng(0))
+    t = top_down_candidates(s)
+    assert np.isneginf(t[0]).all() and len(t) == 1 + sum(len(np.unique(s[:, j])) + 1 for j in range(2))
+    assert ((t[1:] >= t[:-1]).all(axis=1) & (t[1:] != t[:-1]).any(axis=1)).all()  # each step accepts more
+    top = t[1:len(np.unique(s[:, 1])) + 2]
+    assert np.isneginf(top[:, 0]).all() and (np.diff(top[:, 1]) > 0).all() and np.isposinf(top[-1, 1])
+    low = t[len(top) + 1:]
+    assert np.isposinf(low[:, 1]).all() and (np.diff(low[:, 0]) > 0).all() and np.isposinf(low[-1]).all()
+
+
+def test_top_down_never_costs_more_than_the_top_pair_on_the_same_data() -> None:
+    """The chain's top-down fit contains the top pair's sweep (lower tier skipped), tested on the same
+    examples at the same level, so on the calibration data it is never dearer than that pair's own fit."""
+    rng = np.random.default_rng(11)
+    for _ in range(20):
+        s, c = THREE_TIER.draw(300, rng)
+        for eps in (0.02, 0.05, 0.1):
+            chain = fit_quality(s, c, COSTS3, max_quality_loss=eps)
+            pair = fit_quality(s[:, 1:], c[:, 1:], COSTS3[1:], max_quality_loss=eps)
+            assert chain.params["family"] == "top_down" and pair.params["family"] == "common"
+            assert chain.stats.mean_cost <= pair.stats.mean_cost + 1e-12
+
+
 def test_family_choice_and_report() -> None:
     s3, c3 = THREE_TIER_SCALES.draw(300, np.random.default_rng(1))
     s2, c2 = TWO_TIER_HELPFUL.draw(300, np.random.default_rng(1))
     assert fit_quality(s2, c2, max_quality_loss=0.05).params["family"] == "common"
     fit3 = fit_quality(s3, c3, COSTS3, max_quality_loss=0.05)
-    assert fit3.params["family"] == "per_stage" and fit3.params["n_fix"] == 75
-    assert fit3.params["n_certify"] == 225 and "per_stage" in fit3.message
-    small = fit_quality(s3[:30], c3[:30], max_quality_loss=0.05)
-    assert small.params["family"] == "common" and "too few to split" in str(small.params["family_why"])
+    assert fit3.params["family"] == "top_down" and fit3.params["n_fix"] == 0
+    assert fit3.params["n_certify"] == 300 and "top_down" in fit3.message
+    split = fit_quality(s3, c3, COSTS3, max_quality_loss=0.05, family="per_stage")
+    assert split.params["n_fix"] == 75 and split.params["n_certify"] == 225 and "per_stage" in split.message
     with pytest.raises(InvalidRequestError, match="family"):
         fit_quality(s3, c3, max_quality_loss=0.05, family="diagonal")  # type: ignore[arg-type]
     with pytest.raises(InvalidRequestError, match="distinct"):
@@ -159,11 +187,11 @@ def test_order_and_loss_are_pluggable() -> None:
         seen.append(fix)
         return np.array([0])
 
-    fit = fit_quality(s, c, COSTS3, max_quality_loss=0.1, order=only_start)
+    fit = fit_quality(s, c, COSTS3, max_quality_loss=0.1, order=only_start, family="per_stage")
     assert not fit.feasible and fit.thresholds == (-np.inf, -np.inf) and seen[0].eps == 0.1
     assert seen[0].n_cert == 225 and seen[0].cand.n == 75
     with pytest.raises(InvalidRequestError, match="always-last"):
-        fit_quality(s, c, max_quality_loss=0.1, order=lambda fix: np.array([1, 0]))
+        fit_quality(s, c, max_quality_loss=0.1, order=lambda fix: np.array([1, 0]), family="per_stage")
     # the disagreement claim with tiers that always agree: every candidate is certified, the cheapest returned
     agree = np.ones_like(c)
     free = fit_quality(s, c * 0 + agree, COSTS3, max_quality_loss=0.05, claim="disagreement")

@@ -129,6 +129,7 @@ class Arrays:
             answers, or None (:mod:`calibration.priors`).
         combination: the fitted weights of the measure ``"combined"`` (:func:`calibration.combine.combine_arrays`),
             one per lower tier, or None.
+        answers: ``(n, N-1)`` object array of the lower tiers' answer texts (after the priors), or None.
     """
 
     by_measure: dict[str, TierArrays]
@@ -138,6 +139,7 @@ class Arrays:
     claim: Claim
     priors: dict[int, dict[str, tuple[float, ...]]] | None = None
     combination: tuple[Combination, ...] | None = None
+    answers: Any = None
 
 
 def measure_arrays(cfg: CascadeConfig, inputs: Inputs, params: GenerationParams, cache_dir: Path, *,
@@ -180,7 +182,9 @@ def measure_arrays(cfg: CascadeConfig, inputs: Inputs, params: GenerationParams,
         if agreement is None:
             raise InvalidRequestError("label-free arrays need a same-answer function")
         arrays = {m: TierArrays(arr.scores, agreement, arr.costs, m) for m, arr in arrays.items()}
-    return Arrays(arrays, labels, labelled, agreement, "disagreement" if label_free else "accuracy", priors)
+    answers = np.array([[g.text for g in tier] for tier in gens[:-1]], dtype=object).T.reshape(len(every), -1)
+    return Arrays(arrays, labels, labelled, agreement, "disagreement" if label_free else "accuracy", priors,
+                  answers=answers)
 
 
 def scorer_for(scorer: Any, examples: Sequence[Example]) -> Any:

@@ -175,7 +175,7 @@ class Chain:
                 from cascade.choice_prior import apply_prior
 
                 g = apply_prior(g, p.choices, offsets)
-        u = math.nan if last else policy.uncertainty(level, g.scores)
+        u = math.nan if last else policy.uncertainty(level, g.scores, g.text)
         thr = None if last else p.thresholds[level]
         p.calls.append(self._tier_call(tier, g, elapsed, None if last else u, thr))
         if level == 0:

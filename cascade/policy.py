@@ -74,7 +74,7 @@ class Policy:
         artifact: the calibration artifact this policy came from (enables per-request targets), or None.
         choice_priors: tier index -> choice set key -> offsets: each tier's prior over a set of allowed
             answers, subtracted from its constrained answers (:mod:`cascade.choice_prior`); empty = none.
-        combination: with measure ``"combined"``, each stage's fitted combination of the free measures
+        combination: with measure ``"combined"``, each stage's fitted combination of its measures and answers
             (:mod:`cascade.combined`); empty otherwise.
     """
 
@@ -153,16 +153,16 @@ class Policy:
             raise ArtifactError(f"the new artifact was fitted for models {list(self.models)}, "
                                 f"the tiers are {list(models)}")
 
-    def uncertainty(self, stage: int, scores: Mapping[str, float]) -> float:
+    def uncertainty(self, stage: int, scores: Mapping[str, float], answer: str | None = None) -> float:
         """The policy's measure for one answer of stage ``stage`` from the answer's own measures (NaN when it
-        has none): the named score, or for ``"combined"`` the stage's combination of the free measures (which
-        are then all needed: an answer with no free measure at all, e.g. a constrained one, gives NaN)."""
+        has none): the named score, or for ``"combined"`` the stage's combination of its measures and of the
+        answer's text (an answer with none of the combined measures gives NaN)."""
         if self.measure != COMBINED:
             return float(scores.get(self.measure, math.nan))
         c = self.combination[stage]
         if not any(m in scores for m in c.measures):
             return math.nan
-        return c.score(scores)
+        return c.score(scores, answer)
 
     def prior_for(self, tier: int, choices: Sequence[str]) -> tuple[float, ...] | None:
         """The offsets of tier ``tier`` for this choice set (in this order), or None when it has none."""

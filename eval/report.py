@@ -137,10 +137,15 @@ def summary(setups: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     names = set.intersection(*(set(s["signals"]) for s in setups)) if setups else set()
     mean_apgr = {name: float(np.nanmean([s["signals"][name]["apgr"][0] for s in setups])) for name in sorted(names)}
     chosen = [s["signals"][s["best_measure"]]["apgr"][0] for s in setups]
+    combined = [s for s in setups if "combined" in s["signals"]]
+    combined_wins = [s for s in combined if s.get("best_router") and s["signals"]["combined"]["apgr"][0]
+                     > s["signals"][s["best_router"]]["apgr"][0]]
     return {"setups": len(setups), "compared_with_routers": len(compared), "uncertainty_wins": len(wins),
             "significant_wins": len(sig_wins), "significant_losses": len(sig_losses),
             "best_measure_beats_random": len(beats_random), "mean_test_apgr": mean_apgr,
-            "mean_chosen_apgr": float(np.nanmean(chosen)) if chosen else math.nan}
+            "mean_chosen_apgr": float(np.nanmean(chosen)) if chosen else math.nan,
+            "combined_setups": len(combined), "combined_wins": len(combined_wins),
+            "combined_beats_random": sum(s["signals"]["combined"]["apgr"][0] > 0.5 for s in combined)}
 
 
 def _f(x: float, digits: int = 3) -> str:
@@ -161,13 +166,15 @@ def markdown_report(report: Mapping[str, Any], *, brief: bool = False) -> str:
                   "APGR / CPT with 95% percentile-bootstrap intervals on the test split. `best measure` is chosen "
                   "by APGR on the calibration split; routers are trained on the calibration split. `win` = the "
                   "chosen measure's test APGR is above every router's; `diff` = paired bootstrap APGR(best "
-                  "measure) - APGR(best router). `combined`: the logistic combination of the free measures "
-                  "(cascade.combined), fitted on a seeded half of the calibration split.", ""]
+                  "measure) - APGR(best router). `combined`: the logistic combination of the small "
+                  "model's measures and answers (cascade.combined), fitted on a seeded half of the calibration "
+                  "split.", ""]
     lines += [f"**Summary:** {sm['setups']} setups; the calibration-chosen uncertainty measure beats every "
               f"trained router in {sm['uncertainty_wins']} of {sm['compared_with_routers']} "
               f"({sm['significant_wins']} with a paired 95% CI above 0, {sm['significant_losses']} significantly "
               f"worse); it beats random routing (APGR > 0.5) in {sm['best_measure_beats_random']} of "
-              f"{sm['setups']}.", ""]
+              f"{sm['setups']}. The combined measure beats every trained router in {sm.get('combined_wins', 0)} "
+              f"of {sm.get('combined_setups', 0)} and random routing in {sm.get('combined_beats_random', 0)}.", ""]
     lines += ["| task | pair | n cal/test | acc small | acc large | best measure (cal) | APGR | CPT(50%) | "
               "CPT(80%) | combined APGR | "
               "best router | router APGR | random APGR | oracle APGR | diff [95% CI] | win |",

@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from calibration.metrics import apgr, auc, bootstrap_ci, curve_metrics, share_curve
-from cascade.types import FREE_MEASURES, MEASURES, Generation
+from cascade.types import MEASURES, Generation
 
 __all__ = ["SetupData", "choose_measure", "combined_scores", "evaluate_setup", "measures_of", "oracle_scores",
            "paired_apgr_diff", "router_scores", "setup_arrays"]
@@ -40,12 +40,14 @@ class SetupData:
             every measure the small model reported (the choice measures only for constrained answers).
         texts: the n raw inputs (router features).
         tokens: ``(n, 2)`` prompt + completion tokens of the small and large call.
+        answers: the small model's n answers (the combined measure's answer offsets); empty: unknown.
     """
 
     correct: BoolArray
     scores: dict[str, FloatArray]
     texts: list[str]
     tokens: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))
+    answers: list[str] = field(default_factory=list)
 
 
 def setup_arrays(examples: Sequence[Mapping[str, Any]], small: Sequence[Generation], large: Sequence[Generation],
@@ -61,7 +63,7 @@ def setup_arrays(examples: Sequence[Mapping[str, Any]], small: Sequence[Generati
         scores[m] = np.where(finite, v, fill)
     tokens = np.array([[s.prompt_tokens + s.completion_tokens, g.prompt_tokens + g.completion_tokens]
                        for s, g in zip(small, large)], dtype=np.int64).reshape(-1, 2)
-    return SetupData(correct, scores, [str(ex.get("text", "")) for ex in examples], tokens)
+    return SetupData(correct, scores, [str(ex.get("text", "")) for ex in examples], tokens, [g.text for g in small])
 
 
 def measures_of(generations: Sequence[Generation]) -> list[str]:
@@ -92,18 +94,20 @@ def choose_measure(cal: SetupData) -> tuple[str, dict[str, float]]:
 
 def combined_scores(cal: SetupData, test: SetupData, seed: int) -> tuple[FloatArray, dict[str, Any]] | None:
     """The combined measure's test scores, its weights fitted on a seeded half of the calibration split (the
-    half ``cascade-calibrate --measure combined`` fits them on), and the fitted record; None without free
-    measures or when that half's answers are all right or all wrong."""
+    half ``cascade-calibrate --measure combined`` fits them on), and the fitted record; None without measures
+    or when that half's answers are all right or all wrong. Its inputs are those of
+    :func:`cascade.combined.default_measures` (the choice measures for constrained answers) and the answers."""
     from calibration.family import split_indices
-    from cascade.combined import fit_combination
+    from cascade.combined import default_measures, fit_combination
 
-    names = [m for m in FREE_MEASURES if m in cal.scores and m in test.scores]
+    names = [m for m in default_measures(cal.scores) if m in test.scores]
     fix, _ = split_indices(len(cal.correct), 0.5, seed)
     wrong = ~cal.correct[fix, 0]
     if not names or len(fix) < 2 or wrong.all() or not wrong.any():
         return None
-    combo = fit_combination({m: cal.scores[m][fix] for m in names}, wrong)
-    return combo.scores(test.scores), {**combo.to_dict(), "n_fix": len(fix)}
+    answers = [cal.answers[i] for i in fix] if cal.answers else None
+    combo = fit_combination({m: cal.scores[m][fix] for m in names}, wrong, measures=names, answers=answers)
+    return combo.scores(test.scores, test.answers or None), {**combo.to_dict(), "n_fix": len(fix)}
 
 
 def router_scores(cal: SetupData, test: SetupData, features: Mapping[str, Features], seed: int) -> tuple[

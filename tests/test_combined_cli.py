@@ -37,10 +37,31 @@ def test_calibrate_combined_stores_weights_and_the_cascade_scores_with_them(tmp_
     small = asyncio.run(cascade.tiers[0].backend.generate(ps, cascade.params))  # independently, the same tier
     combo = art.combination[0]
     for r, g in zip(results, small):
-        want = combo.score(g.scores)
+        want = combo.score(g.scores, g.text)
         assert math.isclose(r.uncertainty, want, rel_tol=1e-5, abs_tol=1e-5)
         assert r.escalated == (want > art.thresholds[0])
     assert 0 < sum(r.escalated for r in results) < len(results)
+
+
+def test_combined_on_constrained_answers_uses_the_choice_measures_and_the_answer(tmp_path, setup):  # noqa: F811
+    from cascade.config import build_cascade, load_config
+    from cascade.types import CHOICE_MEASURES
+
+    out = tmp_path / "choices.json"
+    code, _ = calibrate(setup, out, "--measure", "combined", "--max-large-share", "0.5")
+    assert code == 0
+    combo = Artifact.load(out, expect_measure="combined").combination[0]  # type: ignore[index]
+    assert combo.measures == CHOICE_MEASURES
+    assert set(combo.answers) <= {"negative", "positive"} and combo.answers  # answers seen >= 5 times
+    cascade = build_cascade(replace(load_config(setup["two"]), measure="combined", artifact=str(out)))
+    lines = [json.loads(line) for line in DATA.read_text().splitlines()][:24]
+    ps, choices = [x["prompt"] for x in lines], [x["choices"] for x in lines]
+    results = cascade.run_batch_sync(ps, choices=choices)
+    small = asyncio.run(cascade.tiers[0].backend.choose(ps, choices))
+    for r, g in zip(results, small):
+        want = combo.score(g.scores, g.text)
+        assert math.isclose(r.uncertainty, want, rel_tol=1e-5, abs_tol=1e-5)
+        assert r.escalated == (want > Artifact.load(out).thresholds[0])
 
 
 def test_combined_with_a_quality_target_certifies_on_the_other_half(tmp_path, setup):  # noqa: F811

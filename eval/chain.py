@@ -36,13 +36,15 @@ PRICE_PER_MTOK = {"SmolLM2-135M": 0.135, "Qwen-0.5B": 0.5, "Qwen-1.5B": 1.5}
 
 
 def evaluate_task(td: Any, cache: str, measure: str, eps: float, confidence: float, *, choices: bool = False,
-                  families: Sequence[str] = ("auto",)) -> list[dict[str, Any]] | None:
+                  families: Sequence[str] = ("auto",), choice_prior: bool = False) -> list[dict[str, Any]] | None:
     """Fit and test every chain on one task; None when some generations are not cached.
 
     ``choices``: read the constrained answers (``eval.quality --mode choices``) instead of free generations.
     ``families``: the quality fit's candidate families (:mod:`calibration.family`); a chain of three or more
     tiers gets one row per family (named ``chain [family]`` when there are several), a pair one row (every
-    family is the same sweep for two tiers).
+    family is the same sweep for two tiers). ``choice_prior``: each model's constrained answers corrected for
+    its prior over the labels, fitted on the calibration split's answers without labels (as ``eval.quality
+    --choice-prior``).
     """
     from calibration.fit import fit_quality
     from calibration.generation_cache import cached_generations, tier_arrays
@@ -58,6 +60,13 @@ def evaluate_task(td: Any, cache: str, measure: str, eps: float, confidence: flo
             if any(g is None for g in found):
                 return None
             gens.setdefault(label, {})[split] = found
+    if choice_prior:
+        from cascade.choice_prior import apply_prior, fit_prior
+
+        labels = list(td.cal[0]["choices"])
+        for label, by_split in gens.items():
+            prior = fit_prior([g.choice_logprobs for g in by_split["cal"]])
+            gens[label] = {s: [apply_prior(g, labels, prior) for g in gs] for s, gs in by_split.items()}
     best = next(iter(CHAINS.values()))[-1]
     best_acc = float(tier_arrays(td.test, [gens[best]["test"]] * 2, score_answer, measure).correct[:, 0].mean())
     rows = []
@@ -112,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--confidence", type=float, default=0.9)
     p.add_argument("--families", nargs="+", default=["auto"], choices=("auto", "common", "per_stage", "top_down"),
                    help="candidate families of the quality fit; chains of 3+ tiers get a row per family")
+    p.add_argument("--choice-prior", action="store_true",
+                   help="with --mode choices: correct each model's answers for its label prior (as eval.quality)")
     p.add_argument("--report-json", type=Path)
     args = p.parse_args(argv)
     from eval.datasets import load_task
@@ -119,13 +130,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     choices = args.mode == "choices"
     measure = args.measure or ("choice_margin" if choices else "margin_first")
     report: dict[str, Any] = {"targets": args.max_quality_loss, "confidence": args.confidence, "measure": measure,
-                              "prompts": args.prompts, "mode": args.mode, "tasks": {}}
+                              "prompts": args.prompts, "mode": args.mode + ("+prior" if args.choice_prior else ""),
+                              "tasks": {}}
     for task in args.tasks:
         td = load_task(task, args.data, n_cal=args.limit_cal, n_test=args.limit_test, seed=args.seed,
                        prompts=args.prompts)
         for eps in args.max_quality_loss:
             rows = evaluate_task(td, args.cache, measure, eps, args.confidence, choices=choices,
-                                 families=args.families)
+                                 families=args.families, choice_prior=args.choice_prior)
             if rows is None:
                 print(f"{task}: generations not all cached; run eval.quality --generate-only first", file=sys.stderr)
                 break

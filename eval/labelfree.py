@@ -66,6 +66,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--confidence", type=float, default=0.9)
     p.add_argument("--replicates", type=int, default=200, help="planner bootstrap replicates")
     p.add_argument("--generate-only", action="store_true")
+    p.add_argument("--models", nargs="+", default=None, metavar="LABEL",
+                   help="with --generate-only: only these models of the pairs (e.g. Qwen-1.5B)")
     p.add_argument("--chunk", type=int, default=200, help="prompts per generation chunk (default 200)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=None)
@@ -120,7 +122,7 @@ def generate(args: argparse.Namespace, data: dict[str, tuple[Any, list[dict[str,
 
         torch.set_num_threads(args.threads)
     choices = args.mode == "choices"
-    names = {m for pair in args.pairs for m in PAIRS[pair]}
+    names = {m for pair in args.pairs for m in PAIRS[pair]} & set(args.models or MODELS)
     for ref in (m for name, m in MODELS.items() if name in names):
         todo = {}
         for task, (td, pool) in data.items():

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from cascade.backends.base import Backend
+from cascade.deadlines import within
 from cascade.errors import (
     BackendError,
     BackendTimeoutError,
@@ -104,7 +105,7 @@ class Chain:
         if tier.timeout_s is None:
             return await call
         try:
-            return await asyncio.wait_for(call, tier.timeout_s)
+            return await within(call, tier.timeout_s)
         except asyncio.TimeoutError as exc:
             raise tier_timeout(tier) from exc
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from cascade.chain import Chain, Tier, tier_timeout
+from cascade.deadlines import within
 from cascade.errors import BackendError, CascadeError
 from cascade.pending import Pending
 from cascade.policy import escalates
@@ -28,7 +29,7 @@ async def _next(events: AsyncIterator[object], deadline: float | None, tier: Tie
     if deadline is None:
         return await events.__anext__()
     try:
-        return await asyncio.wait_for(events.__anext__(), max(0.0, deadline - time.perf_counter()))
+        return await within(events.__anext__(), max(0.0, deadline - time.perf_counter()))
     except asyncio.TimeoutError as exc:
         raise tier_timeout(tier) from exc
 

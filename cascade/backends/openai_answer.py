@@ -1,5 +1,5 @@
 """What an OpenAI-compatible server answered: choices, streamed chunks, usage and finish reasons parsed
-from raw JSON into an :class:`Answer`, and answers scored from their ``top_logprobs``.
+from raw JSON into an :class:`Answer` (scored by :mod:`cascade.backends.openai_scores`).
 
 Used by :class:`~cascade.backends.openai_compat.OpenAIBackend`; no I/O.
 """
@@ -7,16 +7,14 @@ Used by :class:`~cascade.backends.openai_compat.OpenAIBackend`; no I/O.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from cascade.errors import BackendError, TruncatedAnswerError
-from cascade.types import FinishReason, TokenStats
-from cascade.uncertainty import aggregate, topk_stats
+from cascade.types import FinishReason
 
-__all__ = ["Answer", "Reader", "add_usage", "first_token_scores", "raise_for_error", "score_answers", "sse_chunks"]
+__all__ = ["Answer", "Reader", "add_usage", "raise_for_error", "sse_chunks"]
 
 #: The finish reasons the OpenAI protocol defines. Any other (vLLM's ``"abort"``), or none at all, means the
 #: answer was cut off: :class:`~cascade.errors.TruncatedAnswerError`.
@@ -138,62 +136,33 @@ def raise_for_error(data: Any) -> None:
         raise BackendError(f"error in the answer: {message or error}", reason="error in the answer")
 
 
-async def sse_chunks(lines: AsyncIterator[str]) -> AsyncIterator[dict[str, Any]]:
-    """The JSON chunks of a server-sent event stream, up to ``data: [DONE]`` (error objects raise)."""
-    async for line in lines:
-        if not line.startswith("data:"):
-            continue  # blank separators, comments, "event:" lines
-        payload = line[5:].strip()
-        if payload == "[DONE]":
-            return
-        chunk = json.loads(payload)
-        raise_for_error(chunk)
-        yield chunk
+async def sse_chunks(data: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
+    """The JSON chunks of a server-sent event stream, from its raw bytes, up to ``data: [DONE]`` (error
+    objects raise).
 
-
-# -- scores ------------------------------------------------------------------------------------------
-
-
-def score_answers(answers: Sequence[Answer], k: int) -> list[tuple[TokenStats, dict[str, float]]]:
-    """Token statistics and every measure for a batch, in one padded ``(B, T, k + 1)`` computation.
-
-    ``k`` is the ``top_logprobs`` asked for (a server may return the chosen token beside the top-k).
+    Lines end with LF, CRLF or CR; each ``data:`` line is one JSON chunk; other lines (blank separators,
+    comments, ``event:``) are skipped. After ``[DONE]`` the rest of the body is read (and ignored), so the
+    connection can go back to its pool instead of being closed unread.
     """
-    import torch
-
-    width = k + 1
-    steps = max(1, *(len(a.tokens) for a in answers))
-    uniform = -math.log(width)
-    top, chosen, mask = [], [], []
-    for a in answers:
-        n = len(a.tokens)
-        rows = [_row(t, width) for t in a.top] if n else [[-math.inf] * width]  # nothing listed: as flat as can be
-        top.append(rows + [[-math.inf] * width] * (steps - len(rows)))
-        chosen.append((a.logprobs if n else [uniform]) + [0.0] * (steps - max(n, 1)))
-        mask.append([True] * max(n, 1) + [False] * (steps - max(n, 1)))
-    margin, entropy = topk_stats(torch.tensor(top, dtype=torch.float32))
-    logprob = torch.tensor(chosen, dtype=torch.float32)
-    measures = aggregate(margin, entropy, logprob, torch.tensor(mask))
-    columns = {name: values.tolist() for name, values in measures.items()}
-    margins, entropies = margin.tolist(), entropy.tolist()
-    out: list[tuple[TokenStats, dict[str, float]]] = []
-    for b, a in enumerate(answers):
-        n = len(a.tokens)
-        ts = TokenStats(tuple(margins[b][:n]), tuple(entropies[b][:n]), tuple(a.logprobs), entropy_exact=False)
-        out.append((ts, {name: float(col[b]) for name, col in columns.items()}))
-    return out
+    pending = b""
+    async for piece in data:
+        if b"\r" in piece:  # (a CRLF split between two pieces makes one more blank line: skipped)
+            piece = piece.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        *lines, pending = (pending + piece).split(b"\n")
+        for line in lines:
+            if not line.startswith(b"data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                async for _ in data:
+                    pass
+                return
+            yield _chunk(payload)
+    if pending.startswith(b"data:") and pending[5:].strip() != b"[DONE]":  # a last line without its line break
+        yield _chunk(pending[5:].strip())
 
 
-def _row(logprobs: Sequence[float], width: int) -> list[float]:
-    """The ``width`` largest log-probabilities, largest first, padded with ``-inf``."""
-    best = sorted(logprobs, reverse=True)[:width]
-    return best + [-math.inf] * (width - len(best))
-
-
-def first_token_scores(top: Sequence[float], k: int) -> dict[str, float]:
-    """Both first-token measures (``margin_first``, ``entropy_first``) of one answer, computed exactly as
-    :func:`score_answers` does, from one ``(1, 1, k + 1)`` computation."""
-    import torch
-
-    margin, entropy = topk_stats(torch.tensor([[_row(top, k + 1)]], dtype=torch.float32))
-    return {"margin_first": float((1.0 - margin[0, 0]).item()), "entropy_first": float(entropy[0, 0].item())}
+def _chunk(payload: bytes) -> dict[str, Any]:
+    chunk = json.loads(payload)
+    raise_for_error(chunk)
+    return chunk  # type: ignore[no-any-return]

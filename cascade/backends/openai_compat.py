@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import os
@@ -46,7 +45,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from cascade.backends.openai_answer import Answer, Reader, raise_for_error, score_answers
+from cascade.backends.openai_answer import Answer, Reader, raise_for_error
 from cascade.backends.openai_request import (
     DUMMY_API_KEY,
     estimated_prompt_tokens,
@@ -55,7 +54,10 @@ from cascade.backends.openai_request import (
     render_messages,
     request_body,
 )
+from cascade.backends.openai_scores import score_answers
+from cascade.backends.openai_send import post_json as send_json
 from cascade.backends.openai_stream import stream_events
+from cascade.deadlines import within
 from cascade.errors import (
     BackendError,
     BackendTimeoutError,
@@ -292,13 +294,11 @@ class OpenAIBackend:
             if self._throttle is not None:
                 await self._throttle.acquire()
             with self._errors():
-                endpoint = self._client.chat.completions if route == "chat" else self._client.completions
-                call = endpoint.with_raw_response.create(**body, extra_body=dict(extra or {}))
+                call = send_json(self._client, "chat" if route == "chat" else "completions", {**body, **(extra or {})})
                 try:
-                    raw: Any = await asyncio.wait_for(call, self.timeout_s)
+                    data = await within(call, self.timeout_s)
                 except asyncio.TimeoutError:
                     raise self._late() from None
-                data = json.loads(raw.http_response.content)
                 raise_for_error(data)
                 return dict(data)
 
@@ -317,8 +317,7 @@ class OpenAIBackend:
                 await self._throttle.acquire()
             with self._errors():
                 try:
-                    return await asyncio.wait_for(self._attempts(prompt, params, scores, measure, threshold),
-                                                  self.timeout_s)
+                    return await within(self._attempts(prompt, params, scores, measure, threshold), self.timeout_s)
                 except asyncio.TimeoutError:
                     raise self._late() from None
 
@@ -352,12 +351,8 @@ class OpenAIBackend:
     def _body(self, prompt: Prompt, params: GenerationParams, scores: bool) -> dict[str, Any]:
         return request_body(self.name, self.api, self.top_logprobs, prompt, params, scores)
 
-    def _endpoint(self) -> Any:
-        return self._client.chat.completions if self.api == "chat" else self._client.completions
-
     async def _plain(self, prompt: Prompt, params: GenerationParams, scores: bool) -> Answer:
-        raw: Any = await self._endpoint().with_raw_response.create(**self._body(prompt, params, scores))
-        return self._reader.whole(json.loads(raw.http_response.content), scores)
+        return self._reader.whole(await send_json(self._client, self.api, self._body(prompt, params, scores)), scores)
 
     async def _streamed(self, prompt: Prompt, params: GenerationParams, measure: str,
                         threshold: float) -> Answer:
@@ -369,8 +364,8 @@ class OpenAIBackend:
 
     def _events(self, prompt: Prompt, params: GenerationParams, scores: bool, measure: str,
                 threshold: float) -> AsyncGenerator[tuple[str, Any], None]:
-        return stream_events(self._endpoint(), self._body(prompt, params, scores), self._reader, scores=scores,
-                             measure=measure, threshold=threshold)
+        return stream_events(self._client, self.api, self._body(prompt, params, scores), self._reader,
+                             scores=scores, measure=measure, threshold=threshold)
 
     async def stream(
         self,
@@ -404,7 +399,7 @@ class OpenAIBackend:
                 with self._errors():
                     while True:
                         try:
-                            kind, value = await asyncio.wait_for(events.__anext__(), deadline - time.monotonic())
+                            kind, value = await within(events.__anext__(), deadline - time.monotonic())
                         except StopAsyncIteration:
                             break
                         except asyncio.TimeoutError:

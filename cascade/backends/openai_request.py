@@ -118,5 +118,11 @@ async def gather(calls: Sequence[Awaitable[_T]]) -> list[_T | BaseException]:
     """Run coroutines concurrently to their ends: each one's result or exception, in order.
 
     A failure does not cancel the others (their answers are kept); cancelling the caller cancels them all.
+    One call is awaited in the caller's task (no task of its own).
     """
+    if len(calls) == 1:
+        try:
+            return [await calls[0]]
+        except Exception as exc:
+            return [exc]
     return list(await asyncio.gather(*calls, return_exceptions=True))

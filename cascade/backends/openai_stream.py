@@ -1,8 +1,8 @@
 """Streamed answers of an OpenAI-compatible server, read chunk by chunk with a first-token early exit.
 
-Used by :class:`~cascade.backends.openai_compat.OpenAIBackend`. The server-sent events are read as raw lines
-and decoded with :func:`json.loads` (the openai client still sends the request, retries and maps HTTP errors;
-it does not build a model per chunk).
+Used by :class:`~cascade.backends.openai_compat.OpenAIBackend`. The server-sent events are read as raw bytes
+and decoded with :func:`json.loads` (the openai client still sends the request, retries and maps HTTP errors,
+through :func:`~cascade.backends.openai_send.open_stream`; it does not build a model per chunk).
 """
 
 from __future__ import annotations
@@ -10,19 +10,22 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
-from cascade.backends.openai_answer import Answer, Reader, add_usage, first_token_scores, sse_chunks
+from cascade.backends.openai_answer import Answer, Reader, add_usage, sse_chunks
+from cascade.backends.openai_scores import first_token_scores
+from cascade.backends.openai_send import open_stream
 
 __all__ = ["stream_events"]
 
 
-async def stream_events(endpoint: Any, body: Mapping[str, Any], reader: Reader, *, scores: bool, measure: str,
-                        threshold: float) -> AsyncGenerator[tuple[str, Any], None]:
+async def stream_events(client: Any, api: str, body: Mapping[str, Any], reader: Reader, *, scores: bool,
+                        measure: str, threshold: float) -> AsyncGenerator[tuple[str, Any], None]:
     """Stream one answer: ``("first", scores)`` once the first token is scored, ``("delta", text)``, and
     ``("answer", Answer)`` last. Above ``threshold`` on the first token (under ``measure``) the stream is
     closed at once and the answer is that token, finish reason ``"early_exit"``.
 
     Args:
-        endpoint: the openai client's ``chat.completions`` or ``completions``.
+        client: the openai client (``AsyncOpenAI``).
+        api: ``"chat"`` or ``"completions"``.
         body: the request body (``stream`` and ``stream_options`` are added).
         reader: how this server's answers are read.
 
@@ -33,9 +36,9 @@ async def stream_events(endpoint: Any, body: Mapping[str, Any], reader: Reader, 
     answer = Answer()
     scored = not scores
     finished = False
-    async with endpoint.with_streaming_response.create(
-            **body, stream=True, stream_options={"include_usage": True}) as resp:
-        async for chunk in sse_chunks(resp.iter_lines()):
+    resp = await open_stream(client, api, {**body, "stream": True, "stream_options": {"include_usage": True}})
+    try:
+        async for chunk in sse_chunks(resp.aiter_bytes()):
             add_usage(answer, chunk.get("usage"))
             if not chunk.get("choices"):
                 continue
@@ -50,13 +53,15 @@ async def stream_events(endpoint: Any, body: Mapping[str, Any], reader: Reader, 
                 first = first_token_scores(answer.top[0], reader.k)
                 yield "first", first
                 if measure and first[measure] > threshold:
-                    await resp.close()  # stop generation now: the server sees the disconnect
+                    await resp.aclose()  # stop generation now: the server sees the disconnect
                     yield "answer", Answer(text=answer.tokens[0], tokens=answer.tokens[:1],
                                            logprobs=answer.logprobs[:1], top=answer.top[:1],
                                            finish_reason="early_exit", completion_tokens=1, has_logprobs=True)
                     return
             if delta:
                 yield "delta", delta
+    finally:
+        await resp.aclose()
     if not finished:  # a bare [DONE] or a closed connection: the server cut the answer off
         reader.finish(None, answer)
     if scores:

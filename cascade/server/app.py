@@ -34,6 +34,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from cascade.deadlines import within
 from cascade.errors import (
     BackendError,
 )
@@ -110,7 +111,8 @@ class _Service:
         self.batchers = _batchers(engine)
         self.draining = False
         self.reading = 0  # request bodies being received now
-        self.expired = asyncio.Event()  # set once drain_timeout_s has passed: requests still running get a 503
+        self.expired = False  # True once drain_timeout_s has passed: requests still running get a 503
+        self._expiry: asyncio.Future[None] | None = None  # done then (one future shared by all requests)
         self.started = int(time.time())
 
     def queue_depth(self) -> int:
@@ -169,7 +171,7 @@ class _Service:
                             "overloaded", {"Retry-After": str(max(1, math.ceil(self.config.retry_after_s)))})
         self.reading += 1
         try:
-            body = await asyncio.wait_for(self._receive(request, limit), self.config.body_timeout_s)
+            body = await within(self._receive(request, limit), self.config.body_timeout_s)
         except asyncio.TimeoutError:
             raise HTTPError(408, f"the request body did not arrive within {self.config.body_timeout_s:g} s",
                             code="request_timeout") from None
@@ -238,28 +240,18 @@ class _Service:
         async def guarded() -> list[Any]:
             async with self.admission.slot():
                 choices = None if parsed.choices is None else [parsed.choices] * len(parsed.prompts)
-                work = asyncio.ensure_future(asyncio.wait_for(
-                    self.engine.run_batch(parsed.prompts, params=parsed.overrides, target=parsed.target,
-                                          choices=choices), self.config.request_timeout_s))
-                deadline = asyncio.ensure_future(self.expired.wait())
                 try:
-                    await asyncio.wait({work, deadline}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    deadline.cancel()
-                    if not work.done():
-                        work.cancel()
-                        await asyncio.gather(work, return_exceptions=True)
-                if work.cancelled():
-                    raise HTTPError(503, "the server shut down before this request finished (drain_timeout_s)",
-                                    "server_error", "shutting_down")
-                try:
-                    return list(work.result())
+                    return list(await within(self.engine.run_batch(
+                        parsed.prompts, params=parsed.overrides, target=parsed.target, choices=choices),
+                        self.config.request_timeout_s))
                 except asyncio.TimeoutError as exc:
                     if isinstance(exc, BackendError):
                         raise
                     raise self._late() from None
 
-        return await watch(request, guarded())
+        shut = HTTPError(503, "the server shut down before this request finished (drain_timeout_s)", "server_error",
+                         "shutting_down")
+        return await watch(request, guarded(), self.expiry(), shut)
 
     def _late(self) -> HTTPError:
         return HTTPError(504, f"no answer within the server's request_timeout_s ({self.config.request_timeout_s:g} s)",
@@ -324,11 +316,20 @@ class _Service:
 
     def expire(self) -> None:
         """The drain deadline: every request still running is answered with a JSON 503 (one log line)."""
-        if not self.expired.is_set():
+        if not self.expired:
             if self.admission.running:
                 log.warning("drain_timeout_s (%g s) passed with %d request(s) still running: answering them 503",
                             self.config.drain_timeout_s, self.admission.running)
-            self.expired.set()
+            self.expired = True
+            self.expiry()
+
+    def expiry(self) -> asyncio.Future[None]:
+        """A future of the running event loop, done once the drain deadline has passed (:meth:`expire`)."""
+        if self._expiry is None or self._expiry.get_loop() is not asyncio.get_running_loop():
+            self._expiry = asyncio.get_running_loop().create_future()
+        if self.expired and not self._expiry.done():
+            self._expiry.set_result(None)
+        return self._expiry
 
     async def drain(self) -> None:
         """Refuse new requests and wait (up to ``drain_timeout_s``) for those in flight to finish; then the

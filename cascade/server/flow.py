@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from cascade.deadlines import within
 from cascade.errors import CascadeError, OverloadedError
 
 if TYPE_CHECKING:
@@ -79,19 +80,28 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
-async def watch(request: Request, coro: Awaitable[T]) -> T:
-    """Await ``coro``; cancel it and raise :class:`Disconnected` if the client goes away first."""
+async def watch(request: Request, coro: Awaitable[T], stop: asyncio.Future[Any] | None = None,
+                stopped: Exception | None = None) -> T:
+    """Await ``coro``; cancel it and raise :class:`Disconnected` if the client goes away first.
+
+    With ``stop`` (a future that may be shared by many requests; it is not cancelled here): once it is done
+    before ``coro``, cancel ``coro`` and raise ``stopped``, as when ``coro`` was cancelled by anything but the
+    client going away.
+    """
     work = asyncio.ensure_future(coro)
     watch = asyncio.ensure_future(_wait_disconnect(request))
     try:
-        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({work, watch} if stop is None else {work, watch, stop}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        gone = watch.done()
         if not work.done():
             work.cancel()
         watch.cancel()
     if work.cancelled() or not work.done():
         with contextlib.suppress(BaseException):
             await work
+        if stopped is not None and not gone:
+            raise stopped
         raise Disconnected()
     return work.result()
 
@@ -99,7 +109,7 @@ async def watch(request: Request, coro: Awaitable[T]) -> T:
 async def next_before(items: AsyncIterator[Any], deadline: float) -> Any:
     """The next item of an engine stream, or asyncio.TimeoutError past ``deadline`` (monotonic seconds)."""
     try:
-        return await asyncio.wait_for(items.__anext__(), max(0.0, deadline - time.monotonic()))
+        return await within(items.__anext__(), max(0.0, deadline - time.monotonic()))
     except StopAsyncIteration:
         raise CascadeError("the engine's stream ended without a result") from None
 

@@ -7,7 +7,7 @@ through :func:`~cascade.backends.openai_send.open_stream`; it does not build a m
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
 from cascade.backends.openai_answer import Answer, Reader, add_usage, sse_chunks
@@ -38,7 +38,7 @@ async def stream_events(client: Any, api: str, body: Mapping[str, Any], reader: 
     finished = False
     resp = await open_stream(client, api, {**body, "stream": True, "stream_options": {"include_usage": True}})
     try:
-        async for chunk in sse_chunks(resp.aiter_bytes()):
+        async for chunk in sse_chunks(_body(resp)):
             add_usage(answer, chunk.get("usage"))
             if not chunk.get("choices"):
                 continue
@@ -67,3 +67,11 @@ async def stream_events(client: Any, api: str, body: Mapping[str, Any], reader: 
     if scores:
         reader.check_logprobs(answer)
     yield "answer", answer
+
+
+def _body(resp: Any) -> AsyncIterator[bytes]:
+    """The response body's bytes: undecoded when the server sent them without a content encoding (one layer of
+    httpx's per-chunk iterators fewer), else decoded."""
+    if resp.headers.get("content-encoding", "identity").strip().lower() in ("", "identity"):
+        return resp.aiter_raw()  # type: ignore[no-any-return]
+    return resp.aiter_bytes()  # type: ignore[no-any-return]

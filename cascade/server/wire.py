@@ -258,12 +258,16 @@ def _pieces(text: str) -> list[str]:
     return [p for p in re.split(r"(?<=\s)(?=\S)", text) if p]
 
 
+#: compact JSON without NaN (a stateless encoder, made once: ``json.dumps`` with options builds one per call)
+_COMPACT = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def _sse(base: Mapping[str, Any], choices: list[dict[str, Any]], include_usage: bool, **extra: Any) -> str:
     """One ``data:`` event; with ``include_usage`` every chunk but the usage one carries ``"usage": null``."""
     chunk = {**base, "choices": choices, **extra}
     if include_usage and "usage" not in extra:
         chunk["usage"] = None
-    return f"data: {json.dumps(chunk, separators=(',', ':'), allow_nan=False)}\n\n"
+    return f"data: {_COMPACT.encode(chunk)}\n\n"
 
 
 def _chunk_base(kind: str, response_id: str, created: int, model: str) -> dict[str, Any]:

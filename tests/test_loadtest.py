@@ -293,3 +293,18 @@ async def test_local_mode_measures_the_engine_without_http():
     assert_counts_add_up(report, result)
     assert report["failed"] == 0 and report["fault"]["after"]["degraded"] > 0
     assert report["engine_overhead_ms"]["p50"] < 5.0  # the engine's own work is well under a millisecond
+
+
+def test_a_served_cascade_child_runs_the_code_on_its_pythonpath(tmp_path: Path) -> None:
+    """``--baseline-src``: ``python -c`` started elsewhere must import the other checkout's ``cascade``."""
+    import subprocess
+
+    from eval.loadtest.serve import child_code
+
+    (tmp_path / "cascade").mkdir()
+    (tmp_path / "cascade" / "__init__.py").write_text("", encoding="utf-8")
+    env, cwd = child_code(str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", "import cascade; print(cascade.__file__)"], env=env, cwd=cwd,
+                         capture_output=True, text=True, check=True).stdout
+    assert Path(out.strip()).parent == tmp_path / "cascade"
+    assert child_code(None) == (None, None)

@@ -23,7 +23,7 @@ from eval.loadtest.sim import SimOptions
 from eval.loadtest.simbackends import SimProcess, process_cpu_s
 from eval.loadtest.targets import Started
 
-__all__ = ["ServedCascade", "serve_config"]
+__all__ = ["ServedCascade", "child_code", "serve_config"]
 
 
 def serve_config(options: SimOptions, small_url: str, large_url: str, *, max_in_flight: int = 256,
@@ -58,6 +58,19 @@ def serve_config(options: SimOptions, small_url: str, large_url: str, *, max_in_
                      "max_wait_ms": options.batch_wait_ms, "max_queue": options.batch_queue},
         "extra": {"server": {"max_in_flight": max_in_flight, "max_queue": max_queue, "drain_timeout_s": 5.0}},
     }
+
+
+def child_code(pythonpath: str | None) -> tuple[dict[str, str] | None, str | None]:
+    """The environment and working directory of a ``python -c`` child that must run the code on ``pythonpath``
+    (None: this process's environment and directory).
+
+    ``python -c`` puts its working directory ahead of ``PYTHONPATH`` on ``sys.path``: started from another
+    checkout, the child would import that checkout's ``cascade`` instead. So it starts in the first folder of
+    ``pythonpath``.
+    """
+    if pythonpath is None:
+        return None, None
+    return {**os.environ, "PYTHONPATH": pythonpath}, pythonpath.split(os.pathsep)[0]
 
 
 def _free_port() -> int:
@@ -114,8 +127,9 @@ class ServedCascade(Started):
         log = (Path(self._dir.name) / "serve.log").open("wb")
         argv = [sys.executable, "-c", "from cascade.cli import main; raise SystemExit(main())", "serve",
                 "--config", str(path), "--host", "127.0.0.1", "--port", str(port), *self.serve_args]
-        env = None if self.pythonpath is None else {**os.environ, "PYTHONPATH": self.pythonpath}
-        self._proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        env, cwd = child_code(self.pythonpath)
+        self._proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                      cwd=cwd)
         log.close()
         self.url = f"http://127.0.0.1:{port}"
         self._wait_healthy(60.0)

@@ -20,7 +20,7 @@ _T = TypeVar("_T")
 
 async def within(awaitable: Awaitable[_T], seconds: float | None) -> _T:
     """Await ``awaitable`` for at most ``seconds`` (None: no limit); past it, cancel it and raise
-    :class:`asyncio.TimeoutError`. A limit <= 0 still lets it run up to its first suspension."""
+    :class:`asyncio.TimeoutError`. From Python 3.11 a limit <= 0 still lets it run up to its first suspension."""
     if seconds is None:
         return await awaitable
     if sys.version_info >= (3, 11):

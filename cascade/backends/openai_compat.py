@@ -21,16 +21,18 @@ or not, must arrive within it. Errors name the model, and for logs the server's 
 their ``reason`` (what the cascade server tells its clients) has no URL at all. When some prompts of a batch fail,
 the others keep their answers (:class:`~cascade.errors.BatchError`).
 
-The client sends each request and maps HTTP errors; answers are read as raw JSON (and streamed answers as
-raw server-sent event lines) instead of being built into the client's pydantic models, which took a fifth to a
-quarter of the CPU per request under load (profiled). An ``{"error": ...}`` object in a 200 answer or mid-stream, and a
-connection lost mid-stream, are :class:`~cascade.errors.BackendError` like any failed request; an answer without
-a finish reason the protocol defines is a :class:`~cascade.errors.TruncatedAnswerError`, asked again up to
-``max_retries`` times.
+The client sends each request (through its low-level ``post``, with the body built here and serialised once:
+:mod:`cascade.backends.openai_send`), retries and maps HTTP errors; answers are read as raw JSON (and streamed
+answers as raw server-sent event bytes) instead of being built into the client's pydantic models, which took a
+fifth to a quarter of the CPU per request under load (profiled). An ``{"error": ...}`` object in a 200 answer
+or mid-stream, and a connection lost mid-stream, are :class:`~cascade.errors.BackendError` like any failed
+request; an answer without a finish reason the protocol defines is a
+:class:`~cascade.errors.TruncatedAnswerError`, asked again up to ``max_retries`` times.
 
 This module holds the backend; :mod:`cascade.backends.openai_request` builds requests and maps the client's
-errors, :mod:`cascade.backends.openai_answer` parses and scores answers, :mod:`cascade.backends.openai_stream`
-reads streamed ones, :mod:`cascade.backends.openai_choices` answers constrained requests.
+errors, :mod:`cascade.backends.openai_answer` parses answers, :mod:`cascade.backends.openai_stream`
+reads streamed ones, :mod:`cascade.backends.openai_scores` scores them, :mod:`cascade.backends.openai_choices`
+answers constrained requests.
 """
 
 from __future__ import annotations

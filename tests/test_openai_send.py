@@ -14,7 +14,6 @@ import pytest
 
 from cascade.backends.openai_answer import sse_chunks
 from cascade.backends.openai_compat import OpenAIBackend
-from cascade.backends.openai_send import dumps
 from cascade.errors import BackendError
 from cascade.types import EarlyExit, GenerationParams
 
@@ -140,7 +139,9 @@ async def test_sse_error_objects_raise() -> None:
         _ = [c async for c in sse_chunks(_pieces(b'data: {"error": {"message": "overloaded"}}\n\n'))]
 
 
-def test_bodies_are_compact_utf8_json_without_nan() -> None:
-    assert dumps({"prompt": "café", "n": 1}) == '{"prompt":"café","n":1}'.encode()
-    with pytest.raises(ValueError):
-        dumps({"temperature": float("nan")})
+async def test_bodies_keep_non_ascii_text() -> None:
+    async with keep_alive_server() as (url, seen):
+        b = OpenAIBackend(model="m", base_url=url, max_retries=0)
+        await b.generate(["Où est le café ?"], PARAMS)
+        await b.aclose()
+    assert seen.bodies[0]["messages"][0]["content"] == "Où est le café ?"

@@ -2,11 +2,12 @@
 
 The client still adds the key, the default headers and the idempotency key, applies its timeout, retries
 connection errors, timeouts, 408, 409, 429 and 5xx with backoff, and raises its own errors for HTTP errors
-(mapped by :func:`cascade.backends.openai_request.map_errors`). What it is spared is the per-request work of
-``chat.completions.create``: turning ~40 keyword arguments into a body through its TypedDict transform and
-building options, about a fifth of the gateway's CPU per request (profiled); the body is the one
-:func:`~cascade.backends.openai_request.request_body` built, serialised once here. Answers come back as the
-HTTP library's raw response (``httpx``, or ``httpx2`` in newer openai releases), read as JSON bytes.
+(mapped by :func:`cascade.backends.openai_request.map_errors`), and serialises the body. What it is spared is
+the per-request work of ``chat.completions.create``: its ~40 keyword arguments turned into a body by its
+TypedDict transform, and the options built around them (5-8% of the gateway's CPU per request, profiled); the
+body is the one :func:`~cascade.backends.openai_request.request_body` built, sent as it is (``post(body=...)``,
+which every openai release since 1.0 takes). Answers come back as the HTTP library's raw response (``httpx``,
+or ``httpx2`` in newer openai releases), read as JSON bytes.
 
 Used by :class:`~cascade.backends.openai_compat.OpenAIBackend`.
 """
@@ -19,15 +20,10 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["ROUTES", "dumps", "open_stream", "post_json"]
+__all__ = ["ROUTES", "open_stream", "post_json"]
 
 #: The path of each API under the client's base URL.
 ROUTES = {"chat": "/chat/completions", "completions": "/completions"}
-
-
-def dumps(body: Mapping[str, Any]) -> bytes:
-    """A request body as compact UTF-8 JSON, as the openai client serialises one (no NaN or infinity)."""
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
 def _response_type(client: Any) -> type:
@@ -43,7 +39,7 @@ async def post_json(client: Any, api: str, body: Mapping[str, Any]) -> Any:
         openai.OpenAIError: as the client raises it (HTTP error after its retries, connection, timeout).
         ValueError: the answer is not JSON.
     """
-    raw = await client.post(ROUTES[api], cast_to=_response_type(client), content=dumps(body))
+    raw = await client.post(ROUTES[api], cast_to=_response_type(client), body=dict(body))
     return json.loads(raw.content)
 
 
@@ -53,4 +49,4 @@ async def open_stream(client: Any, api: str, body: Mapping[str, Any]) -> Any:
     The caller reads it (``aiter_bytes``) and must close it (``aclose``). HTTP errors raise as in
     :func:`post_json`.
     """
-    return await client.post(ROUTES[api], cast_to=_response_type(client), content=dumps(body), stream=True)
+    return await client.post(ROUTES[api], cast_to=_response_type(client), body=dict(body), stream=True)

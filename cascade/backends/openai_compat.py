@@ -21,7 +21,7 @@ or not, must arrive within it. Errors name the model, and for logs the server's 
 their ``reason`` (what the cascade server tells its clients) has no URL at all. When some prompts of a batch fail,
 the others keep their answers (:class:`~cascade.errors.BatchError`).
 
-The client sends each request (through its low-level ``post``, with the body built here and serialised once:
+The client sends each request (through its low-level ``post``, with the body built here, as it is:
 :mod:`cascade.backends.openai_send`), retries and maps HTTP errors; answers are read as raw JSON (and streamed
 answers as raw server-sent event bytes) instead of being built into the client's pydantic models, which took a
 fifth to a quarter of the CPU per request under load (profiled). An ``{"error": ...}`` object in a 200 answer

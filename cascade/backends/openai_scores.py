@@ -56,15 +56,14 @@ def score_answers(answers: Sequence[Answer], k: int) -> list[tuple[TokenStats, d
         margins = [m for m, _ in stats]
         entropies = [e for _, e in stats]
         chosen = a.logprobs if a.tokens else [-math.log(width)]
-        n = steps
         measures = {
             "margin_first": 1.0 - margins[0],
-            "margin_mean": 1.0 - sum(margins) / n,
+            "margin_mean": 1.0 - sum(margins) / steps,
             "margin_min": 1.0 - min(margins),
             "entropy_first": entropies[0],
-            "entropy_mean": sum(entropies) / n,
+            "entropy_mean": sum(entropies) / steps,
             "entropy_max": max(entropies),
-            "logprob_mean": -sum(chosen) / n,
+            "logprob_mean": -sum(chosen) / steps,
         }
         size = len(a.tokens)
         out.append((TokenStats(tuple(margins[:size]), tuple(entropies[:size]), tuple(a.logprobs),

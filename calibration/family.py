@@ -2,7 +2,7 @@
 
 A quality fit (:func:`calibration.fit.fit_quality`) certifies candidates one after the other by fixed-sequence
 testing (:mod:`calibration.certify`), so it needs candidates in an order fixed before the data that tests
-them. Two families provide that:
+them. Three families provide that:
 
 - ``"common"``: one threshold ``lam`` for every stage. Candidates run from ``lam = -inf`` (always the last
   tier) upward through every distinct running-minimum score (:func:`calibration.candidates.common_sweep`),
@@ -40,9 +40,10 @@ them. Two families provide that:
 
 For N >= 3 tiers ``"auto"`` uses ``"top_down"``: lower tiers whose uncertainty scores live on different scales
 (SmolLM2's ``margin_first`` near 0.95, Qwen-0.5B's spread over [0, 1]) cannot share one threshold, and a stage
-whose threshold is ``-inf`` is skipped at request time. On the evaluation's three-tier chains it certified
-the same or less escalation than the per-stage family, whose sequence loses a quarter of the examples to the
-split (``eval/RESULTS.md`` section 3).
+whose threshold is ``-inf`` is skipped at request time. On the evaluation's three-tier chains it cost what the
+best pair costs in every setup and less than the per-stage family (whose sequence loses a quarter of the
+examples to the split) in 5 of 12 (``eval/RESULTS.md`` section 3c); on synthetic populations where two lower
+stages should each answer part of the traffic, per-stage is cheaper.
 
 The seam: the loss (:class:`calibration.certify.LossIndicators`) and the choice of sequence within the
 per-stage family (``order``: :class:`FixPart` -> candidate indices) are passed in, so another loss or another
@@ -213,7 +214,7 @@ def split_indices(n: int, fix_share: float, seed: int) -> tuple[IntArray, IntArr
     return np.sort(perm[:k]).astype(np.int64), np.sort(perm[k:]).astype(np.int64)
 
 
-def _choose(family: Family, tiers: int, n: int) -> tuple[str, str]:
+def _choose(family: Family, tiers: int) -> tuple[str, str]:
     if family not in ("auto", "common", "per_stage", "top_down"):
         raise InvalidRequestError(f"family must be 'auto', 'common', 'per_stage' or 'top_down', got {family!r}")
     if family != "auto":
@@ -246,7 +247,7 @@ def candidate_sequence(scores: npt.ArrayLike, correct: npt.ArrayLike, costs: npt
     s, c, k = check_data(scores, correct, costs)
     ind = accuracy_loss(c) if loss is None else loss
     n, tiers = c.shape
-    chosen, why = _choose(family, tiers, n)
+    chosen, why = _choose(family, tiers)
     everything = np.arange(n, dtype=np.int64)
     if chosen == "common":
         return CandidateSequence(common_sweep(s, c, k, loss=ind), "common", why, everything[:0], everything)

@@ -24,6 +24,7 @@ one part of the calibration data and certifies thresholds on the other (:mod:`ca
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -86,8 +87,13 @@ class Combination:
             x = float(v) if v is not None and math.isfinite(float(v)) else fill
             total += w * (x - mu) / sd
         if self.answers and answer is not None:
-            total += dict(zip(self.answers, self.answer_weights)).get(answer_key(answer), 0.0)
+            total += self._offsets.get(answer_key(answer), 0.0)
         return total
+
+    @functools.cached_property
+    def _offsets(self) -> dict[str, float]:
+        """Answer -> its offset, built once per combination (looked up per request)."""
+        return dict(zip(self.answers, self.answer_weights))
 
     def scores(self, columns: Mapping[str, npt.ArrayLike], answers: Sequence[str] | None = None
                ) -> npt.NDArray[np.float64]:

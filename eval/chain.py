@@ -61,12 +61,9 @@ def evaluate_task(td: Any, cache: str, measure: str, eps: float, confidence: flo
                 return None
             gens.setdefault(label, {})[split] = found
     if choice_prior:
-        from cascade.choice_prior import apply_prior, fit_prior
+        from eval.report import prior_corrected
 
-        labels = list(td.cal[0]["choices"])
-        for label, by_split in gens.items():
-            prior = fit_prior([g.choice_logprobs for g in by_split["cal"]])
-            gens[label] = {s: [apply_prior(g, labels, prior) for g in gs] for s, gs in by_split.items()}
+        gens = {label: prior_corrected(by_split, list(td.cal[0]["choices"])) for label, by_split in gens.items()}
     best = next(iter(CHAINS.values()))[-1]
     best_acc = float(tier_arrays(td.test, [gens[best]["test"]] * 2, score_answer, measure).correct[:, 0].mean())
     rows = []

@@ -117,14 +117,19 @@ def evaluate_and_report(args: argparse.Namespace, data: Mapping[str, Any]) -> di
 def with_choice_prior(gens: Mapping[str, tuple[Any, Any, Any]]) -> dict[str, tuple[Any, Any, Any]]:
     """Both tiers' constrained answers corrected for each model's prior over the task's labels
     (:mod:`cascade.choice_prior`), the prior fitted on the calibration split's answers (no labels used)."""
+    choices = list(gens["cal"][0][0]["choices"])
+    small = prior_corrected({split: gs for split, (_, gs, _) in gens.items()}, choices)
+    large = prior_corrected({split: gl for split, (_, _, gl) in gens.items()}, choices)
+    return {split: (exs, small[split], large[split]) for split, (exs, _, _) in gens.items()}
+
+
+def prior_corrected(by_split: Mapping[str, Sequence[Any]], choices: Sequence[str]) -> dict[str, list[Any]]:
+    """One model's constrained answers of every split corrected for its prior over ``choices``, the prior
+    fitted on the ``"cal"`` split's answers (no labels used; :mod:`cascade.choice_prior`)."""
     from cascade.choice_prior import apply_prior, fit_prior
 
-    cal_exs, cal_small, cal_large = gens["cal"]
-    choices = list(cal_exs[0]["choices"])
-    priors = [fit_prior([g.choice_logprobs for g in tier]) for tier in (cal_small, cal_large)]
-    return {split: (exs, *([apply_prior(g, choices, prior) for g in tier]
-                           for tier, prior in zip((gs, gl), priors)))
-            for split, (exs, gs, gl) in gens.items()}
+    prior = fit_prior([g.choice_logprobs for g in by_split["cal"]])
+    return {split: [apply_prior(g, choices, prior) for g in gs] for split, gs in by_split.items()}
 
 
 def summary(setups: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

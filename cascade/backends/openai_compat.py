@@ -21,13 +21,13 @@ or not, must arrive within it. Errors name the model, and for logs the server's 
 their ``reason`` (what the cascade server tells its clients) has no URL at all. When some prompts of a batch fail,
 the others keep their answers (:class:`~cascade.errors.BatchError`).
 
-The client sends each request (through its low-level ``post``, with the body built here, as it is:
-:mod:`cascade.backends.openai_send`), retries and maps HTTP errors; answers are read as raw JSON (and streamed
-answers as raw server-sent event bytes) instead of being built into the client's pydantic models, which took a
-fifth to a quarter of the CPU per request under load (profiled). An ``{"error": ...}`` object in a 200 answer
-or mid-stream, and a connection lost mid-stream, are :class:`~cascade.errors.BackendError` like any failed
-request; an answer without a finish reason the protocol defines is a
-:class:`~cascade.errors.TruncatedAnswerError`, asked again up to ``max_retries`` times.
+The client (over aiohttp when installed, a pool of ``max_concurrency`` connections: :mod:`.openai_http`) sends
+each request (through its low-level ``post``, with the body built here, as it is: :mod:`.openai_send`), retries
+and maps HTTP errors; answers are read as raw JSON (and streamed answers as raw server-sent event bytes) instead
+of being built into the client's pydantic models, which took a fifth to a quarter of the CPU per request under
+load (profiled). An ``{"error": ...}`` object in a 200 answer or mid-stream, and a connection lost mid-stream,
+are :class:`~cascade.errors.BackendError` like any failed request; an answer without a finish reason the protocol
+defines is a :class:`~cascade.errors.TruncatedAnswerError`, asked again up to ``max_retries`` times.
 
 This module holds the backend; :mod:`cascade.backends.openai_request` builds requests and maps the client's
 errors, :mod:`cascade.backends.openai_answer` parses answers, :mod:`cascade.backends.openai_stream`
@@ -48,6 +48,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Se
 from typing import TYPE_CHECKING, Any
 
 from cascade.backends.openai_answer import Answer, Reader, raise_for_error
+from cascade.backends.openai_http import aiohttp_client, forget
 from cascade.backends.openai_request import (
     DUMMY_API_KEY,
     estimated_prompt_tokens,
@@ -155,7 +156,8 @@ class OpenAIBackend:
         self.top_logprobs = top_logprobs
         key = api_key if api_key is not None else os.environ.get(api_key_env) or DUMMY_API_KEY
         self._make_client: Callable[[], AsyncOpenAI] = lambda: AsyncOpenAI(
-            api_key=key, base_url=base_url, timeout=self.timeout_s, max_retries=max_retries)
+            api_key=key, base_url=base_url, timeout=self.timeout_s, max_retries=max_retries,
+            http_client=aiohttp_client(max_concurrency))
         self._max_concurrency = max_concurrency
         self._rate = rate_limit_per_s
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -176,6 +178,7 @@ class OpenAIBackend:
         if loop is self._loop:
             return
         if self._loop is not None:
+            forget(self._client._client)  # its connections belong to the old loop
             self._client = self._make_client()
         self._loop = loop
         self._slots = asyncio.Semaphore(self._max_concurrency)

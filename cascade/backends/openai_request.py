@@ -92,13 +92,15 @@ def _transport_error(exc: BaseException) -> str | None:
     """``"timeout"`` or ``"error"`` for an exception of the HTTP library under the openai client, else None.
 
     The client raises its own types for the request; a streamed body is read later, straight from the
-    transport (``httpx``, or ``httpx2`` in newer openai releases), whose types are matched by name.
+    transport (``httpx``, or ``httpx2`` in newer openai releases), whose types are matched by name. The aiohttp
+    transport (:mod:`cascade.backends.openai_http`) raises the library's types too; aiohttp's own are matched
+    as well, should one get through.
     """
     names = {(c.__module__.split(".")[0], c.__name__) for c in type(exc).__mro__}
-    libs = {"httpx", "httpx2", "httpcore", "httpcore2"}
-    if any(lib in libs and name in ("TimeoutException", "TimeoutError") for lib, name in names):
+    libs = {"httpx", "httpx2", "httpcore", "httpcore2", "aiohttp"}
+    if any(lib in libs and name in ("TimeoutException", "TimeoutError", "ServerTimeoutError") for lib, name in names):
         return "timeout"
-    if any(lib in libs and name in ("HTTPError", "RequestError", "StreamError", "NetworkError")
+    if any(lib in libs and name in ("HTTPError", "RequestError", "StreamError", "NetworkError", "ClientError")
            for lib, name in names):
         return "error"
     return None

@@ -14,6 +14,7 @@ Used by :class:`~cascade.backends.openai_compat.OpenAIBackend`.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import sys
@@ -28,8 +29,18 @@ ROUTES = {"chat": "/chat/completions", "completions": "/completions"}
 
 def _response_type(client: Any) -> type:
     """The ``Response`` class of the HTTP library under ``client`` (``cast_to`` it for the raw response)."""
-    module = sys.modules.get(type(getattr(client, "_client", None)).__module__.partition(".")[0])
-    return getattr(module, "Response", None) or importlib.import_module("httpx").Response  # type: ignore[no-any-return]
+    http_client: type = type(getattr(client, "_client", None))
+    return _response_class(http_client)
+
+
+@functools.cache
+def _response_class(http_client: type) -> type:
+    """The ``Response`` of the library whose ``AsyncClient`` ``http_client`` is (or subclasses)."""
+    for cls in http_client.__mro__:
+        module = sys.modules.get(cls.__module__.partition(".")[0])
+        if isinstance(getattr(module, "Response", None), type):
+            return module.Response  # type: ignore[union-attr,no-any-return]
+    return importlib.import_module("httpx").Response  # type: ignore[no-any-return]
 
 
 async def post_json(client: Any, api: str, body: Mapping[str, Any]) -> Any:

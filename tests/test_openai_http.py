@@ -6,10 +6,13 @@ import asyncio
 import contextlib
 import gc
 import logging
+import socket
 from collections.abc import AsyncIterator
 
 import pytest
+from test_openai_send import EXIT, keep_alive_server
 
+from cascade.backends import openai_compat
 from cascade.backends.openai_compat import OpenAIBackend
 from cascade.backends.openai_http import aiohttp_client, http_library
 from cascade.errors import BackendError, BackendTimeoutError
@@ -53,6 +56,19 @@ async def holding_server(hold_until: int) -> AsyncIterator[tuple[str, list[int]]
         yield f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}", seen
 
 
+async def test_refused_connections_are_connection_errors(transport: str) -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    b = OpenAIBackend(model="m", base_url=f"http://127.0.0.1:{port}/v1", max_retries=0)
+    assert _transport_of(b) == transport
+    for early in (None, EarlyExit("margin_first", (0.5,))):
+        with pytest.raises(BackendError, match="cannot reach") as info:
+            await b.generate(["hi"], PARAMS, early_exit=early)
+        assert not isinstance(info.value, BackendTimeoutError)
+    await b.aclose()
+
+
 async def test_the_pool_opens_at_most_max_connections_and_reuses_them() -> None:
     async with holding_server(hold_until=2) as (url, seen):
         client = aiohttp_client(2)
@@ -63,7 +79,33 @@ async def test_the_pool_opens_at_most_max_connections_and_reuses_them() -> None:
     assert seen == [2, 2]  # two connections, each used three times; never a third
 
 
-async def test_a_server_that_drops_the_connection_is_a_connection_error_not_a_timeout() -> None:
+@pytest.fixture(params=["aiohttp", "default"])
+def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each test below runs over both transports: aiohttp, and the openai client's default one (without the
+    ``fast`` extra), which the rest of the suite no longer reaches when aiohttp is installed."""
+    if request.param == "default":
+        monkeypatch.setattr(openai_compat, "aiohttp_client", lambda max_connections: None)
+    return str(request.param)
+
+
+def _transport_of(b: OpenAIBackend) -> str:
+    return "aiohttp" if type(b._client._client._transport).__name__ == "AiohttpTransport" else "default"
+
+
+async def test_streamed_and_plain_answers_share_one_connection_and_an_early_exit_closes_it(transport: str) -> None:
+    async with keep_alive_server() as (url, seen):
+        b = OpenAIBackend(model="m", base_url=url, max_retries=0)
+        assert _transport_of(b) == transport
+        await b.generate(["Capital of France?"], PARAMS, early_exit=EXIT)
+        await b.generate(["Capital of France?"], PARAMS)
+        assert seen.connections == 1
+        [cut] = await b.generate(["Capital of France?"], PARAMS, early_exit=EarlyExit("margin_first", (-1.0,)))
+        await b.generate(["Capital of France?"], PARAMS)
+        await b.aclose()
+    assert cut.finish_reason == "early_exit" and seen.connections == 2  # the cut stream's connection was closed
+
+
+async def test_a_server_that_drops_the_connection_is_a_connection_error_not_a_timeout(transport: str) -> None:
     async def drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
         writer.close()
@@ -72,6 +114,7 @@ async def test_a_server_that_drops_the_connection_is_a_connection_error_not_a_ti
     async with srv:
         url = f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}/v1"
         b = OpenAIBackend(model="m", base_url=url, max_retries=0)
+        assert _transport_of(b) == transport
         for early in (None, EarlyExit("margin_first", (0.5,))):
             with pytest.raises(BackendError, match="cannot reach") as info:
                 await b.generate(["hi"], PARAMS, early_exit=early)

@@ -29,6 +29,7 @@ import functools
 import importlib
 import importlib.util
 import warnings
+import weakref
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -128,6 +129,7 @@ class _Transport:
         self._limit = max_connections
         self._ssl = ssl_context
         self._session: aiohttp.ClientSession | None = None
+        self._dropper: weakref.finalize[Any, Any] | None = None
         self._timeouts: dict[tuple[Any, ...], aiohttp.ClientTimeout] = {}
 
     def _open(self) -> aiohttp.ClientSession:
@@ -137,6 +139,9 @@ class _Transport:
                                          ssl=self._ssl)
         self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False, trust_env=False,
                                               cookie_jar=aiohttp.DummyCookieJar())
+        # A backend dropped without aclose(): the session is marked closed when the transport goes (a weakref
+        # callback runs before the session's own __del__ would complain, even when both are garbage in one cycle).
+        self._dropper = weakref.finalize(self, _drop, self._session)
         return self._session
 
     def _timeout(self, t: dict[str, Any]) -> aiohttp.ClientTimeout:
@@ -178,31 +183,36 @@ class _Transport:
 
     async def aclose(self) -> None:
         session, self._session = self._session, None
+        if self._dropper is not None:
+            self._dropper.detach()
         if session is not None:
             await session.close()
 
     def forget(self) -> None:
         """Mark the session closed and close its connector now, without awaiting (see :func:`forget`)."""
-        session, self._session = self._session, None
-        if session is None or session.closed:
-            return
-        connector = session.connector
-        session.detach()  # the session counts as closed from now on
-        if connector is None:
-            return
-        # Close the connector now: its sockets when their loop is still open, else only its state. Its public
-        # close() does the same and then schedules a task to await the sockets' closing, which a loop that no
-        # longer runs would never run; aiohttp's own synchronous part is taken where it exists.
-        close_now = getattr(connector, "_close", None)
-        with warnings.catch_warnings(), contextlib.suppress(Exception):
-            warnings.simplefilter("ignore")
-            if close_now is not None:
-                close_now()
-            else:
-                connector.close().__await__().close()
+        self._session = None
+        if self._dropper is not None:
+            self._dropper()
 
-    def __del__(self) -> None:
-        self.forget()  # a backend dropped without aclose(): no "unclosed session" errors at exit
+
+def _drop(session: aiohttp.ClientSession) -> None:
+    """Mark ``session`` closed and close its connector now, without awaiting anything."""
+    if session.closed:
+        return
+    connector = session.connector
+    session.detach()  # the session counts as closed from now on
+    if connector is None:
+        return
+    # Close the connector now: its sockets when their loop is still open, else only its state. Its public close()
+    # does the same and then schedules a task to await the sockets' closing, which a loop that no longer runs would
+    # never run; aiohttp's own synchronous part is taken where it exists.
+    close_now = getattr(connector, "_close", None)
+    with warnings.catch_warnings(), contextlib.suppress(Exception):
+        warnings.simplefilter("ignore")
+        if close_now is not None:
+            close_now()
+        else:
+            connector.close().__await__().close()
 
 
 @functools.cache

@@ -8,7 +8,9 @@ escalation kept):
 - **label-free**: the certified fit on up to ``--n-pool`` unlabeled prompts from the task's unused pools
   (:func:`eval.datasets.load_pool`; their labels are never read by the fit), claim: the share of answers
   differing from the large model's (:mod:`calibration.certify`), which bounds the accuracy loss;
-- both checked on the same 500 labelled test examples: share escalated and accuracy loss against the large
+- the same two with the ``combined`` measure (:mod:`calibration.combine`: weights and answer offsets fitted on
+  a seeded half of the fit data, the thresholds certified on the other half at the full level);
+- all checked on the same 500 labelled test examples: share escalated and accuracy loss against the large
   model (the target must hold in every setup);
 - **planner** (:mod:`calibration.plan`): from the 300 labelled calibration examples as a pilot, the predicted
   share at n = 1,000 for both claims, against real fits on the first 1,000 pool prompts (the labelled one

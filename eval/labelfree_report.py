@@ -23,15 +23,18 @@ class Split:
         scores: measure -> ``(n,)`` small-model uncertainty (measures with finite values on every example).
         correct: ``(n, 2)`` small and large answer right (the pool's hidden labels: never used by a label-free fit).
         agree: ``(n, 2)`` the small answer names the same label as the large one (last column True).
+        answers: the small model's ``n`` answer texts (for the combined measure's answer offsets; None: none).
     """
 
     scores: dict[str, npt.NDArray[np.float64]]
     correct: BoolArray
     agree: BoolArray
+    answers: tuple[str, ...] | None = None
 
     def head(self, n: int) -> Split:
         """The first ``n`` examples."""
-        return Split({m: v[:n] for m, v in self.scores.items()}, self.correct[:n], self.agree[:n])
+        return Split({m: v[:n] for m, v in self.scores.items()}, self.correct[:n], self.agree[:n],
+                     None if self.answers is None else self.answers[:n])
 
     def __len__(self) -> int:
         return len(self.correct)
@@ -47,13 +50,15 @@ def split_arrays(examples: Sequence[Mapping[str, Any]], small: Sequence[Any], la
                      dtype=bool).reshape(-1, 2)
     names = sorted(set.intersection(*(set(g.scores) for g in small))) if small else []
     scores = {m: np.array([float(g.scores[m]) for g in small]) for m in names}
-    return Split({m: v for m, v in scores.items() if np.isfinite(v).all()}, correct, agree)
+    return Split({m: v for m, v in scores.items() if np.isfinite(v).all()}, correct, agree,
+                 tuple(s.text for s in small))
 
 
-def _check(measure: str, fit: Any, test: Split) -> dict[str, Any]:
-    """A fit's thresholds on the test split: escalated share, accuracy loss, disagreement."""
+def _check(measure: str, fit: Any, test: Split, scores: npt.NDArray[np.float64] | None = None) -> dict[str, Any]:
+    """A fit's thresholds on the test split (the measure's ``scores`` there, default ``test.scores[measure]``):
+    escalated share, accuracy loss, disagreement."""
     t = fit.thresholds[0]
-    esc = test.scores[measure] > t
+    esc = (test.scores[measure] if scores is None else scores) > t
     acc = np.where(esc, test.correct[:, 1], test.correct[:, 0]).mean()
     return {"measure": measure, "feasible": fit.feasible, "fit_share": fit.stats.large_share,
             "bound": float(fit.params.get("certified_loss_bound", math.nan)), "test_share": float(esc.mean()),
@@ -89,6 +94,7 @@ def evaluate_setup(cal: Split, test: Split, pool: Split, *, eps: float, delta: f
     out["labelled"] = _check(*fit(cal, "accuracy"), test)
     out["label_free"] = _check(*fit(pool, "disagreement"), test)
     p1000 = pool.head(1000)
+    out.update(_combined(cal, test, pool, eps=eps, delta=delta, seed=seed))
     out["label_free_by_n"] = {str(k): _check(*fit(pool.head(k), "disagreement"), test)
                               for k in (300, 1000) if k < len(pool)}
     real_free = fit(p1000, "disagreement")[1].stats.large_share
@@ -109,6 +115,28 @@ def evaluate_setup(cal: Split, test: Split, pool: Split, *, eps: float, delta: f
                        "best_point_same_bound": float(sw.large_share[ok].min()) if ok.size else 1.0,
                        "best_auc_measure": best_auc, "best_auc_share": by_auc.stats.large_share,
                        "least_escalation_measure": m, "least_escalation_share": out["labelled"]["fit_share"]}
+    return out
+
+
+def _combined(cal: Split, test: Split, pool: Split, *, eps: float, delta: float, seed: int) -> dict[str, Any]:
+    """Both claims with the ``combined`` measure (:mod:`calibration.combine`: weights and answer offsets fitted
+    on a seeded half of the fit data to predict a wrong answer, resp. a differing one; the thresholds
+    certified at the full level on the other half), each checked on test. Empty where the splits lack the
+    measures it combines."""
+    from calibration.combine import fit_quality_combined
+    from cascade.combined import default_measures
+
+    names = [m for m in default_measures(cal.scores) if m in test.scores and m in pool.scores]
+    if not names:
+        return {}
+    out = {}
+    for key, split, claim in (("labelled_combined", cal, "accuracy"), ("label_free_combined", pool, "disagreement")):
+        combos, fit = fit_quality_combined({m: split.scores[m] for m in names},
+                                           split.correct if claim == "accuracy" else split.agree,
+                                           max_quality_loss=eps, delta=delta, claim=claim,  # type: ignore[arg-type]
+                                           seed=seed, answers=split.answers)
+        scores = combos[0].scores({m: test.scores[m] for m in names}, test.answers)
+        out[key] = _check("combined", fit, test, scores)
     return out
 
 
@@ -170,6 +198,27 @@ def render(report: Mapping[str, Any]) -> str:
         held = all(r[k]["test_loss"] <= eps + 1e-12 for r in mine for k in ("labelled", "label_free"))
         lines.append(f"\n{pair}: label-free escalates less on {wins} of {len(mine)} tasks; the accuracy loss on "
                      f"test is within {eps:.0%} in {'every' if held else 'NOT every'} setup")
+    both = [r for r in rows if "label_free_combined" in r]
+    if both:
+        lines += ["", "The combined measure (weights and answer offsets fitted on half of the fit data, thresholds "
+                  "certified on the other half, at the full level):", "",
+                  "| task | pair | labelled 300, combined: share fit / test, test loss | label-free, combined: share "
+                  "fit / test, test loss, test differ | label-free combined escalates less |", "|---|---|---|---|---|"]
+        for r in both:
+            lab, free = r["labelled_combined"], r["label_free_combined"]
+            lines.append(f"| {r['task']} | {r['pair']} | {_pct(lab['fit_share'])} / {_pct(lab['test_share'])}, "
+                         f"{lab['test_loss']:+.1%} | n={r['n_pool']}: {_pct(free['fit_share'])} / "
+                         f"{_pct(free['test_share'])}, {free['test_loss']:+.1%}, {_pct(free['test_disagreement'])} | "
+                         f"{'yes' if free['test_share'] < lab['test_share'] else 'no'} |")
+        for pair in dict.fromkeys(r["pair"] for r in both):
+            mine = [r for r in both if r["pair"] == pair]
+            wins = sum(r["label_free_combined"]["test_share"] < r["labelled_combined"]["test_share"] for r in mine)
+            vs = sum(r["label_free_combined"]["test_share"] < r["labelled"]["test_share"] for r in mine)
+            held = all(r[k]["test_loss"] <= eps + 1e-12 for r in mine
+                       for k in ("labelled_combined", "label_free_combined"))
+            lines.append(f"\n{pair}, combined: label-free escalates less on {wins} of {len(mine)} tasks (than "
+                         f"labelled single measures: {vs}); the accuracy loss on test is within {eps:.0%} in "
+                         f"{'every' if held else 'NOT every'} setup")
     lines += ["", "| task | pair | claim (pilot) | predicted at 1,000 [10%-90%] | real fit at 1,000 | error |",
               "|---|---|---|---|---|---|"]
     for r in rows:

@@ -46,6 +46,36 @@ def test_setup_numbers_and_tables() -> None:
     assert "skipped: x / y" in text and text.count("| t | p |") == 1 + 3 + 1
 
 
+def _choice_split(n: int, rng: np.random.Generator) -> Split:
+    """As :func:`_split`, with the choice measures' names and two answers: the small model says "b" on a fifth
+    of the examples, and those always differ from the large answer (which the answer offset can learn)."""
+    base = _split(n, rng)
+    b = rng.uniform(size=n) < 0.2
+    agree = base.agree.copy()
+    agree[b, 0] = False
+    correct = base.correct.copy()
+    correct[b, 0] = ~correct[b, 1]
+    scores = {"choice_margin": base.scores["good"], "choice_entropy": base.scores["noise"]}
+    return Split(scores, correct, agree, tuple("b" if x else "a" for x in b))
+
+
+def test_combined_rows_for_both_claims() -> None:
+    rng = np.random.default_rng(1)
+    cal, test, pool = _choice_split(300, rng), _choice_split(500, rng), _choice_split(3000, rng)
+    r = evaluate_setup(cal, test, pool, eps=0.05, delta=0.1, replicates=20, seed=0)
+    lab, free = r["labelled_combined"], r["label_free_combined"]
+    assert lab["measure"] == free["measure"] == "combined"
+    for row in (lab, free):
+        assert row["test_loss"] <= 0.05 and 0.0 <= row["test_share"] <= 1.0
+    # the answer offset sends every "b" answer up: the combined label-free fit escalates them and less of the rest
+    # than the single measure does
+    assert free["test_share"] < r["label_free"]["test_share"]
+    text = render({"settings": {"prompts": "plain", "mode": "choices", "eps": 0.05, "confidence": 0.9},
+                   "setups": [{"task": "t", "pair": "p", **r}], "skipped": []})
+    assert "p, combined: label-free escalates less on 1 of 1 tasks" in text
+    assert text.count("| t | p |") == 1 + 1 + 3 + 1
+
+
 def test_busy_sees_a_matching_process_and_not_itself() -> None:
     marker = f"h17-marker-{uuid.uuid4().hex}"
     assert not _busy([marker])

@@ -308,6 +308,19 @@ def test_label_free_ignores_labels_for_the_fit_and_checks_on_them(tmp_path, setu
     assert "labelled held-out examples" in capsys.readouterr().out
 
 
+def test_label_free_combined_measure_fits_on_prompts_alone(tmp_path, setup, capsys):
+    """--label-free --measure combined: the combination learns "differs from the last tier" without a label."""
+    same = ("--label-free", "--same", SAME, "--max-quality-loss", "0.3", "--measure", "combined")
+    code, labelled = calibrate(setup, tmp_path / "a.json", *same)
+    assert code == 0, capsys.readouterr().err
+    code, stripped = calibrate(setup, tmp_path / "b.json", *same, data=_unlabeled(tmp_path))
+    assert code == 0, capsys.readouterr().err
+    assert labelled["fit"]["thresholds"] == stripped["fit"]["thresholds"]  # the labels are never read
+    a, b = Artifact.load(tmp_path / "a.json"), Artifact.load(tmp_path / "b.json")
+    assert a.measure == b.measure == "combined" and a.params["claim"] == b.params["claim"] == "disagreement"
+    assert a.combination == b.combination and a.params["n_certify"] == b.params["n_certify"] < 120
+
+
 def test_plan_predicts_both_claims_from_a_labelled_pilot(tmp_path, setup, capsys):
     report = tmp_path / "plan.json"
     base = ["--data", str(DATA), "--config", str(setup["two"]), "--scorer", SCORER, "--cache-dir", str(setup["cache"]),

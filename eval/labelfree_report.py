@@ -81,11 +81,11 @@ def evaluate_setup(cal: Split, test: Split, pool: Split, *, eps: float, delta: f
         return fit_quality_measures({m: split.scores[m] for m in measures}, target, max_quality_loss=eps,
                                     delta=delta, claim=claim)  # type: ignore[arg-type]
 
-    def plan(split: Split, claim: str) -> dict[str, float]:
+    def plan(split: Split, claim: str, n: int = 1000) -> dict[str, float]:
         target = split.correct if claim == "accuracy" else split.agree
         (row,) = plan_quality({m: split.scores[m] for m in measures}, target, max_quality_loss=eps, delta=delta,
-                              claim=claim, sizes=[1000], replicates=replicates, seed=seed)  # type: ignore[arg-type]
-        return {"share": row.share, "low": row.low, "high": row.high}
+                              claim=claim, sizes=[n], replicates=replicates, seed=seed)  # type: ignore[arg-type]
+        return {"share": row.share, "low": row.low, "high": row.high, "at": n}
 
     out: dict[str, Any] = {"n_cal": len(cal), "n_test": len(test), "n_pool": len(pool), "measures": measures,
                            "small_accuracy": float(test.correct[:, 0].mean()),
@@ -104,6 +104,10 @@ def evaluate_setup(cal: Split, test: Split, pool: Split, *, eps: float, delta: f
                       "disagreement": {"pilot": "300 labelled", **plan(cal, "disagreement"), "real": real_free},
                       "disagreement_unlabeled_pilot": {"pilot": "first 300 pool prompts",
                                                        **plan(pool.head(300), "disagreement"), "real": real_free}}
+    if len(pool) > 1000:  # a larger unlabeled pilot predicting the whole pool's fit
+        out["planner"]["disagreement_unlabeled_1000"] = {
+            "pilot": "first 1,000 pool prompts", **plan(p1000, "disagreement", len(pool)),
+            "real": out["label_free"]["fit_share"]}
     m = out["labelled"]["measure"]
     sw = common_sweep(cal.scores[m], cal.correct)
     ok = np.flatnonzero(upper_bounds(sw.harmed, sw.helped, sw.n, delta / len(measures), "discordant") <= eps)
@@ -219,14 +223,15 @@ def render(report: Mapping[str, Any]) -> str:
             lines.append(f"\n{pair}, combined: label-free escalates less on {wins} of {len(mine)} tasks (than "
                          f"labelled single measures: {vs}); the accuracy loss on test is within {eps:.0%} in "
                          f"{'every' if held else 'NOT every'} setup")
-    lines += ["", "| task | pair | claim (pilot) | predicted at 1,000 [10%-90%] | real fit at 1,000 | error |",
+    lines += ["", "| task | pair | claim (pilot) | predicted at n [10%-90%] | real fit at n | error |",
               "|---|---|---|---|---|---|"]
     for r in rows:
         for claim, p in r["planner"].items():
             if claim == "n_real":
                 continue
             lines.append(f"| {r['task']} | {r['pair']} | {claim} ({p['pilot']}) | {_pct(p['share'])} "
-                         f"[{_pct(p['low'])}-{_pct(p['high'])}] | {_pct(p['real'])} (n={r['planner']['n_real']}) | "
+                         f"[{_pct(p['low'])}-{_pct(p['high'])}] | {_pct(p['real'])} "
+                         f"(n={p.get('at', r['planner']['n_real'])}) | "
                          f"{(p['share'] - p['real']) * 100:+.1f} pts |")
     lines += ["", "| task | pair | fixed sequence | best point, same bound (not valid) | best AUC measure at "
               "delta/M | least escalation at delta/M (adopted) |", "|---|---|---|---|---|---|"]

@@ -35,7 +35,10 @@ def test_setup_numbers_and_tables() -> None:
     # 3,000 prompts certify far less escalation than 300 labels here, and the test loss stays within 5%
     assert free["fit_share"] < lab["fit_share"] and free["test_loss"] <= 0.05 and lab["test_loss"] <= 0.05
     assert free["test_disagreement"] >= free["test_loss"] - 1e-12
-    assert set(r["planner"]) == {"n_real", "accuracy", "disagreement", "disagreement_unlabeled_pilot"}
+    assert set(r["planner"]) == {"n_real", "accuracy", "disagreement", "disagreement_unlabeled_pilot",
+                                 "disagreement_unlabeled_1000"}
+    big = r["planner"]["disagreement_unlabeled_1000"]
+    assert big["at"] == 3000 and big["real"] == free["fit_share"] and 0.0 <= big["low"] <= big["share"] <= big["high"]
     assert r["planner"]["n_real"] == 1000
     seq = r["sequence"]
     assert seq["best_point_same_bound"] <= seq["fixed_sequence"] + 1e-12
@@ -43,7 +46,7 @@ def test_setup_numbers_and_tables() -> None:
     text = render({"settings": {"prompts": "plain", "mode": "choices", "eps": 0.05, "confidence": 0.9},
                    "setups": [{"task": "t", "pair": "p", **r}], "skipped": ["x / y: pool 0 cached"]})
     assert "label-free escalates less on 1 of 1 tasks" in text and "within 5% in every setup" in text
-    assert "skipped: x / y" in text and text.count("| t | p |") == 1 + 3 + 1
+    assert "skipped: x / y" in text and text.count("| t | p |") == 1 + 4 + 1
 
 
 def _choice_split(n: int, rng: np.random.Generator) -> Split:
@@ -73,7 +76,7 @@ def test_combined_rows_for_both_claims() -> None:
     text = render({"settings": {"prompts": "plain", "mode": "choices", "eps": 0.05, "confidence": 0.9},
                    "setups": [{"task": "t", "pair": "p", **r}], "skipped": []})
     assert "p, combined: label-free escalates less on 1 of 1 tasks" in text
-    assert text.count("| t | p |") == 1 + 1 + 3 + 1
+    assert text.count("| t | p |") == 1 + 1 + 4 + 1
 
 
 def test_busy_sees_a_matching_process_and_not_itself() -> None:

@@ -178,6 +178,25 @@ def _pct(x: float) -> str:
     return f"{x:.1%}"
 
 
+def _per_pair(rows: Sequence[Mapping[str, Any]], lab: str, free: str, eps: float) -> list[str]:
+    """One summary line per pair: on how many tasks the ``free`` fit escalates less on test than the ``lab``
+    one (and, for other fits than the single measures', than the labelled single-measure fit), and whether
+    every test loss held."""
+    out = []
+    for pair in dict.fromkeys(r["pair"] for r in rows):
+        mine = [r for r in rows if r["pair"] == pair]
+        wins = sum(r[free]["test_share"] < r[lab]["test_share"] for r in mine)
+        held = all(r[k]["test_loss"] <= eps + 1e-12 for r in mine for k in (lab, free))
+        name, vs = pair, ""
+        if lab != "labelled":
+            name = f"{pair}, {lab.removeprefix('labelled_')}"
+            single = sum(r[free]["test_share"] < r["labelled"]["test_share"] for r in mine)
+            vs = f" (than labelled single measures: {single})"
+        out.append(f"\n{name}: label-free escalates less on {wins} of {len(mine)} tasks{vs}; the accuracy loss on "
+                   f"test is within {eps:.0%} in {'every' if held else 'NOT every'} setup")
+    return out
+
+
 def render(report: Mapping[str, Any]) -> str:
     """Three markdown tables (the goal, the planner, the sequence) and a summary line per pair."""
     st, rows = report["settings"], report["setups"]
@@ -196,12 +215,7 @@ def render(report: Mapping[str, Any]) -> str:
                      f"n={r['n_pool']}: {_pct(free['fit_share'])} / {_pct(free['test_share'])}, "
                      f"{free['test_loss']:+.1%}, {_pct(free['test_disagreement'])} | "
                      f"{'yes' if free['test_share'] < lab['test_share'] else 'no'} |")
-    for pair in dict.fromkeys(r["pair"] for r in rows):
-        mine = [r for r in rows if r["pair"] == pair]
-        wins = sum(r["label_free"]["test_share"] < r["labelled"]["test_share"] for r in mine)
-        held = all(r[k]["test_loss"] <= eps + 1e-12 for r in mine for k in ("labelled", "label_free"))
-        lines.append(f"\n{pair}: label-free escalates less on {wins} of {len(mine)} tasks; the accuracy loss on "
-                     f"test is within {eps:.0%} in {'every' if held else 'NOT every'} setup")
+    lines += _per_pair(rows, "labelled", "label_free", eps)
     both = [r for r in rows if "label_free_combined" in r]
     if both:
         lines += ["", "The combined measure (weights and answer offsets fitted on half of the fit data, thresholds "
@@ -214,15 +228,7 @@ def render(report: Mapping[str, Any]) -> str:
                          f"{lab['test_loss']:+.1%} | n={r['n_pool']}: {_pct(free['fit_share'])} / "
                          f"{_pct(free['test_share'])}, {free['test_loss']:+.1%}, {_pct(free['test_disagreement'])} | "
                          f"{'yes' if free['test_share'] < lab['test_share'] else 'no'} |")
-        for pair in dict.fromkeys(r["pair"] for r in both):
-            mine = [r for r in both if r["pair"] == pair]
-            wins = sum(r["label_free_combined"]["test_share"] < r["labelled_combined"]["test_share"] for r in mine)
-            vs = sum(r["label_free_combined"]["test_share"] < r["labelled"]["test_share"] for r in mine)
-            held = all(r[k]["test_loss"] <= eps + 1e-12 for r in mine
-                       for k in ("labelled_combined", "label_free_combined"))
-            lines.append(f"\n{pair}, combined: label-free escalates less on {wins} of {len(mine)} tasks (than "
-                         f"labelled single measures: {vs}); the accuracy loss on test is within {eps:.0%} in "
-                         f"{'every' if held else 'NOT every'} setup")
+        lines += _per_pair(both, "labelled_combined", "label_free_combined", eps)
     lines += ["", "| task | pair | claim (pilot) | predicted at n [10%-90%] | real fit at n | error |",
               "|---|---|---|---|---|---|"]
     for r in rows:

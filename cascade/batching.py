@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from cascade.backends.base import Backend
+from cascade.deadlines import within
 from cascade.errors import BackendError, BatchError, InvalidRequestError, OverloadedError
 from cascade.types import EarlyExit, Generation, GenerationParams, Prompt, StreamEvent
 
@@ -305,7 +306,7 @@ class MicroBatcher:
                             break
                         st.wakeup.clear()
                         try:
-                            await asyncio.wait_for(st.wakeup.wait(), remaining)
+                            await within(st.wakeup.wait(), remaining)
                         except asyncio.TimeoutError:
                             break
                     if not st.pending or st.pending[0] is not head:  # the head was cancelled: start over

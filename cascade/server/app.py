@@ -336,10 +336,10 @@ class _Service:
         remaining ones are answered 503 (given a moment to send it) before the engine is closed."""
         self.begin_drain()
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.admission.idle.wait(), self.config.drain_timeout_s)
+            await within(self.admission.idle.wait(), self.config.drain_timeout_s)
         self.expire()
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.admission.idle.wait(), ANSWER_GRACE_S)
+            await within(self.admission.idle.wait(), ANSWER_GRACE_S)
 
 
 def _no_constants(name: str) -> Any:

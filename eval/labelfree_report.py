@@ -97,7 +97,7 @@ def evaluate_setup(cal: Split, test: Split, pool: Split, *, eps: float, delta: f
     out.update(_combined(cal, test, pool, eps=eps, delta=delta, seed=seed))
     out["label_free_by_n"] = {str(k): _check(*fit(pool.head(k), "disagreement"), test)
                               for k in (300, 1000) if k < len(pool)}
-    real_free = fit(p1000, "disagreement")[1].stats.large_share
+    real_free = out["label_free_by_n"].get("1000", out["label_free"])["fit_share"]  # the fit on p1000, made above
     real_lab = fit(p1000, "accuracy")[1].stats.large_share
     out["planner"] = {"n_real": len(p1000),
                       "accuracy": {"pilot": "300 labelled", **plan(cal, "accuracy"), "real": real_lab},

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import PATIENCE_S, until
+from test_openai_send import keep_alive_server
 
 from cascade.backends.base import Backend
 from cascade.backends.openai_compat import DUMMY_API_KEY, OpenAIBackend, render_messages
@@ -354,12 +355,19 @@ async def test_rate_limit_spaces_requests(server: SimServer) -> None:
     assert time.perf_counter() - t0 >= 0.35  # 10 requests at 20/s: the last starts >= 0.4 s in (bursts of 2)
 
 
-def test_api_key_comes_from_the_environment_or_a_dummy(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("CASCADE_TEST_KEY", raising=False)
-    assert OpenAIBackend(model="m", api_key_env="CASCADE_TEST_KEY")._client.api_key == DUMMY_API_KEY
-    monkeypatch.setenv("CASCADE_TEST_KEY", "sk-from-env")
-    assert OpenAIBackend(model="m", api_key_env="CASCADE_TEST_KEY")._client.api_key == "sk-from-env"
-    assert OpenAIBackend(model="m", api_key="sk-given", api_key_env="CASCADE_TEST_KEY")._client.api_key == "sk-given"
+async def test_api_key_comes_from_the_environment_or_a_dummy(monkeypatch: pytest.MonkeyPatch) -> None:
+    async with keep_alive_server() as (url, seen):
+        monkeypatch.delenv("CASCADE_TEST_KEY", raising=False)
+        keys = [{"api_key_env": "CASCADE_TEST_KEY"}, {"api_key_env": "CASCADE_TEST_KEY"},
+                {"api_key": "sk-given", "api_key_env": "CASCADE_TEST_KEY"}]
+        for i, key in enumerate(keys):
+            if i == 1:
+                monkeypatch.setenv("CASCADE_TEST_KEY", "sk-from-env")
+            b = OpenAIBackend(model="m", base_url=url, max_retries=0, **key)
+            await b.generate(["hi"], PARAMS)
+            await b.aclose()
+    sent = [h.split(b"authorization: ", 1)[1].split(b"\r\n", 1)[0] for h in (x.lower() for x in seen.heads)]
+    assert sent == [f"bearer {k}".encode() for k in (DUMMY_API_KEY, "sk-from-env", "sk-given")]
 
 
 @pytest.mark.parametrize(
@@ -376,6 +384,5 @@ async def test_aclose_closes_the_client(server: SimServer) -> None:
     b = OpenAIBackend(model=MODEL, base_url=server.base_url, max_retries=0)
     await b.generate(["hi"], PARAMS)
     await b.aclose()
-    assert b._client.is_closed()
-    with pytest.raises(BackendError):
+    with pytest.raises(BackendError, match="closed"):
         await b.generate(["hi"], PARAMS)

@@ -21,13 +21,14 @@ or not, must arrive within it. Errors name the model, and for logs the server's 
 their ``reason`` (what the cascade server tells its clients) has no URL at all. When some prompts of a batch fail,
 the others keep their answers (:class:`~cascade.errors.BatchError`).
 
-The client (over aiohttp when installed, a pool of ``max_concurrency`` connections: :mod:`.openai_http`) sends
-each request (through its low-level ``post``, with the body built here, as it is: :mod:`.openai_send`), retries
-and maps HTTP errors; answers are read as raw JSON (and streamed answers as raw server-sent event bytes) instead
-of being built into the client's pydantic models, which took a fifth to a quarter of the CPU per request under
-load (profiled). An ``{"error": ...}`` object in a 200 answer or mid-stream, and a connection lost mid-stream,
-are :class:`~cascade.errors.BackendError` like any failed request; an answer without a finish reason the protocol
-defines is a :class:`~cascade.errors.TruncatedAnswerError`, asked again up to ``max_retries`` times.
+Requests to a plain ``http://`` server go through a small HTTP/1.1 client (:mod:`.http1`: a pool of keep-alive
+connections, the openai client's retry schedule, far less CPU per request); ``https://`` servers and those behind a
+proxy through the openai client's low-level ``post`` (:mod:`.openai_send`). Either way the body is built here and
+sent as it is, and answers are read as raw JSON (streamed ones as raw server-sent event bytes) instead of being
+built into the openai client's pydantic models. An ``{"error": ...}`` object in a 200 answer or mid-stream, and a
+connection lost mid-stream, are :class:`~cascade.errors.BackendError` like any failed request; an answer without a
+finish reason the protocol defines is a :class:`~cascade.errors.TruncatedAnswerError`, asked again up to
+``max_retries`` times.
 
 This module holds the backend; :mod:`cascade.backends.openai_request` builds requests and maps the client's
 errors, :mod:`cascade.backends.openai_answer` parses answers, :mod:`cascade.backends.openai_stream`
@@ -45,10 +46,9 @@ import os
 import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cascade.backends.openai_answer import Answer, Reader, raise_for_error
-from cascade.backends.openai_http import aiohttp_client, forget
 from cascade.backends.openai_request import (
     DUMMY_API_KEY,
     estimated_prompt_tokens,
@@ -58,7 +58,7 @@ from cascade.backends.openai_request import (
     request_body,
 )
 from cascade.backends.openai_scores import score_answers
-from cascade.backends.openai_send import post_json as send_json
+from cascade.backends.openai_send import ROUTES, make_sender
 from cascade.backends.openai_stream import stream_events
 from cascade.deadlines import within
 from cascade.errors import (
@@ -80,9 +80,6 @@ from cascade.types import (
     validate_prompt,
 )
 
-if TYPE_CHECKING:
-    from openai import AsyncOpenAI
-
 __all__ = ["DUMMY_API_KEY", "OpenAIBackend", "render_messages"]
 
 log = logging.getLogger("cascade.backends.openai")
@@ -96,7 +93,7 @@ def _prompt_usage(answer: Answer, prompt: Prompt) -> dict[str, Any]:
 
 
 class OpenAIBackend:
-    """A :class:`~cascade.backends.base.Backend` over the OpenAI HTTP API (``openai.AsyncOpenAI``).
+    """A :class:`~cascade.backends.base.Backend` over the OpenAI HTTP API.
 
     Attributes:
         name: the model id (recorded in results and calibration artifacts).
@@ -147,22 +144,19 @@ class OpenAIBackend:
         _check_settings(model, api, timeout_s, max_retries, max_concurrency, rate_limit_per_s, top_logprobs, choices)
         self.choices = choices
         self.choice_methods: dict[str, str] = {}  # method -> why it failed ("" = it works), found as requests go
-        from openai import AsyncOpenAI
-
         self.name = model
         self.api = api
         self.max_retries = max_retries
         self.timeout_s = float(timeout_s)
         self.top_logprobs = top_logprobs
         key = api_key if api_key is not None else os.environ.get(api_key_env) or DUMMY_API_KEY
-        self._make_client: Callable[[], AsyncOpenAI] = lambda: AsyncOpenAI(
-            api_key=key, base_url=base_url, timeout=self.timeout_s, max_retries=max_retries,
-            http_client=aiohttp_client(max_concurrency))
+        self._make_sender: Callable[[], Any] = lambda: make_sender(base_url, api_key=key, timeout_s=self.timeout_s,
+                                                                   max_retries=max_retries)
         self._max_concurrency = max_concurrency
         self._rate = rate_limit_per_s
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._client: AsyncOpenAI = self._make_client()
-        self._where = redact(str(self._client.base_url))  # for error messages: no credentials
+        self._sender = self._make_sender()
+        self._where = redact(self._sender.base_url)  # for error messages: no credentials
         self._reader = Reader(self.name, self._where, api == "chat", top_logprobs)
         self._slots = asyncio.Semaphore(max_concurrency)
         self._throttle: Any = None
@@ -178,8 +172,8 @@ class OpenAIBackend:
         if loop is self._loop:
             return
         if self._loop is not None:
-            forget(self._client._client)  # its connections belong to the old loop
-            self._client = self._make_client()
+            self._sender.forget()  # its connections belong to the old loop
+            self._sender = self._make_sender()
         self._loop = loop
         self._slots = asyncio.Semaphore(self._max_concurrency)
         self._throttle = None
@@ -299,7 +293,8 @@ class OpenAIBackend:
             if self._throttle is not None:
                 await self._throttle.acquire()
             with self._errors():
-                call = send_json(self._client, "chat" if route == "chat" else "completions", {**body, **(extra or {})})
+                call = self._sender.post_json(ROUTES["chat" if route == "chat" else "completions"],
+                                              {**body, **(extra or {})})
                 try:
                     data = await within(call, self.timeout_s)
                 except asyncio.TimeoutError:
@@ -311,7 +306,9 @@ class OpenAIBackend:
         """Close the HTTP client and its connections; later ``generate`` calls raise BackendError."""
         self._closed = True
         if self._loop is None or self._loop is asyncio.get_running_loop():
-            await self._client.close()  # (a client bound to a finished loop has no connections left to close)
+            await self._sender.aclose()
+        else:  # (a client bound to a finished loop: its connections went with it)
+            self._sender.forget()
 
     # -- one request ---------------------------------------------------------------------------------
 
@@ -357,7 +354,8 @@ class OpenAIBackend:
         return request_body(self.name, self.api, self.top_logprobs, prompt, params, scores)
 
     async def _plain(self, prompt: Prompt, params: GenerationParams, scores: bool) -> Answer:
-        return self._reader.whole(await send_json(self._client, self.api, self._body(prompt, params, scores)), scores)
+        return self._reader.whole(await self._sender.post_json(ROUTES[self.api], self._body(prompt, params, scores)),
+                                  scores)
 
     async def _streamed(self, prompt: Prompt, params: GenerationParams, measure: str,
                         threshold: float) -> Answer:
@@ -369,7 +367,7 @@ class OpenAIBackend:
 
     def _events(self, prompt: Prompt, params: GenerationParams, scores: bool, measure: str,
                 threshold: float) -> AsyncGenerator[tuple[str, Any], None]:
-        return stream_events(self._client, self.api, self._body(prompt, params, scores), self._reader,
+        return stream_events(self._sender, ROUTES[self.api], self._body(prompt, params, scores), self._reader,
                              scores=scores, measure=measure, threshold=threshold)
 
     async def stream(

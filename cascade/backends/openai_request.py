@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import Awaitable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -56,29 +57,29 @@ def request_body(model: str, api: str, top_logprobs: int, prompt: Prompt, params
 
 @contextlib.contextmanager
 def map_errors(name: str, where: str, timeout: float) -> Iterator[None]:
-    """Map the openai client's exceptions (and malformed answers) to the cascade's error types.
+    """Map the senders' exceptions (the openai client's, :mod:`cascade.backends.http1`'s) and malformed answers
+    to the cascade's error types.
 
     ``name`` is the model, ``where`` the server's URL without credentials, ``timeout`` the deadline in seconds.
     """
-    import openai
+    from cascade.backends.http1 import ConnectionFault, StatusFault
 
     try:
         yield
-    except openai.APITimeoutError as exc:
-        raise BackendTimeoutError(f"{name}: no answer from {where} within {timeout} s",
-                                  reason=f"no answer within {timeout} s") from exc
-    except openai.APIStatusError as exc:
-        raise BackendError(f"{name}: HTTP {exc.status_code} from {where}: {_message(exc)}",
-                           reason=f"HTTP {exc.status_code}") from exc
-    except openai.APIConnectionError as exc:
-        raise BackendError(f"{name}: cannot reach {where}: {exc.__cause__ or exc}",
-                           reason="cannot connect") from exc
-    except openai.OpenAIError as exc:
-        raise BackendError(f"{name}: {type(exc).__name__}: {exc}", reason=type(exc).__name__) from exc
+    except StatusFault as exc:  # (the HTTP/1.1 client's errors, after its retries)
+        raise BackendError(f"{name}: HTTP {exc.status} from {where}: {exc.message}",
+                           reason=f"HTTP {exc.status}") from exc
+    except ConnectionFault as exc:
+        if exc.received:  # the server answered, then the connection broke (mid-stream, or a garbled answer)
+            raise BackendError(f"{name}: connection to {where} failed: {exc}", reason="the connection failed") from exc
+        raise BackendError(f"{name}: cannot reach {where}: {exc}", reason="cannot connect") from exc
     except (AttributeError, TypeError, KeyError, IndexError, ValueError) as exc:
         raise BackendError(f"{name}: malformed answer from {where}: {exc!r}", reason="malformed answer") from exc
-    except Exception as exc:  # a transport error while reading a streamed body (httpx or httpx2)
-        kind = _transport_error(exc)
+    except Exception as exc:
+        openai = sys.modules.get("openai")  # (not imported: no openai client sent anything)
+        if openai is not None and isinstance(exc, openai.OpenAIError):
+            raise _openai_error(openai, exc, name, where, timeout) from exc
+        kind = _transport_error(exc)  # a transport error while reading a streamed body (httpx or httpx2)
         if kind == "timeout":
             raise BackendTimeoutError(f"{name}: {where} stopped sending for {timeout} s",
                                       reason=f"no answer within {timeout} s") from exc
@@ -88,20 +89,30 @@ def map_errors(name: str, where: str, timeout: float) -> Iterator[None]:
         raise
 
 
+def _openai_error(openai: Any, exc: Exception, name: str, where: str, timeout: float) -> BackendError:
+    """The cascade's error for one of the openai client's."""
+    if isinstance(exc, openai.APITimeoutError):
+        return BackendTimeoutError(f"{name}: no answer from {where} within {timeout} s",
+                                   reason=f"no answer within {timeout} s")
+    if isinstance(exc, openai.APIStatusError):
+        return BackendError(f"{name}: HTTP {exc.status_code} from {where}: {_message(exc)}",
+                            reason=f"HTTP {exc.status_code}")
+    if isinstance(exc, openai.APIConnectionError):
+        return BackendError(f"{name}: cannot reach {where}: {exc.__cause__ or exc}", reason="cannot connect")
+    return BackendError(f"{name}: {type(exc).__name__}: {exc}", reason=type(exc).__name__)
+
+
 def _transport_error(exc: BaseException) -> str | None:
     """``"timeout"`` or ``"error"`` for an exception of the HTTP library under the openai client, else None.
 
     The client raises its own types for the request; a streamed body is read later, straight from the
-    transport (``httpx``, or ``httpx2`` in newer openai releases), whose types are matched by name. The aiohttp
-    transport (:mod:`cascade.backends.openai_http`) raises the library's types too; aiohttp's own are matched
-    as well, should one get through.
+    transport (``httpx``, or ``httpx2`` in newer openai releases), whose types are matched by name.
     """
     names = {(c.__module__.split(".")[0], c.__name__) for c in type(exc).__mro__}
-    libs = {"httpx", "httpx2", "httpcore", "httpcore2", "aiohttp"}
-    if any(lib in libs and name in ("TimeoutException", "TimeoutError", "ServerTimeoutError") for lib, name in names):
+    libs = {"httpx", "httpx2", "httpcore", "httpcore2"}
+    if any(lib in libs and name in ("TimeoutException", "TimeoutError") for lib, name in names):
         return "timeout"
-    if any(lib in libs and name in ("HTTPError", "RequestError", "StreamError", "NetworkError", "ClientError")
-           for lib, name in names):
+    if any(lib in libs and name in ("HTTPError", "RequestError", "StreamError", "NetworkError") for lib, name in names):
         return "error"
     return None
 

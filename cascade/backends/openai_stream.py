@@ -1,31 +1,29 @@
 """Streamed answers of an OpenAI-compatible server, read chunk by chunk with a first-token early exit.
 
 Used by :class:`~cascade.backends.openai_compat.OpenAIBackend`. The server-sent events are read as raw bytes
-and decoded with :func:`json.loads` (the openai client still sends the request, retries and maps HTTP errors,
-through :func:`~cascade.backends.openai_send.open_stream`; it does not build a model per chunk).
+and decoded with :func:`json.loads`, whichever sender (:mod:`cascade.backends.openai_send`) sent the request.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 from cascade.backends.openai_answer import Answer, Reader, add_usage, sse_chunks
 from cascade.backends.openai_scores import first_token_scores
-from cascade.backends.openai_send import open_stream
 
 __all__ = ["stream_events"]
 
 
-async def stream_events(client: Any, api: str, body: Mapping[str, Any], reader: Reader, *, scores: bool,
+async def stream_events(sender: Any, route: str, body: Mapping[str, Any], reader: Reader, *, scores: bool,
                         measure: str, threshold: float) -> AsyncGenerator[tuple[str, Any], None]:
     """Stream one answer: ``("first", scores)`` once the first token is scored, ``("delta", text)``, and
     ``("answer", Answer)`` last. Above ``threshold`` on the first token (under ``measure``) the stream is
     closed at once and the answer is that token, finish reason ``"early_exit"``.
 
     Args:
-        client: the openai client (``AsyncOpenAI``).
-        api: ``"chat"`` or ``"completions"``.
+        sender: sends the request (:mod:`cascade.backends.openai_send`).
+        route: ``/chat/completions`` or ``/completions``.
         body: the request body (``stream`` and ``stream_options`` are added).
         reader: how this server's answers are read.
 
@@ -36,9 +34,9 @@ async def stream_events(client: Any, api: str, body: Mapping[str, Any], reader: 
     answer = Answer()
     scored = not scores
     finished = False
-    resp = await open_stream(client, api, {**body, "stream": True, "stream_options": {"include_usage": True}})
+    resp = await sender.open_stream(route, {**body, "stream": True, "stream_options": {"include_usage": True}})
     try:
-        async for chunk in sse_chunks(_body(resp)):
+        async for chunk in sse_chunks(resp.chunks()):
             add_usage(answer, chunk.get("usage"))
             if not chunk.get("choices"):
                 continue
@@ -68,10 +66,3 @@ async def stream_events(client: Any, api: str, body: Mapping[str, Any], reader: 
         reader.check_logprobs(answer)
     yield "answer", answer
 
-
-def _body(resp: Any) -> AsyncIterator[bytes]:
-    """The response body's bytes: undecoded when the server sent them without a content encoding (one layer of
-    httpx's per-chunk iterators fewer), else decoded."""
-    if resp.headers.get("content-encoding", "identity").strip().lower() in ("", "identity"):
-        return resp.aiter_raw()  # type: ignore[no-any-return]
-    return resp.aiter_bytes()  # type: ignore[no-any-return]

@@ -1,0 +1,475 @@
+"""A small HTTP/1.1 client for tier requests to plain-``http://`` servers (vLLM, llama.cpp, TGI, SGLang in a
+cluster): one write per request, the answer parsed from the socket's bytes as they arrive.
+
+Why not the openai client here: profiled in ``cascade serve`` (accepted requests, streamed small-tier answers),
+the openai client's request building, its ``httpx``/``httpx2`` layers and their transport (httpcore or aiohttp)
+cost the gateway about 1.5 of its 4 ms of CPU per request; the same request and answer over an
+:class:`asyncio.Protocol` costs a tenth of that. What this client keeps of the openai client:
+
+* **Retries**: ``max_retries`` times after a refused or dropped connection and after HTTP 408, 409, 429 and
+  5xx, with exponential backoff (0.5 s doubling, at most 8 s, 25% jitter), honouring ``Retry-After``
+  (``retry-after-ms``) up to 60 s and ``x-should-retry``, as the openai client does. A stale pooled
+  connection (closed by the server while idle) is replaced once at once, without counting as an attempt.
+* **Errors** are the cascade's own, worded as :func:`~cascade.backends.openai_request.map_errors` words the
+  openai client's (``cannot reach``, ``HTTP 500 from ...: <the server's message>``, a connection lost mid-stream).
+* **The key** as ``Authorization: Bearer``; credentials in the URL are never sent or shown.
+
+Timeouts are not this module's: the backend bounds each request, retries and the whole answer included, by
+``timeout_s`` (:func:`cascade.deadlines.within`), so no timer runs per read.
+
+Connections: a pool of idle keep-alive connections (most recently used first, dropped after
+:data:`KEEPALIVE_S` idle, below the 5 s of uvicorn, which vLLM and SGLang run on); a new connection when none
+is idle. The pool never holds more connections than requests were in flight at once, which the backend bounds
+by ``max_concurrency``. A response closed before its end closes its connection: that is how the server learns
+to stop generating (the early exit). Bodies are read as they arrive (``Content-Length``, chunked, or up to
+the connection's end) and decoded when the server compressed them anyway (gzip, deflate).
+
+Only ``http://`` URLs with no proxy set for their host in the environment (``HTTP_PROXY``/``NO_PROXY``) are
+sent this way (:func:`usable`); ``https://`` and proxied servers go through the openai client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import time
+import urllib.request
+import zlib
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from cascade.errors import BackendError
+
+__all__ = ["KEEPALIVE_S", "Http1Client", "Http1Stream", "ProtocolFault", "StatusFault", "usable"]
+
+#: Seconds an idle pooled connection is kept (servers on uvicorn close theirs after 5 s).
+KEEPALIVE_S = 4.0
+#: The largest response head, and the largest non-streamed body, accepted (bytes).
+MAX_HEAD = 64 * 1024
+MAX_BODY = 64 * 1024 * 1024
+#: Retried statuses (as the openai client: request timeout, lock conflict, rate limit, server errors).
+RETRY_STATUS = frozenset((408, 409, 429))
+
+
+def usable(base_url: str) -> bool:
+    """Whether requests to ``base_url`` can go through this client: ``http://`` with no proxy for its host."""
+    parts = urlsplit(base_url)
+    if parts.scheme != "http" or not parts.hostname:
+        return False
+    proxies = urllib.request.getproxies_environment()
+    if not (proxies.get("http") or proxies.get("all")):
+        return True
+    bypass = getattr(urllib.request, "proxy_bypass_environment")  # noqa: B009 - (not in typeshed)
+    return bool(bypass(parts.hostname, proxies))
+
+
+class ConnectionFault(Exception):
+    """The connection failed (refused, dropped, or the server spoke no HTTP/1.x); ``sent``: bytes of the
+    answer had arrived (the request reached the server)."""
+
+    def __init__(self, message: str, *, received: bool = False) -> None:
+        super().__init__(message)
+        self.received = received
+
+
+class ProtocolFault(ConnectionFault):
+    """The server's answer is not valid HTTP/1.x."""
+
+
+class StatusFault(Exception):
+    """An HTTP error status: ``status`` (also as ``status_code``, as the openai client's errors name it), the
+    server's ``message`` (from an OpenAI-style JSON error when it sent one) and ``headers``."""
+
+    def __init__(self, status: int, message: str, headers: Mapping[str, str]) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = self.status_code = status
+        self.message, self.headers = message, headers
+
+
+class _Conn(asyncio.Protocol):
+    """One connection: the bytes received so far, and a future for a reader waiting for more."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.lost = False
+        self.error: BaseException | None = None
+        self.idle_since = 0.0
+        self.received = 0  # bytes received since the current request was sent
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        self.received += len(data)
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.lost = True
+        self._wake()
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.error = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def more(self) -> None:
+        """Wait for more bytes; ConnectionFault when the connection is gone."""
+        if self.lost:
+            detail = f": {self.error}" if self.error else ""
+            raise ConnectionFault(f"the server closed the connection{detail}", received=self.received > 0)
+        self.waiter = asyncio.get_running_loop().create_future()
+        await self.waiter
+
+    def close(self) -> None:
+        self.lost = True
+        if self.transport is not None:
+            with contextlib.suppress(RuntimeError):  # (a transport of a loop that is closed already)
+                self.transport.close()
+
+
+@dataclass
+class _Head:
+    status: int
+    headers: dict[str, str]
+    keep_alive: bool
+
+
+async def _read_head(conn: _Conn) -> _Head:
+    while True:
+        end = conn.buf.find(b"\r\n\r\n")
+        while end < 0:
+            if len(conn.buf) > MAX_HEAD:
+                raise ProtocolFault(f"response head longer than {MAX_HEAD} bytes", received=True)
+            await conn.more()
+            end = conn.buf.find(b"\r\n\r\n")
+        lines = conn.buf[:end].decode("latin-1").split("\r\n")
+        del conn.buf[:end + 4]
+        version, _, rest = lines[0].partition(" ")
+        code = rest[:3]
+        if not version.startswith("HTTP/1.") or not code.isdigit():
+            raise ProtocolFault(f"not an HTTP/1.x answer: {lines[0][:80]!r}", received=True)
+        status = int(code)
+        if 100 <= status < 200:  # an interim answer (100 Continue, 103 Early Hints): the real one follows
+            continue
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if not sep:
+                raise ProtocolFault(f"malformed header line {line[:80]!r}", received=True)
+            key = name.strip().lower()
+            headers[key] = f"{headers[key]}, {value.strip()}" if key in headers else value.strip()
+        connection = headers.get("connection", "").lower()
+        keep = "close" not in connection and (version != "HTTP/1.0" or "keep-alive" in connection)
+        return _Head(status, headers, keep)
+
+
+class _Decoder:
+    """The bytes of a body in the order they arrive, de-framed (length, chunked, or up to the close)."""
+
+    def __init__(self, conn: _Conn, head: _Head) -> None:
+        self.conn = conn
+        h = head.headers
+        self.chunked = "chunked" in h.get("transfer-encoding", "").lower()
+        length = h.get("content-length")
+        if not self.chunked and length is not None and not length.strip().isdigit():
+            raise ProtocolFault(f"invalid Content-Length {length[:40]!r}", received=True)
+        self.remaining = -1 if self.chunked or length is None else int(length)  # -1: unknown
+        self.reusable = head.keep_alive and (self.chunked or length is not None)
+        self.done = self.remaining == 0
+        self.in_chunk = 0  # chunked: bytes left of the current chunk (then its CRLF)
+        self.trailer = False
+        encoding = h.get("content-encoding", "identity").strip().lower()
+        self.inflate: Any = None
+        if encoding in ("gzip", "x-gzip", "deflate"):
+            self.inflate = zlib.decompressobj(wbits=47)  # gzip or zlib, told apart by the header
+        elif encoding not in ("", "identity"):
+            raise ProtocolFault(f"unsupported Content-Encoding {encoding[:40]!r}", received=True)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """What arrived of the body at each wake-up (several network reads' worth when they queued up)."""
+        conn = self.conn
+        while not self.done:
+            out = self._take()
+            if out:
+                yield self.inflate.decompress(out) if self.inflate is not None else out
+            elif not self.done:
+                try:
+                    await conn.more()
+                except ConnectionFault:
+                    if self.remaining == -1 and not self.chunked:  # the body ran to the connection's end
+                        self.done = True
+                        break
+                    raise
+        if self.inflate is not None:
+            tail = self.inflate.flush()
+            if tail:
+                yield tail
+
+    def _take(self) -> bytes:
+        buf = self.conn.buf
+        if not self.chunked:
+            if self.remaining == -1:
+                out = bytes(buf)
+                buf.clear()
+                return out
+            out = bytes(buf[:self.remaining])
+            del buf[:len(out)]
+            self.remaining -= len(out)
+            self.done = self.remaining == 0
+            return out
+        parts: list[bytes] = []
+        while True:
+            if self.in_chunk > 0:
+                piece = bytes(buf[:self.in_chunk])
+                if not piece:
+                    break
+                del buf[:len(piece)]
+                parts.append(piece)
+                self.in_chunk -= len(piece)
+                if self.in_chunk > 0:
+                    break
+                self.in_chunk = -2  # its CRLF next
+            if self.in_chunk == -2:
+                if len(buf) < 2:
+                    break
+                if buf[:2] != b"\r\n":
+                    raise ProtocolFault("a chunk does not end with CRLF", received=True)
+                del buf[:2]
+                self.in_chunk = 0
+            line_end = buf.find(b"\r\n")
+            if line_end < 0:
+                if len(buf) > MAX_HEAD:
+                    raise ProtocolFault("chunk size line too long", received=True)
+                break
+            line = bytes(buf[:line_end])
+            del buf[:line_end + 2]
+            if self.trailer:
+                if not line:  # the empty line that ends the trailers: the body is complete
+                    self.done = True
+                    break
+                continue
+            size_text = line.partition(b";")[0].strip()
+            try:
+                size = int(size_text, 16)
+            except ValueError:
+                raise ProtocolFault(f"invalid chunk size {size_text[:20]!r}", received=True) from None
+            if size == 0:
+                self.trailer = True
+            else:
+                self.in_chunk = size
+        return b"".join(parts)
+
+
+class Http1Stream:
+    """A response whose body is read as it arrives (:meth:`chunks`); :meth:`aclose` returns its connection to
+    the pool when the body was read to its end, and closes it otherwise."""
+
+    def __init__(self, client: Http1Client, conn: _Conn, decoder: _Decoder) -> None:
+        self._client, self._conn, self._decoder = client, conn, decoder
+        self._closed = False
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        return self._decoder.chunks()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        d = self._decoder
+        self._client.release(self._conn, reuse=d.done and d.reusable and not self._conn.buf)
+
+
+class Http1Client:
+    """Requests to one server (``base_url``, e.g. ``http://127.0.0.1:8000/v1``); see the module's notes.
+
+    Args:
+        base_url: the server's URL, ``http://`` (credentials in it are dropped, never sent).
+        api_key: sent as ``Authorization: Bearer``.
+        max_retries: retries of a refused or dropped connection or a retried status (0: none).
+        user_agent: the ``User-Agent`` header.
+        sleep: waits between attempts (``asyncio.sleep``; a test may count them instead).
+    """
+
+    def __init__(self, base_url: str, *, api_key: str, max_retries: int, user_agent: str,
+                 sleep: Callable[[float], Any] = asyncio.sleep) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"not an http:// URL: {parts.scheme}://{parts.hostname}")
+        self.base_url = base_url.rstrip("/") + "/"
+        self.host = parts.hostname
+        self.port = parts.port or 80
+        self._prefix = parts.path.rstrip("/")
+        self._query = f"?{parts.query}" if parts.query else ""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        authority = host if parts.port in (None, 80) else f"{host}:{parts.port}"
+        self._headers = (f"Host: {authority}\r\nAuthorization: Bearer {api_key}\r\nUser-Agent: {user_agent}\r\n"
+                         "Content-Type: application/json\r\nAccept-Encoding: identity\r\n").encode("latin-1")
+        self.max_retries = max_retries
+        self._sleep = sleep
+        self._idle: list[_Conn] = []
+        self._busy: set[_Conn] = set()
+        self.connections_opened = 0
+        self.closed = False
+
+    # -- public --------------------------------------------------------------------------------------
+
+    async def post_json(self, route: str, body: Mapping[str, Any]) -> Any:
+        """POST ``body`` as JSON to ``route`` (e.g. ``/chat/completions``) and return the answer's parsed JSON.
+
+        Raises:
+            ConnectionFault: refused or dropped, after the retries. StatusFault: an HTTP error status, after
+            the retries. ValueError: the answer is not JSON.
+        """
+        stream = await self.open_stream(route, body, accept="application/json")
+        try:
+            data = bytearray()
+            async for piece in stream.chunks():
+                data += piece
+                if len(data) > MAX_BODY:
+                    raise ProtocolFault(f"answer larger than {MAX_BODY} bytes", received=True)
+        finally:
+            await stream.aclose()
+        return json.loads(data)
+
+    async def open_stream(self, route: str, body: Mapping[str, Any], *, accept: str = "text/event-stream"
+                          ) -> Http1Stream:
+        """POST ``body`` and return the response once a 2xx head arrived, its body unread (the caller reads
+        :meth:`Http1Stream.chunks` and must :meth:`~Http1Stream.aclose` it). Raises as :meth:`post_json`."""
+        payload = json.dumps(body, ensure_ascii=False).encode()
+        request = b"".join((b"POST ", (self._prefix + route + self._query).encode("latin-1"), b" HTTP/1.1\r\n",
+                            self._headers, b"Accept: ", accept.encode("latin-1"), b"\r\nContent-Length: ",
+                            str(len(payload)).encode(), b"\r\n\r\n", payload))
+        attempt = 0
+        while True:
+            try:
+                return await self._send(request)
+            except ConnectionFault as exc:
+                if attempt >= self.max_retries:
+                    raise
+                wait = _backoff(attempt, {})
+                fault: Exception = exc
+            except StatusFault as exc:
+                should = exc.headers.get("x-should-retry", "").lower()
+                retried = exc.status in RETRY_STATUS or exc.status >= 500
+                if attempt >= self.max_retries or should == "false" or not (retried or should == "true"):
+                    raise
+                wait = _backoff(attempt, exc.headers)
+                fault = exc
+            attempt += 1
+            del fault
+            await self._sleep(wait)
+
+    def release(self, conn: _Conn, *, reuse: bool) -> None:
+        """Take ``conn`` back: idle in the pool when ``reuse`` (and it is still open), else closed."""
+        self._busy.discard(conn)
+        if reuse and not conn.lost and not self.closed:
+            conn.idle_since = time.monotonic()
+            self._idle.append(conn)
+        else:
+            conn.close()
+
+    async def aclose(self) -> None:
+        """Close every connection (a stream still being read fails)."""
+        self.forget()
+
+    def forget(self) -> None:
+        """Close every connection now, without awaiting (also for a pool whose event loop is gone)."""
+        self.closed = True
+        for conn in (*self._idle, *self._busy):
+            conn.close()
+        self._idle.clear()
+        self._busy.clear()
+
+    # -- one attempt ---------------------------------------------------------------------------------
+
+    async def _send(self, request: bytes) -> Http1Stream:
+        conn, reused = await self._connection()
+        try:
+            return await self._exchange(conn, request)
+        except ConnectionFault as exc:
+            self.release(conn, reuse=False)
+            if not reused or exc.received:
+                raise
+        except BaseException:  # a status error, a cancelled request: its connection is not reused
+            self.release(conn, reuse=False)
+            raise
+        conn, _ = await self._connection(fresh=True)  # a stale pooled connection: once more on a new one
+        try:
+            return await self._exchange(conn, request)
+        except BaseException:
+            self.release(conn, reuse=False)
+            raise
+
+    async def _exchange(self, conn: _Conn, request: bytes) -> Http1Stream:
+        conn.received = 0
+        assert conn.transport is not None
+        conn.transport.write(request)
+        head = await _read_head(conn)
+        decoder = _Decoder(conn, head)
+        if 200 <= head.status < 300:
+            return Http1Stream(self, conn, decoder)
+        text = bytearray()
+        async for piece in decoder.chunks():
+            text += piece
+            if len(text) > MAX_HEAD:
+                break
+        raise StatusFault(head.status, _server_message(bytes(text)), head.headers)
+
+    async def _connection(self, *, fresh: bool = False) -> tuple[_Conn, bool]:
+        if self.closed:
+            raise BackendError("the client was closed")
+        now = time.monotonic()
+        while self._idle and not fresh:
+            conn = self._idle.pop()
+            if conn.lost or conn.buf or now - conn.idle_since > KEEPALIVE_S:
+                conn.close()
+                continue
+            self._busy.add(conn)
+            return conn, True
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await loop.create_connection(_Conn, self.host, self.port)
+        except OSError as exc:
+            raise ConnectionFault(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from exc
+        self.connections_opened += 1
+        self._busy.add(conn)
+        return conn, False
+
+
+def _backoff(attempt: int, headers: Mapping[str, str]) -> float:
+    """Seconds before the next attempt: the server's ``Retry-After`` when it gives one within 60 s, else
+    0.5 s doubling per attempt, at most 8 s, less up to 25% jitter (the openai client's schedule)."""
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is not None:
+            with contextlib.suppress(ValueError):
+                wait = float(value) * scale
+                if 0 < wait <= 60:
+                    return wait
+    return min(0.5 * 2.0 ** attempt, 8.0) * (1.0 - 0.25 * random.random())
+
+
+def _server_message(body: bytes) -> str:
+    """The error message of an error answer: an OpenAI-style JSON error's ``message``, else the body's text."""
+    text = body.decode("utf-8", "replace").strip()
+    with contextlib.suppress(ValueError):
+        data = json.loads(text)
+        inner = data.get("error", data) if isinstance(data, dict) else None
+        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
+            return str(inner["message"])
+        if isinstance(inner, str):
+            return inner
+    return text[:500] or "(no body)"

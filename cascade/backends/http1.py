@@ -101,6 +101,7 @@ class _Conn(asyncio.Protocol):
         self.error: BaseException | None = None
         self.idle_since = 0.0
         self.received = 0  # bytes received since the current request was sent
+        self.hint: Callable[[], bool] | None = None  # set: wake a waiting reader only when it says so
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -108,7 +109,8 @@ class _Conn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.buf += data
         self.received += len(data)
-        self._wake()
+        if self.hint is None or self.hint():
+            self._wake()
 
     def eof_received(self) -> bool:
         self.lost = True
@@ -198,6 +200,14 @@ class _Decoder:
         elif encoding not in ("", "identity"):
             raise ProtocolFault(f"unsupported Content-Encoding {encoding[:40]!r}", received=True)
 
+    def may_end(self) -> bool:
+        """Whether the bytes received may complete the body (never wrongly False: a chunked body always ends
+        with an empty line, after its last chunk or its trailers)."""
+        buf = self.conn.buf
+        if self.chunked:
+            return buf.endswith(b"\r\n\r\n") or (self.trailer and buf.startswith(b"\r\n"))
+        return self.remaining >= 0 and len(buf) >= self.remaining
+
     async def chunks(self) -> AsyncIterator[bytes]:
         """What arrived of the body at each wake-up (several network reads' worth when they queued up)."""
         conn = self.conn
@@ -283,6 +293,12 @@ class Http1Stream:
 
     def chunks(self) -> AsyncIterator[bytes]:
         return self._decoder.chunks()
+
+    def quiet(self) -> None:
+        """From now on, :meth:`chunks` yields only once the body may be complete (or the connection is gone):
+        for a reader that needs the rest of an answer but not its pieces as they come (one wake-up instead of
+        one per streamed token)."""
+        self._conn.hint = self._decoder.may_end
 
     async def aclose(self) -> None:
         if self._closed:
@@ -375,6 +391,7 @@ class Http1Client:
     def release(self, conn: _Conn, *, reuse: bool) -> None:
         """Take ``conn`` back: idle in the pool when ``reuse`` (and it is still open), else closed."""
         self._busy.discard(conn)
+        conn.hint = None
         if reuse and not conn.lost and not self.closed:
             conn.idle_since = time.monotonic()
             self._idle.append(conn)

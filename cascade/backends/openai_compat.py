@@ -360,15 +360,15 @@ class OpenAIBackend:
     async def _streamed(self, prompt: Prompt, params: GenerationParams, measure: str,
                         threshold: float) -> Answer:
         answer = Answer()
-        async for kind, value in self._events(prompt, params, True, measure, threshold):
+        async for kind, value in self._events(prompt, params, True, measure, threshold, deltas=False):
             if kind == "answer":
                 answer = value
         return answer
 
     def _events(self, prompt: Prompt, params: GenerationParams, scores: bool, measure: str,
-                threshold: float) -> AsyncGenerator[tuple[str, Any], None]:
+                threshold: float, *, deltas: bool = True) -> AsyncGenerator[tuple[str, Any], None]:
         return stream_events(self._sender, ROUTES[self.api], self._body(prompt, params, scores), self._reader,
-                             scores=scores, measure=measure, threshold=threshold)
+                             scores=scores, measure=measure, threshold=threshold, deltas=deltas)
 
     async def stream(
         self,

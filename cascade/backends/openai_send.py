@@ -2,7 +2,8 @@
 HTTP/1.1 client of :mod:`cascade.backends.http1` for plain-``http://`` servers (:func:`make_sender` picks).
 
 Both have one face: ``post_json(route, body)`` returns the parsed answer, ``open_stream(route, body)`` a
-response with ``chunks()`` (its body's bytes as they arrive) and ``aclose()``, plus ``aclose()`` and
+response with ``chunks()`` (its body's bytes as they arrive), ``quiet()`` (the rest in one piece, when it may)
+and ``aclose()``, plus ``aclose()`` and
 ``forget()`` (drop the connections of an event loop that is gone) for the sender itself.
 
 Through the openai client, the client still adds the key, the default headers and the idempotency key, applies its
@@ -113,6 +114,9 @@ class _Stream:
         if resp.headers.get("content-encoding", "identity").strip().lower() in ("", "identity"):
             return resp.aiter_raw()  # type: ignore[no-any-return]
         return resp.aiter_bytes()  # type: ignore[no-any-return]
+
+    def quiet(self) -> None:
+        """(The openai client's transport wakes its reader at every network read: nothing to change.)"""
 
     async def aclose(self) -> None:
         await self._resp.aclose()

@@ -16,10 +16,11 @@ __all__ = ["stream_events"]
 
 
 async def stream_events(sender: Any, route: str, body: Mapping[str, Any], reader: Reader, *, scores: bool,
-                        measure: str, threshold: float) -> AsyncGenerator[tuple[str, Any], None]:
-    """Stream one answer: ``("first", scores)`` once the first token is scored, ``("delta", text)``, and
-    ``("answer", Answer)`` last. Above ``threshold`` on the first token (under ``measure``) the stream is
-    closed at once and the answer is that token, finish reason ``"early_exit"``.
+                        measure: str, threshold: float, deltas: bool = True) -> AsyncGenerator[tuple[str, Any], None]:
+    """Stream one answer: ``("first", scores)`` once the first token is scored, ``("delta", text)`` (unless not
+    ``deltas``), and ``("answer", Answer)`` last. Above ``threshold`` on the first token (under ``measure``) the
+    stream is closed at once and the answer is that token, finish reason ``"early_exit"``. Without ``deltas``,
+    the rest of an answer that goes on is read in one piece (one wake-up instead of one per token).
 
     Args:
         sender: sends the request (:mod:`cascade.backends.openai_send`).
@@ -56,7 +57,9 @@ async def stream_events(sender: Any, route: str, body: Mapping[str, Any], reader
                                            logprobs=answer.logprobs[:1], top=answer.top[:1],
                                            finish_reason="early_exit", completion_tokens=1, has_logprobs=True)
                     return
-            if delta:
+                if not deltas:
+                    resp.quiet()
+            if delta and deltas:
                 yield "delta", delta
     finally:
         await resp.aclose()

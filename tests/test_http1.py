@@ -18,7 +18,7 @@ from cascade.backends import http1
 from cascade.backends.http1 import Http1Client, usable
 from cascade.backends.openai_compat import OpenAIBackend
 from cascade.backends.openai_send import OpenAISender
-from cascade.errors import BackendError, BackendTimeoutError
+from cascade.errors import BackendError, BackendTimeoutError, ConfigError
 from cascade.simulate import SimConfig, SimServer
 from cascade.types import EarlyExit, GenerationParams
 
@@ -312,3 +312,23 @@ async def test_a_closed_client_closes_its_pooled_connections() -> None:
         await b.aclose()
         await asyncio.wait_for(closed.wait(), 10)
 
+
+
+async def test_an_answer_without_a_body_is_malformed_not_a_hang() -> None:
+    async def empty(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _request(reader)
+        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")  # no length, connection kept open
+        await writer.drain()
+        await reader.read()
+
+    async with serving(empty) as url:
+        b = OpenAIBackend(model="m", base_url=url, max_retries=0)
+        with pytest.raises(BackendError) as info:
+            await b.generate(["hi"], PARAMS)
+        await b.aclose()
+    assert info.value.public() == "malformed answer"
+
+
+def test_a_key_with_a_line_break_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="line break"):
+        OpenAIBackend(model="m", base_url="http://127.0.0.1:9/v1", api_key="sk-a\r\nX-Evil: 1")

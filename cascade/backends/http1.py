@@ -24,6 +24,8 @@ by ``max_concurrency``. A response closed before its end closes its connection: 
 to stop generating (the early exit). Bodies are read as they arrive (``Content-Length``, chunked, or up to
 the connection's end) and decoded when the server compressed them anyway (gzip, deflate).
 
+Redirects are not followed (a tier that answers 3xx is misconfigured: the error names the status).
+
 Only ``http://`` URLs with no proxy set for their host in the environment (``HTTP_PROXY``/``NO_PROXY``) are
 sent this way (:func:`usable`); ``https://`` and proxied servers go through the openai client.
 """
@@ -40,9 +42,9 @@ import zlib
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
-from cascade.errors import BackendError
+from cascade.errors import BackendError, ConfigError
 
 __all__ = ["KEEPALIVE_S", "Http1Client", "Http1Stream", "ProtocolFault", "StatusFault", "usable"]
 
@@ -185,7 +187,7 @@ class _Decoder:
         self.conn = conn
         h = head.headers
         self.chunked = "chunked" in h.get("transfer-encoding", "").lower()
-        length = h.get("content-length")
+        length = "0" if head.status in (204, 304) else h.get("content-length")  # (these have no body)
         if not self.chunked and length is not None and not length.strip().isdigit():
             raise ProtocolFault(f"invalid Content-Length {length[:40]!r}", received=True)
         self.remaining = -1 if self.chunked or length is None else int(length)  # -1: unknown
@@ -323,11 +325,13 @@ class Http1Client:
                  sleep: Callable[[float], Any] = asyncio.sleep) -> None:
         parts = urlsplit(base_url)
         if parts.scheme != "http" or not parts.hostname:
-            raise ValueError(f"not an http:// URL: {parts.scheme}://{parts.hostname}")
+            raise ConfigError(f"not an http:// URL: {parts.scheme}://{parts.hostname}")
+        if any(c in api_key + user_agent for c in "\r\n\0"):
+            raise ConfigError("the API key or user agent holds a line break or NUL (header injection)")
         self.base_url = base_url.rstrip("/") + "/"
         self.host = parts.hostname
         self.port = parts.port or 80
-        self._prefix = parts.path.rstrip("/")
+        self._prefix = quote(parts.path.rstrip("/"), safe="/%;:@&=+$,!~*'()")
         self._query = f"?{parts.query}" if parts.query else ""
         host = f"[{self.host}]" if ":" in self.host else self.host
         authority = host if parts.port in (None, 80) else f"{host}:{parts.port}"

@@ -22,7 +22,8 @@ Connections: a pool of idle keep-alive connections (most recently used first, dr
 is idle. The pool never holds more connections than requests were in flight at once, which the backend bounds
 by ``max_concurrency``. A response closed before its end closes its connection: that is how the server learns
 to stop generating (the early exit). Bodies are read as they arrive (``Content-Length``, chunked, or up to
-the connection's end) and decoded when the server compressed them anyway (gzip, deflate).
+the connection's end) and decoded when the server compressed them anyway (gzip, deflate):
+:mod:`cascade.backends.http1_read`.
 
 Redirects are not followed (a tier that answers 3xx is misconfigured: the error names the status).
 
@@ -38,20 +39,26 @@ import json
 import random
 import time
 import urllib.request
-import zlib
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from cascade.backends.http1_read import (
+    MAX_HEAD,
+    Conn,
+    ConnectionFault,
+    Decoder,
+    ProtocolFault,
+    StatusFault,
+    read_head,
+)
 from cascade.errors import BackendError, ConfigError
 
-__all__ = ["KEEPALIVE_S", "Http1Client", "Http1Stream", "ProtocolFault", "StatusFault", "usable"]
+__all__ = ["KEEPALIVE_S", "ConnectionFault", "Http1Client", "Http1Stream", "ProtocolFault", "StatusFault", "usable"]
 
 #: Seconds an idle pooled connection is kept (servers on uvicorn close theirs after 5 s).
 KEEPALIVE_S = 4.0
-#: The largest response head, and the largest non-streamed body, accepted (bytes).
-MAX_HEAD = 64 * 1024
+#: The largest non-streamed body accepted (bytes).
 MAX_BODY = 64 * 1024 * 1024
 #: Retried statuses (as the openai client: request timeout, lock conflict, rate limit, server errors).
 RETRY_STATUS = frozenset((408, 409, 429))
@@ -69,227 +76,11 @@ def usable(base_url: str) -> bool:
     return bool(bypass(parts.hostname, proxies))
 
 
-class ConnectionFault(Exception):
-    """The connection failed (refused, dropped, or the server spoke no HTTP/1.x); ``sent``: bytes of the
-    answer had arrived (the request reached the server)."""
-
-    def __init__(self, message: str, *, received: bool = False) -> None:
-        super().__init__(message)
-        self.received = received
-
-
-class ProtocolFault(ConnectionFault):
-    """The server's answer is not valid HTTP/1.x."""
-
-
-class StatusFault(Exception):
-    """An HTTP error status: ``status`` (also as ``status_code``, as the openai client's errors name it), the
-    server's ``message`` (from an OpenAI-style JSON error when it sent one) and ``headers``."""
-
-    def __init__(self, status: int, message: str, headers: Mapping[str, str]) -> None:
-        super().__init__(f"HTTP {status}: {message}")
-        self.status = self.status_code = status
-        self.message, self.headers = message, headers
-
-
-class _Conn(asyncio.Protocol):
-    """One connection: the bytes received so far, and a future for a reader waiting for more."""
-
-    def __init__(self) -> None:
-        self.buf = bytearray()
-        self.transport: asyncio.Transport | None = None
-        self.waiter: asyncio.Future[None] | None = None
-        self.lost = False
-        self.error: BaseException | None = None
-        self.idle_since = 0.0
-        self.received = 0  # bytes received since the current request was sent
-        self.hint: Callable[[], bool] | None = None  # set: wake a waiting reader only when it says so
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        self.received += len(data)
-        if self.hint is None or self.hint():
-            self._wake()
-
-    def eof_received(self) -> bool:
-        self.lost = True
-        self._wake()
-        return False  # close the transport
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        self.error = exc
-        self._wake()
-
-    def _wake(self) -> None:
-        waiter, self.waiter = self.waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def more(self) -> None:
-        """Wait for more bytes; ConnectionFault when the connection is gone."""
-        if self.lost:
-            detail = f": {self.error}" if self.error else ""
-            raise ConnectionFault(f"the server closed the connection{detail}", received=self.received > 0)
-        self.waiter = asyncio.get_running_loop().create_future()
-        await self.waiter
-
-    def close(self) -> None:
-        self.lost = True
-        if self.transport is not None:
-            with contextlib.suppress(RuntimeError):  # (a transport of a loop that is closed already)
-                self.transport.close()
-
-
-@dataclass
-class _Head:
-    status: int
-    headers: dict[str, str]
-    keep_alive: bool
-
-
-async def _read_head(conn: _Conn) -> _Head:
-    while True:
-        end = conn.buf.find(b"\r\n\r\n")
-        while end < 0:
-            if len(conn.buf) > MAX_HEAD:
-                raise ProtocolFault(f"response head longer than {MAX_HEAD} bytes", received=True)
-            await conn.more()
-            end = conn.buf.find(b"\r\n\r\n")
-        lines = conn.buf[:end].decode("latin-1").split("\r\n")
-        del conn.buf[:end + 4]
-        version, _, rest = lines[0].partition(" ")
-        code = rest[:3]
-        if not version.startswith("HTTP/1.") or not code.isdigit():
-            raise ProtocolFault(f"not an HTTP/1.x answer: {lines[0][:80]!r}", received=True)
-        status = int(code)
-        if 100 <= status < 200:  # an interim answer (100 Continue, 103 Early Hints): the real one follows
-            continue
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if not sep:
-                raise ProtocolFault(f"malformed header line {line[:80]!r}", received=True)
-            key = name.strip().lower()
-            headers[key] = f"{headers[key]}, {value.strip()}" if key in headers else value.strip()
-        connection = headers.get("connection", "").lower()
-        keep = "close" not in connection and (version != "HTTP/1.0" or "keep-alive" in connection)
-        return _Head(status, headers, keep)
-
-
-class _Decoder:
-    """The bytes of a body in the order they arrive, de-framed (length, chunked, or up to the close)."""
-
-    def __init__(self, conn: _Conn, head: _Head) -> None:
-        self.conn = conn
-        h = head.headers
-        self.chunked = "chunked" in h.get("transfer-encoding", "").lower()
-        length = "0" if head.status in (204, 304) else h.get("content-length")  # (these have no body)
-        if not self.chunked and length is not None and not length.strip().isdigit():
-            raise ProtocolFault(f"invalid Content-Length {length[:40]!r}", received=True)
-        self.remaining = -1 if self.chunked or length is None else int(length)  # -1: unknown
-        self.reusable = head.keep_alive and (self.chunked or length is not None)
-        self.done = self.remaining == 0
-        self.in_chunk = 0  # chunked: bytes left of the current chunk (then its CRLF)
-        self.trailer = False
-        encoding = h.get("content-encoding", "identity").strip().lower()
-        self.inflate: Any = None
-        if encoding in ("gzip", "x-gzip", "deflate"):
-            self.inflate = zlib.decompressobj(wbits=47)  # gzip or zlib, told apart by the header
-        elif encoding not in ("", "identity"):
-            raise ProtocolFault(f"unsupported Content-Encoding {encoding[:40]!r}", received=True)
-
-    def may_end(self) -> bool:
-        """Whether the bytes received may complete the body (never wrongly False: a chunked body always ends
-        with an empty line, after its last chunk or its trailers)."""
-        buf = self.conn.buf
-        if self.chunked:
-            return buf.endswith(b"\r\n\r\n") or (self.trailer and buf.startswith(b"\r\n"))
-        return self.remaining >= 0 and len(buf) >= self.remaining
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """What arrived of the body at each wake-up (several network reads' worth when they queued up)."""
-        conn = self.conn
-        while not self.done:
-            out = self._take()
-            if out:
-                yield self.inflate.decompress(out) if self.inflate is not None else out
-            elif not self.done:
-                try:
-                    await conn.more()
-                except ConnectionFault:
-                    if self.remaining == -1 and not self.chunked:  # the body ran to the connection's end
-                        self.done = True
-                        break
-                    raise
-        if self.inflate is not None:
-            tail = self.inflate.flush()
-            if tail:
-                yield tail
-
-    def _take(self) -> bytes:
-        buf = self.conn.buf
-        if not self.chunked:
-            if self.remaining == -1:
-                out = bytes(buf)
-                buf.clear()
-                return out
-            out = bytes(buf[:self.remaining])
-            del buf[:len(out)]
-            self.remaining -= len(out)
-            self.done = self.remaining == 0
-            return out
-        parts: list[bytes] = []
-        while True:
-            if self.in_chunk > 0:
-                piece = bytes(buf[:self.in_chunk])
-                if not piece:
-                    break
-                del buf[:len(piece)]
-                parts.append(piece)
-                self.in_chunk -= len(piece)
-                if self.in_chunk > 0:
-                    break
-                self.in_chunk = -2  # its CRLF next
-            if self.in_chunk == -2:
-                if len(buf) < 2:
-                    break
-                if buf[:2] != b"\r\n":
-                    raise ProtocolFault("a chunk does not end with CRLF", received=True)
-                del buf[:2]
-                self.in_chunk = 0
-            line_end = buf.find(b"\r\n")
-            if line_end < 0:
-                if len(buf) > MAX_HEAD:
-                    raise ProtocolFault("chunk size line too long", received=True)
-                break
-            line = bytes(buf[:line_end])
-            del buf[:line_end + 2]
-            if self.trailer:
-                if not line:  # the empty line that ends the trailers: the body is complete
-                    self.done = True
-                    break
-                continue
-            size_text = line.partition(b";")[0].strip()
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise ProtocolFault(f"invalid chunk size {size_text[:20]!r}", received=True) from None
-            if size == 0:
-                self.trailer = True
-            else:
-                self.in_chunk = size
-        return b"".join(parts)
-
-
 class Http1Stream:
     """A response whose body is read as it arrives (:meth:`chunks`); :meth:`aclose` returns its connection to
     the pool when the body was read to its end, and closes it otherwise."""
 
-    def __init__(self, client: Http1Client, conn: _Conn, decoder: _Decoder) -> None:
+    def __init__(self, client: Http1Client, conn: Conn, decoder: Decoder) -> None:
         self._client, self._conn, self._decoder = client, conn, decoder
         self._closed = False
 
@@ -339,8 +130,8 @@ class Http1Client:
                          "Content-Type: application/json\r\nAccept-Encoding: identity\r\n").encode("latin-1")
         self.max_retries = max_retries
         self._sleep = sleep
-        self._idle: list[_Conn] = []
-        self._busy: set[_Conn] = set()
+        self._idle: list[Conn] = []
+        self._busy: set[Conn] = set()
         self.connections_opened = 0
         self.closed = False
 
@@ -392,7 +183,7 @@ class Http1Client:
             del fault
             await self._sleep(wait)
 
-    def release(self, conn: _Conn, *, reuse: bool) -> None:
+    def release(self, conn: Conn, *, reuse: bool) -> None:
         """Take ``conn`` back: idle in the pool when ``reuse`` (and it is still open), else closed."""
         self._busy.discard(conn)
         conn.hint = None
@@ -434,12 +225,12 @@ class Http1Client:
             self.release(conn, reuse=False)
             raise
 
-    async def _exchange(self, conn: _Conn, request: bytes) -> Http1Stream:
+    async def _exchange(self, conn: Conn, request: bytes) -> Http1Stream:
         conn.received = 0
         assert conn.transport is not None
         conn.transport.write(request)
-        head = await _read_head(conn)
-        decoder = _Decoder(conn, head)
+        head = await read_head(conn)
+        decoder = Decoder(conn, head)
         if 200 <= head.status < 300:
             return Http1Stream(self, conn, decoder)
         text = bytearray()
@@ -449,7 +240,7 @@ class Http1Client:
                 break
         raise StatusFault(head.status, _server_message(bytes(text)), head.headers)
 
-    async def _connection(self, *, fresh: bool = False) -> tuple[_Conn, bool]:
+    async def _connection(self, *, fresh: bool = False) -> tuple[Conn, bool]:
         if self.closed:
             raise BackendError("the client was closed")
         now = time.monotonic()
@@ -462,7 +253,7 @@ class Http1Client:
             return conn, True
         loop = asyncio.get_running_loop()
         try:
-            _, conn = await loop.create_connection(_Conn, self.host, self.port)
+            _, conn = await loop.create_connection(Conn, self.host, self.port)
         except OSError as exc:
             raise ConnectionFault(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from exc
         self.connections_opened += 1

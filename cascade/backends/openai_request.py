@@ -62,7 +62,7 @@ def map_errors(name: str, where: str, timeout: float) -> Iterator[None]:
 
     ``name`` is the model, ``where`` the server's URL without credentials, ``timeout`` the deadline in seconds.
     """
-    from cascade.backends.http1 import ConnectionFault, StatusFault
+    from cascade.backends.http1_read import ConnectionFault, StatusFault
 
     try:
         yield

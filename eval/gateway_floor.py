@@ -1,0 +1,211 @@
+"""The floor under ``cascade serve``'s CPU per request: ``python -m eval.gateway_floor [--rate 80]``.
+
+What would the cheapest gateway that does the same job on the same stack cost? This module holds one: a bare
+ASGI app on uvicorn (uvloop and httptools when installed, as ``cascade serve``), which answers each
+``POST /v1/chat/completions`` with one streamed request to the small tier through the package's own HTTP/1.1
+client (:class:`cascade.backends.http1.Http1Client`), parses every event, scores the first token and sends a
+minimal OpenAI answer: no validation, limits, metrics, logging, engine or error handling. The benchmark runs,
+in one run and in turn, open-loop load at ``--rate`` against
+
+* ``canned``: the bare app answering at once, no tier call (what uvicorn and the load's HTTP cost),
+* ``floor``: the bare app with its tier call (the above),
+* ``cascade serve`` with the same simulated small tier, every answer accepted (threshold 2),
+
+and prints each one's CPU milliseconds per request from ``/proc`` (the same measure as
+:mod:`eval.bench_gateway`), so a run says how far the product is above what the stack itself costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+from eval.loadtest.simbackends import SimProcess, process_cpu_s
+from eval.loadtest.targets import Started
+
+__all__ = ["FloorGateway", "main"]
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+
+
+def floor_app(small_url: str | None) -> Callable[[dict[str, Any], Receive, Send], Awaitable[None]]:
+    """The bare ASGI app; ``small_url`` None answers at once (``canned``)."""
+    from cascade.backends.http1 import Http1Client
+    from cascade.backends.openai_answer import sse_chunks
+    from cascade.backends.openai_scores import first_token_scores
+
+    state: dict[str, Any] = {}
+
+    async def reply(send: Send, body: bytes) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def app(scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        if scope["method"] == "GET":
+            await reply(send, b'{"data": [{"id": "floor"}]}' if scope["path"].endswith("models") else b"{}")
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        request = json.loads(body)
+        text, margin = "positive", 1.0
+        if small_url is not None:
+            client = state.get("client") or state.setdefault(
+                "client", Http1Client(small_url, api_key="k", max_retries=0, user_agent="floor"))
+            stream = await client.open_stream("/chat/completions", {
+                "model": "sim-small", "messages": request["messages"], "max_tokens": request.get("max_tokens", 16),
+                "logprobs": True, "top_logprobs": 5, "stream": True})
+            parts: list[str] = []
+            try:
+                async for event in sse_chunks(stream.chunks()):
+                    for choice in event.get("choices") or ():
+                        parts.append((choice.get("delta") or {}).get("content") or "")
+                        content = (choice.get("logprobs") or {}).get("content") or ()
+                        if content and margin == 1.0:
+                            top = [t["logprob"] for t in content[0]["top_logprobs"]]
+                            margin = first_token_scores(top, 5)["margin_first"]
+            finally:
+                await stream.aclose()
+            text = "".join(parts)
+        await reply(send, json.dumps({"object": "chat.completion", "model": "floor", "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "cascade": {"tier": "small", "uncertainty": margin}}).encode())
+
+    return app
+
+
+class FloorGateway(Started):
+    """The bare app in a child process on a free port (``small_url`` None: ``canned``)."""
+
+    def __init__(self, small_url: str | None) -> None:
+        self.small_url = small_url
+        self.url = ""
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    async def start(self) -> None:
+        import httpx
+
+        from eval.loadtest.serve import _free_port
+
+        port = _free_port()
+        argv = [sys.executable, "-m", "eval.gateway_floor", "serve", "--port", str(port)]
+        if self.small_url:
+            argv += ["--small", self.small_url]
+        self._proc = await asyncio.to_thread(subprocess.Popen, argv, stdin=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(trust_env=False) as client:
+            for _ in range(150):
+                try:
+                    if (await client.get(self.url + "/health")).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    await asyncio.sleep(0.2)
+        raise RuntimeError("the floor gateway did not start")
+
+    def cpu_s(self) -> float | None:
+        return None if self._proc is None else process_cpu_s(self._proc.pid)
+
+    async def aclose(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            await asyncio.to_thread(self._proc.wait)
+            self._proc = None
+
+
+async def _measure(url: str, cpu: Callable[[], float | None], prompts: Sequence[Any], rate: float,
+                   duration: float) -> dict[str, Any]:
+    from eval.loadtest.load import LoadShape, run_load, warm_up
+    from eval.loadtest.report import build_report
+    from eval.loadtest.targets import HttpTarget
+
+    target = HttpTarget(url + "/v1", max_tokens=16, timeout_s=30.0, connections=256)
+    await target.start()
+    try:
+        await warm_up(target, prompts, 16, False)
+        before = cpu()
+        shape = LoadShape(rate=rate, duration_s=duration, stream=False, grace_s=10.0, seed=0)
+        result = await run_load(target, prompts, shape)
+        after = cpu()
+    finally:
+        await target.aclose()
+    report = build_report(result, shape, url)
+    used = None if before is None or after is None else after - before
+    return {"answered": report["answered"], "failed": report["failed"],
+            "cpu_ms_per_request": None if used is None else round(used * 1000 / max(1, report["answered"]), 3)}
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    from eval.loadtest.prompts import generated_prompts
+    from eval.loadtest.serve import ServedCascade
+    from eval.loadtest.sim import SimOptions
+
+    prompts = generated_prompts(1000, seed=0)
+    out: dict[str, Any] = {"rate_rps": args.rate, "duration_s": args.duration, "loadavg_at_start": os.getloadavg()}
+    options = replace(SimOptions(max_tokens=16), threshold=2.0)
+    small = SimProcess(options.small).start()
+    try:
+        for label, url in (("canned", None), ("floor", small.base_url)):
+            async with FloorGateway(url) as gw:
+                out[label] = await _measure(gw.url, gw.cpu_s, prompts, args.rate, args.duration)
+            print(f"{label:>14}: CPU ms/req {out[label]['cpu_ms_per_request']}", flush=True)
+    finally:
+        small.stop()
+    async with ServedCascade(options) as served:
+        out["cascade serve"] = await _measure(served.url, served.cpu_s, prompts, args.rate, args.duration)
+    print(f"{'cascade serve':>14}: CPU ms/req {out['cascade serve']['cpu_ms_per_request']}", flush=True)
+    out["loadavg_at_end"] = os.getloadavg()
+    return out
+
+
+def _serve(port: int, small: str | None) -> None:
+    import importlib.util
+
+    import uvicorn
+
+    fast = {"loop": "uvloop", "http": "httptools"} if importlib.util.find_spec("uvloop") else {}
+    uvicorn.run(floor_app(small), host="127.0.0.1", port=port, log_level="warning", access_log=False,
+                lifespan="on", **fast)  # type: ignore[arg-type]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: the benchmark, or (``serve``) the bare app itself."""
+    p = argparse.ArgumentParser(prog="python -m eval.gateway_floor", description=__doc__.split("\n\n")[0])
+    p.add_argument("command", nargs="?", choices=["bench", "serve"], default="bench")
+    p.add_argument("--rate", type=float, default=80.0, help="offered requests/s (open loop)")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds of sending per phase")
+    p.add_argument("--report-json", metavar="F", help="write the numbers as JSON")
+    p.add_argument("--port", type=int, default=0, help="(serve) the port")
+    p.add_argument("--small", help="(serve) the small tier's base URL; none: answer at once")
+    args = p.parse_args(argv)
+    if args.command == "serve":
+        _serve(args.port, args.small)
+        return 0
+    started = time.time()
+    out = asyncio.run(bench(args))
+    out["elapsed_s"] = round(time.time() - started, 1)
+    if args.report_json:
+        with open(args.report_json, "w", encoding="utf-8") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,20 @@
+"""The bare gateway that eval.gateway_floor measures as the floor under cascade serve: it really asks the tier."""
+
+from __future__ import annotations
+
+import httpx
+
+from cascade.simulate import SimConfig, SimServer
+from eval.gateway_floor import FloorGateway
+
+
+async def test_the_floor_gateway_answers_with_the_small_tier_s_streamed_text() -> None:
+    with SimServer(SimConfig(model="sim-small", latency_per_token_s=0.0)) as sim:
+        async with FloorGateway(sim.base_url) as gw, httpx.AsyncClient(trust_env=False, timeout=30) as client:
+            resp = await client.post(gw.url + "/v1/chat/completions",
+                                     json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+            assert gw.cpu_s() is not None
+    data = resp.json()
+    assert resp.status_code == 200 and data["choices"][0]["message"]["content"]
+    assert 0.0 <= data["cascade"]["uncertainty"] < 1.0  # the first token's margin, scored
+    assert sim.stats.requests == 1

@@ -329,6 +329,7 @@ async def test_an_answer_without_a_body_is_malformed_not_a_hang() -> None:
     assert info.value.public() == "malformed answer"
 
 
-def test_a_key_with_a_line_break_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="line break"):
-        OpenAIBackend(model="m", base_url="http://127.0.0.1:9/v1", api_key="sk-a\r\nX-Evil: 1")
+def test_a_key_that_cannot_go_in_a_header_is_a_config_error() -> None:
+    for key in ("sk-a\r\nX-Evil: 1", "sk-\u00e9t\u00e9"):
+        with pytest.raises(ConfigError, match="line break"):
+            OpenAIBackend(model="m", base_url="http://127.0.0.1:9/v1", api_key=key)

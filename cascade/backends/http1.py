@@ -39,7 +39,7 @@ import json
 import random
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -109,27 +109,31 @@ class Http1Client:
         api_key: sent as ``Authorization: Bearer``.
         max_retries: retries of a refused or dropped connection or a retried status (0: none).
         user_agent: the ``User-Agent`` header.
-        sleep: waits between attempts (``asyncio.sleep``; a test may count them instead).
+
+    Raises:
+        ConfigError: not an ``http://`` URL, or a key that cannot be sent in a header.
     """
 
-    def __init__(self, base_url: str, *, api_key: str, max_retries: int, user_agent: str,
-                 sleep: Callable[[float], Any] = asyncio.sleep) -> None:
+    def __init__(self, base_url: str, *, api_key: str, max_retries: int, user_agent: str) -> None:
         parts = urlsplit(base_url)
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise ConfigError(f"invalid port in the URL: {exc}") from None
         if parts.scheme != "http" or not parts.hostname:
             raise ConfigError(f"not an http:// URL: {parts.scheme}://{parts.hostname}")
-        if any(c in api_key + user_agent for c in "\r\n\0"):
-            raise ConfigError("the API key or user agent holds a line break or NUL (header injection)")
+        if any(c in api_key + user_agent for c in "\r\n\0") or not (api_key + user_agent).isascii():
+            raise ConfigError("the API key or user agent holds a line break, NUL or non-ASCII character")
         self.base_url = base_url.rstrip("/") + "/"
         self.host = parts.hostname
-        self.port = parts.port or 80
+        self.port = port or 80
         self._prefix = quote(parts.path.rstrip("/"), safe="/%;:@&=+$,!~*'()")
         self._query = f"?{parts.query}" if parts.query else ""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        authority = host if parts.port in (None, 80) else f"{host}:{parts.port}"
+        authority = host if port in (None, 80) else f"{host}:{port}"
         self._headers = (f"Host: {authority}\r\nAuthorization: Bearer {api_key}\r\nUser-Agent: {user_agent}\r\n"
                          "Content-Type: application/json\r\nAccept-Encoding: identity\r\n").encode("latin-1")
         self.max_retries = max_retries
-        self._sleep = sleep
         self._idle: list[Conn] = []
         self._busy: set[Conn] = set()
         self.connections_opened = 0
@@ -181,7 +185,7 @@ class Http1Client:
                 fault = exc
             attempt += 1
             del fault
-            await self._sleep(wait)
+            await asyncio.sleep(wait)
 
     def release(self, conn: Conn, *, reuse: bool) -> None:
         """Take ``conn`` back: idle in the pool when ``reuse`` (and it is still open), else closed."""

@@ -55,6 +55,18 @@ def test_answers_are_deterministic_per_seed_and_prompt() -> None:
     assert a.text == "".join(a.tokens)
 
 
+def test_the_fast_sample_draws_what_random_sample_draws() -> None:
+    import random
+
+    from cascade.simulate.model import _sample, _vocabulary
+
+    for population in (_vocabulary(), tuple("abcdefghij")):  # the set path, and the pool path it hands over
+        for seed in range(200):
+            a, b = random.Random(seed), random.Random(seed)
+            assert [_sample(a, population, 8) for _ in range(5)] == [b.sample(population, 8) for _ in range(5)]
+            assert a.random() == b.random()  # the generator is left in the same state
+
+
 def test_confidence_marker_sets_how_peaked_the_answer_is() -> None:
     cfg = SimConfig()
 

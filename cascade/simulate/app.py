@@ -1,5 +1,13 @@
-"""The simulated server's ASGI app: OpenAI response and SSE formats, counters (requests are checked by
-:mod:`cascade.simulate.request`)."""
+"""The simulated server's ASGI app: routing, streaming and counters (requests are checked by
+:mod:`cascade.simulate.request`, answers serialised by :mod:`cascade.simulate.formats`).
+
+A plain ASGI callable, not a framework app: the simulator stands in for a model server next to the cascade
+under load, so its own CPU per request must stay small (profiled: Starlette's routing, request object and
+streaming task group cost more than the answer). A stream sends its bytes when they are due: headers at
+once, then one write per generated step, the chat role event riding with the first token and the finish,
+usage and ``[DONE]`` events with the last one (nothing waits between them). A client that disconnects ends
+the stream at its next wait (counted in ``streams_cancelled``), as a real server notices a closed socket.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +15,25 @@ import asyncio
 import contextlib
 import json
 import random
-import re
-import time
-import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
+from typing import Any
 
-from cascade.simulate.choices import choose, echo_logprobs, masked, tokens
+from cascade.simulate.choices import choose, masked
+from cascade.simulate.formats import DONE, StreamEvents, error_body, full_body, json_bytes
 from cascade.simulate.model import SimAnswer, SimConfig, simulate_answer
-from cascade.simulate.request import MAX_BODY_BYTES, ApiError, SimRequest, parse
+from cascade.simulate.request import MAX_BODY_BYTES, ApiError, parse
 
-if TYPE_CHECKING:
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import Response
+__all__ = ["ASGIApp", "SimStats", "create_app"]
 
-__all__ = ["SimStats", "create_app"]
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+#: An ASGI application (what :func:`create_app` returns and uvicorn runs).
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_JSON = [(b"content-type", b"application/json")]
+_SSE = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
+
 
 class SimStats:
     """Counters of one server, readable from any thread (each field is a plain int).
@@ -59,101 +70,6 @@ class SimStats:
         finally:
             self.in_flight -= 1
 
-def _prompt_tokens(key: str) -> int:
-    return max(1, len(re.findall(r"\w+|[^\w\s]", key)))
-
-
-def _usage(req: SimRequest, answers: Sequence[SimAnswer]) -> dict[str, int]:
-    prompt = sum(_prompt_tokens(k) for k in req.keys)
-    completion = sum(len(a.tokens) for a in answers)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def _chat_logprobs(a: SimAnswer, steps: range, n: int) -> dict[str, Any]:
-    def entry(token: str, lp: float) -> dict[str, Any]:
-        return {"token": token, "logprob": lp, "bytes": list(token.encode())}
-
-    return {"content": [{**entry(a.tokens[t], a.logprobs[t]),
-                         "top_logprobs": [entry(*p) for p in a.top[t][:n]]} for t in steps]}
-
-
-def _text_logprobs(a: SimAnswer, steps: range, n: int, offset: int) -> dict[str, Any]:
-    offsets = []
-    for t in steps:
-        offsets.append(offset)
-        offset += len(a.tokens[t])
-    return {"tokens": [a.tokens[t] for t in steps], "token_logprobs": [a.logprobs[t] for t in steps],
-            "top_logprobs": [dict(a.top[t][: max(n, 1)]) for t in steps], "text_offset": offsets}
-
-
-def _logprobs(req: SimRequest, a: SimAnswer, steps: range) -> dict[str, Any] | None:
-    if req.top_n is None:
-        return None
-    if req.chat:
-        return _chat_logprobs(a, steps, req.top_n)
-    return _text_logprobs(a, steps, req.top_n, sum(len(tok) for tok in a.tokens[: steps.start]))
-
-
-def _full_body(req: SimRequest, answers: Sequence[SimAnswer], config: SimConfig) -> dict[str, Any]:
-    head = {"id": f"{'chatcmpl' if req.chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-            "model": config.model, "object": "chat.completion" if req.chat else "text_completion"}
-    choices = []
-    for i, a in enumerate(answers):
-        lp = _logprobs(req, a, range(len(a.tokens)))
-        body: dict[str, Any] = ({"message": {"role": "assistant", "content": a.text}} if req.chat
-                                else {"text": a.text})
-        choices.append({"index": i, **body, "logprobs": lp, "finish_reason": a.finish_reason,
-                        **({"stop_reason": a.stop} if config.stop_reason else {})})
-    return {**head, "choices": choices, "usage": _usage(req, answers)}
-
-
-async def _stream(req: SimRequest, answers: Sequence[SimAnswer], config: SimConfig, stats: SimStats
-                  ) -> AsyncIterator[bytes]:
-    head = {"id": f"{'chatcmpl' if req.chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-            "model": config.model, "object": "chat.completion.chunk" if req.chat else "text_completion"}
-
-    def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
-        return b"data: " + json.dumps({**head, "choices": choices, **extra}).encode() + b"\n\n"
-
-    def delta(i: int, text: str | None, finish: str | None, lp: dict[str, Any] | None) -> dict[str, Any]:
-        body = ({"delta": {} if text is None else {"content": text}} if req.chat else {"text": text or ""})
-        return {"index": i, **body, "logprobs": lp, "finish_reason": finish}
-
-    stats.started += 1
-    mine = stats.started
-
-    def interrupted() -> bool:  # llama.cpp: a newer request makes the running one give up
-        return config.interrupt_requests and stats.started > mine
-
-    with stats.track():
-        try:
-            if config.latency_per_request_s:
-                await asyncio.sleep(config.latency_per_request_s)
-            if req.chat:
-                yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}])
-            for t in range(max(len(a.tokens) for a in answers)):
-                if config.latency_per_token_s:
-                    await asyncio.sleep(config.latency_per_token_s)
-                if interrupted():
-                    stats.streams_interrupted += 1
-                    yield b"data: [DONE]\n\n"
-                    return
-                for i, a in enumerate(answers):
-                    if t < len(a.tokens):
-                        stats.tokens_sent += 1
-                        yield event([delta(i, a.tokens[t], None, _logprobs(req, a, range(t, t + 1)))])
-            yield event([{**delta(i, None, a.finish_reason, None), **({"stop_reason": a.stop} if config.stop_reason
-                                                                       else {})} for i, a in enumerate(answers)])
-            if req.include_usage and config.stream_usage:
-                yield event([], usage=_usage(req, answers))
-            yield b"data: [DONE]\n\n"
-            stats.streams_completed += 1
-        except (asyncio.CancelledError, GeneratorExit):
-            stats.streams_cancelled += 1
-            raise
-
-
 def _guided(config: SimConfig, key: str, choices: Sequence[str]) -> SimAnswer:
     picked = choose(config, key, choices)
     if config.processed_logprobs:
@@ -161,48 +77,119 @@ def _guided(config: SimConfig, key: str, choices: Sequence[str]) -> SimAnswer:
     return SimAnswer(picked.tokens, picked.logprobs, picked.top, "stop", 0.5)
 
 
-def _with_echo(req: SimRequest, body: dict[str, Any], config: SimConfig) -> dict[str, Any]:
-    """Completions with ``echo``: each text starts with its prompt, and the prompt tokens' logprobs come first."""
-    for choice, key in zip(body["choices"], req.keys):
-        choice["text"] = key + choice["text"]
-        if req.top_n is None:
-            continue
-        head = echo_logprobs(config, key, req.top_n)
-        tail = choice["logprobs"] or {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        choice["logprobs"] = {name: list(head[name]) + list(tail[name])  # type: ignore[call-overload]
-                              for name in ("tokens", "token_logprobs", "top_logprobs")}
-        choice["logprobs"]["text_offset"] = list(head["text_offset"]) + [  # type: ignore[call-overload]
-            len(key) + off for off in tail["text_offset"]]
-    usage = body["usage"]
-    usage["prompt_tokens"] = sum(len(tokens(k)) for k in req.keys)
-    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-    return body
 
 
-def create_app(config: SimConfig, stats: SimStats | None = None) -> Starlette:
+async def _respond(send: Send, status: int, body: bytes) -> None:
+    headers = [(b"content-length", str(len(body)).encode()), *_JSON]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    """The request body, or None when the client left before sending all of it."""
+    parts = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        parts.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+class _Listener:
+    """Waits that end early when the client disconnects (one task per stream reads ``http.disconnect``)."""
+
+    def __init__(self, receive: Receive) -> None:
+        self.gone = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._task = asyncio.ensure_future(self._listen(receive))
+
+    async def _listen(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.gone = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def wait(self, seconds: float) -> bool:
+        """Sleep ``seconds`` (none when 0); False when the client is gone (before or during the wait)."""
+        if seconds and not self.gone:
+            loop = asyncio.get_running_loop()
+            self._waiter = waiter = loop.create_future()
+            timer = loop.call_later(seconds, _wake, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+        return not self.gone
+
+    def close(self) -> None:
+        """Stop listening."""
+        self._task.cancel()
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+async def _stream(send: Send, receive: Receive, events: StreamEvents, config: SimConfig, stats: SimStats) -> None:
+    """Send one stream: headers now, then each step's events after its latency (see the module docstring)."""
+    await send({"type": "http.response.start", "status": 200, "headers": _SSE})
+    stats.started += 1
+    mine = stats.started
+    listener = _Listener(receive)
+    try:
+        owed = b""  # events due but not sent yet: they go with the next write
+        if not await listener.wait(config.latency_per_request_s):
+            stats.streams_cancelled += 1
+            return
+        owed = events.role()
+        for t in range(events.steps):
+            if not await listener.wait(config.latency_per_token_s):
+                stats.streams_cancelled += 1
+                return
+            if config.interrupt_requests and stats.started > mine:  # llama.cpp: a newer request wins
+                stats.streams_interrupted += 1
+                await send({"type": "http.response.body", "body": owed + DONE})
+                return
+            chunk = [owed, *events.step(t)]
+            stats.tokens_sent += len(chunk) - 1
+            if t + 1 < events.steps:
+                await send({"type": "http.response.body", "body": b"".join(chunk), "more_body": True})
+                owed = b""
+            else:
+                owed = b"".join(chunk)
+        await send({"type": "http.response.body", "body": owed + events.tail()})
+        stats.streams_completed += 1
+    except asyncio.CancelledError:
+        stats.streams_cancelled += 1
+        raise
+    finally:
+        listener.close()
+
+
+def create_app(config: SimConfig, stats: SimStats | None = None) -> ASGIApp:
     """Build the ASGI app of the simulated server.
 
     Args:
         config: the server's behaviour.
         stats: counters to update (a new :class:`SimStats` when None).
     """
-    from starlette.applications import Starlette
-    from starlette.exceptions import HTTPException
-    from starlette.responses import JSONResponse, StreamingResponse
-    from starlette.routing import Route
-
     counters = stats if stats is not None else SimStats()
     draws = random.Random(config.seed)
+    card = {"id": config.model, "object": "model", "created": 0, "owned_by": "cascade-simulate"}
+    fixed = {"/v1/models": json_bytes({"object": "list", "data": [card]}), "/health": json_bytes({"status": "ok"})}
+    generation = {"/v1/chat/completions": True, "/v1/completions": False}
 
-    def error(status: int, message: str, param: str | None = None, code: str | None = None) -> Response:
-        kind = "server_error" if status >= 500 else "invalid_request_error"
-        payload = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-        return JSONResponse(payload, status_code=status)
-
-    async def generate(request: Request, chat: bool) -> Response:
+    async def generate(receive: Receive, send: Send, chat: bool) -> None:
         counters.requests += 1
         with counters.track():
-            raw = await request.body()
+            raw = await _read_body(receive)
+            if raw is None:
+                return
             try:
                 if len(raw) > MAX_BODY_BYTES:
                     raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
@@ -212,49 +199,48 @@ def create_app(config: SimConfig, stats: SimStats | None = None) -> Starlette:
                     raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
                 req = parse(body, chat, config)
             except ApiError as exc:
-                return error(exc.status, exc.message, exc.param, exc.code)
+                return await _respond(send, exc.status, error_body(exc.status, exc.message, exc.param, exc.code))
             fail, hang = draws.random() < config.error_rate, draws.random() < config.timeout_rate
             if fail:
                 counters.errors += 1
-                return error(500, "simulated internal server error")
+                return await _respond(send, 500, error_body(500, "simulated internal server error"))
             if hang:
                 counters.hangs += 1
                 await asyncio.sleep(config.hang_s)
             answers = [_guided(config, key, req.choices) if req.choices else
                        simulate_answer(config, key, req.max_tokens, req.stop) for key in req.keys]
             if req.stream:
-                events = _stream(req, answers, config, counters)
-                return StreamingResponse(events, media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache"})
+                return await _stream(send, receive, StreamEvents(req, answers, config), config, counters)
             steps = max(len(a.tokens) for a in answers)
             delay = config.latency_per_request_s + steps * config.latency_per_token_s
             if delay:
                 await asyncio.sleep(delay)
-            body = _full_body(req, answers, config)
-            return JSONResponse(_with_echo(req, body, config) if req.echo else body)
+            await _respond(send, 200, json_bytes(full_body(req, answers, config)))
 
-    async def chat_endpoint(request: Request) -> Response:
-        return await generate(request, chat=True)
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            return await _lifespan(receive, send)
+        if scope["type"] != "http":
+            return None
+        path, method = scope["path"], scope["method"]
+        chat = generation.get(path)
+        if chat is not None and method == "POST":
+            return await generate(receive, send, chat)
+        if path in fixed and method in ("GET", "HEAD"):
+            return await _respond(send, 200, fixed[path])
+        found = chat is not None or path in fixed
+        status, reason = (405, "Method Not Allowed") if found else (404, "Not Found")
+        await _respond(send, status, error_body(status, f"{method} {path}: {reason}"))
 
-    async def completions_endpoint(request: Request) -> Response:
-        return await generate(request, chat=False)
+    return app
 
-    async def models(request: Request) -> Response:
-        card = {"id": config.model, "object": "model", "created": 0, "owned_by": "cascade-simulate"}
-        return JSONResponse({"object": "list", "data": [card]})
 
-    async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        status = exc.status_code if isinstance(exc, HTTPException) else 500
-        return error(status, f"{request.method} {request.url.path}: {getattr(exc, 'detail', exc)}")
-
-    routes = [
-        Route("/v1/chat/completions", chat_endpoint, methods=["POST"]),
-        Route("/v1/completions", completions_endpoint, methods=["POST"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-    ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
-
+async def _lifespan(receive: Receive, send: Send) -> None:
+    """Nothing to start or stop: acknowledge both."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import random
@@ -27,6 +28,36 @@ _WORDS = (
     "while last might us great old year off come since against go came right used take three river stone "
     "light water green quiet answer number small large model token north south east west cloud paper"
 )
+
+
+
+@functools.cache
+def _vocabulary() -> tuple[str, ...]:
+    return tuple(_WORDS.split())
+
+
+def _sample(rng: random.Random, population: Sequence[str], k: int) -> list[str]:
+    """``rng.sample(population, k)``, the same draws and result, without its per-call overhead.
+
+    CPython's ``Random.sample`` with a population larger than its pool threshold (``21 + 4 ** ceil(log4(3k))``,
+    85 for k = 20) draws each index with ``getrandbits(n.bit_length())`` until it is below ``n`` and not taken
+    yet; this does exactly that (``tests/test_simulate.py`` checks it against ``rng.sample``). Smaller
+    populations go to ``rng.sample`` itself.
+    """
+    n = len(population)
+    if n <= 21 + 4 ** math.ceil(math.log(3 * k, 4)) or k <= 5:
+        return rng.sample(population, k)
+    bits, getrandbits = n.bit_length(), rng.getrandbits
+    taken: set[int] = set()
+    out: list[str] = []
+    while True:
+        j = getrandbits(bits)
+        if j < n and j not in taken:
+            taken.add(j)
+            out.append(population[j])
+            if len(out) == k:
+                return out
+
 
 @dataclass(frozen=True)
 class SimConfig:
@@ -159,17 +190,20 @@ def simulate_answer(config: SimConfig, prompt: str, max_tokens: int, stop: Seque
     tokens: list[str] = []
     logprobs: list[float] = []
     top: list[tuple[tuple[str, float], ...]] = []
-    vocabulary = _WORDS.split()
+    vocabulary = _vocabulary()
+    draw, exp = rng.random, math.exp
+    offsets = range(MAX_TOP_LOGPROBS - 1)
     for t in range(steps):
-        words = rng.sample(vocabulary, MAX_TOP_LOGPROBS)
-        gap = (0.05 + 7.0 * confidence) * (0.5 + rng.random())
-        slope = 0.2 + 0.6 * rng.random()
-        logits = [0.0] + [-gap - slope * j for j in range(MAX_TOP_LOGPROBS - 1)]
+        words = _sample(rng, vocabulary, MAX_TOP_LOGPROBS)
+        gap = (0.05 + 7.0 * confidence) * (0.5 + draw())
+        slope = 0.2 + 0.6 * draw()
+        logits = [0.0, *[-gap - slope * j for j in offsets]]
         tail = logits[-1] - 1.0
-        lse = math.log(sum(math.exp(z) for z in logits) + _TAIL_TOKENS * math.exp(tail))
-        prefix = " " if t else ""
-        step = tuple((prefix + w, z - lse) for w, z in zip(words, logits, strict=True))
-        tokens.append(step[0][0])
+        lse = math.log(sum(map(exp, logits)) + _TAIL_TOKENS * exp(tail))
+        if t:
+            words = [" " + w for w in words]
+        step = tuple(zip(words, [z - lse for z in logits]))
+        tokens.append(words[0])
         logprobs.append(step[0][1])
         top.append(step)
     finish = "stop" if natural <= max_tokens else "length"

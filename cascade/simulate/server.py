@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import socket
 import threading
 import time
@@ -155,9 +156,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sock = _bind(args.host, args.port)
     except ConfigError as exc:
         p.error(str(exc))
+    server = uvicorn.Server(uvicorn.Config(create_app(config), log_level="warning", access_log=False,
+                                           lifespan="off", timeout_graceful_shutdown=1))
+    gc.freeze()  # what was imported stays: the collector no longer walks it on every full pass (less CPU)
     print(f"cascade.simulate: serving {config.model} on {args.host}:{sock.getsockname()[1]}", flush=True)
-    server = uvicorn.Server(uvicorn.Config(create_app(config), log_level="warning", lifespan="off",
-                                           timeout_graceful_shutdown=1))
     with sock:
         server.run(sockets=[sock])
     return 0

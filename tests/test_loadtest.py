@@ -32,7 +32,7 @@ from eval.loadtest.prompts import (
 )
 from eval.loadtest.sim import SimOptions, SimulatedCascade
 from eval.loadtest.stats import Outcome, Recorder, percentile, percentiles
-from eval.loadtest.targets import HttpTarget, check_loopback
+from eval.loadtest.targets import HttpTarget, RequestFailed, check_loopback
 
 FAST = SimOptions(mode="thread", small=SimConfig(model="sim-small", latency_per_token_s=0.001, seed=1),
                   large=SimConfig(model="sim-large", latency_per_request_s=0.01, latency_per_token_s=0.002, seed=2),
@@ -193,6 +193,26 @@ async def test_http_target_streams_and_reports_time_to_first_token():
     assert report["ttft_ms"]["p50"] <= report["latency_ms"]["p50"]
     assert report["engine_overhead_ms"]["n"] == 0  # a plain peer reports no backend time
     assert any("engine overhead unknown" in n for n in report["notes"])
+
+
+async def test_http_target_names_what_went_wrong():
+    async with SimServer(SimConfig(model="peer", timeout_rate=1.0, hang_s=30.0)) as server:
+        target = HttpTarget(server.url, model="peer", timeout_s=0.3)
+        await target.start()
+        with pytest.raises(RequestFailed) as hung:  # nothing read for timeout_s
+            await target.send("hello", stream=False)
+        await target.aclose()
+    async with SimServer(SimConfig(model="peer")) as server:
+        target = HttpTarget(server.url, model="peer")
+        await target.start()
+        with pytest.raises(RequestFailed) as wrong:
+            target.model = "another"
+            await target.send("hello", stream=True)
+    with pytest.raises(RequestFailed) as gone:  # the server stopped: nothing listens on its port any more
+        await target.send("hello", stream=False)
+    await target.aclose()
+    assert (hung.value.kind, wrong.value.kind, gone.value.kind) == ("timeout", "http_404", "connect_error")
+    assert "does not exist" in str(wrong.value)
 
 
 # ------------------------------------------------------------------ fault injection

@@ -239,7 +239,8 @@ async def loadtest(target: LoadTarget, prompts: Sequence[Prompt], shape: LoadSha
 
 async def _run_http(args: argparse.Namespace, url: str, prompts: Sequence[Prompt], shape: LoadShape, *,
                     events: Sequence[Event] = (), fault: str | None = None, fault_at_s: float | None = None,
-                    notes: Sequence[str] = ()) -> tuple[dict[str, Any], RunResult]:
+                    notes: Sequence[str] = (), after_warmup: Callable[[], None] | None = None
+                    ) -> tuple[dict[str, Any], RunResult]:
     http = HttpTarget(url, model=args.model, max_tokens=args.max_tokens, timeout_s=args.timeout,
                       connections=max(args.users, 100) if args.rate is None else 1000)
     await http.start()
@@ -248,7 +249,7 @@ async def _run_http(args: argparse.Namespace, url: str, prompts: Sequence[Prompt
                  "reports, so it includes HTTP, JSON and queueing on both sides; server_engine_overhead_ms is "
                  "the server's own engine latency minus backend time", *notes]
         return await loadtest(http, prompts, shape, warmup=args.warmup, events=events, fault=fault,
-                              fault_at_s=fault_at_s, notes=notes)
+                              fault_at_s=fault_at_s, notes=notes, after_warmup=after_warmup)
     finally:
         await http.aclose()
 
@@ -264,13 +265,16 @@ async def _run(args: argparse.Namespace) -> tuple[dict[str, Any], RunResult]:
         options = _sim_options(args)
         async with ServedCascade(options, max_in_flight=args.serve_max_in_flight,
                                  max_queue=args.serve_max_queue) as served:
+            cpu0: dict[str, float | None] = {}
             report, result = await _run_http(
                 args, served.url, prompts, shape, events=[(options.fault_at_s, served.inject)] if options.fault else [],
                 fault=options.fault,
                 fault_at_s=options.fault_at_s if options.fault else None,
-                notes=["cascade serve and both simulated servers run as child processes on the same CPUs"])
+                notes=["cascade serve and both simulated servers run as child processes on the same CPUs"],
+                after_warmup=lambda: cpu0.update(served.cpu_by_process()))
             report["simulated"] = {"via": "cascade serve", **_sim_info(options),
                                    "tier_call_beyond_server_ms": beyond_server(result.recorder.outcomes, options)}
+            report["cpu_split"] = cpu_split(cpu0, served.cpu_by_process(), result, report["answered"])
             return report, result
     if args.experts is not None:
         return await _run_experts(args, prompts, shape)
@@ -321,6 +325,18 @@ async def _run_experts(args: argparse.Namespace, prompts: Sequence[Prompt], shap
         report, result = await loadtest(routed.target, prompts, shape, warmup=args.warmup, notes=notes)
         report["experts"] = routed.report()
         return report, result
+
+
+def cpu_split(before: dict[str, float | None], after: dict[str, float | None], result: RunResult, answered: int
+              ) -> dict[str, dict[str, float | None]]:
+    """CPU seconds, share of one core and milliseconds per answered request of each process during the run
+    (``loadgen``: this process; the others from ``/proc``, None where it cannot be read)."""
+    used = {k: None if before.get(k) is None or after.get(k) is None else after[k] - before[k]  # type: ignore[operator]
+            for k in after}
+    used["loadgen"] = result.cpu_s
+    span, n = max(result.elapsed_s, 1e-9), max(answered, 1)
+    return {k: {"cpu_s": None if v is None else round(v, 3), "share_of_core": None if v is None else round(v / span, 3),
+                "ms_per_request": None if v is None else round(v * 1000 / n, 3)} for k, v in used.items()}
 
 
 def _sim_info(options: SimOptions) -> dict[str, Any]:

@@ -213,6 +213,11 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append("")
         for name, p in beyond.items():
             row(f"{name} call beyond server ms", p)
+    split = r.get("cpu_split")
+    if split:
+        lines.append("CPU during the run: " + "  ".join(
+            f"{k} {_fmt(v['ms_per_request'], 3)} ms/answer ({_fmt(v['share_of_core'], 2)} core)"
+            for k, v in split.items()))
     for e in r["events"]:
         lines.append(f"event at {e['t_s']} s: {e['what']}")
     for note in r.get("notes", []):

@@ -155,6 +155,10 @@ class ServedCascade(Started):
         """CPU seconds ``cascade serve`` has used so far, its worker processes included (Linux; else None)."""
         return None if self._proc is None else process_cpu_s(self._proc.pid, children=True)
 
+    def cpu_by_process(self) -> dict[str, float | None]:
+        """CPU seconds used so far by ``cascade serve`` (``gateway``) and each simulated server (Linux; else None)."""
+        return {"gateway": self.cpu_s(), **{name: server.cpu_s() for name, server in self.servers.items()}}
+
     async def inject(self) -> str:
         """Stop the large tier's server (the ``large-down`` fault)."""
         await asyncio.to_thread(self.servers["large"].stop)

@@ -12,8 +12,10 @@ rates (:func:`eval.loadtest.load.run_load`), and reports from each process's own
   queueing latency (client latency minus the engine's own latency that the server reports) and the highest
   rate served with its p99 <= ``--p99-ms`` and no failed request.
 
-``--baseline-src DIR`` runs the same phases, interleaved, against a ``cascade serve`` built from another
-checkout (e.g. a worktree of the commit before a change) and prints current / baseline ratios side by side.
+``--baseline-src DIR`` runs the same phases, interleaved, against a ``cascade serve`` and simulated servers run
+from another checkout (e.g. a worktree of the commit before a change) and prints current / baseline ratios side
+by side. The load generator is this process in both, so its ratio is ~1 by construction: compare it across two
+runs, one from each checkout.
 The load generator polls ``/health`` twice a second; those requests are counted in the gateway's CPU but not
 as requests (about 2% at 100 requests/s).
 """
@@ -149,11 +151,13 @@ def _print_cpu(label: str, variant: str, row: dict[str, Any]) -> None:
 
 
 def ratios(out: dict[str, Any], current: str, baseline: str) -> dict[str, Any]:
-    """current / baseline of the gateway's CPU per request per phase, and of the highest rate within p99."""
+    """current / baseline of each process's CPU per request per phase (the gateway's, the simulated servers'
+    and, only meaningful across two checkouts' runs, the load generator's), and of the highest rate within p99."""
     res: dict[str, Any] = {}
     for key, row in out[current]["cpu"].items():
-        a, b = row["cpu_ms_per_request"]["gateway"], out[baseline]["cpu"][key]["cpu_ms_per_request"]["gateway"]
-        res[f"gateway_cpu_{key}"] = None if not a or not b else round(a / b, 3)
+        for proc in PROCESSES:
+            a, b = row["cpu_ms_per_request"][proc], out[baseline]["cpu"][key]["cpu_ms_per_request"][proc]
+            res[f"{proc}_cpu_{key}"] = None if not a or not b else round(a / b, 3)
     a, b = out[current].get("highest_rate_p99_ok_rps"), out[baseline].get("highest_rate_p99_ok_rps")
     res["highest_rate_p99_ok"] = None if not a or not b else round(a / b, 3)
     return res

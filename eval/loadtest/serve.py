@@ -8,7 +8,6 @@ The fault ``large-down`` stops the large tier's server mid-run (the other faults
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from typing import Any
 
 from cascade.errors import ConfigError
 from eval.loadtest.sim import SimOptions
-from eval.loadtest.simbackends import SimProcess, process_cpu_s
+from eval.loadtest.simbackends import SimProcess, child_code, process_cpu_s
 from eval.loadtest.targets import Started
 
 __all__ = ["ServedCascade", "child_code", "serve_config"]
@@ -60,19 +59,6 @@ def serve_config(options: SimOptions, small_url: str, large_url: str, *, max_in_
     }
 
 
-def child_code(pythonpath: str | None) -> tuple[dict[str, str] | None, str | None]:
-    """The environment and working directory of a ``python -c`` child that must run the code on ``pythonpath``
-    (None: this process's environment and directory).
-
-    ``python -c`` puts its working directory ahead of ``PYTHONPATH`` on ``sys.path``: started from another
-    checkout, the child would import that checkout's ``cascade`` instead. So it starts in the first folder of
-    ``pythonpath``.
-    """
-    if pythonpath is None:
-        return None, None
-    return {**os.environ, "PYTHONPATH": pythonpath}, pythonpath.split(os.pathsep)[0]
-
-
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -89,8 +75,8 @@ class ServedCascade(Started):
         max_in_flight: the server's ``max_in_flight``.
         max_queue: the server's ``max_queue``.
         serve_args: more ``cascade serve`` arguments (e.g. ``["--workers", "2"]``).
-        pythonpath: the ``PYTHONPATH`` of the ``cascade serve`` child (another checkout's code, for a
-            before/after comparison); None inherits this process's.
+        pythonpath: the ``PYTHONPATH`` of the ``cascade serve`` child and of both simulated servers (another
+            checkout's code, for a before/after comparison); None inherits this process's.
         server: more keys of the config's ``server`` section.
     """
 
@@ -116,7 +102,7 @@ class ServedCascade(Started):
 
         o = self.options
         for name, cfg in (("small", o.small), ("large", o.large)):
-            self.servers[name] = SimProcess(cfg).start()
+            self.servers[name] = SimProcess(cfg, pythonpath=self.pythonpath).start()
         config = serve_config(o, self.servers["small"].base_url, self.servers["large"].base_url,
                               max_in_flight=self.max_in_flight, max_queue=self.max_queue)
         config["extra"]["server"].update(self.server)

@@ -28,7 +28,7 @@ from cascade.errors import BackendError, ConfigError
 from cascade.simulate import SimConfig, simulate_answer
 from cascade.types import EarlyExit, Generation, GenerationParams, Prompt, chat_lines
 
-__all__ = ["LocalSimBackend", "SimProcess", "SwitchBackend", "TimedBackend", "process_cpu_s"]
+__all__ = ["LocalSimBackend", "SimProcess", "SwitchBackend", "TimedBackend", "child_code", "process_cpu_s"]
 
 
 def process_cpu_s(pid: int, *, children: bool = False) -> float | None:
@@ -52,11 +52,30 @@ def process_cpu_s(pid: int, *, children: bool = False) -> float | None:
     return total
 
 
-class SimProcess:
-    """A :mod:`cascade.simulate` server in a child process on a free loopback port (same face as SimServer)."""
+def child_code(pythonpath: str | None) -> tuple[dict[str, str] | None, str | None]:
+    """The environment and working directory of a ``python -c`` child that must run the code on ``pythonpath``
+    (None: this process's environment and directory).
 
-    def __init__(self, config: SimConfig) -> None:
+    ``python -c`` puts its working directory ahead of ``PYTHONPATH`` on ``sys.path``: started from another
+    checkout, the child would import that checkout's ``cascade`` instead. So it starts in the first folder of
+    ``pythonpath``.
+    """
+    if pythonpath is None:
+        return None, None
+    return {**os.environ, "PYTHONPATH": pythonpath}, pythonpath.split(os.pathsep)[0]
+
+
+class SimProcess:
+    """A :mod:`cascade.simulate` server in a child process on a free loopback port (same face as SimServer).
+
+    Args:
+        config: the server's behaviour.
+        pythonpath: run the simulator of another checkout (see :func:`child_code`); None: this one's.
+    """
+
+    def __init__(self, config: SimConfig, *, pythonpath: str | None = None) -> None:
         self.config = config
+        self.pythonpath = pythonpath
         self._proc: subprocess.Popen[bytes] | None = None
         self._port = 0
         self._log: Any = None
@@ -81,7 +100,9 @@ class SimProcess:
         if not c.logprobs:
             argv.append("--no-logprobs")
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 - kept open for the child's lifetime
-        self._proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL)
+        env, cwd = child_code(self.pythonpath)
+        self._proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL, env=env,
+                                      cwd=cwd)
         assert self._proc.stdout is not None
         deadline = time.monotonic() + timeout_s
         line = b""

@@ -67,6 +67,28 @@ def test_the_fast_sample_draws_what_random_sample_draws() -> None:
             assert a.random() == b.random()  # the generator is left in the same state
 
 
+def test_streamed_chat_events_are_the_json_of_openai_chunks() -> None:
+    from cascade.simulate.formats import StreamEvents
+    from cascade.simulate.request import parse
+
+    cfg = SimConfig(model=MODEL)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "caf\u00e9 \"quoted\""}], "max_tokens": 9,
+            "stream": True, "logprobs": True, "top_logprobs": 4}
+    req = parse(body, True, cfg)
+    answer = simulate_answer(cfg, req.keys[0], 9)
+    events = StreamEvents(req, [answer], cfg)
+    for t in range(events.steps):
+        (event,) = events.step(t)
+        head = json.loads(event[len(b"data: "):])
+        token = answer.tokens[t]
+        expected = {"id": head["id"], "created": head["created"], "model": MODEL, "object": "chat.completion.chunk",
+                    "choices": [{"index": 0, "delta": {"content": token}, "logprobs": {"content": [{
+                        "token": token, "logprob": answer.logprobs[t], "bytes": list(token.encode()),
+                        "top_logprobs": [{"token": w, "logprob": v, "bytes": list(w.encode())}
+                                         for w, v in answer.top[t][:4]]}]}, "finish_reason": None}]}
+        assert event == b"data: " + json.dumps(expected).encode() + b"\n\n"  # the bytes json.dumps writes
+
+
 def test_confidence_marker_sets_how_peaked_the_answer_is() -> None:
     cfg = SimConfig()
 

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Seque
 from typing import Any
 
 from cascade.simulate.choices import choose, masked
-from cascade.simulate.formats import DONE, StreamEvents, error_body, full_body, json_bytes
+from cascade.simulate.formats import DONE, StreamEvents, TokenJson, error_body, full_body, json_bytes
 from cascade.simulate.model import SimAnswer, SimConfig, simulate_answer
 from cascade.simulate.request import MAX_BODY_BYTES, ApiError, parse
 
@@ -183,6 +183,7 @@ def create_app(config: SimConfig, stats: SimStats | None = None) -> ASGIApp:
     card = {"id": config.model, "object": "model", "created": 0, "owned_by": "cascade-simulate"}
     fixed = {"/v1/models": json_bytes({"object": "list", "data": [card]}), "/health": json_bytes({"status": "ok"})}
     generation = {"/v1/chat/completions": True, "/v1/completions": False}
+    token_json = TokenJson()
 
     async def generate(receive: Receive, send: Send, chat: bool) -> None:
         counters.requests += 1
@@ -210,7 +211,7 @@ def create_app(config: SimConfig, stats: SimStats | None = None) -> ASGIApp:
             answers = [_guided(config, key, req.choices) if req.choices else
                        simulate_answer(config, key, req.max_tokens, req.stop) for key in req.keys]
             if req.stream:
-                return await _stream(send, receive, StreamEvents(req, answers, config), config, counters)
+                return await _stream(send, receive, StreamEvents(req, answers, config, token_json), config, counters)
             steps = max(len(a.tokens) for a in answers)
             delay = config.latency_per_request_s + steps * config.latency_per_token_s
             if delay:

@@ -203,7 +203,7 @@ class HttpTarget:
         self._health_session: Any = None
         self._depth: int | None = None
         self._poller: asyncio.Task[None] | None = None
-        self._chat_url = self.base_url + "/chat/completions"
+        self._chat_url: Any = None  # a yarl.URL, parsed once
 
     async def start(self) -> None:
         """Open the connection pool and find the model id if none was given.
@@ -213,9 +213,11 @@ class HttpTarget:
         """
         try:
             import aiohttp
+            import yarl
         except ImportError as exc:
             raise ConfigError("the HTTP load generator needs aiohttp: pip install 'uncertainty-cascade[fast]'") from exc
 
+        self._chat_url = yarl.URL(self.base_url + "/chat/completions")
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(10.0, self.timeout_s), sock_read=self.timeout_s)
         # trust_env=False: no proxy from the environment may carry loopback traffic elsewhere.
         self._session = aiohttp.ClientSession(

@@ -23,7 +23,6 @@ as requests (about 2% at 100 requests/s).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from cascade.types import Prompt
-from eval.loadtest.load import LoadShape, run_load, warm_up
+from eval.loadtest.load import LoadShape, run, run_load, warm_up
 from eval.loadtest.prompts import generated_prompts
 from eval.loadtest.report import build_report
 from eval.loadtest.serve import ServedCascade
@@ -212,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.baseline_src:
         args.baseline_src = str(Path(args.baseline_src).resolve())
-    report = asyncio.run(bench(args))
+    report = run(bench(args))
     if args.report_json:
         Path(args.report_json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return 0

@@ -20,7 +20,6 @@ answered twice, 1 otherwise, 2 on bad arguments or an unreachable target.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
@@ -32,7 +31,7 @@ from typing import Any
 from cascade.errors import CascadeError, ConfigError
 from cascade.simulate import SimConfig
 from cascade.types import Prompt
-from eval.loadtest.load import Event, LoadShape, RunResult, run_load, warm_up
+from eval.loadtest.load import Event, LoadShape, RunResult, run, run_load, warm_up
 from eval.loadtest.prompts import (
     DATASETS,
     dataset_prompts,
@@ -355,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the load test; returns the exit status (0 ok, 1 lost or duplicated requests, 2 bad input)."""
     args = parse_args(argv)
     try:
-        report, result = asyncio.run(_run(args))
+        report, result = run(_run(args))
     except CascadeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

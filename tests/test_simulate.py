@@ -67,6 +67,21 @@ def test_the_fast_sample_draws_what_random_sample_draws() -> None:
             assert a.random() == b.random()  # the generator is left in the same state
 
 
+def test_an_answer_computed_step_by_step_is_the_whole_answer() -> None:
+    from cascade.simulate.model import AnswerSteps
+
+    for i, max_tokens in enumerate((1, 5, 16, 200)):
+        cfg = SimConfig(seed=i, max_answer_tokens=[48, 8][i % 2])
+        whole, steps = simulate_answer(cfg, f"prompt {i}", max_tokens), AnswerSteps(cfg, f"prompt {i}", max_tokens)
+        steps.ensure(0)
+        assert len(steps.tokens) == 1 and steps.tokens[0] == whole.tokens[0]  # one step asked for, one made
+        steps.ensure(10**6)
+        made = (tuple(steps.tokens), tuple(steps.logprobs), tuple(steps.top))
+        assert made == (whole.tokens, whole.logprobs, whole.top)
+        assert (steps.length, steps.finish_reason, steps.confidence) == (len(whole.tokens), whole.finish_reason,
+                                                                         whole.confidence)
+
+
 def test_streamed_chat_events_are_the_json_of_openai_chunks() -> None:
     from cascade.simulate.formats import StreamEvents
     from cascade.simulate.request import parse

@@ -20,7 +20,7 @@ from typing import Any
 
 from cascade.simulate.choices import choose, masked
 from cascade.simulate.formats import DONE, StreamEvents, TokenJson, error_body, full_body, json_bytes
-from cascade.simulate.model import SimAnswer, SimConfig, simulate_answer
+from cascade.simulate.model import AnswerSteps, SimAnswer, SimConfig, simulate_answer
 from cascade.simulate.request import MAX_BODY_BYTES, ApiError, parse
 
 __all__ = ["ASGIApp", "SimStats", "create_app"]
@@ -208,6 +208,9 @@ def create_app(config: SimConfig, stats: SimStats | None = None) -> ASGIApp:
             if hang:
                 counters.hangs += 1
                 await asyncio.sleep(config.hang_s)
+            if req.stream and not req.stop:  # computed as the stream goes (an early exit computes one step)
+                lazy = [AnswerSteps(config, key, req.max_tokens) for key in req.keys]
+                return await _stream(send, receive, StreamEvents(req, lazy, config, token_json), config, counters)
             answers = [_guided(config, key, req.choices) if req.choices else
                        simulate_answer(config, key, req.max_tokens, req.stop) for key in req.keys]
             if req.stream:

@@ -17,12 +17,13 @@ from json.encoder import encode_basestring_ascii as _quoted
 from typing import Any
 
 from cascade.simulate.choices import echo_logprobs, tokens
-from cascade.simulate.model import SimAnswer, SimConfig
+from cascade.simulate.model import AnswerSteps, SimAnswer, SimConfig
 from cascade.simulate.request import SimRequest
 
 __all__ = ["DONE", "StreamEvents", "TokenJson", "error_body", "full_body", "json_bytes"]
 
 DONE = b"data: [DONE]\n\n"
+Answer = SimAnswer | AnswerSteps  # a whole answer, or one computed as its stream goes
 _WORD = re.compile(r"\w+|[^\w\s]")
 
 
@@ -41,13 +42,13 @@ def _prompt_tokens(key: str) -> int:
     return max(1, len(_WORD.findall(key)))
 
 
-def _usage(req: SimRequest, answers: Sequence[SimAnswer]) -> dict[str, int]:
+def _usage(req: SimRequest, answers: Sequence[Answer]) -> dict[str, int]:
     prompt = sum(_prompt_tokens(k) for k in req.keys)
     completion = sum(len(a.tokens) for a in answers)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _chat_logprobs(a: SimAnswer, steps: range, n: int) -> dict[str, Any]:
+def _chat_logprobs(a: Answer, steps: range, n: int) -> dict[str, Any]:
     def entry(token: str, lp: float) -> dict[str, Any]:
         return {"token": token, "logprob": lp, "bytes": list(token.encode())}
 
@@ -55,7 +56,7 @@ def _chat_logprobs(a: SimAnswer, steps: range, n: int) -> dict[str, Any]:
                          "top_logprobs": [entry(*p) for p in a.top[t][:n]]} for t in steps]}
 
 
-def _text_logprobs(a: SimAnswer, steps: range, n: int, offset: int) -> dict[str, Any]:
+def _text_logprobs(a: Answer, steps: range, n: int, offset: int) -> dict[str, Any]:
     offsets = []
     for t in steps:
         offsets.append(offset)
@@ -64,7 +65,7 @@ def _text_logprobs(a: SimAnswer, steps: range, n: int, offset: int) -> dict[str,
             "top_logprobs": [dict(a.top[t][: max(n, 1)]) for t in steps], "text_offset": offsets}
 
 
-def _logprobs(req: SimRequest, a: SimAnswer, steps: range, offset: int) -> dict[str, Any] | None:
+def _logprobs(req: SimRequest, a: Answer, steps: range, offset: int) -> dict[str, Any] | None:
     if req.top_n is None:
         return None
     if req.chat:
@@ -114,15 +115,15 @@ class StreamEvents:
 
     Args:
         req: the checked request (``stream`` set).
-        answers: one answer per choice.
+        answers: one answer per choice (:class:`~cascade.simulate.model.AnswerSteps` are computed step by step).
         config: the server's behaviour (``model``, ``stop_reason``, ``stream_usage``).
     """
 
-    def __init__(self, req: SimRequest, answers: Sequence[SimAnswer], config: SimConfig,
+    def __init__(self, req: SimRequest, answers: Sequence[Answer], config: SimConfig,
                  token_json: TokenJson | None = None) -> None:
         self.req, self.answers, self.config = req, answers, config
         self._tokens = token_json if token_json is not None else TokenJson()
-        self.steps = max((len(a.tokens) for a in answers), default=0)
+        self.steps = max((a.length if isinstance(a, AnswerSteps) else len(a.tokens) for a in answers), default=0)
         self._prefix = b"data: " + json.dumps(_head(req, config, True))[:-1].encode() + b', "choices": '
         self._offsets = [0] * len(answers)  # text offset of each answer's next token (completions logprobs)
 
@@ -139,6 +140,9 @@ class StreamEvents:
     def step(self, t: int) -> Iterator[bytes]:
         """The events of step ``t``: one per answer that has a token ``t``, in choice order."""
         req = self.req
+        for a in self.answers:
+            if isinstance(a, AnswerSteps):
+                a.ensure(t)
         if req.chat and req.top_n is not None:
             yield from self._chat_step(t, req.top_n)
             return

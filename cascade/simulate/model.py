@@ -13,7 +13,7 @@ from typing import Any
 
 from cascade.errors import ConfigError
 
-__all__ = ["MAX_TOP_LOGPROBS", "SimAnswer", "SimConfig", "simulate_answer"]
+__all__ = ["MAX_TOP_LOGPROBS", "AnswerSteps", "SimAnswer", "SimConfig", "simulate_answer"]
 
 MAX_TOP_LOGPROBS = 20  # most alternatives per step a request may ask for (vLLM's and OpenAI's chat limit)
 _TAIL_TOKENS = 1000  # vocabulary entries outside the top 20, each with the same small probability
@@ -181,32 +181,9 @@ def simulate_answer(config: SimConfig, prompt: str, max_tokens: int, stop: Seque
         max_tokens: the most tokens to generate, >= 1.
         stop: strings that end the answer; the text stops before the first token that reaches one.
     """
-    digest = hashlib.blake2b(f"{config.seed}\x00{prompt}".encode(), digest_size=8).digest()
-    rng = random.Random(int.from_bytes(digest, "big"))
-    marker = _CONFIDENCE_MARKER.search(prompt)
-    confidence = config.confidence_scale * (min(1.0, float(marker.group(1))) if marker else rng.random())
-    natural = rng.randint(max(1, config.max_answer_tokens // 4), config.max_answer_tokens)
-    steps = min(natural, max_tokens)
-    tokens: list[str] = []
-    logprobs: list[float] = []
-    top: list[tuple[tuple[str, float], ...]] = []
-    vocabulary = _vocabulary()
-    draw, exp = rng.random, math.exp
-    offsets = range(MAX_TOP_LOGPROBS - 1)
-    for t in range(steps):
-        words = _sample(rng, vocabulary, MAX_TOP_LOGPROBS)
-        gap = (0.05 + 7.0 * confidence) * (0.5 + draw())
-        slope = 0.2 + 0.6 * draw()
-        logits = [0.0, *[-gap - slope * j for j in offsets]]
-        tail = logits[-1] - 1.0
-        lse = math.log(sum(map(exp, logits)) + _TAIL_TOKENS * exp(tail))
-        if t:
-            words = [" " + w for w in words]
-        step = tuple(zip(words, [z - lse for z in logits]))
-        tokens.append(words[0])
-        logprobs.append(step[0][1])
-        top.append(step)
-    finish = "stop" if natural <= max_tokens else "length"
+    steps = AnswerSteps(config, prompt, max_tokens)
+    steps.ensure(steps.length - 1)
+    tokens, logprobs, top, finish = steps.tokens, steps.logprobs, steps.top, steps.finish_reason
     text = "".join(tokens)
     found = {s: text.find(s) for s in stop if text.find(s) >= 0}
     cuts = list(found.values())
@@ -217,5 +194,51 @@ def simulate_answer(config: SimConfig, prompt: str, max_tokens: int, stop: Seque
             end += len(tokens[kept])
             kept += 1
         tokens, logprobs, top, finish = tokens[:kept], logprobs[:kept], top[:kept], "stop"
-    return SimAnswer(tuple(tokens), tuple(logprobs), tuple(top), finish, confidence, matched)
+    return SimAnswer(tuple(tokens), tuple(logprobs), tuple(top), finish, steps.confidence, matched)
 
+
+class AnswerSteps:
+    """The answer of :func:`simulate_answer` without stop strings, computed a step at a time, when asked for:
+    a stream cut short after its first token (an early exit) computes no more of it.
+
+    Attributes:
+        length: the answer's number of tokens T.
+        finish_reason: ``"stop"`` or ``"length"``.
+        confidence: the prompt's confidence in [0, 1].
+        stop: always None (no stop strings).
+        tokens: the first steps' tokens, as far as computed (all T after :meth:`ensure` ``(T - 1)``).
+        logprobs: their log-probabilities.
+        top: their 20 most likely ``(token, logprob)`` pairs.
+    """
+
+    stop: str | None = None
+
+    def __init__(self, config: SimConfig, prompt: str, max_tokens: int) -> None:
+        digest = hashlib.blake2b(f"{config.seed}\x00{prompt}".encode(), digest_size=8).digest()
+        self._rng = rng = random.Random(int.from_bytes(digest, "big"))
+        marker = _CONFIDENCE_MARKER.search(prompt)
+        self.confidence = config.confidence_scale * (min(1.0, float(marker.group(1))) if marker else rng.random())
+        natural = rng.randint(max(1, config.max_answer_tokens // 4), config.max_answer_tokens)
+        self.length = min(natural, max_tokens)
+        self.finish_reason = "stop" if natural <= max_tokens else "length"
+        self.tokens: list[str] = []
+        self.logprobs: list[float] = []
+        self.top: list[tuple[tuple[str, float], ...]] = []
+
+    def ensure(self, t: int) -> None:
+        """Compute the steps up to ``t`` (at most ``length - 1``)."""
+        rng, vocabulary, exp, confidence = self._rng, _vocabulary(), math.exp, self.confidence
+        offsets = range(MAX_TOP_LOGPROBS - 1)
+        for step_index in range(len(self.tokens), min(t + 1, self.length)):
+            words = _sample(rng, vocabulary, MAX_TOP_LOGPROBS)
+            gap = (0.05 + 7.0 * confidence) * (0.5 + rng.random())
+            slope = 0.2 + 0.6 * rng.random()
+            logits = [0.0, *[-gap - slope * j for j in offsets]]
+            tail = logits[-1] - 1.0
+            lse = math.log(sum(map(exp, logits)) + _TAIL_TOKENS * exp(tail))
+            if step_index:
+                words = [" " + w for w in words]
+            step = tuple(zip(words, [z - lse for z in logits]))
+            self.tokens.append(words[0])
+            self.logprobs.append(step[0][1])
+            self.top.append(step)

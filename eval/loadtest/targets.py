@@ -184,7 +184,7 @@ class HttpTarget:
             request counts as a ``timeout`` failure.
         connections: most simultaneous connections (use at least the number of users).
 
-    The client is aiohttp (the ``fast`` extra): its C HTTP parser and one connection pool take about a third
+    The client is aiohttp (the ``dev`` extra): its C HTTP parser and one connection pool take about a third
     of httpx's CPU per request, and the load generator shares the machine with the servers it measures.
     Streamed answers are read as raw bytes, one ``json.loads`` per ``data:`` line. No proxy or other setting
     is read from the environment (loopback traffic stays on loopback), and no cookie is kept.
@@ -215,7 +215,7 @@ class HttpTarget:
             import aiohttp
             import yarl
         except ImportError as exc:
-            raise ConfigError("the HTTP load generator needs aiohttp: pip install 'uncertainty-cascade[fast]'") from exc
+            raise ConfigError("the HTTP load generator needs aiohttp (in the dev extra)") from exc
 
         self._chat_url = yarl.URL(self.base_url + "/chat/completions")
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(10.0, self.timeout_s), sock_read=self.timeout_s)

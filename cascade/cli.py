@@ -274,7 +274,8 @@ def _serve_process(args: argparse.Namespace, sock: Any = None) -> int:
     app = create_app(engine, server_cfg, reloader)
     uv = uvicorn.Config(app, host=host, port=port, lifespan="on", log_level="info", access_log=False,
                         timeout_graceful_shutdown=math.ceil(server_cfg.drain_timeout_s + ANSWER_GRACE_S),
-                        timeout_keep_alive=math.ceil(server_cfg.keep_alive_s), loop=fast_loop(), http=fast_http())
+                        timeout_keep_alive=math.ceil(server_cfg.keep_alive_s), loop=fast_loop(), http=fast_http(),
+                        proxy_headers=False)  # the app reads no client address or scheme: X-Forwarded-* change nothing
     print(f"serving model {server_cfg.model_name!r} on http://{host}:{port}/v1 "
           f"(auth {'on' if server_cfg.api_key_env else 'off'}; loop {uv.loop}, http {uv.http}"
           f"{f'; worker {os.getpid()}' if sock is not None else ''})", file=sys.stderr)

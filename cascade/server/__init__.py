@@ -2,6 +2,7 @@
 :class:`~cascade.router.ExpertRouter`.
 
 - :mod:`cascade.server.app`: the ASGI app and the per-app service (admission, drain, the request path);
+- :mod:`cascade.server.asgi`: the hot endpoints' raw ASGI path (past Starlette's middleware and router);
 - :mod:`cascade.server.wire`: the OpenAI wire format (request parsing, response bodies, SSE, error mapping);
 - :mod:`cascade.server.flow`: flow control (admission slots, disconnect watching, streaming responses);
 - :mod:`cascade.server.metrics`: the Prometheus counters (prometheus-client, summed over workers);

@@ -30,7 +30,6 @@ import math
 import os
 import signal
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +38,18 @@ from cascade.errors import (
     BackendError,
 )
 from cascade.server.admin import Reloader, monitor_status
+from cascade.server.asgi import (
+    ClientGone,
+    Endpoint,
+    Receive,
+    Reply,
+    Scope,
+    Send,
+    error_reply,
+    gateway,
+    json_reply,
+    read_body,
+)
 from cascade.server.config import ServerConfig
 from cascade.server.flow import (
     Admission,
@@ -50,13 +61,23 @@ from cascade.server.flow import (
 )
 from cascade.server.metrics import CONTENT_TYPE, Metrics
 from cascade.server.protocol import Engine
-from cascade.server.wire import HTTPError, as_http, parse_request, render_response, sse_events, sse_stream
+from cascade.server.wire import (
+    HTTPError,
+    as_http,
+    parse_request,
+    render_response,
+    request_id,
+    sse_events,
+    sse_stream,
+)
 from cascade.types import CascadeChunk
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import Response
+
+    Answer = Reply | Response  # what an endpoint answers: an ASGI app sending the response
 
 __all__ = ["ANSWER_GRACE_S", "create_app"]
 
@@ -67,28 +88,20 @@ ANSWER_GRACE_S = 15.0
 log = logging.getLogger("cascade.server")
 
 
-def _error_response(exc: HTTPError) -> Response:
-    """The JSON error, ASCII-escaped: a message may echo a client's string, lone surrogates included."""
-    from starlette.responses import Response
-
-    return Response(json.dumps(exc.body()), status_code=exc.status, headers=exc.headers,
-                    media_type="application/json")
-
-
 _READ = frozenset((b"host", b"origin", b"authorization", b"content-type", b"content-length"))
 
 
-def _headers(request: Request) -> dict[str, str]:
+def _headers(scope: Scope) -> dict[str, str]:
     """The request headers the service reads, decoded in one pass over the raw list and kept for the request
     (each Starlette ``headers.get`` scans and decodes the whole list). The first of a repeated header wins, as
     with ``headers.get``."""
-    found: dict[str, str] | None = request.scope.get("cascade.headers")
+    found: dict[str, str] | None = scope.get("cascade.headers")
     if found is None:
         found = {}
-        for key, value in request.scope["headers"]:
+        for key, value in scope["headers"]:
             if key in _READ:
                 found.setdefault(key.decode("latin-1"), value.decode("latin-1"))
-        request.scope["cascade.headers"] = found
+        scope["cascade.headers"] = found
     return found
 
 
@@ -108,6 +121,7 @@ class _Service:
         self.api_key = config.api_key()
         self.admission = Admission(config.max_in_flight, config.max_queue, config.retry_after_s)
         self.metrics = Metrics(lambda: monitor_status(engine))
+        self.decoder = json.JSONDecoder(parse_constant=_no_constants)  # one per app: json.loads makes one per call
         self.batchers = _batchers(engine)
         self.draining = False
         self.reading = 0  # request bodies being received now
@@ -118,50 +132,50 @@ class _Service:
     def queue_depth(self) -> int:
         return int(self.admission.waiting + sum(b.queue_depth for b in self.batchers))
 
-    def check_origin(self, request: Request) -> None:
+    def check_origin(self, scope: Scope) -> None:
         """Refuse a foreign Host (DNS rebinding) or a browser Origin that is not allowed (cross-site requests)."""
         hosts = self.config.allowed_hosts
         if hosts is not None and "*" not in hosts:
-            host = _headers(request).get("host", "").lower()
+            host = _headers(scope).get("host", "").lower()
             name = host[1:].partition("]")[0] if host.startswith("[") else host.rpartition(":")[0] or host
             if name not in hosts and host not in hosts:
                 raise HTTPError(421, "this server does not answer for that Host (server.allowed_hosts)",
                                 code="host_not_allowed")
-        origin = _headers(request).get("origin")
+        origin = _headers(scope).get("origin")
         if origin and "*" not in self.config.allowed_origins \
                 and origin.lower() not in self.config.allowed_origins:
             raise HTTPError(403, "cross-origin requests are refused (server.allowed_origins)",
                             code="origin_not_allowed")
 
-    def check_access(self, request: Request) -> None:
+    def check_access(self, scope: Scope) -> None:
         """The bearer token first (a request without it is a 401 whatever else it sends), then Host and Origin."""
-        self.check_auth(request)
-        self.check_origin(request)
+        self.check_auth(scope)
+        self.check_origin(scope)
 
-    def check_auth(self, request: Request) -> None:
+    def check_auth(self, scope: Scope) -> None:
         if self.api_key is None:
             return
-        header = _headers(request).get("authorization", "")
+        header = _headers(scope).get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
             raise HTTPError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
                             "invalid_request_error", "invalid_api_key", {"WWW-Authenticate": "Bearer"})
 
-    async def read_json(self, request: Request) -> Any:
-        body = await self.read_body(request)
+    async def read_json(self, scope: Scope, receive: Receive) -> Any:
+        body = await self.read_body(scope, receive)
         try:
-            return json.loads(body, parse_constant=_no_constants)
+            return self.decoder.decode(body.decode(json.detect_encoding(body), "surrogatepass"))  # as json.loads
         except (ValueError, RecursionError) as exc:
             raise HTTPError(400, f"the body is not valid JSON: {str(exc)[:200]}") from None
 
-    async def read_body(self, request: Request) -> bytes:
+    async def read_body(self, scope: Scope, receive: Receive) -> bytes:
         """A JSON request's body, within the size, time and concurrency limits (HTTPError otherwise)."""
-        media = _headers(request).get("content-type", "").partition(";")[0].strip().lower()
+        media = _headers(scope).get("content-type", "").partition(";")[0].strip().lower()
         if media != "application/json":
             raise HTTPError(415, "the body must be sent as Content-Type: application/json",
                             code="unsupported_media_type")
         limit = self.config.max_body_bytes
-        declared = _headers(request).get("content-length")
+        declared = _headers(scope).get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             raise HTTPError(413 if declared.isdigit() else 400,
                             f"request body larger than {limit} bytes" if declared.isdigit()
@@ -171,7 +185,9 @@ class _Service:
                             "overloaded", {"Retry-After": str(max(1, math.ceil(self.config.retry_after_s)))})
         self.reading += 1
         try:
-            body = await within(self._receive(request, limit), self.config.body_timeout_s)
+            body = await within(read_body(receive, limit), self.config.body_timeout_s)
+        except ClientGone:
+            raise HTTPError(499, "the client went away while sending the body") from None
         except asyncio.TimeoutError:
             raise HTTPError(408, f"the request body did not arrive within {self.config.body_timeout_s:g} s",
                             code="request_timeout") from None
@@ -179,35 +195,23 @@ class _Service:
             self.reading -= 1
         return body
 
-    @staticmethod
-    async def _receive(request: Request, limit: int) -> bytes:
-        from starlette.requests import ClientDisconnect
-
-        body = bytearray()
-        try:
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > limit:
-                    raise HTTPError(413, f"request body larger than {limit} bytes", code="request_too_large")
-        except ClientDisconnect:
-            raise HTTPError(499, "the client went away while sending the body") from None
-        return bytes(body)
-
-    async def answer(self, request: Request, kind: str) -> Response:
+    async def answer(self, scope: Scope, receive: Receive, kind: str) -> Answer:
+        """The response to a chat or completions request; every error is answered as OpenAI-style JSON (nothing
+        but cancellation escapes before the response starts)."""
         started = time.perf_counter()
         status, tiers = 500, ["none"]
         try:
             if self.draining:
                 raise HTTPError(503, "the server is shutting down", "server_error", "shutting_down",
                                 {"Retry-After": "1"})
-            self.check_access(request)
-            body = await self.read_json(request)
+            self.check_access(scope)
+            body = await self.read_json(scope, receive)
             parsed = parse_request(kind, body, self.engine.params, self.config)
             if parsed.stream and len(parsed.prompts) == 1 and parsed.choices is None:
-                response = await self._live_stream(request, kind, parsed, started)
+                response = await self._live_stream(receive, kind, parsed, started)
                 status = 0  # the stream records its own outcome when it ends
                 return response
-            results = await self._run_watched(request, parsed)
+            results = await self._run_watched(receive, parsed)
             status, tiers = 200, [r.tier for r in results]
             self.metrics.observe_results(results)
             payload, headers = render_response(kind, parsed, results, self.config.model_name)
@@ -217,24 +221,20 @@ class _Service:
                 headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
                 return StreamingResponse(sse_events(kind, parsed, payload), media_type="text/event-stream",
                                          headers=headers)
-            from starlette.responses import JSONResponse
-
-            return JSONResponse(payload, headers=headers)
+            return json_reply(payload, headers=headers)
         except Disconnected:
-            from starlette.responses import Response as PlainResponse
-
             status = 499
-            return PlainResponse(status_code=499)
+            return Reply(499, b"", ())
         except Exception as exc:
             err = as_http(exc)
             status = err.status
-            return _error_response(err)
+            return error_reply(err)
         finally:
             if status:
                 self.metrics.observe_request(kind, status, tiers, time.perf_counter() - started)
-                self.metrics.note_load(self.admission.running, self.queue_depth())
+                self.metrics.note_load(self.admission.running, self.queue_depth)
 
-    async def _run_watched(self, request: Request, parsed: Any) -> list[Any]:
+    async def _run_watched(self, receive: Receive, parsed: Any) -> list[Any]:
         """Admission, timeout and the engine call, cancelled if the client disconnects meanwhile."""
 
         async def guarded() -> list[Any]:
@@ -251,19 +251,19 @@ class _Service:
 
         shut = HTTPError(503, "the server shut down before this request finished (drain_timeout_s)", "server_error",
                          "shutting_down")
-        return await watch(request, guarded(), self.expiry(), shut)
+        return await watch(receive, guarded(), self.expiry(), shut)
 
     def _late(self) -> HTTPError:
         return HTTPError(504, f"no answer within the server's request_timeout_s ({self.config.request_timeout_s:g} s)",
                          "server_error", "timeout")
 
-    async def _live_stream(self, request: Request, kind: str, parsed: Any, started: float) -> Response:
+    async def _live_stream(self, receive: Receive, kind: str, parsed: Any, started: float) -> Response:
         """Stream ``engine.stream`` as SSE; errors before the first piece still get their HTTP status."""
         deadline = time.monotonic() + self.config.request_timeout_s
-        await watch(request, self.admission.acquire())
+        await watch(receive, self.admission.acquire())
         items = self.engine.stream(parsed.prompts[0], params=parsed.overrides, target=parsed.target)
         try:
-            first = await watch(request, next_before(items, deadline))
+            first = await watch(receive, next_before(items, deadline))
         except BaseException:
             await close_quietly(items)
             self.admission.release()
@@ -301,9 +301,9 @@ class _Service:
                 self.metrics.observe_results([result])
             tier = result.tier if result is not None else getattr(first, "tier", "none")
             self.metrics.observe_request(kind, state["status"], [tier], time.perf_counter() - started)
-            self.metrics.note_load(self.admission.running, self.queue_depth())
+            self.metrics.note_load(self.admission.running, self.queue_depth)
 
-        response_id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        response_id = request_id("chatcmpl" if kind == "chat" else "cmpl")
         headers = {"x-request-id": response_id, "x-cascade-tier": str(getattr(first, "tier", "")),
                    "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return streaming_response(body(), headers, cleanup)
@@ -346,6 +346,14 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _error_response(exc: HTTPError) -> Response:
+    """:func:`~cascade.server.asgi.error_reply` as a Starlette response (the same bytes), for the routed endpoints."""
+    from starlette.responses import Response
+
+    return Response(json.dumps(exc.body()), status_code=exc.status, headers=exc.headers,
+                    media_type="application/json")
+
+
 Handler = Callable[["Request"], Awaitable["Response"]]
 
 
@@ -354,7 +362,7 @@ def _checked(svc: _Service, handler: Handler) -> Handler:
 
     async def checked(request: Request) -> Response:
         try:
-            svc.check_access(request)
+            svc.check_access(request.scope)
             return await handler(request)
         except HTTPError as exc:
             return _error_response(exc)
@@ -382,7 +390,6 @@ def create_app(engine: Engine, config: ServerConfig | None = None, reloader: Rel
     Raises:
         ConfigError: bad server settings, or auth configured without its key in the environment.
     """
-    from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
@@ -390,11 +397,11 @@ def create_app(engine: Engine, config: ServerConfig | None = None, reloader: Rel
     svc = _Service(engine, config or ServerConfig())
     reload = reloader or Reloader(engine)
 
-    async def chat(request: Request) -> Response:
-        return await svc.answer(request, "chat")
+    async def chat(scope: Scope, receive: Receive, send: Send) -> None:
+        await (await svc.answer(scope, receive, "chat"))(scope, receive, send)
 
-    async def completions(request: Request) -> Response:
-        return await svc.answer(request, "completions")
+    async def completions(scope: Scope, receive: Receive, send: Send) -> None:
+        await (await svc.answer(scope, receive, "completions"))(scope, receive, send)
 
     async def models(request: Request) -> Response:
         card = {"id": svc.config.model_name, "object": "model", "created": svc.started,
@@ -406,10 +413,10 @@ def create_app(engine: Engine, config: ServerConfig | None = None, reloader: Rel
             return _error_response(HTTPError(404, f"model {wanted!r} does not exist", code="model_not_found"))
         return JSONResponse(card)
 
-    async def health(request: Request) -> Response:
+    async def health(scope: Scope, receive: Receive, send: Send) -> None:
         body = {"status": "draining" if svc.draining else "ok", "model": svc.config.model_name, "pid": os.getpid(),
                 "in_flight": svc.admission.running, "queue_depth": svc.queue_depth(), "bodies_reading": svc.reading}
-        return JSONResponse(body, status_code=503 if svc.draining else 200)
+        await json_reply(body, 503 if svc.draining else 200)(scope, receive, send)
 
     async def metrics(request: Request) -> Response:
         return Response(svc.metrics.render(svc.admission.running, svc.queue_depth()), media_type=CONTENT_TYPE)
@@ -419,7 +426,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None, reloader: Rel
 
     async def artifact(request: Request) -> Response:
         reload.allowed(svc.api_key is not None)
-        return JSONResponse(reload.swap(await svc.read_body(request)))
+        return JSONResponse(reload.swap(await svc.read_body(request.scope, request.receive)))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -434,17 +441,17 @@ def create_app(engine: Engine, config: ServerConfig | None = None, reloader: Rel
             await svc.drain()
             await engine.aclose()
 
+    hot = {("POST", "/v1/chat/completions"): chat, ("POST", "/v1/completions"): completions,
+           ("GET", "/health"): health}  # answered past Starlette's middleware and router (cascade.server.asgi)
     routes = [
-        Route("/v1/chat/completions", chat, methods=["POST"]),
-        Route("/v1/completions", completions, methods=["POST"]),
+        *(Route(path, Endpoint(handler), methods=[method]) for (method, path), handler in hot.items()),
         Route("/v1/models", _checked(svc, models), methods=["GET"]),
         Route("/v1/models/{model:path}", _checked(svc, models), methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
         Route("/metrics", _checked(svc, metrics), methods=["GET"]),
         Route("/v1/cascade/status", _checked(svc, status), methods=["GET"]),
         Route("/v1/cascade/artifact", _checked(svc, artifact), methods=["POST"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={HTTPException: _http_error, Exception: _http_error})
+    app = gateway(hot, routes=routes, lifespan=lifespan,
+                  exception_handlers={HTTPException: _http_error, Exception: _http_error})
     app.state.service = svc
     return app

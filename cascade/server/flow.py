@@ -14,7 +14,6 @@ from cascade.deadlines import within
 from cascade.errors import CascadeError, OverloadedError
 
 if TYPE_CHECKING:
-    from starlette.requests import Request
     from starlette.responses import Response
 
 __all__ = ["Admission", "Disconnected", "close_quietly", "fast_http", "fast_loop", "next_before", "streaming_response",
@@ -72,24 +71,25 @@ class Admission:
             self.idle.set()
 
 
-async def _wait_disconnect(request: Request) -> None:
+async def _wait_disconnect(receive: Callable[[], Awaitable[Any]]) -> None:
     """Return when the client disconnects (the body has been read already)."""
     while True:
-        message = await request.receive()
+        message = await receive()
         if message.get("type") == "http.disconnect":
             return
 
 
-async def watch(request: Request, coro: Awaitable[T], stop: asyncio.Future[Any] | None = None,
+async def watch(receive: Callable[[], Awaitable[Any]], coro: Awaitable[T], stop: asyncio.Future[Any] | None = None,
                 stopped: Exception | None = None) -> T:
-    """Await ``coro``; cancel it and raise :class:`Disconnected` if the client goes away first.
+    """Await ``coro``; cancel it and raise :class:`Disconnected` if the client goes away first (``receive``: the
+    request's ASGI receive, its body read already).
 
     With ``stop`` (a future that may be shared by many requests; it is not cancelled here): once it is done
     before ``coro``, cancel ``coro`` and raise ``stopped``, as when ``coro`` was cancelled by anything but the
     client going away.
     """
     work = asyncio.ensure_future(coro)
-    watch = asyncio.ensure_future(_wait_disconnect(request))
+    watch = asyncio.ensure_future(_wait_disconnect(receive))
     try:
         await asyncio.wait({work, watch} if stop is None else {work, watch, stop}, return_when=asyncio.FIRST_COMPLETED)
     finally:

@@ -60,6 +60,8 @@ class Metrics:
         self.queue_depth = Gauge("cascade_queue_depth",
                                  "Requests and prompts waiting (server queue + micro-batchers).", registry=reg,
                                  multiprocess_mode="livesum")
+        self._requests: dict[tuple[str, int, str], Any] = {}  # labelled children, looked up once per label set
+        self._tiers: dict[str, tuple[Any, Any, Any]] = {}  # per tier: prompt tokens, completion tokens, cost
         self._monitor = _MonitorCollector(monitor) if monitor is not None else None
         if self._monitor is not None and self.multiprocess_dir is None:
             reg.register(self._monitor)
@@ -67,7 +69,10 @@ class Metrics:
     def observe_request(self, endpoint: str, status: int, tiers: Sequence[str], seconds: float) -> None:
         """Count one HTTP request (one count per answer for multi-prompt completions)."""
         for tier in tiers:
-            self.requests.labels(endpoint, str(status), tier).inc()
+            child = self._requests.get((endpoint, status, tier))
+            if child is None:
+                child = self._requests[endpoint, status, tier] = self.requests.labels(endpoint, str(status), tier)
+            child.inc()
         self.latency.observe(seconds)
 
     def observe_results(self, results: Sequence[CascadeResult]) -> None:
@@ -80,20 +85,26 @@ class Metrics:
             for c in r.calls:
                 if c.usage_estimated:
                     self.usage_estimated.labels(c.tier).inc()
-                self.tokens.labels(c.tier, "prompt").inc(c.prompt_tokens)
-                self.tokens.labels(c.tier, "completion").inc(c.completion_tokens)
-                self.cost.labels(c.tier).inc(c.cost)
+                children = self._tiers.get(c.tier)
+                if children is None:
+                    children = self._tiers[c.tier] = (
+                        self.tokens.labels(c.tier, "prompt"), self.tokens.labels(c.tier, "completion"),
+                        self.cost.labels(c.tier))
+                children[0].inc(c.prompt_tokens)
+                children[1].inc(c.completion_tokens)
+                children[2].inc(c.cost)
 
     def set_load(self, in_flight: int, queue_depth: int) -> None:
         """Set the in-flight and queue gauges (at each scrape)."""
         self.in_flight.set(in_flight)
         self.queue_depth.set(queue_depth)
 
-    def note_load(self, in_flight: int, queue_depth: int) -> None:
+    def note_load(self, in_flight: int, queue_depth: Callable[[], int]) -> None:
         """With several workers, keep this worker's gauges current as requests end (a scrape answered by
-        another worker reads them from the shared folder); in one process the scrape sets them."""
+        another worker reads them from the shared folder); in one process the scrape sets them (and
+        ``queue_depth`` is not called)."""
         if self.multiprocess_dir is not None:
-            self.set_load(in_flight, queue_depth)
+            self.set_load(in_flight, queue_depth())
 
     def render(self, in_flight: int, queue_depth: int) -> str:
         """The Prometheus text exposition (format 0.0.4), summed over all workers in multiprocess mode."""

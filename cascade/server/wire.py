@@ -10,9 +10,9 @@ import asyncio
 import json
 import logging
 import math
+import os
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -28,8 +28,8 @@ from cascade.policy import Target
 from cascade.request_fields import FieldError, ServerFields, validated
 from cascade.types import CascadeChunk, CascadeResult, GenerationParams, Message, Prompt
 
-__all__ = ["HTTPError", "ParsedRequest", "as_http", "decision", "parse_request", "render_response", "sse_events",
-           "sse_stream"]
+__all__ = ["HTTPError", "ParsedRequest", "as_http", "decision", "parse_request", "render_response", "request_id",
+           "sse_events", "sse_stream"]
 
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream", "stream_options",
            "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "user",
@@ -209,7 +209,18 @@ def _finish(r: CascadeResult) -> str:
 
 
 def _ascii(value: object) -> str:
-    return re.sub(r"[^\x20-\x7e]", "?", str(value))[:256]
+    text = str(value)
+    if text.isascii() and text.isprintable():  # every character in \x20-\x7e already: nothing to replace
+        return text[:256]
+    return re.sub(r"[^\x20-\x7e]", "?", text)[:256]
+
+
+def request_id(prefix: str) -> str:
+    """``prefix-`` and 32 hex digits: a random (version 4) UUID as ``uuid.uuid4().hex`` writes it, made without
+    building a ``uuid.UUID``."""
+    n = int.from_bytes(os.urandom(16), "big")
+    n = (n & ~(0xF000 << 64) | (0x4000 << 64)) & ~(0xC000 << 48) | (0x8000 << 48)
+    return f"{prefix}-{n:032x}"
 
 
 def render_response(kind: str, parsed: ParsedRequest, results: Sequence[CascadeResult],
@@ -232,7 +243,7 @@ def render_response(kind: str, parsed: ParsedRequest, results: Sequence[CascadeR
     completion_tokens = sum(r.completion_tokens for r in results)
     decisions = [decision(r) for r in results]
     payload = {
-        "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+        "id": request_id("chatcmpl" if chat else "cmpl"),
         "object": "chat.completion" if chat else "text_completion",
         "created": int(time.time()),
         "model": model_name,

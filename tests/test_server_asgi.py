@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import httpx
@@ -189,3 +190,37 @@ def test_json_replies_are_the_bytes_starlette_sends() -> None:
                                      ({"status": "ok"}, 503, None), ({}, 204, {"Retry-After": "1"})):
         ours, theirs = json_reply(payload, status, headers), JSONResponse(payload, status, headers)
         assert (ours.status, ours.headers, ours.body) == (theirs.status_code, theirs.raw_headers, theirs.body)
+
+
+async def test_a_stream_deadline_ends_the_wait_for_the_next_item_only() -> None:
+    from cascade.errors import CascadeError
+    from cascade.server.flow import StreamDeadline
+
+    stuck = asyncio.Event()
+
+    async def items(n: int, then_stuck: bool) -> Any:
+        for i in range(n):
+            yield i
+        if then_stuck:
+            await stuck.wait()  # never set: only the deadline ends this wait
+
+    stream = StreamDeadline(items(3, False), time.monotonic() + 600.0)
+    assert [await stream.next() for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(CascadeError, match="ended without a result"):
+        await stream.next()
+    stream.close()
+
+    stream = StreamDeadline(items(2, True), time.monotonic() + 0.2)
+    assert [await stream.next() for _ in range(2)] == [0, 1]
+    with pytest.raises(asyncio.TimeoutError):
+        await stream.next()
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0  # the timer's cancellation was taken back
+    stream.close()
+
+    later = StreamDeadline(items(2, True), time.monotonic() - 1.0)  # already past: ready items still come
+    await asyncio.sleep(0)  # the timer fires with no one waiting
+    assert [await later.next(), await later.next()] == [0, 1]
+    with pytest.raises(asyncio.TimeoutError):
+        await later.next()
+    later.close()

@@ -54,6 +54,7 @@ from cascade.server.config import ServerConfig
 from cascade.server.flow import (
     Admission,
     Disconnected,
+    StreamDeadline,
     close_quietly,
     next_before,
     streaming_response,
@@ -238,16 +239,18 @@ class _Service:
         """Admission, timeout and the engine call, cancelled if the client disconnects meanwhile."""
 
         async def guarded() -> list[Any]:
-            async with self.admission.slot():
+            await self.admission.acquire()  # as `async with admission.slot()`, without a generator per request
+            try:
                 choices = None if parsed.choices is None else [parsed.choices] * len(parsed.prompts)
-                try:
-                    return list(await within(self.engine.run_batch(
-                        parsed.prompts, params=parsed.overrides, target=parsed.target, choices=choices),
-                        self.config.request_timeout_s))
-                except asyncio.TimeoutError as exc:
-                    if isinstance(exc, BackendError):
-                        raise
-                    raise self._late() from None
+                return list(await within(self.engine.run_batch(
+                    parsed.prompts, params=parsed.overrides, target=parsed.target, choices=choices),
+                    self.config.request_timeout_s))
+            except asyncio.TimeoutError as exc:
+                if isinstance(exc, BackendError):
+                    raise
+                raise self._late() from None
+            finally:
+                self.admission.release()
 
         shut = HTTPError(503, "the server shut down before this request finished (drain_timeout_s)", "server_error",
                          "shutting_down")
@@ -269,6 +272,7 @@ class _Service:
             self.admission.release()
             raise
         state: dict[str, Any] = {"status": 499, "result": None, "closed": False}
+        rest = StreamDeadline(items, deadline)  # one timer for the items after the first
 
         async def chained() -> AsyncIterator[Any]:
             item = first
@@ -278,7 +282,7 @@ class _Service:
                 yield item
                 if not isinstance(item, CascadeChunk):
                     return
-                item = await next_before(items, deadline)
+                item = await rest.next()
 
         async def body() -> AsyncIterator[str]:
             try:
@@ -294,6 +298,7 @@ class _Service:
             if state["closed"]:
                 return
             state["closed"] = True
+            rest.close()
             await close_quietly(items)
             self.admission.release()
             result = state["result"]

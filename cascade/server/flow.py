@@ -16,8 +16,8 @@ from cascade.errors import CascadeError, OverloadedError
 if TYPE_CHECKING:
     from starlette.responses import Response
 
-__all__ = ["Admission", "Disconnected", "close_quietly", "fast_http", "fast_loop", "next_before", "streaming_response",
-           "uvicorn_server", "watch"]
+__all__ = ["Admission", "Disconnected", "StreamDeadline", "close_quietly", "fast_http", "fast_loop", "next_before",
+           "streaming_response", "uvicorn_server", "watch"]
 
 T = TypeVar("T")
 
@@ -112,6 +112,56 @@ async def next_before(items: AsyncIterator[Any], deadline: float) -> Any:
         return await within(items.__anext__(), max(0.0, deadline - time.monotonic()))
     except StopAsyncIteration:
         raise CascadeError("the engine's stream ended without a result") from None
+
+
+class StreamDeadline:
+    """The items of an engine stream up to a deadline, with one timer for the whole stream instead of one per item.
+
+    :meth:`next` answers as :func:`next_before` does: the next item, or asyncio.TimeoutError once the deadline
+    passes while waiting for it (the wait is cancelled, as by :func:`~cascade.deadlines.within`). Past the
+    deadline, each call is ``next_before`` itself. Every item must be awaited from one task at a time; call
+    :meth:`close` when the stream ends.
+    """
+
+    def __init__(self, items: AsyncIterator[Any], deadline: float) -> None:
+        self.items, self.deadline = items, deadline
+        self._waiter: asyncio.Task[Any] | None = None  # the task awaiting an item now
+        self._expiring = False  # the timer cancelled the waiter, which has not seen it yet
+        self._passed = False
+        self._timer = asyncio.get_running_loop().call_later(max(0.0, deadline - time.monotonic()), self._expire)
+
+    def _expire(self) -> None:
+        self._passed = True
+        if self._waiter is not None:
+            self._expiring = True
+            self._waiter.cancel()
+
+    async def next(self) -> Any:
+        """The stream's next item (CascadeError if it ends without a result; asyncio.TimeoutError past the
+        deadline)."""
+        task = asyncio.current_task()
+        if self._passed or task is None or not hasattr(task, "uncancel"):  # Python 3.10: no uncancel
+            return await next_before(self.items, self.deadline)
+        self._waiter = task
+        try:
+            return await self.items.__anext__()
+        except StopAsyncIteration:
+            raise CascadeError("the engine's stream ended without a result") from None
+        except asyncio.CancelledError:
+            if self._expiring:
+                self._expiring = False
+                if task.uncancel() == 0:
+                    raise asyncio.TimeoutError() from None
+            raise
+        finally:
+            self._waiter = None
+            if self._expiring:  # the item came anyway: the timer's cancellation is withdrawn
+                self._expiring = False
+                task.uncancel()
+
+    def close(self) -> None:
+        """Stop the timer."""
+        self._timer.cancel()
 
 
 async def close_quietly(items: AsyncIterator[Any]) -> None:

@@ -224,3 +224,30 @@ async def test_a_stream_deadline_ends_the_wait_for_the_next_item_only() -> None:
     with pytest.raises(asyncio.TimeoutError):
         await later.next()
     later.close()
+
+
+async def test_an_sse_reply_sends_what_starlettes_streaming_response_sends() -> None:
+    from starlette.responses import StreamingResponse
+
+    from cascade.server.flow import StreamReply
+
+    async def events() -> Any:
+        for text in ("data: {\"a\":\"é\"}\n\n", "data: [DONE]\n\n"):
+            yield text
+
+    async def receive() -> Any:
+        await asyncio.Event().wait()  # the client stays
+
+    cleaned: list[bool] = []
+
+    async def cleanup() -> None:
+        cleaned.append(True)
+
+    headers = {"x-request-id": "chatcmpl-1", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    ours: list[dict[str, Any]] = []
+    theirs: list[dict[str, Any]] = []
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}}
+    await StreamReply(events(), headers, cleanup)(scope, receive, _recorder(ours))
+    await StreamingResponse(events(), headers=headers, media_type="text/event-stream")(scope, receive,
+                                                                                     _recorder(theirs))
+    assert ours == theirs and cleaned == [True]

@@ -55,6 +55,7 @@ from cascade.server.flow import (
     Admission,
     Disconnected,
     StreamDeadline,
+    StreamReply,
     close_quietly,
     next_before,
     streaming_response,
@@ -78,7 +79,7 @@ if TYPE_CHECKING:
     from starlette.requests import Request
     from starlette.responses import Response
 
-    Answer = Reply | Response  # what an endpoint answers: an ASGI app sending the response
+    Answer = Reply | StreamReply | Response  # what an endpoint answers: an ASGI app sending the response
 
 __all__ = ["ANSWER_GRACE_S", "create_app"]
 
@@ -260,7 +261,7 @@ class _Service:
         return HTTPError(504, f"no answer within the server's request_timeout_s ({self.config.request_timeout_s:g} s)",
                          "server_error", "timeout")
 
-    async def _live_stream(self, receive: Receive, kind: str, parsed: Any, started: float) -> Response:
+    async def _live_stream(self, receive: Receive, kind: str, parsed: Any, started: float) -> StreamReply:
         """Stream ``engine.stream`` as SSE; errors before the first piece still get their HTTP status."""
         deadline = time.monotonic() + self.config.request_timeout_s
         await watch(receive, self.admission.acquire())

@@ -49,6 +49,7 @@ from cascade.server.asgi import (
     gateway,
     json_reply,
     read_body,
+    request_headers,
 )
 from cascade.server.config import ServerConfig
 from cascade.server.flow import (
@@ -63,15 +64,7 @@ from cascade.server.flow import (
 )
 from cascade.server.metrics import CONTENT_TYPE, Metrics
 from cascade.server.protocol import Engine
-from cascade.server.wire import (
-    HTTPError,
-    as_http,
-    parse_request,
-    render_response,
-    request_id,
-    sse_events,
-    sse_stream,
-)
+from cascade.server.wire import HTTPError, as_http, parse_request, render_response, request_id, sse_events, sse_stream
 from cascade.types import CascadeChunk
 
 if TYPE_CHECKING:
@@ -88,23 +81,6 @@ __all__ = ["ANSWER_GRACE_S", "create_app"]
 ANSWER_GRACE_S = 15.0
 
 log = logging.getLogger("cascade.server")
-
-
-_READ = frozenset((b"host", b"origin", b"authorization", b"content-type", b"content-length"))
-
-
-def _headers(scope: Scope) -> dict[str, str]:
-    """The request headers the service reads, decoded in one pass over the raw list and kept for the request
-    (each Starlette ``headers.get`` scans and decodes the whole list). The first of a repeated header wins, as
-    with ``headers.get``."""
-    found: dict[str, str] | None = scope.get("cascade.headers")
-    if found is None:
-        found = {}
-        for key, value in scope["headers"]:
-            if key in _READ:
-                found.setdefault(key.decode("latin-1"), value.decode("latin-1"))
-        scope["cascade.headers"] = found
-    return found
 
 
 def _batchers(service: Engine) -> list[Any]:
@@ -138,12 +114,12 @@ class _Service:
         """Refuse a foreign Host (DNS rebinding) or a browser Origin that is not allowed (cross-site requests)."""
         hosts = self.config.allowed_hosts
         if hosts is not None and "*" not in hosts:
-            host = _headers(scope).get("host", "").lower()
+            host = request_headers(scope).get("host", "").lower()
             name = host[1:].partition("]")[0] if host.startswith("[") else host.rpartition(":")[0] or host
             if name not in hosts and host not in hosts:
                 raise HTTPError(421, "this server does not answer for that Host (server.allowed_hosts)",
                                 code="host_not_allowed")
-        origin = _headers(scope).get("origin")
+        origin = request_headers(scope).get("origin")
         if origin and "*" not in self.config.allowed_origins \
                 and origin.lower() not in self.config.allowed_origins:
             raise HTTPError(403, "cross-origin requests are refused (server.allowed_origins)",
@@ -157,7 +133,7 @@ class _Service:
     def check_auth(self, scope: Scope) -> None:
         if self.api_key is None:
             return
-        header = _headers(scope).get("authorization", "")
+        header = request_headers(scope).get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
             raise HTTPError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
@@ -172,12 +148,12 @@ class _Service:
 
     async def read_body(self, scope: Scope, receive: Receive) -> bytes:
         """A JSON request's body, within the size, time and concurrency limits (HTTPError otherwise)."""
-        media = _headers(scope).get("content-type", "").partition(";")[0].strip().lower()
+        media = request_headers(scope).get("content-type", "").partition(";")[0].strip().lower()
         if media != "application/json":
             raise HTTPError(415, "the body must be sent as Content-Type: application/json",
                             code="unsupported_media_type")
         limit = self.config.max_body_bytes
-        declared = _headers(scope).get("content-length")
+        declared = request_headers(scope).get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             raise HTTPError(413 if declared.isdigit() else 400,
                             f"request body larger than {limit} bytes" if declared.isdigit()

@@ -19,7 +19,8 @@ from cascade.server.wire import HTTPError
 if TYPE_CHECKING:
     from starlette.applications import Starlette
 
-__all__ = ["ASGIHandler", "ClientGone", "Endpoint", "Reply", "error_reply", "gateway", "json_reply", "read_body"]
+__all__ = ["ASGIHandler", "ClientGone", "Endpoint", "Reply", "error_reply", "gateway", "json_reply", "read_body",
+           "request_headers"]
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -29,6 +30,23 @@ ASGIHandler = Callable[[Scope, Receive, Send], Awaitable[None]]
 #: Starlette's ``JSONResponse`` rendering (compact, UTF-8, no NaN), with one encoder made once
 _JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 _JSON_TYPE = (b"content-type", b"application/json")
+
+
+_READ = frozenset((b"host", b"origin", b"authorization", b"content-type", b"content-length"))
+
+
+def request_headers(scope: Scope) -> dict[str, str]:
+    """The request headers the service reads, decoded in one pass over the raw list and kept for the request
+    (each Starlette ``headers.get`` scans and decodes the whole list). The first of a repeated header wins, as
+    with ``headers.get``."""
+    found: dict[str, str] | None = scope.get("cascade.headers")
+    if found is None:
+        found = {}
+        for key, value in scope["headers"]:
+            if key in _READ:
+                found.setdefault(key.decode("latin-1"), value.decode("latin-1"))
+        scope["cascade.headers"] = found
+    return found
 
 
 class ClientGone(Exception):

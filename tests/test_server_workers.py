@@ -89,9 +89,12 @@ def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path, tiers: tuple
     server = ServerProcess(sim_config(tmp_path / "sim.yaml", small, large), tmp_path / "log.txt",
                            {"TMPDIR": str(tmp_path)}, args=("--workers", "2"))  # the metrics folder it leaves
     try:
-        wait_until(lambda: len(_workers(server.proc.pid)) == 2, "two worker processes")
-        workers = _workers(server.proc.pid)
-        assert all(os.getpgid(pid) == pid for pid in workers)  # out of the terminal's group: Ctrl-C hits one
+        def detached() -> bool:  # each worker leaves the terminal's group first thing: Ctrl-C hits one
+            found = _workers(server.proc.pid)
+            return len(found) == 2 and all(os.getpgid(pid) == pid for pid in found)
+
+        wait_until(detached, "two worker processes, each in its own process group")  # (a spawned worker's
+        workers = _workers(server.proc.pid)  # interpreter starts before it can leave the group)
     finally:
         server.proc.kill()  # no SIGTERM to pass on: the workers notice their supervisor is gone
         server.stop()

@@ -61,7 +61,12 @@ async def test_refused_connections_are_connection_errors(sender: str) -> None:
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    b = OpenAIBackend(model="m", base_url=f"http://127.0.0.1:{port}/v1", max_retries=0)
+    await _cannot_reach(f"http://127.0.0.1:{port}/v1", sender)
+
+
+async def _cannot_reach(url: str, sender: str) -> None:
+    """Plain and streamed requests to ``url`` fail as connection errors (not timeouts), through ``sender``."""
+    b = OpenAIBackend(model="m", base_url=url, max_retries=0)
     assert _sender_of(b) == sender
     for early in (None, EarlyExit("margin_first", (0.5,))):
         with pytest.raises(BackendError, match="cannot reach") as info:
@@ -89,13 +94,7 @@ async def test_a_server_that_drops_the_connection_is_a_connection_error_not_a_ti
         writer.close()
 
     async with serving(drop) as url:
-        b = OpenAIBackend(model="m", base_url=url, max_retries=0)
-        assert _sender_of(b) == sender
-        for early in (None, EarlyExit("margin_first", (0.5,))):
-            with pytest.raises(BackendError, match="cannot reach") as info:
-                await b.generate(["hi"], PARAMS, early_exit=early)
-            assert not isinstance(info.value, BackendTimeoutError) and info.value.public() == "cannot connect"
-        await b.aclose()
+        await _cannot_reach(url, sender)
 
 
 def test_a_backend_moved_to_a_new_loop_keeps_answering_and_leaves_nothing_unclosed(

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -41,18 +40,14 @@ from typing import Any
 
 import numpy as np
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from eval.loadtest.serve import free_port
 
 
 def start_server(python: str, gguf: Path, interrupt: bool, log: Path) -> tuple[subprocess.Popen[bytes], str]:
     """Start ``llama_cpp.server`` on a free loopback port; return the process and its ``/v1`` URL once up."""
     import httpx
 
-    port = _free_port()
+    port = free_port()
     cmd = [python, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
            "--interrupt_requests", str(interrupt), "--n_ctx", "2048"]
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)

@@ -103,9 +103,9 @@ class FloorGateway(Started):
     async def start(self) -> None:
         import httpx
 
-        from eval.loadtest.serve import _free_port
+        from eval.loadtest.serve import free_port
 
-        port = _free_port()
+        port = free_port()
         argv = [sys.executable, "-m", "eval.gateway_floor", "serve", "--port", str(port)]
         if self.small_url:
             argv += ["--small", self.small_url]

@@ -22,7 +22,7 @@ from eval.loadtest.sim import SimOptions
 from eval.loadtest.simbackends import SimProcess, child_code, process_cpu_s
 from eval.loadtest.targets import Started
 
-__all__ = ["ServedCascade", "child_code", "serve_config"]
+__all__ = ["ServedCascade", "child_code", "free_port", "serve_config"]
 
 
 def serve_config(options: SimOptions, small_url: str, large_url: str, *, max_in_flight: int = 256,
@@ -59,7 +59,8 @@ def serve_config(options: SimOptions, small_url: str, large_url: str, *, max_in_
     }
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (free when asked: bind it soon)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -109,7 +110,7 @@ class ServedCascade(Started):
         self._dir = tempfile.TemporaryDirectory(prefix="loadtest-serve-")
         path = Path(self._dir.name) / "cascade.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-        port = _free_port()
+        port = free_port()
         log = (Path(self._dir.name) / "serve.log").open("wb")
         argv = [sys.executable, "-c", "from cascade.cli import main; raise SystemExit(main())", "serve",
                 "--config", str(path), "--host", "127.0.0.1", "--port", str(port), *self.serve_args]

@@ -328,38 +328,30 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _error_response(exc: HTTPError) -> Response:
-    """:func:`~cascade.server.asgi.error_reply` as a Starlette response (the same bytes), for the routed endpoints."""
-    from starlette.responses import Response
-
-    return Response(json.dumps(exc.body()), status_code=exc.status, headers=exc.headers,
-                    media_type="application/json")
-
-
-Handler = Callable[["Request"], Awaitable["Response"]]
+Handler = Callable[["Request"], Awaitable["Answer"]]
 
 
 def _checked(svc: _Service, handler: Handler) -> Handler:
     """``handler`` behind the access check (token, Host, Origin); an HTTPError it raises is answered as JSON."""
 
-    async def checked(request: Request) -> Response:
+    async def checked(request: Request) -> Answer:
         try:
             svc.check_access(request.scope)
             return await handler(request)
         except HTTPError as exc:
-            return _error_response(exc)
+            return error_reply(exc)
 
     return checked
 
 
-async def _http_error(request: Request, exc: Exception) -> Response:
+async def _http_error(request: Request, exc: Exception) -> Answer:
     """Starlette's own errors (404, 405, ...) and anything unhandled, as OpenAI-style JSON."""
     from starlette.exceptions import HTTPException
 
     status = exc.status_code if isinstance(exc, HTTPException) else 500
     kind = "not_found_error" if status == 404 else "invalid_request_error" if status < 500 else "server_error"
     detail = exc.detail if isinstance(exc, HTTPException) else "internal server error"
-    return _error_response(HTTPError(status, f"{request.method} {request.url.path}: {detail}", kind))
+    return error_reply(HTTPError(status, f"{request.method} {request.url.path}: {detail}", kind))
 
 
 def create_app(engine: Engine, config: ServerConfig | None = None, reloader: Reloader | None = None) -> Starlette:
@@ -385,14 +377,14 @@ def create_app(engine: Engine, config: ServerConfig | None = None, reloader: Rel
     async def completions(scope: Scope, receive: Receive, send: Send) -> None:
         await (await svc.answer(scope, receive, "completions"))(scope, receive, send)
 
-    async def models(request: Request) -> Response:
+    async def models(request: Request) -> Answer:
         card = {"id": svc.config.model_name, "object": "model", "created": svc.started,
                 "owned_by": "uncertainty-cascade"}
         wanted = request.path_params.get("model")
         if wanted is None:
             return JSONResponse({"object": "list", "data": [card]})
         if wanted != svc.config.model_name:
-            return _error_response(HTTPError(404, f"model {wanted!r} does not exist", code="model_not_found"))
+            return error_reply(HTTPError(404, f"model {wanted!r} does not exist", code="model_not_found"))
         return JSONResponse(card)
 
     async def health(scope: Scope, receive: Receive, send: Send) -> None:

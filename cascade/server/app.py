@@ -59,7 +59,6 @@ from cascade.server.flow import (
     StreamReply,
     close_quietly,
     next_before,
-    streaming_response,
     watch,
 )
 from cascade.server.metrics import CONTENT_TYPE, Metrics
@@ -288,7 +287,7 @@ class _Service:
         response_id = request_id("chatcmpl" if kind == "chat" else "cmpl")
         headers = {"x-request-id": response_id, "x-cascade-tier": str(getattr(first, "tier", "")),
                    "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return streaming_response(body(), headers, cleanup)
+        return StreamReply(body(), headers, cleanup)
 
     def begin_drain(self) -> None:
         """Refuse new requests from now on; after ``drain_timeout_s`` answer those still running with a 503."""

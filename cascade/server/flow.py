@@ -14,7 +14,7 @@ from cascade.deadlines import within
 from cascade.errors import CascadeError, OverloadedError
 
 __all__ = ["Admission", "Disconnected", "StreamDeadline", "StreamReply", "close_quietly", "fast_http", "fast_loop",
-           "next_before", "streaming_response", "uvicorn_server", "watch"]
+           "next_before", "uvicorn_server", "watch"]
 
 T = TypeVar("T")
 
@@ -214,12 +214,6 @@ class StreamReply:
             watcher.cancel()
             with anyio.CancelScope(shield=True):
                 await self.cleanup()
-
-
-def streaming_response(body: AsyncIterator[str], headers: dict[str, str],
-                       cleanup: Callable[[], Awaitable[None]]) -> StreamReply:
-    """An SSE response that runs ``cleanup`` however it ends (finished, failed or client gone)."""
-    return StreamReply(body, headers, cleanup)
 
 
 def fast_loop() -> str:

@@ -10,9 +10,9 @@ import asyncio
 import json
 import logging
 import math
-import os
 import re
 import time
+import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -216,11 +216,8 @@ def _ascii(value: object) -> str:
 
 
 def request_id(prefix: str) -> str:
-    """``prefix-`` and 32 hex digits: a random (version 4) UUID as ``uuid.uuid4().hex`` writes it, made without
-    building a ``uuid.UUID``."""
-    n = int.from_bytes(os.urandom(16), "big")
-    n = (n & ~(0xF000 << 64) | (0x4000 << 64)) & ~(0xC000 << 48) | (0x8000 << 48)
-    return f"{prefix}-{n:032x}"
+    """``prefix-`` and a random (version 4) UUID's 32 hex digits."""
+    return f"{prefix}-{uuid.uuid4().hex}"
 
 
 def render_response(kind: str, parsed: ParsedRequest, results: Sequence[CascadeResult],

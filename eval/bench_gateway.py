@@ -23,10 +23,11 @@ as requests (about 2% at 100 requests/s).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -59,20 +60,21 @@ def _cpu(served: ServedCascade) -> dict[str, float | None]:
             "large": served.servers["large"].cpu_s()}
 
 
-async def phase(served: ServedCascade, prompts: Sequence[Prompt], *, rate: float, duration_s: float,
-                stream: bool, max_tokens: int, seed: int = 0) -> dict[str, Any]:
-    """One open-loop run at ``rate`` requests/s; CPU per answered request of every process, latencies."""
-    target = HttpTarget(served.url + "/v1", max_tokens=max_tokens, timeout_s=30.0, connections=256)
+async def phase(url: str, cpu: Callable[[], dict[str, float | None]], prompts: Sequence[Prompt], *, rate: float,
+                duration_s: float, stream: bool, max_tokens: int, seed: int = 0) -> dict[str, Any]:
+    """One open-loop run at ``rate`` requests/s against the server at ``url``; CPU per answered request of every
+    process ``cpu`` reads (seconds so far, by name) and of the load generator, latencies."""
+    target = HttpTarget(url + "/v1", max_tokens=max_tokens, timeout_s=30.0, connections=256)
     await target.start()
     try:
         await warm_up(target, prompts, 16, stream)
         shape = LoadShape(rate=rate, duration_s=duration_s, stream=stream, grace_s=10.0, seed=seed)
-        before = _cpu(served)
+        before = cpu()
         result = await run_load(target, prompts, shape)
-        after = _cpu(served)
+        after = cpu()
     finally:
         await target.aclose()
-    report = build_report(result, shape, served.url)
+    report = build_report(result, shape, url)
     n = max(1, report["answered"])
     used = {k: None if before[k] is None or after[k] is None else after[k] - before[k]  # type: ignore[operator]
             for k in before}
@@ -106,8 +108,8 @@ async def cpu_phases(gateways: Sequence[Gateway], prompts: Sequence[Prompt], arg
             served = await _serve(gw, _options(threshold, args.max_tokens))
             try:
                 for stream in (False, True):
-                    row = await phase(served, prompts, rate=args.cpu_rate, duration_s=args.duration,
-                                      stream=stream, max_tokens=args.max_tokens)
+                    row = await phase(served.url, functools.partial(_cpu, served), prompts, rate=args.cpu_rate,
+                                      duration_s=args.duration, stream=stream, max_tokens=args.max_tokens)
                     out[gw.label]["cpu"][f"{variant}_{'streamed' if stream else 'plain'}"] = row
                     _print_cpu(gw.label, variant, row)
             finally:
@@ -121,8 +123,9 @@ async def sweep(gateways: Sequence[Gateway], prompts: Sequence[Prompt], args: ar
     try:
         for rate in args.rates:
             for gw in gateways:
-                row = await phase(served[gw.label], prompts, rate=rate, duration_s=args.duration, stream=False,
-                                  max_tokens=args.max_tokens)
+                one = served[gw.label]
+                row = await phase(one.url, functools.partial(_cpu, one), prompts, rate=rate, duration_s=args.duration,
+                                  stream=False, max_tokens=args.max_tokens)
                 p99 = (row["http_and_queue_ms"] or {}).get("p99")
                 row["ok"] = bool(p99 is not None and p99 <= args.p99_ms and row["failed"] == 0)
                 out[gw.label]["sweep"].append(row)

@@ -132,24 +132,12 @@ class FloorGateway(Started):
 
 async def _measure(url: str, cpu: Callable[[], float | None], prompts: Sequence[Any], rate: float,
                    duration: float) -> dict[str, Any]:
-    from eval.loadtest.load import LoadShape, run_load, warm_up
-    from eval.loadtest.report import build_report
-    from eval.loadtest.targets import HttpTarget
+    from eval.bench_gateway import phase
 
-    target = HttpTarget(url + "/v1", max_tokens=16, timeout_s=30.0, connections=256)
-    await target.start()
-    try:
-        await warm_up(target, prompts, 16, False)
-        before = cpu()
-        shape = LoadShape(rate=rate, duration_s=duration, stream=False, grace_s=10.0, seed=0)
-        result = await run_load(target, prompts, shape)
-        after = cpu()
-    finally:
-        await target.aclose()
-    report = build_report(result, shape, url)
-    used = None if before is None or after is None else after - before
-    return {"answered": report["answered"], "failed": report["failed"],
-            "cpu_ms_per_request": None if used is None else round(used * 1000 / max(1, report["answered"]), 3)}
+    row = await phase(url, lambda: {"gateway": cpu()}, prompts, rate=rate, duration_s=duration, stream=False,
+                      max_tokens=16)
+    return {"answered": row["answered"], "failed": row["failed"],
+            "cpu_ms_per_request": row["cpu_ms_per_request"]["gateway"]}
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:

@@ -23,7 +23,6 @@ as requests (about 2% at 100 requests/s).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from cascade.types import Prompt
+from eval.loadtest.cli import cpu_split
 from eval.loadtest.load import LoadShape, run, run_load, warm_up
 from eval.loadtest.prompts import generated_prompts
 from eval.loadtest.report import build_report
@@ -55,11 +55,6 @@ class Gateway:
     serve_args: tuple[str, ...] = ()
 
 
-def _cpu(served: ServedCascade) -> dict[str, float | None]:
-    return {"gateway": served.cpu_s(), "small": served.servers["small"].cpu_s(),
-            "large": served.servers["large"].cpu_s()}
-
-
 async def phase(url: str, cpu: Callable[[], dict[str, float | None]], prompts: Sequence[Prompt], *, rate: float,
                 duration_s: float, stream: bool, max_tokens: int, seed: int = 0) -> dict[str, Any]:
     """One open-loop run at ``rate`` requests/s against the server at ``url``; CPU per answered request of every
@@ -75,18 +70,15 @@ async def phase(url: str, cpu: Callable[[], dict[str, float | None]], prompts: S
     finally:
         await target.aclose()
     report = build_report(result, shape, url)
-    n = max(1, report["answered"])
-    used = {k: None if before[k] is None or after[k] is None else after[k] - before[k]  # type: ignore[operator]
-            for k in before}
-    used["loadgen"] = result.cpu_s
+    split = cpu_split(before, after, result, report["answered"])
     http = report.get("http_and_queue_ms") or {}
     return {
         "rate_rps": rate, "stream": stream, "sent": report["sent"], "answered": report["answered"],
         "failed": report["failed"], "failed_by_kind": report["failed_by_kind"],
         "escalated_share": report["escalated_share"], "throughput_rps": report["throughput_rps"],
         "latency_ms": report["latency_ms"], "http_and_queue_ms": http or None,
-        "cpu_ms_per_request": {k: None if v is None else round(v * 1000 / n, 3) for k, v in used.items()},
-        "cpu_share_of_core": {k: None if v is None else round(v / result.elapsed_s, 3) for k, v in used.items()},
+        "cpu_ms_per_request": {k: v["ms_per_request"] for k, v in split.items()},
+        "cpu_share_of_core": {k: v["share_of_core"] for k, v in split.items()},
     }
 
 
@@ -108,7 +100,7 @@ async def cpu_phases(gateways: Sequence[Gateway], prompts: Sequence[Prompt], arg
             served = await _serve(gw, _options(threshold, args.max_tokens))
             try:
                 for stream in (False, True):
-                    row = await phase(served.url, functools.partial(_cpu, served), prompts, rate=args.cpu_rate,
+                    row = await phase(served.url, served.cpu_by_process, prompts, rate=args.cpu_rate,
                                       duration_s=args.duration, stream=stream, max_tokens=args.max_tokens)
                     out[gw.label]["cpu"][f"{variant}_{'streamed' if stream else 'plain'}"] = row
                     _print_cpu(gw.label, variant, row)
@@ -124,7 +116,7 @@ async def sweep(gateways: Sequence[Gateway], prompts: Sequence[Prompt], args: ar
         for rate in args.rates:
             for gw in gateways:
                 one = served[gw.label]
-                row = await phase(one.url, functools.partial(_cpu, one), prompts, rate=rate, duration_s=args.duration,
+                row = await phase(one.url, one.cpu_by_process, prompts, rate=rate, duration_s=args.duration,
                                   stream=False, max_tokens=args.max_tokens)
                 p99 = (row["http_and_queue_ms"] or {}).get("p99")
                 row["ok"] = bool(p99 is not None and p99 <= args.p99_ms and row["failed"] == 0)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from cascade.backends.openai_answer import sse_chunks
+from cascade.backends.openai_answer import decode_json, sse_chunks
 from cascade.backends.openai_compat import OpenAIBackend
 from cascade.errors import BackendError
 from cascade.types import EarlyExit, GenerationParams
@@ -132,6 +132,27 @@ async def test_sse_chunks_split_anywhere_and_stop_at_done() -> None:
         got = [c async for c in sse_chunks(_pieces(raw[:cut], raw[cut:]))]
         assert got == [{"a": 1}, {"b": [2]}], cut
     assert [c async for c in sse_chunks(_pieces(b'data: {"a": 1}'))] == [{"a": 1}]  # no final line break
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"logprob": -0.25, "token": "caf\\u00e9", "bytes": [99, 97], "n": null, "ok": true}',
+    b'{"logprob": -Infinity}', b'[NaN, Infinity]',  # (vLLM can send -Infinity as a log-probability)
+    '{"a": "\u00e9"}'.encode("utf-16"), b'"\\ud800"', b"1e400", b"-0", b"18446744073709551615",
+])
+def test_tier_json_decodes_as_the_standard_library(raw: bytes) -> None:
+    def same(a: Any, b: Any) -> bool:  # (NaN is not equal to itself)
+        return json.dumps(a) == json.dumps(b) and type(a) is type(b)
+    assert same(decode_json(raw), json.loads(raw))
+    assert decode_json(b"123456789012345678901234") == pytest.approx(123456789012345678901234)  # (orjson: a float)
+
+
+@pytest.mark.parametrize("raw", [b"", b"{", b"[1,]", b"\xff", b"nope"])
+def test_tier_json_errors_as_the_standard_library(raw: bytes) -> None:
+    with pytest.raises(ValueError) as fast:
+        decode_json(raw)
+    with pytest.raises(ValueError) as std:
+        json.loads(raw)
+    assert str(fast.value) == str(std.value)
 
 
 async def test_sse_error_objects_raise() -> None:

@@ -52,6 +52,7 @@ from cascade.backends.http1_read import (
     StatusFault,
     read_head,
 )
+from cascade.backends.openai_answer import decode_json
 from cascade.errors import BackendError, ConfigError
 
 __all__ = ["KEEPALIVE_S", "ConnectionFault", "Http1Client", "Http1Stream", "ProtocolFault", "StatusFault", "usable"]
@@ -157,7 +158,7 @@ class Http1Client:
                     raise ProtocolFault(f"answer larger than {MAX_BODY} bytes", received=True)
         finally:
             await stream.aclose()
-        return json.loads(data)
+        return decode_json(data)
 
     async def open_stream(self, route: str, body: Mapping[str, Any], *, accept: str = "text/event-stream"
                           ) -> Http1Stream:

@@ -14,7 +14,13 @@ from typing import Any
 from cascade.errors import BackendError, TruncatedAnswerError
 from cascade.types import FinishReason
 
-__all__ = ["Answer", "Reader", "add_usage", "raise_for_error", "sse_chunks"]
+try:  # the `fast` extra: 3-4x faster on a streamed event (a tier sends one per token)
+    from orjson import JSONDecodeError as _FastError
+    from orjson import loads as _fast_loads
+except ImportError:  # pragma: no cover - without the extra
+    _fast_loads = None  # type: ignore[assignment]
+
+__all__ = ["Answer", "Reader", "add_usage", "decode_json", "raise_for_error", "sse_chunks"]
 
 #: The finish reasons the OpenAI protocol defines. Any other (vLLM's ``"abort"``), or none at all, means the
 #: answer was cut off: :class:`~cascade.errors.TruncatedAnswerError`.
@@ -162,7 +168,22 @@ async def sse_chunks(data: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]
         yield _chunk(pending[5:].strip())
 
 
+def decode_json(data: bytes | bytearray) -> Any:
+    """A tier's JSON, as :func:`json.loads` decodes it; with orjson (the ``fast`` extra) when it can.
+
+    What orjson refuses (``NaN`` / ``Infinity``, which vLLM may send as a log-probability, UTF-16/32, lone
+    surrogates, numbers past a double) goes to :func:`json.loads`, which decides and words any error as without
+    the extra. (orjson reads an integer past 64 bits as a float: no field a tier sends is one.)
+    """
+    if _fast_loads is not None:
+        try:
+            return _fast_loads(data)
+        except _FastError:
+            pass
+    return json.loads(data)
+
+
 def _chunk(payload: bytes) -> dict[str, Any]:
-    chunk = json.loads(payload)
+    chunk = decode_json(payload)
     raise_for_error(chunk)
     return chunk  # type: ignore[no-any-return]

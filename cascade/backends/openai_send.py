@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import functools
 import importlib
-import json
 import sys
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
+
+from cascade.backends.openai_answer import decode_json
 
 __all__ = ["ROUTES", "OpenAISender", "make_sender"]
 
@@ -88,7 +89,7 @@ class OpenAISender:
             ValueError: the answer is not JSON.
         """
         raw = await self.client.post(route, cast_to=_response_type(self.client), body=dict(body))
-        return json.loads(raw.content)
+        return decode_json(raw.content)
 
     async def open_stream(self, route: str, body: Mapping[str, Any]) -> _Stream:
         """POST ``body`` and return the response once its headers arrived, its body unread (read ``chunks()``,

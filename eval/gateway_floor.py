@@ -3,16 +3,20 @@
 What would the cheapest gateway that does the same job on the same stack cost? This module holds one: a bare
 ASGI app on uvicorn (uvloop and httptools when installed, as ``cascade serve``), which answers each
 ``POST /v1/chat/completions`` with one streamed request to the small tier through the package's own HTTP/1.1
-client (:class:`cascade.backends.http1.Http1Client`), parses every event, scores the first token and sends a
-minimal OpenAI answer: no validation, limits, metrics, logging, engine or error handling. The benchmark runs,
-in one run and in turn, open-loop load at ``--rate`` against
+client (:class:`cascade.backends.http1.Http1Client`), scores the first token, reads the rest in one piece (as
+``cascade serve`` does once it has decided), parses every event and sends a minimal OpenAI answer: no
+validation, limits, metrics, logging, engine or error handling. The benchmark runs, in one run and in turn,
+open-loop load at ``--rate`` against
 
 * ``canned``: the bare app answering at once, no tier call (what uvicorn and the load's HTTP cost),
 * ``floor``: the bare app with its tier call (the above),
 * ``cascade serve`` with the same simulated small tier, every answer accepted (threshold 2),
 
 and prints each one's CPU milliseconds per request from ``/proc`` (the same measure as
-:mod:`eval.bench_gateway`), so a run says how far the product is above what the stack itself costs.
+:mod:`eval.bench_gateway`), so a run says how far the product is above what the stack itself costs. Last, the
+platform's own price of a streamed token: the CPU microseconds one wake-up of the event loop costs a process
+that receives one small write every ``latency_per_token_s`` of the small tier (a child process writes, nothing
+is parsed); a streamed answer costs about one per token.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -82,6 +86,7 @@ def floor_app(small_url: str | None) -> Callable[[dict[str, Any], Receive, Send]
                         if content and margin == 1.0:
                             top = [t["logprob"] for t in content[0]["top_logprobs"]]
                             margin = first_token_scores(top, 5)["margin_first"]
+                            stream.quiet()  # decided: the rest in one piece, as cascade serve reads it
             finally:
                 await stream.aclose()
             text = "".join(parts)
@@ -130,6 +135,43 @@ class FloorGateway(Started):
             self._proc = None
 
 
+_WRITER = """
+import socket, sys, time
+sock = socket.socket(fileno=int(sys.argv[1]))
+for _ in range(int(sys.argv[3])):
+    time.sleep(float(sys.argv[2]))
+    sock.send(b"x" * 400)
+sock.send(b"end")
+"""
+
+
+async def _wakes(gap_s: float, n: int) -> float:
+    """CPU microseconds per wake-up of this process's loop, receiving one write every ``gap_s`` seconds."""
+    import socket
+
+    ours, theirs = socket.socketpair()
+    writer = await asyncio.to_thread(subprocess.Popen, [sys.executable, "-c", _WRITER, str(theirs.fileno()),
+                                                         str(gap_s), str(n)], pass_fds=[theirs.fileno()])
+    theirs.close()
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[int] = loop.create_future()
+    calls = [0]
+
+    class Counter(asyncio.Protocol):
+        def data_received(self, data: bytes) -> None:
+            calls[0] += 1
+            if data.endswith(b"end") and not done.done():
+                done.set_result(calls[0])
+
+    transport, _ = await loop.connect_accepted_socket(Counter, ours)
+    started = time.process_time()
+    wakes = await done
+    used = time.process_time() - started
+    transport.close()
+    await asyncio.to_thread(writer.wait)
+    return 1e6 * used / wakes
+
+
 async def _measure(url: str, cpu: Callable[[], float | None], prompts: Sequence[Any], rate: float,
                    duration: float) -> dict[str, Any]:
     from eval.bench_gateway import phase
@@ -159,30 +201,50 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     async with ServedCascade(options) as served:
         out["cascade serve"] = await _measure(served.url, served.cpu_s, prompts, args.rate, args.duration)
     print(f"{'cascade serve':>14}: CPU ms/req {out['cascade serve']['cpu_ms_per_request']}", flush=True)
+    gap = options.small.latency_per_token_s
+    wakes = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "eval.gateway_floor", "wakes", "--gap",
+                                                     str(gap)], check=True, capture_output=True, text=True)
+    out["wake_us"] = {"gap_ms": 1000 * gap, "cpu_us_per_wake": round(json.loads(wakes.stdout), 1)}
+    print(f"{'one wake-up':>14}: CPU us {out['wake_us']['cpu_us_per_wake']} (a write every {1000 * gap:g} ms, "
+          f"on the loop cascade serve uses)", flush=True)
     out["loadavg_at_end"] = os.getloadavg()
     return out
 
 
-def _serve(port: int, small: str | None) -> None:
-    import importlib.util
+def _run_on_fast_loop(coro: Coroutine[Any, Any, float]) -> float:
+    """``coro`` run on the loop ``cascade serve`` uses: uvloop when installed."""
+    from cascade.server.flow import fast_loop
 
+    if fast_loop() == "uvloop":
+        import uvloop
+
+        return uvloop.run(coro)
+    return asyncio.run(coro)
+
+
+def _serve(port: int, small: str | None) -> None:
     import uvicorn
 
-    fast = {"loop": "uvloop", "http": "httptools"} if importlib.util.find_spec("uvloop") else {}
+    from cascade.server.flow import fast_http, fast_loop
+
     uvicorn.run(floor_app(small), host="127.0.0.1", port=port, log_level="warning", access_log=False,
-                lifespan="on", **fast)  # type: ignore[arg-type]
+                lifespan="on", loop=fast_loop(), http=fast_http())  # type: ignore[arg-type]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: the benchmark, or (``serve``) the bare app itself."""
     p = argparse.ArgumentParser(prog="python -m eval.gateway_floor", description=__doc__.split("\n\n")[0])
-    p.add_argument("command", nargs="?", choices=["bench", "serve"], default="bench")
+    p.add_argument("command", nargs="?", choices=["bench", "serve", "wakes"], default="bench")
     p.add_argument("--rate", type=float, default=80.0, help="offered requests/s (open loop)")
     p.add_argument("--duration", type=float, default=10.0, help="seconds of sending per phase")
     p.add_argument("--report-json", metavar="F", help="write the numbers as JSON")
     p.add_argument("--port", type=int, default=0, help="(serve) the port")
     p.add_argument("--small", help="(serve) the small tier's base URL; none: answer at once")
+    p.add_argument("--gap", type=float, default=0.004, help="(wakes) seconds between two writes")
     args = p.parse_args(argv)
+    if args.command == "wakes":
+        print(json.dumps(_run_on_fast_loop(_wakes(args.gap, 1000))))
+        return 0
     if args.command == "serve":
         _serve(args.port, args.small)
         return 0

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 
 from cascade.simulate import SimConfig, SimServer
-from eval.gateway_floor import FloorGateway
+from eval.gateway_floor import FloorGateway, main
 
 
 async def test_the_floor_gateway_answers_with_the_small_tier_s_streamed_text() -> None:
@@ -18,3 +19,8 @@ async def test_the_floor_gateway_answers_with_the_small_tier_s_streamed_text() -
     assert resp.status_code == 200 and data["choices"][0]["message"]["content"]
     assert 0.0 <= data["cascade"]["uncertainty"] < 1.0  # the first token's margin, scored
     assert sim.stats.requests == 1
+
+
+def test_the_wake_up_price_is_measured_from_a_writing_child(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["wakes", "--gap", "0"]) == 0
+    assert float(capsys.readouterr().out) > 0.0  # CPU microseconds per wake-up (the 1,000 writes may coalesce)

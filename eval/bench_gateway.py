@@ -82,8 +82,8 @@ async def phase(url: str, cpu: Callable[[], dict[str, float | None]], prompts: S
     }
 
 
-def _options(threshold: float | None, max_tokens: int) -> SimOptions:
-    base = SimOptions(max_tokens=max_tokens)
+def _options(threshold: float | None, args: argparse.Namespace) -> SimOptions:
+    base = SimOptions(max_tokens=args.max_tokens, early_exit=args.early_exit)
     return base if threshold is None else replace(base, threshold=threshold)
 
 
@@ -97,7 +97,7 @@ async def cpu_phases(gateways: Sequence[Gateway], prompts: Sequence[Prompt], arg
     """Per variant (accepted, escalated), per gateway in turn: plain then streamed at ``--cpu-rate``."""
     for variant, threshold in VARIANTS.items():
         for gw in gateways:
-            served = await _serve(gw, _options(threshold, args.max_tokens))
+            served = await _serve(gw, _options(threshold, args))
             try:
                 for stream in (False, True):
                     row = await phase(served.url, served.cpu_by_process, prompts, rate=args.cpu_rate,
@@ -111,7 +111,7 @@ async def cpu_phases(gateways: Sequence[Gateway], prompts: Sequence[Prompt], arg
 async def sweep(gateways: Sequence[Gateway], prompts: Sequence[Prompt], args: argparse.Namespace,
                 out: dict[str, Any]) -> None:
     """Each rate of ``--rates`` against each gateway in turn (mixed threshold, plain requests)."""
-    served = {gw.label: await _serve(gw, _options(None, args.max_tokens)) for gw in gateways}
+    served = {gw.label: await _serve(gw, _options(None, args)) for gw in gateways}
     try:
         for rate in args.rates:
             for gw in gateways:
@@ -168,6 +168,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=10.0, help="seconds of sending per phase")
     p.add_argument("--p99-ms", type=float, default=50.0, help="HTTP + queueing p99 a served rate must stay within")
     p.add_argument("--max-tokens", type=int, default=16, help="new tokens per answer")
+    p.add_argument("--no-early-exit", dest="early_exit", action="store_false",
+                   help="the engine's early_exit off: the small tier answers in one piece, not streamed")
     p.add_argument("--workers", type=int, default=None, help="cascade serve --workers for this checkout's gateway")
     p.add_argument("--baseline-src", metavar="DIR", help="also measure a cascade serve run from this checkout "
                    "(PYTHONPATH=DIR), interleaved, and print ratios")

@@ -12,6 +12,9 @@ rates (:func:`eval.loadtest.load.run_load`), and reports from each process's own
   queueing latency (client latency minus the engine's own latency that the server reports) and the highest
   rate served with its p99 <= ``--p99-ms`` and no failed request.
 
+``--repeat N`` runs the CPU phases N times, interleaved, and reports each phase's median round: CPU per request
+moves by about 15% between runs minutes apart on a shared VM.
+
 ``--baseline-src DIR`` runs the same phases, interleaved, against a ``cascade serve`` and simulated servers run
 from another checkout (e.g. a worktree of the commit before a change) and prints current / baseline ratios side
 by side. The load generator is this process in both, so its ratio is ~1 by construction: compare it across two
@@ -94,18 +97,30 @@ async def _serve(gateway: Gateway, options: SimOptions) -> ServedCascade:
 
 async def cpu_phases(gateways: Sequence[Gateway], prompts: Sequence[Prompt], args: argparse.Namespace,
                      out: dict[str, Any]) -> None:
-    """Per variant (accepted, escalated), per gateway in turn: plain then streamed at ``--cpu-rate``."""
-    for variant, threshold in VARIANTS.items():
-        for gw in gateways:
-            served = await _serve(gw, _options(threshold, args))
-            try:
-                for stream in (False, True):
-                    row = await phase(served.url, served.cpu_by_process, prompts, rate=args.cpu_rate,
-                                      duration_s=args.duration, stream=stream, max_tokens=args.max_tokens)
-                    out[gw.label]["cpu"][f"{variant}_{'streamed' if stream else 'plain'}"] = row
-                    _print_cpu(gw.label, variant, row)
-            finally:
-                await served.aclose()
+    """``--repeat`` rounds of: per variant (accepted, escalated), per gateway in turn, plain then streamed at
+    ``--cpu-rate``. Each phase's row is its round with the median gateway CPU (``gateway_cpu_ms_rounds``: all)."""
+    rounds: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for _ in range(args.repeat):
+        for variant, threshold in VARIANTS.items():
+            for gw in gateways:
+                served = await _serve(gw, _options(threshold, args))
+                try:
+                    for stream in (False, True):
+                        row = await phase(served.url, served.cpu_by_process, prompts, rate=args.cpu_rate,
+                                          duration_s=args.duration, stream=stream, max_tokens=args.max_tokens)
+                        rounds.setdefault((gw.label, f"{variant}_{'streamed' if stream else 'plain'}"), []).append(row)
+                        _print_cpu(gw.label, variant, row)
+                finally:
+                    await served.aclose()
+    for (label, key), rows in rounds.items():
+        cpu = [r["cpu_ms_per_request"]["gateway"] for r in rows]
+        ranked = sorted(rows, key=lambda r: r["cpu_ms_per_request"]["gateway"] or 0.0)
+        out[label]["cpu"][key] = {**ranked[(len(ranked) - 1) // 2], "gateway_cpu_ms_rounds": cpu}
+    if args.repeat > 1:
+        for (label, key), rows in rounds.items():
+            median = out[label]["cpu"][key]["cpu_ms_per_request"]["gateway"]
+            print(f"  {label:>9} {key:>18}: gateway CPU ms/req median {_f(median, 3)} of "
+                  + " ".join(_f(r["cpu_ms_per_request"]["gateway"], 3) for r in rows), flush=True)
 
 
 async def sweep(gateways: Sequence[Gateway], prompts: Sequence[Prompt], args: argparse.Namespace,
@@ -168,6 +183,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=10.0, help="seconds of sending per phase")
     p.add_argument("--p99-ms", type=float, default=50.0, help="HTTP + queueing p99 a served rate must stay within")
     p.add_argument("--max-tokens", type=int, default=16, help="new tokens per answer")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds of the CPU phases, interleaved; each phase reports its median round (of an even "
+                        "count, the lower middle one)")
     p.add_argument("--no-early-exit", dest="early_exit", action="store_false",
                    help="the engine's early_exit off: the small tier answers in one piece, not streamed")
     p.add_argument("--workers", type=int, default=None, help="cascade serve --workers for this checkout's gateway")
@@ -175,7 +193,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    "(PYTHONPATH=DIR), interleaved, and print ratios")
     p.add_argument("--no-cpu", dest="cpu", action="store_false", help="skip the CPU phases")
     p.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the rate sweep")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.repeat < 1:
+        p.error("--repeat must be >= 1")
+    return args
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:

@@ -17,26 +17,33 @@ and prints each one's CPU milliseconds per request from ``/proc`` (the same meas
 platform's own price of a streamed token: the CPU microseconds one wake-up of the event loop costs a process
 that receives one small write every ``latency_per_token_s`` of the small tier (a child process writes, nothing
 is parsed); a streamed answer costs about one per token.
+
+``--in-process`` measures the other way: both apps called directly (no uvicorn, no client sockets), one request
+at a time, against a small tier that answers at once, so the process never idles and its caches stay warm. The
+difference is the CPU of ``cascade serve``'s own work per request (validation, limits, engine, scoring, metrics,
+rendering) when warm; a process that idles between requests and tokens pays it about twice over.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 from eval.loadtest.simbackends import SimProcess, process_cpu_s
 from eval.loadtest.targets import Started
 
 __all__ = ["FloorGateway", "main"]
 
+_T = TypeVar("_T")
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 
@@ -182,6 +189,97 @@ async def _measure(url: str, cpu: Callable[[], float | None], prompts: Sequence[
             "cpu_ms_per_request": row["cpu_ms_per_request"]["gateway"]}
 
 
+_BODY = json.dumps({"model": "cascade", "max_tokens": 16,
+                    "messages": [{"role": "user", "content": "Is this review positive? It was wonderful."}]}).encode()
+
+
+@contextlib.asynccontextmanager
+async def _running(app: Any) -> AsyncIterator[None]:
+    """The ASGI lifespan of ``app`` around the block: started before, shut down after."""
+    inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    task = asyncio.ensure_future(app({"type": "lifespan", "asgi": {"version": "3.0"}}, inbox.get, outbox.put))
+    await inbox.put({"type": "lifespan.startup"})
+    if (await outbox.get())["type"] != "lifespan.startup.complete":
+        raise RuntimeError("the app did not start")
+    try:
+        yield
+    finally:
+        await inbox.put({"type": "lifespan.shutdown"})
+        await outbox.get()
+        await task
+
+
+async def _hot_cpu_ms(app: Any, requests: int) -> float:
+    """CPU milliseconds of this process per ``POST /v1/chat/completions`` sent straight to ``app``, in turn."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "root_path": "",
+             "query_string": b"", "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000),
+             "headers": [(b"host", b"127.0.0.1:8000"), (b"content-type", b"application/json"),
+                         (b"content-length", b"%d" % len(_BODY))]}
+
+    async def one() -> None:
+        replied: list[dict[str, Any]] = []
+        answered = asyncio.Event()
+        messages = [{"type": "http.request", "body": _BODY, "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            if messages:
+                return messages.pop()
+            await answered.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            replied.append(message)
+
+        await app(dict(scope), receive, send)
+        answered.set()
+        if replied[0].get("status") != 200:
+            raise RuntimeError(f"the app answered {replied}")
+
+    for _ in range(min(30, requests)):  # warm-up
+        await one()
+    started = time.process_time()
+    for _ in range(requests):
+        await one()
+    return 1000 * (time.process_time() - started) / requests
+
+
+async def in_process(requests: int) -> dict[str, Any]:
+    """The floor app and ``cascade serve``'s app, each twice in turn: hot CPU ms per request."""
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+
+    from cascade.config import build_cascade, load_config
+    from cascade.server import ServerConfig, create_app
+    from eval.loadtest.serve import serve_config
+    from eval.loadtest.sim import SimOptions
+
+    options = replace(SimOptions(max_tokens=16), threshold=2.0)
+    small = SimProcess(replace(options.small, latency_per_request_s=0.0, latency_per_token_s=0.0)).start()
+    large = SimProcess(options.large).start()
+    out: dict[str, Any] = {"requests": requests, "floor": [], "cascade serve": []}
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "cascade.yaml"
+            path.write_text(yaml.safe_dump(serve_config(options, small.base_url, large.base_url)), encoding="utf-8")
+            config = load_config(path)
+        server = ServerConfig.from_mapping((config.extra or {}).get("server"))
+        for _ in range(2):
+            for label, app in (("floor", floor_app(small.base_url)), ("cascade serve", create_app(
+                    build_cascade(config), server))):
+                async with _running(app):
+                    out[label].append(round(await _hot_cpu_ms(app, requests), 3))
+            print(f"in process, warm: floor {out['floor'][-1]} ms, cascade serve {out['cascade serve'][-1]} ms "
+                  "of CPU per request", flush=True)
+    finally:
+        small.stop()
+        large.stop()
+    return out
+
+
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     from eval.loadtest.prompts import generated_prompts
     from eval.loadtest.serve import ServedCascade
@@ -211,7 +309,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _run_on_fast_loop(coro: Coroutine[Any, Any, float]) -> float:
+def _run_on_fast_loop(coro: Coroutine[Any, Any, _T]) -> _T:
     """``coro`` run on the loop ``cascade serve`` uses: uvloop when installed."""
     from cascade.server.flow import fast_loop
 
@@ -241,6 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=0, help="(serve) the port")
     p.add_argument("--small", help="(serve) the small tier's base URL; none: answer at once")
     p.add_argument("--gap", type=float, default=0.004, help="(wakes) seconds between two writes")
+    p.add_argument("--in-process", action="store_true", help="instead: both apps called directly, warm (see above)")
+    p.add_argument("--requests", type=int, default=300, help="(--in-process) requests per measurement")
     args = p.parse_args(argv)
     if args.command == "wakes":
         print(json.dumps(_run_on_fast_loop(_wakes(args.gap, 1000))))
@@ -249,7 +349,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _serve(args.port, args.small)
         return 0
     started = time.time()
-    out = asyncio.run(bench(args))
+    if args.in_process:
+        out = _run_on_fast_loop(in_process(args.requests))
+    else:
+        out = asyncio.run(bench(args))
     out["elapsed_s"] = round(time.time() - started, 1)
     if args.report_json:
         with open(args.report_json, "w", encoding="utf-8") as f:

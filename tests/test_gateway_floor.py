@@ -24,3 +24,11 @@ async def test_the_floor_gateway_answers_with_the_small_tier_s_streamed_text() -
 def test_the_wake_up_price_is_measured_from_a_writing_child(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["wakes", "--gap", "0"]) == 0
     assert float(capsys.readouterr().out) > 0.0  # CPU microseconds per wake-up (the 1,000 writes may coalesce)
+
+
+def test_in_process_both_apps_answer_and_are_measured() -> None:
+    from eval.gateway_floor import _run_on_fast_loop, in_process
+
+    out = _run_on_fast_loop(in_process(5))  # (each app's answers are checked: HTTP 200 or it raises)
+    assert len(out["floor"]) == len(out["cascade serve"]) == 2
+    assert all(ms > 0.0 for ms in out["floor"] + out["cascade serve"])

@@ -330,7 +330,8 @@ def _serve(port: int, small: str | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: the benchmark, or (``serve``) the bare app itself."""
+    """Entry point: the benchmark (or with ``--in-process`` its warm variant), ``serve`` (the bare app itself) or
+    ``wakes`` (the price of one wake-up, as JSON)."""
     p = argparse.ArgumentParser(prog="python -m eval.gateway_floor", description=__doc__.split("\n\n")[0])
     p.add_argument("command", nargs="?", choices=["bench", "serve", "wakes"], default="bench")
     p.add_argument("--rate", type=float, default=80.0, help="offered requests/s (open loop)")

@@ -193,11 +193,8 @@ class _Service:
             self.metrics.observe_results(results)
             payload, headers = render_response(kind, parsed, results, self.config.model_name)
             if parsed.stream:
-                from starlette.responses import StreamingResponse
-
                 headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-                return StreamingResponse(sse_events(kind, parsed, payload), media_type="text/event-stream",
-                                         headers=headers)
+                return StreamReply(sse_events(kind, parsed, payload), headers)
             return json_reply(payload, headers=headers)
         except Disconnected:
             status = 499

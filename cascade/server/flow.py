@@ -176,11 +176,11 @@ class StreamReply:
     """A server-sent-event response as an ASGI app, sending what Starlette's ``StreamingResponse`` sends (the given
     headers lowercased, then ``content-type: text/event-stream; charset=utf-8``; each piece as it comes), and
     stopping as it does when the client leaves (the body is cancelled where it waits, the reply ends quietly),
-    with one watcher task instead of a task group per stream. ``cleanup`` runs however it ends (finished, failed
-    or client gone), shielded from cancellation."""
+    with one watcher task instead of a task group per stream. ``cleanup`` (if any) runs however it ends (finished,
+    failed or client gone), shielded from cancellation."""
 
     def __init__(self, body: AsyncIterator[str], headers: dict[str, str],
-                 cleanup: Callable[[], Awaitable[None]]) -> None:
+                 cleanup: Callable[[], Awaitable[None]] | None = None) -> None:
         self.body, self.cleanup = body, cleanup
         self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
         self.headers.append((b"content-type", b"text/event-stream; charset=utf-8"))
@@ -212,8 +212,9 @@ class StreamReply:
         finally:
             watcher.remove_done_callback(left)
             watcher.cancel()
-            with anyio.CancelScope(shield=True):
-                await self.cleanup()
+            if self.cleanup is not None:
+                with anyio.CancelScope(shield=True):
+                    await self.cleanup()
 
 
 def fast_loop() -> str:

@@ -361,7 +361,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None, reloader: Rel
         ConfigError: bad server settings, or auth configured without its key in the environment.
     """
     from starlette.exceptions import HTTPException
-    from starlette.responses import JSONResponse, Response
+    from starlette.responses import Response
     from starlette.routing import Route
 
     svc = _Service(engine, config or ServerConfig())
@@ -378,10 +378,10 @@ def create_app(engine: Engine, config: ServerConfig | None = None, reloader: Rel
                 "owned_by": "uncertainty-cascade"}
         wanted = request.path_params.get("model")
         if wanted is None:
-            return JSONResponse({"object": "list", "data": [card]})
+            return json_reply({"object": "list", "data": [card]})
         if wanted != svc.config.model_name:
             return error_reply(HTTPError(404, f"model {wanted!r} does not exist", code="model_not_found"))
-        return JSONResponse(card)
+        return json_reply(card)
 
     async def health(scope: Scope, receive: Receive, send: Send) -> None:
         body = {"status": "draining" if svc.draining else "ok", "model": svc.config.model_name, "pid": os.getpid(),
@@ -391,12 +391,12 @@ def create_app(engine: Engine, config: ServerConfig | None = None, reloader: Rel
     async def metrics(request: Request) -> Response:
         return Response(svc.metrics.render(svc.admission.running, svc.queue_depth()), media_type=CONTENT_TYPE)
 
-    async def status(request: Request) -> Response:
-        return JSONResponse(monitor_status(engine))
+    async def status(request: Request) -> Answer:
+        return json_reply(monitor_status(engine))
 
-    async def artifact(request: Request) -> Response:
+    async def artifact(request: Request) -> Answer:
         reload.allowed(svc.api_key is not None)
-        return JSONResponse(reload.swap(await svc.read_body(request.scope, request.receive)))
+        return json_reply(reload.swap(await svc.read_body(request.scope, request.receive)))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

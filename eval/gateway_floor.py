@@ -34,16 +34,16 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import Any
 
+from eval.loadtest.load import run
 from eval.loadtest.simbackends import SimProcess, process_cpu_s
 from eval.loadtest.targets import Started
 
 __all__ = ["FloorGateway", "main"]
 
-_T = TypeVar("_T")
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 
@@ -309,17 +309,6 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _run_on_fast_loop(coro: Coroutine[Any, Any, _T]) -> _T:
-    """``coro`` run on the loop ``cascade serve`` uses: uvloop when installed."""
-    from cascade.server.flow import fast_loop
-
-    if fast_loop() == "uvloop":
-        import uvloop
-
-        return uvloop.run(coro)
-    return asyncio.run(coro)
-
-
 def _serve(port: int, small: str | None) -> None:
     import uvicorn
 
@@ -344,14 +333,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=300, help="(--in-process) requests per measurement")
     args = p.parse_args(argv)
     if args.command == "wakes":
-        print(json.dumps(_run_on_fast_loop(_wakes(args.gap, 1000))))
+        print(json.dumps(run(_wakes(args.gap, 1000))))
         return 0
     if args.command == "serve":
         _serve(args.port, args.small)
         return 0
     started = time.time()
     if args.in_process:
-        out = _run_on_fast_loop(in_process(args.requests))
+        out = run(in_process(args.requests))
     else:
         out = asyncio.run(bench(args))
     out["elapsed_s"] = round(time.time() - started, 1)

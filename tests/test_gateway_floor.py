@@ -27,8 +27,9 @@ def test_the_wake_up_price_is_measured_from_a_writing_child(capsys: pytest.Captu
 
 
 def test_in_process_both_apps_answer_and_are_measured() -> None:
-    from eval.gateway_floor import _run_on_fast_loop, in_process
+    from eval.gateway_floor import in_process
+    from eval.loadtest.load import run
 
-    out = _run_on_fast_loop(in_process(5))  # (each app's answers are checked: HTTP 200 or it raises)
+    out = run(in_process(5))  # (each app's answers are checked: HTTP 200 or it raises)
     assert len(out["floor"]) == len(out["cascade serve"]) == 2
     assert all(ms > 0.0 for ms in out["floor"] + out["cascade serve"])

@@ -70,13 +70,12 @@ class SimStats:
         finally:
             self.in_flight -= 1
 
+
 def _guided(config: SimConfig, key: str, choices: Sequence[str]) -> SimAnswer:
     picked = choose(config, key, choices)
     if config.processed_logprobs:
         picked = masked(picked, choices)
     return SimAnswer(picked.tokens, picked.logprobs, picked.top, "stop", 0.5)
-
-
 
 
 async def _respond(send: Send, status: int, body: bytes) -> None:

@@ -30,7 +30,6 @@ _WORDS = (
 )
 
 
-
 @functools.cache
 def _vocabulary() -> tuple[str, ...]:
     return tuple(_WORDS.split())

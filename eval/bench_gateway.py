@@ -114,13 +114,11 @@ async def cpu_phases(gateways: Sequence[Gateway], prompts: Sequence[Prompt], arg
                     await served.aclose()
     for (label, key), rows in rounds.items():
         cpu = [r["cpu_ms_per_request"]["gateway"] for r in rows]
-        ranked = sorted(rows, key=lambda r: r["cpu_ms_per_request"]["gateway"] or 0.0)
-        out[label]["cpu"][key] = {**ranked[(len(ranked) - 1) // 2], "gateway_cpu_ms_rounds": cpu}
-    if args.repeat > 1:
-        for (label, key), rows in rounds.items():
-            median = out[label]["cpu"][key]["cpu_ms_per_request"]["gateway"]
-            print(f"  {label:>9} {key:>18}: gateway CPU ms/req median {_f(median, 3)} of "
-                  + " ".join(_f(r["cpu_ms_per_request"]["gateway"], 3) for r in rows), flush=True)
+        median = sorted(rows, key=lambda r: r["cpu_ms_per_request"]["gateway"] or 0.0)[(len(rows) - 1) // 2]
+        out[label]["cpu"][key] = {**median, "gateway_cpu_ms_rounds": cpu}
+        if args.repeat > 1:
+            print(f"  {label:>9} {key:>18}: gateway CPU ms/req median "
+                  f"{_f(median['cpu_ms_per_request']['gateway'], 3)} of " + " ".join(_f(c, 3) for c in cpu), flush=True)
 
 
 async def sweep(gateways: Sequence[Gateway], prompts: Sequence[Prompt], args: argparse.Namespace,

@@ -339,10 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _serve(args.port, args.small)
         return 0
     started = time.time()
-    if args.in_process:
-        out = run(in_process(args.requests))
-    else:
-        out = asyncio.run(bench(args))
+    out = run(in_process(args.requests) if args.in_process else bench(args))
     out["elapsed_s"] = round(time.time() - started, 1)
     if args.report_json:
         with open(args.report_json, "w", encoding="utf-8") as f:
